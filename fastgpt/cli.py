@@ -1,0 +1,54 @@
+"""The `fastgpt` command. Each subcommand lives in its own module, which provides
+
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int | None
+
+and is listed in SUBCOMMANDS below. Modules are imported only when their subcommand runs,
+so `fastgpt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastgpt import __version__
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastgpt",
+        description="Train, fine-tune, run and benchmark GPT-2 models on Triton kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastgpt {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        # Arguments are added lazily in main() for the chosen command only.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # Find the subcommand first, then let its module add the arguments and parse again.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        module.add_arguments(subparsers.choices[command])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(args._module)
+    return module.run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

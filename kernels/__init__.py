@@ -1,0 +1,26 @@
+"""Triton kernels for GPT training, each with forward and backward passes.
+
+    from kernels import layer_norm, gelu, bias_gelu, attention
+    from kernels import LayerNorm, GELU
+
+Depends on torch and triton only. Each op has a plain-PyTorch reference beside it
+(`layer_norm_reference`, `gelu_reference`, `attention_reference`), used by the tests and by
+`fastgpt`'s `backend="torch"`. See `kernels/_dispatch.py` for when the Triton kernel runs.
+"""
+
+from kernels.attention import attention, attention_reference
+from kernels.gelu import GELU, bias_gelu, bias_gelu_reference, gelu, gelu_reference
+from kernels.layer_norm import LayerNorm, layer_norm, layer_norm_reference
+
+__all__ = [
+    "GELU",
+    "LayerNorm",
+    "attention",
+    "attention_reference",
+    "bias_gelu",
+    "bias_gelu_reference",
+    "gelu",
+    "gelu_reference",
+    "layer_norm",
+    "layer_norm_reference",
+]

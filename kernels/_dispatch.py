@@ -1,0 +1,48 @@
+"""Input checks and the choice between a Triton kernel and its PyTorch reference.
+
+Every public op in `kernels/` calls `use_triton(...)` after validating its inputs:
+
+- CUDA tensors run the Triton kernel.
+- CPU tensors run the Triton kernel through Triton's interpreter when ``TRITON_INTERPRET=1`` is
+  set in the environment before `triton` is imported (that is how the test suite runs on a
+  machine without a GPU: slow, but it executes the very same kernel code).
+- Otherwise CPU tensors fall back to the plain-PyTorch reference beside each kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpreter_enabled() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Raise ValueError naming each tensor and its device unless all share one device."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return next(iter(devices))
+
+
+def check_float(name: str, t: torch.Tensor | None) -> None:
+    """Raise TypeError unless `t` is fp32, fp16 or bf16 (None passes)."""
+    if t is not None and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether tensors on `device` run the Triton kernel (True) or the PyTorch reference."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return triton_interpreter_enabled()
+    return False

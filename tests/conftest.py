@@ -1,0 +1,56 @@
+"""Test set-up shared by every test file.
+
+Without CUDA, Triton kernels run through Triton's interpreter on CPU tensors. The interpreter
+must be switched on before any `@triton.jit` function is defined, so it is set here, before the
+tests import `kernels`.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (CUDA not available)")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernel tests run: the GPU when there is one, else CPU through the interpreter."""
+    return DEVICE
+
+
+@pytest.fixture
+def data_dir():
+    """The folder holding the-verdict.txt, SMSSpamCollection and instruction-data.json.
+
+    Set FASTGPT_DATA_DIR (CI points it at ../shared/data); tests that need it skip otherwise.
+    """
+    path = os.environ.get("FASTGPT_DATA_DIR")
+    if not path or not os.path.isdir(path):
+        pytest.skip("FASTGPT_DATA_DIR is not set to a folder with the data files")
+    from pathlib import Path
+
+    return Path(path)
+
+
+@pytest.fixture
+def tiktoken_available():
+    """Skip unless tiktoken can load the GPT-2 BPE (cached via TIKTOKEN_CACHE_DIR offline)."""
+    try:
+        import tiktoken
+
+        tiktoken.get_encoding("gpt2")
+    except Exception as exc:  # no network and no cache
+        pytest.skip(f"GPT-2 BPE not available: {exc}")
