@@ -16,7 +16,20 @@ import sys
 from fastgpt import __version__
 
 # name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("fastgpt.commands.generate", "Generate text from a model, streaming tokens."),
+    "pretrain": ("fastgpt.commands.pretrain", "Pretrain a GPT model on text files."),
+    "finetune-classify": (
+        "fastgpt.commands.finetune_classify",
+        "Fine-tune a GPT model as a text classifier (spam by default).",
+    ),
+    "classify": ("fastgpt.commands.classify", "Classify text with a fine-tuned classifier."),
+    "finetune-instruct": (
+        "fastgpt.commands.finetune_instruct",
+        "Fine-tune a GPT model to follow instructions (Alpaca format).",
+    ),
+    "bench": ("fastgpt.commands.bench", "Benchmark kernels, training and generation."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
