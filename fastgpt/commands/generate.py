@@ -1,0 +1,92 @@
+"""`fastgpt generate`: continue a prompt with a GPT-2 model, printing text as it is produced.
+
+fastgpt generate --model gpt2 --prompt "Every effort moves you" --max-new-tokens 50
+fastgpt generate --model runs/pretrain/final --prompt "..." --temperature 0.8 --top-k 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint folder (ours or Hugging Face GPT-2) or a hub name: gpt2, gpt2-medium, "
+        "gpt2-large, gpt2-xl",
+    )
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random"
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="sample from the smallest set with mass p"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument(
+        "--backend", choices=("auto", "triton", "torch"), default="auto", help="kernels to use"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="rerun the whole sequence at each step"
+    )
+    parser.add_argument(
+        "--stop-at-eos", action="store_true", help="stop at <|endoftext|> (token 50256)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastgpt.generate import generate_stream
+    from fastgpt.model import GPTModel
+    from fastgpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model = GPTModel.from_pretrained(args.model, backend=args.backend, device=device)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"fastgpt generate: cannot load {args.model!r}: {exc}", file=sys.stderr)
+        return 2
+    tokenizer = get_tokenizer()
+    prompt = text_to_token_ids(args.prompt, tokenizer).to(device)  # (1, T)
+    if prompt.shape[1] == 0:
+        print("fastgpt generate: the prompt is empty", file=sys.stderr)
+        return 2
+    if prompt.shape[1] > model.config.context_length:
+        prompt = prompt[:, -model.config.context_length :]  # keep the end of a long prompt
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    # Tokens can end in the middle of a UTF-8 character: decode bytes incrementally and print
+    # only complete characters.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for step in generate_stream(
+        model,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=EOT_ID if args.stop_at_eos else None,
+        use_cache=not args.no_cache,
+        generator=generator,
+    ):
+        token = int(step[0, 0])
+        if args.stop_at_eos and token == EOT_ID:
+            break
+        sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,121 @@
+"""GPTConfig: the hyperparameters that define a GPT-2 model's shape.
+
+config = GPTConfig.from_name("gpt2-small")   # or "gpt2", "gpt2-medium", ..., "tiny"
+config = GPTConfig.from_json("checkpoint/config.json")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2 model. Defaults are GPT-2 small (124M parameters)."""
+
+    vocab_size: int = 50257
+    """Number of token ids (GPT-2 BPE: 50257, the last one is <|endoftext|>)."""
+    context_length: int = 1024
+    """Longest sequence the model accepts, in tokens (size of the position embedding)."""
+    emb_dim: int = 768
+    """Width of the residual stream, d."""
+    n_heads: int = 12
+    """Attention heads per layer; emb_dim must be a multiple of it."""
+    n_layers: int = 12
+    """Number of transformer blocks."""
+    drop_rate: float = 0.1
+    """Dropout probability on embeddings, attention weights and residual branches."""
+    qkv_bias: bool = True
+    """Whether the query/key/value projection has a bias (OpenAI's weights have one)."""
+    tie_embeddings: bool = True
+    """Whether the output head shares its weight with the token embedding (as in GPT-2)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be a multiple of n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, emb_dim // n_heads."""
+        return self.emb_dim // self.n_heads
+
+    # --- presets -------------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> GPTConfig:
+        """A preset by name ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny";
+        aliases "gpt2", "small", "124M", ...), with fields optionally overridden."""
+        key = _ALIASES.get(name.lower(), name.lower())
+        if key not in PRESETS:
+            known = ", ".join(sorted(PRESETS))
+            raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
+        return cls(**{**PRESETS[key], **overrides})
+
+    # --- serialization -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
+        """Build from a dict; keys that are not GPTConfig fields are ignored (so a config.json
+        may carry extra information such as the format name). A Hugging Face GPT2Config dict
+        ("n_embd", "n_layer", ...) is converted."""
+        if "n_embd" in data and data.get("format") != "fastgpt":
+            from fastgpt.weights import config_from_hf
+
+            return config_from_hf(data)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> GPTConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_json(self, path: str | Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+
+_GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-small": dict(_GPT2, emb_dim=768, n_layers=12, n_heads=12),  # 124M
+    "gpt2-medium": dict(_GPT2, emb_dim=1024, n_layers=24, n_heads=16),  # 355M
+    "gpt2-large": dict(_GPT2, emb_dim=1280, n_layers=36, n_heads=20),  # 774M
+    "gpt2-xl": dict(_GPT2, emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+    # A model that runs in milliseconds on CPU, even through the Triton interpreter.
+    "tiny": dict(
+        vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=4, drop_rate=0.0
+    ),
+}
+
+_ALIASES: dict[str, str] = {
+    "gpt2": "gpt2-small",
+    "small": "gpt2-small",
+    "124m": "gpt2-small",
+    "gpt2-124m": "gpt2-small",
+    "medium": "gpt2-medium",
+    "355m": "gpt2-medium",
+    "gpt2-355m": "gpt2-medium",
+    "large": "gpt2-large",
+    "774m": "gpt2-large",
+    "gpt2-774m": "gpt2-large",
+    "xl": "gpt2-xl",
+    "1558m": "gpt2-xl",
+    "gpt2-1558m": "gpt2-xl",
+}

@@ -1,0 +1,141 @@
+"""Autoregressive text generation: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+    out = generate(model, prompt_ids, max_new_tokens=50)                  # (B, T + new)
+    for step_ids in generate_stream(model, prompt_ids, 50, temperature=0.8):
+        ...                                                               # (B, 1) each step
+
+With `use_cache=True` (default) the prompt is run through the model once (prefill) and then
+one position per step, attending to the keys and values cached in a `KVCache` (attention with
+one query against all cached keys). Without the cache every step reruns the whole sequence,
+as in the book.
+
+Past the context window: both paths condition on the last `context_length` tokens. GPT-2's
+position embeddings are absolute, so once the window slides every token's position changes and
+the cached keys are stale; from then on the cached path re-prefills the last context_length
+tokens each step (it costs what the uncached path costs, and gives the same tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from fastgpt.model import GPTModel
+
+
+def _check_args(token_ids, max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+        shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else None
+        raise ValueError(f"token_ids must be a (batch, seq_len) tensor, got shape {shape}")
+    if token_ids.shape[0] == 0 or token_ids.shape[1] == 0:
+        raise ValueError(f"token_ids is empty: shape {tuple(token_ids.shape)}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from last-position logits (B, V) -> (B, 1) long.
+
+    temperature 0 is greedy (argmax; top_k/top_p are then irrelevant). Otherwise the logits are
+    divided by the temperature, cut to the top_k most likely tokens and to the smallest set whose
+    probability reaches top_p (the most likely token always stays), and sampled. `generator`
+    must live on the logits' device."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.no_grad()
+def generate_stream(
+    model: GPTModel,
+    token_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the new tokens of each step, (B, 1) long, as they are produced.
+
+    token_ids: (B, T) prompts of one length. Stops after max_new_tokens steps, or when every
+    sequence has produced `eos_id` (a finished sequence then gets `eos_id` at each later step).
+    The model runs in eval mode (its previous mode is restored at the end)."""
+    _check_args(token_ids, max_new_tokens, temperature, top_k, top_p)
+    context = model.config.context_length
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        seq = token_ids.to(device)  # (B, T) everything so far
+        cache = model.new_kv_cache() if use_cache else None
+        finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
+        fed = 0  # with the cache: how many tokens of seq the cache holds
+        for _ in range(max_new_tokens):
+            if cache is not None and fed > 0 and seq.shape[1] <= context:
+                logits = model(seq[:, fed:], kv_cache=cache)  # (B, 1, V): one new position
+            else:
+                window = seq[:, -context:]  # (B, <= context)
+                if cache is not None:
+                    cache.reset()  # prefill (first step, or the window slid)
+                logits = model(window, kv_cache=cache)  # (B, T_window, V)
+            fed = seq.shape[1]
+            next_ids = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_ids = next_ids.masked_fill(finished[:, None], eos_id)
+                finished |= next_ids[:, 0] == eos_id
+            seq = torch.cat([seq, next_ids], dim=1)  # (B, T + 1)
+            yield next_ids
+            if eos_id is not None and bool(finished.all()):
+                break
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPTModel,
+    token_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The prompts (B, T) followed by up to max_new_tokens generated tokens: (B, T + new).
+
+    See `generate_stream` for the arguments; fewer than max_new_tokens are added only when every
+    sequence reached `eos_id`."""
+    pieces = [token_ids]
+    for step in generate_stream(
+        model, token_ids, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+    ):
+        pieces.append(step.to(token_ids.device))
+    return torch.cat(pieces, dim=1)

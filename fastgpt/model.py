@@ -1,0 +1,413 @@
+"""The GPT-2 model, readable top to bottom in the order data flows through it.
+
+    token ids (B, T)
+      -> tok_emb + pos_emb, dropout                          (B, T, d)
+      -> n_layers × TransformerBlock:
+             x = x + drop(att(norm1(x)))      causal multi-head self-attention
+             x = x + drop(ff(norm2(x)))       d -> 4d -> GELU -> d
+      -> final_norm -> out_head                              (B, T, vocab_size)
+
+`backend` picks how LayerNorm, GELU and attention run:
+
+- "triton": our kernels from `kernels/` (on CPU tensors they run through Triton's interpreter
+  when TRITON_INTERPRET=1, else they fall back to the references);
+- "torch":  the plain-PyTorch references beside each kernel (`layer_norm_reference`, ...);
+- "auto":   "triton" when CUDA is available, else "torch".
+
+Both backends hold exactly the same parameters under the same names, so a state dict moves
+freely between them (`model.set_backend(...)` switches in place).
+
+Loading and saving weights (OpenAI GPT-2 from Hugging Face, our own checkpoints) lives in
+`fastgpt/weights.py`; `GPTModel.from_pretrained`, `save_pretrained` and `load` forward there.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastgpt.config import GPTConfig
+from kernels import (
+    attention,
+    attention_reference,
+    bias_gelu,
+    gelu,
+    gelu_reference,
+    layer_norm,
+    layer_norm_reference,
+)
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend: str) -> str:
+    """Map "auto" to "triton" when CUDA is available, else "torch"; validate the name.
+
+    (A "triton" model whose tensors live on CPU still works: each kernel falls back to its
+    reference there unless the Triton interpreter is on.)"""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if torch.cuda.is_available() else "torch"
+    return backend
+
+
+# --- KV cache ----------------------------------------------------------------------------
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer for the tokens seen so far.
+
+    Buffers of shape (B, H, capacity, head_dim) are allocated on the first `update`, with the
+    dtype and device of the keys it receives (so autocast works), and written in place.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0  # tokens cached so far
+        self.k: torch.Tensor | None = None  # (B, H, capacity, hd)
+        self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, H, T_new, hd) and return views of everything cached,
+        (B, H, T_total, hd) each, where T_total = length before the call + T_new."""
+        b, h, t_new, hd = k.shape
+        if self.k is None or self.k.shape[:2] != (b, h) or self.k.dtype != k.dtype:
+            if self.length != 0:
+                raise ValueError(
+                    f"KV cache holds {self.length} tokens for batch/heads/dtype "
+                    f"{tuple(self.k.shape[:2])}/{self.k.dtype}, got keys {tuple(k.shape)} "
+                    f"{k.dtype}; call reset() first"
+                )
+            shape = (b, h, self.capacity, hd)
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        end = self.length + t_new
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: {self.length} cached + {t_new} new tokens > capacity "
+                f"{self.capacity} (the model's context_length); reset() and re-prefill"
+            )
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class KVCache:
+    """One `LayerKVCache` per transformer block plus the number of positions consumed.
+
+    Usage: `cache = model.new_kv_cache()`; `model(prompt, kv_cache=cache)` fills it (prefill);
+    then `model(next_token (B, 1), kv_cache=cache)` runs one position at a time; the model
+    takes the position of the new tokens from `cache.length`.
+    """
+
+    def __init__(self, n_layers: int, capacity: int):
+        self.capacity = capacity
+        self.layers = [LayerKVCache(capacity) for _ in range(n_layers)]
+
+    @property
+    def length(self) -> int:
+        """Tokens cached so far (the position the next token will get)."""
+        return self.layers[0].length
+
+    def reset(self) -> None:
+        """Forget every cached token (buffers are kept and reused)."""
+        for layer in self.layers:
+            layer.reset()
+
+    def __getitem__(self, i: int) -> LayerKVCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+# --- Layers ------------------------------------------------------------------------------
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with learned `weight` (ones) and `bias` (zeros)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "triton"):
+        super().__init__()
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = layer_norm if self.backend == "triton" else layer_norm_reference
+        return norm(x, self.weight, self.bias, self.eps)
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention with one fused q/k/v projection.
+
+    `qkv` maps d_in -> 3·d_out laid out as [q | k | v], each split into heads of
+    d_out // num_heads columns (the layout of GPT-2's c_attn, so OpenAI weights load as is).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        qkv_bias: bool = False,
+        backend: str = "triton",
+    ):
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be a multiple of num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.d_out = d_out
+        self.dropout = dropout
+        self.backend = backend
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, d_in)
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, H, T_past + T, hd): queries see the past too
+        dropout_p = self.dropout if self.training else 0.0
+        if self.backend == "triton":
+            ctx = attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
+        else:
+            ctx = attention_reference(q, k, v, causal=True, dropout_p=dropout_p)
+        ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
+        return self.out_proj(ctx)
+
+
+class FeedForward(nn.Module):
+    """d -> 4d -> GELU (tanh approximation) -> d."""
+
+    def __init__(self, emb_dim: int, backend: str = "triton"):
+        super().__init__()
+        self.backend = backend
+        self.fc1 = nn.Linear(emb_dim, 4 * emb_dim)
+        self.fc2 = nn.Linear(4 * emb_dim, emb_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            if type(self.fc1) is nn.Linear:
+                # One kernel adds the bias and applies GELU, saving a pass over (B, T, 4d).
+                h = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)  # (B, T, 4d)
+            else:  # fc1 was replaced (e.g. wrapped by LoRA): call it as a module
+                h = gelu(self.fc1(x))
+        else:
+            h = gelu_reference(self.fc1(x))
+        return self.fc2(h)  # (B, T, d)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: attention then feed-forward, each added to the residual stream."""
+
+    def __init__(self, config: GPTConfig, backend: str = "triton"):
+        super().__init__()
+        d = config.emb_dim
+        self.norm1 = LayerNorm(d, backend=backend)
+        self.att = MultiHeadAttention(
+            d, d, config.n_heads, config.drop_rate, config.qkv_bias, backend=backend
+        )
+        self.norm2 = LayerNorm(d, backend=backend)
+        self.ff = FeedForward(d, backend=backend)
+        self.drop_shortcut = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache=kv_cache))  # (B, T, d)
+        x = x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, d)
+        return x
+
+
+# --- The model ---------------------------------------------------------------------------
+
+
+class GPTModel(nn.Module):
+    """GPT-2: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig, backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.backend = resolve_backend(backend)
+        # Range-check token ids in forward. On CUDA that costs one device->host sync per call;
+        # a training loop that trusts its data may set this to False.
+        self.check_inputs = True
+
+        self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
+        self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
+        self.drop_emb = nn.Dropout(config.drop_rate)
+        self.trf_blocks = nn.ModuleList(
+            TransformerBlock(config, backend=self.backend) for _ in range(config.n_layers)
+        )
+        self.final_norm = LayerNorm(config.emb_dim, backend=self.backend)
+        self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.out_head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2's init: N(0, 0.02) weights, zero biases, LayerNorm ones/zeros, and the two
+        projections that write into the residual stream (out_proj, fc2) scaled by
+        1/sqrt(2·n_layers) so the stream's variance does not grow with depth."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for block in self.trf_blocks:
+            nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.ff.fc2.weight, mean=0.0, std=residual_std)
+
+    def set_backend(self, backend: str) -> GPTModel:
+        """Switch every layer to `backend` in place (parameters are unchanged)."""
+        self.backend = resolve_backend(backend)
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend"):
+                module.backend = self.backend
+        return self
+
+    def new_kv_cache(self) -> KVCache:
+        """An empty KV cache for this model (buffers are allocated on first use)."""
+        return KVCache(self.config.n_layers, self.config.context_length)
+
+    def _check_token_ids(self, token_ids: torch.Tensor, start: int) -> None:
+        if not isinstance(token_ids, torch.Tensor):
+            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
+            raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+        if token_ids.dtype == torch.bool:
+            raise TypeError("token_ids must be an integer tensor, got torch.bool")
+        if token_ids.dim() != 2:
+            raise ValueError(
+                f"token_ids must have shape (batch, seq_len), got {tuple(token_ids.shape)}"
+            )
+        b, t = token_ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"token_ids is empty: shape {tuple(token_ids.shape)}")
+        if start + t > self.config.context_length:
+            past = f" after {start} cached tokens" if start else ""
+            raise ValueError(
+                f"sequence too long: {t} tokens{past} > context_length {self.config.context_length}"
+            )
+        if not self.check_inputs or torch.compiler.is_compiling():
+            return
+        lo, hi = torch.aminmax(token_ids)
+        lo, hi = torch.stack([lo, hi]).tolist()  # one sync
+        vocab = self.config.vocab_size
+        if lo < 0 or hi >= vocab:
+            bad = ((token_ids < 0) | (token_ids >= vocab)).nonzero()[0].tolist()
+            value = token_ids[bad[0], bad[1]].item()
+            raise ValueError(
+                f"token id {value} at position (batch {bad[0]}, index {bad[1]}) is out of "
+                f"range [0, {vocab})"
+            )
+
+    def forward(self, token_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """token_ids (B, T) integer -> logits (B, T, vocab_size).
+
+        With `kv_cache`, the tokens continue the cached sequence: they get positions
+        cache.length ... cache.length + T - 1 and attend to the cached keys as well."""
+        start = kv_cache.length if kv_cache is not None else 0
+        self._check_token_ids(token_ids, start)
+        _, t = token_ids.shape
+        positions = torch.arange(start, start + t, device=token_ids.device)  # (T,)
+        x = self.tok_emb(token_ids) + self.pos_emb(positions)  # (B, T, d)
+        x = self.drop_emb(x)
+        for i, block in enumerate(self.trf_blocks):
+            x = block(x, kv_cache=kv_cache[i] if kv_cache is not None else None)  # (B, T, d)
+        x = self.final_norm(x)
+        return self.out_head(x)  # (B, T, vocab_size)
+
+    # --- sizes and cost --------------------------------------------------------------------
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Number of parameters (a tied head counts once). non_embedding=True leaves out the
+        position embedding (and the token embedding unless it doubles as the output head),
+        the convention of scaling-law papers and of `flops_per_token`."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.pos_emb.weight.numel()
+            if self.out_head.weight is not self.tok_emb.weight:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    # --- weights (implemented in fastgpt/weights.py) ---------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, backend: str = "auto", **kwargs: Any
+    ) -> GPTModel:
+        """Load GPT-2 weights: a folder in Hugging Face layout or saved by `save_pretrained`,
+        or a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"). See
+        `fastgpt.weights.from_pretrained` for the keyword arguments."""
+        from fastgpt.weights import from_pretrained
+
+        return from_pretrained(name_or_path, backend=backend, model_cls=cls, **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write model.safetensors and config.json into `directory` (created if needed)."""
+        from fastgpt.weights import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, backend: str = "auto", **kwargs: Any) -> GPTModel:
+        """Load a checkpoint written by `save_pretrained`."""
+        from fastgpt.weights import load_checkpoint
+
+        return load_checkpoint(directory, backend=backend, model_cls=cls, **kwargs)
+
+
+def count_parameters(config: GPTConfig, non_embedding: bool = False) -> int:
+    """Parameter count of GPTModel(config) computed from the config alone."""
+    d, v, c = config.emb_dim, config.vocab_size, config.context_length
+    per_block = (
+        2 * 2 * d  # norm1, norm2
+        + d * 3 * d
+        + (3 * d if config.qkv_bias else 0)  # qkv
+        + d * d
+        + d  # out_proj
+        + d * 4 * d
+        + 4 * d  # fc1
+        + 4 * d * d
+        + d  # fc2
+    )
+    n = config.n_layers * per_block + 2 * d  # + final_norm
+    head_is_embedding = config.tie_embeddings
+    n += v * d  # tok_emb (= out_head when tied)
+    if not head_is_embedding:
+        n += v * d  # out_head
+    n += c * d  # pos_emb
+    if non_embedding:
+        n -= c * d
+        if not head_is_embedding:
+            n -= v * d
+    return n
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> int:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`.
+
+    6·N for the matmuls with the N non-embedding parameters (2 forward, 4 backward; the tied
+    output head is included, the position-embedding lookup is not) plus 12·L·T·d for the
+    attention scores and weighted sum (q·kᵀ and p·v, each 2·T·d per token and layer, ×3 for
+    backward), with no discount for the causal mask — the convention of the PaLM paper and
+    nanoGPT's MFU estimate. Forward-only (inference) cost is a third of this.
+    """
+    t = config.context_length if seq_len is None else seq_len
+    n = count_parameters(config, non_embedding=True)
+    return 6 * n + 12 * config.n_layers * t * config.emb_dim

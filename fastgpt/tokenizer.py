@@ -1,0 +1,52 @@
+"""GPT-2's byte-pair encoding (tiktoken "gpt2") and tensor helpers around it.
+
+ids = text_to_token_ids("Hello<|endoftext|>")   # (1, T) long tensor
+text = token_ids_to_text(ids)
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+EOT_ID = 50256
+"""Id of "<|endoftext|>", the separator between documents in GPT-2's training data."""
+EOT_TEXT = "<|endoftext|>"
+
+
+@functools.cache
+def get_tokenizer():
+    """The GPT-2 BPE as a tiktoken Encoding (cached; offline it needs TIKTOKEN_CACHE_DIR)."""
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+def encode(text: str, tokenizer=None) -> list[int]:
+    """Token ids of `text`; "<|endoftext|>" is allowed and becomes EOT_ID."""
+    tokenizer = tokenizer or get_tokenizer()
+    return tokenizer.encode(text, allowed_special={EOT_TEXT})
+
+
+def text_to_token_ids(text: str, tokenizer=None) -> torch.Tensor:
+    """`text` -> (1, T) long tensor of token ids ("<|endoftext|>" allowed)."""
+    return torch.tensor(encode(text, tokenizer), dtype=torch.long).unsqueeze(0)
+
+
+def token_ids_to_text(ids: torch.Tensor | Sequence[int], tokenizer=None) -> str:
+    """Token ids ((T,) or (1, T) tensor, or a list) -> text."""
+    tokenizer = tokenizer or get_tokenizer()
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise ValueError(
+                    f"token_ids_to_text decodes one sequence, got a batch of {ids.shape[0]}; "
+                    "decode each row separately"
+                )
+            ids = ids[0]
+        elif ids.dim() != 1:
+            raise ValueError(f"expected token ids of shape (T,) or (1, T), got {tuple(ids.shape)}")
+        ids = ids.tolist()
+    return tokenizer.decode(list(ids))
