@@ -1,0 +1,236 @@
+"""GPTConfig presets, GPTModel shapes, init, input checks, backends and the KV cache."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastgpt.config import GPTConfig
+from fastgpt.model import GPTModel, KVCache, count_parameters, flops_per_token
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    # vocab 97 and context 32 keep the interpreter runs of the triton backend fast
+    fields = dict(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+    return GPTConfig(**{**fields, "drop_rate": 0.0, **overrides})
+
+
+def tiny_model(backend="torch", seed=0, **overrides) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(tiny_config(**overrides), backend=backend).eval()
+
+
+# --- config ------------------------------------------------------------------------------
+
+
+# Published GPT-2 sizes (tied head counted once).
+@pytest.mark.parametrize(
+    "name, n_params",
+    [
+        ("gpt2-small", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("gpt2-large", 774_030_080),
+        ("gpt2-xl", 1_557_611_200),
+    ],
+)
+def test_preset_parameter_counts(name, n_params):
+    config = GPTConfig.from_name(name)
+    assert config.vocab_size == 50257 and config.context_length == 1024
+    assert config.qkv_bias and config.tie_embeddings
+    assert count_parameters(config) == n_params
+
+
+def test_preset_aliases_and_overrides():
+    assert GPTConfig.from_name("gpt2") == GPTConfig.from_name("gpt2-small")
+    assert GPTConfig.from_name("GPT2-XL") == GPTConfig.from_name("gpt2-xl")
+    assert GPTConfig.from_name("124M") == GPTConfig.from_name("gpt2-small")
+    assert GPTConfig.from_name("gpt2", drop_rate=0.0).drop_rate == 0.0
+    tiny = GPTConfig.from_name("tiny")
+    assert tiny.n_layers == 2 and tiny.context_length == 64
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'"):
+        GPTConfig.from_name("gpt3")
+
+
+def test_config_round_trips(tmp_path):
+    config = tiny_config(qkv_bias=False, tie_embeddings=False)
+    assert GPTConfig.from_dict(config.to_dict()) == config
+    assert GPTConfig.from_dict({**config.to_dict(), "format": "fastgpt"}) == config
+    config.to_json(tmp_path / "c.json")
+    assert GPTConfig.from_json(tmp_path / "c.json") == config
+    hf = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 32, "vocab_size": 97}
+    (tmp_path / "hf.json").write_text(json.dumps(hf))
+    assert GPTConfig.from_json(tmp_path / "hf.json") == tiny_config(drop_rate=0.1, qkv_bias=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(emb_dim=30), "multiple of n_heads"),
+        (dict(n_layers=0), "n_layers must be a positive int"),
+        (dict(drop_rate=1.0), "drop_rate"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+# --- model structure and init ------------------------------------------------------------
+
+
+def test_forward_shapes_and_structure():
+    model = tiny_model()
+    logits = model(torch.randint(0, 97, (3, 17)))
+    assert logits.shape == (3, 17, 97) and logits.dtype == torch.float32
+    assert model.out_head.weight is model.tok_emb.weight
+    assert len(model.trf_blocks) == 2
+    block = model.trf_blocks[0]
+    assert block.att.qkv.weight.shape == (96, 32) and block.att.qkv.bias is not None
+    assert block.ff.fc1.weight.shape == (128, 32) and block.ff.fc2.weight.shape == (32, 128)
+    assert model.num_parameters() == count_parameters(model.config)
+    untied = tiny_model(tie_embeddings=False, qkv_bias=False)
+    assert untied.out_head.weight is not untied.tok_emb.weight
+    assert untied.trf_blocks[0].att.qkv.bias is None
+    assert untied.num_parameters() == count_parameters(untied.config)
+    assert untied.num_parameters(non_embedding=True) == count_parameters(
+        untied.config, non_embedding=True
+    )
+
+
+def test_gpt2_init():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=500, context_length=64, emb_dim=256, n_heads=4, n_layers=8)
+    model = GPTModel(config, backend="torch")
+    block = model.trf_blocks[3]
+    assert abs(model.tok_emb.weight.std().item() - 0.02) < 1e-3
+    assert abs(block.att.qkv.weight.std().item() - 0.02) < 1e-3
+    assert abs(block.ff.fc1.weight.std().item() - 0.02) < 1e-3
+    residual_std = 0.02 / math.sqrt(2 * 8)
+    assert abs(block.att.out_proj.weight.std().item() - residual_std) < 3e-4
+    assert abs(block.ff.fc2.weight.std().item() - residual_std) < 3e-4
+    for bias in (block.att.qkv.bias, block.att.out_proj.bias, block.ff.fc1.bias):
+        assert torch.count_nonzero(bias) == 0
+    assert torch.all(block.norm1.weight == 1) and torch.all(block.norm1.bias == 0)
+
+
+def test_flops_per_token():
+    config = GPTConfig.from_name("gpt2-small")
+    n = count_parameters(config, non_embedding=True)
+    assert n == 124_439_808 - 1024 * 768
+    assert flops_per_token(config, 1024) == 6 * n + 12 * 12 * 1024 * 768
+    assert flops_per_token(config) == flops_per_token(config, 1024)
+
+
+def test_out_head_is_replaceable():
+    model = tiny_model()
+    model.out_head = nn.Linear(32, 2)
+    assert model(torch.randint(0, 97, (2, 5))).shape == (2, 5, 2)
+
+
+def test_dropout_only_in_training():
+    model = tiny_model(drop_rate=0.5)
+    x = torch.randint(0, 97, (2, 9))
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+# --- input checks ------------------------------------------------------------------------
+
+
+def test_rejects_bad_token_ids():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"token id 97 at position \(batch 1, index 2\)"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 97]]))
+    with pytest.raises(ValueError, match=r"token id -1 at position \(batch 0, index 0\)"):
+        model(torch.tensor([[-1, 2, 3]]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="sequence too long: 33 tokens > context_length 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.zeros(0, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(batch, seq_len\)"):
+        model(torch.zeros(4, dtype=torch.long))
+    # int32 ids are fine, and a model whose checks are off skips the range check
+    assert model(torch.tensor([[1, 96]], dtype=torch.int32)).shape == (1, 2, 97)
+    model.check_inputs = False
+    assert model(torch.tensor([[1, 50]])).shape == (1, 2, 97)
+
+
+# --- backends ----------------------------------------------------------------------------
+
+
+def test_backend_resolution():
+    assert tiny_model(backend="torch").backend == "torch"
+    auto = GPTModel(tiny_config(), backend="auto")
+    assert auto.backend == ("triton" if torch.cuda.is_available() else "torch")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        GPTModel(tiny_config(), backend="cuda")
+    model = tiny_model(backend="torch").set_backend("triton")
+    assert model.trf_blocks[1].att.backend == "triton"
+    assert model.final_norm.backend == "triton"
+
+
+def test_triton_and_torch_backends_agree_forward_and_backward():
+    """fp32 on CPU: the triton backend runs our kernels through the interpreter."""
+    torch_model = tiny_model(backend="torch")
+    triton_model = tiny_model(backend="triton")
+    triton_model.load_state_dict(torch_model.state_dict())
+    x = torch.randint(0, 97, (2, 13))
+    targets = torch.randint(0, 97, (2, 13))
+    grads = []
+    for model in (torch_model, triton_model):
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        grads.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_logits, ref_grads), (logits, grads_) = grads
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert ref_grads.keys() == grads_.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads_[name], ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+# --- KV cache ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kv_cache_matches_full_forward(backend):
+    model = tiny_model(backend=backend)
+    x = torch.randint(0, 97, (2, 11))
+    full = model(x)  # (2, 11, V)
+    cache = model.new_kv_cache()
+    pieces = [model(x[:, :5], kv_cache=cache)]  # prefill 5
+    assert cache.length == 5
+    pieces.append(model(x[:, 5:8], kv_cache=cache))  # a chunk: 3 queries vs 8 keys
+    for i in range(8, 11):  # one position at a time: 1 query vs i + 1 keys
+        pieces.append(model(x[:, i : i + 1], kv_cache=cache))
+    assert cache.length == 11
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_kv_cache_buffers_reset_and_overflow():
+    model = tiny_model()
+    cache = model.new_kv_cache()
+    assert isinstance(cache, KVCache) and len(cache) == 2 and cache.length == 0
+    x = torch.randint(0, 97, (1, 30))
+    model(x, kv_cache=cache)
+    k_buffer = cache[0].k
+    assert k_buffer.shape == (1, 4, 32, 8)  # (B, H, context_length, hd), preallocated
+    model(x[:, :2], kv_cache=cache)
+    assert cache.length == 32
+    with pytest.raises(ValueError, match="too long: 1 tokens after 32 cached tokens"):
+        model(x[:, :1], kv_cache=cache)
+    cache.reset()
+    assert cache.length == 0
+    torch.testing.assert_close(model(x[:, :3], kv_cache=cache), model(x[:, :3]))
+    assert cache[0].k is k_buffer  # buffers are reused
+    with pytest.raises(ValueError, match="overflow"):
+        cache[0].update(torch.zeros(1, 4, 30, 8), torch.zeros(1, 4, 30, 8))
+    with pytest.raises(ValueError, match="reset"):
+        model(torch.zeros(3, 1, dtype=torch.long), kv_cache=cache)  # another batch size

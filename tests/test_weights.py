@@ -1,0 +1,184 @@
+"""Loading Hugging Face GPT-2 checkpoints and saving/loading our own (fastgpt/weights.py)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fastgpt.config import GPTConfig
+from fastgpt.model import GPTModel
+from tests.tolerance import assert_close_to_reference
+
+transformers = pytest.importorskip("transformers")
+
+
+def make_hf_model(seed=0, **overrides):
+    """A random tiny GPT2LMHeadModel; its biases and LayerNorms are randomized too so that a
+    wrongly mapped tensor cannot hide behind zeros and ones."""
+    torch.manual_seed(seed)
+    fields = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=999)
+    config = transformers.GPT2Config(**{**fields, **overrides})
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    make_hf_model().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_from_pretrained_matches_hf_logits(hf_dir, backend):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = GPTModel.from_pretrained(hf_dir, backend=backend)
+    assert model.backend == backend and not model.training
+    assert model.config == GPTConfig(
+        vocab_size=999, context_length=64, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1
+    )
+    assert model.out_head.weight is model.tok_emb.weight
+    x = torch.randint(0, 999, (2, 19))
+    with torch.no_grad():
+        ours = model(x)
+        hf32 = hf(x).logits
+        hf64 = hf.double()(x).logits
+    # HF in float64 is the exact reference; HF in fp32 shows what fp32 rounding costs.
+    assert_close_to_reference(ours, hf32, hf64, dtype=torch.float32, name=f"logits {backend}")
+
+
+def test_from_pretrained_reads_pytorch_model_bin(tmp_path):
+    """The layout of the original OpenAI upload on the hub: pytorch_model.bin without the
+    "transformer." prefix, with the causal-mask buffers and a (tied) lm_head.weight."""
+    hf = make_hf_model(seed=1)
+    hf.config.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    state["lm_head.weight"] = state["wte.weight"].clone()
+    for i in range(2):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    model = GPTModel.from_pretrained(tmp_path, backend="torch")
+    x = torch.randint(0, 999, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_from_pretrained_config_overrides(hf_dir):
+    model = GPTModel.from_pretrained(hf_dir, backend="torch", drop_rate=0.0)
+    assert model.config.drop_rate == 0.0
+
+
+def _rewrite_hf(src, dst, edit):
+    """Copy the HF checkpoint in `src` to `dst` with its tensors passed through `edit`."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    save_file(edit(dict(tensors)), str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_from_pretrained_lists_missing_unexpected_and_misshaped(hf_dir, tmp_path):
+    def drop_and_add(t):
+        del t["transformer.h.1.mlp.c_fc.bias"]
+        del t["transformer.ln_f.weight"]
+        t["transformer.h.0.extra.weight"] = torch.zeros(3)
+        return t
+
+    _rewrite_hf(hf_dir, tmp_path / "a", drop_and_add)
+    with pytest.raises(ValueError) as info:
+        GPTModel.from_pretrained(tmp_path / "a", backend="torch")
+    message = str(info.value)
+    assert "missing tensors (2): h.1.mlp.c_fc.bias, ln_f.weight" in message
+    assert "unexpected tensors (1): h.0.extra.weight" in message
+
+    def misshape(t):
+        t["transformer.h.0.attn.c_proj.weight"] = torch.zeros(32, 31)
+        return t
+
+    _rewrite_hf(hf_dir, tmp_path / "b", misshape)
+    with pytest.raises(ValueError, match=r"mis-shaped tensors \(1\): trf_blocks.0.att.out_proj"):
+        GPTModel.from_pretrained(tmp_path / "b", backend="torch")
+
+
+def test_from_pretrained_refuses_unsupported_config(tmp_path):
+    make_hf_model(activation_function="relu").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="activation_function='relu'"):
+        GPTModel.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_bad_names(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        GPTModel.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="neither a folder nor a known GPT-2 name"):
+        GPTModel.from_pretrained("gpt5")
+    with pytest.raises(FileNotFoundError):
+        GPTModel.from_pretrained(tmp_path / "nope")
+    # A hub name with the hub unreachable: a clear error, not a traceback from deep inside.
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match=r"could not download 'gpt2'.*local folder"):
+        GPTModel.from_pretrained("gpt2")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+    model = GPTModel(config, backend="torch").eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    info = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert info["format"] == "fastgpt" and info["dtype"] == "float32"
+    assert GPTConfig.from_json(tmp_path / "ckpt" / "config.json") == config
+    x = torch.randint(0, 97, (2, 9))
+    for loaded in (
+        GPTModel.load(tmp_path / "ckpt", backend="triton"),
+        GPTModel.from_pretrained(tmp_path / "ckpt", backend="torch"),  # detects our format
+    ):
+        assert loaded.config == config
+        assert loaded.out_head.weight is loaded.tok_emb.weight
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_save_and_load_untied_and_replaced_head(tmp_path):
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, tie_embeddings=False
+    )
+    model = GPTModel(config, backend="torch").eval()
+    model.save_pretrained(tmp_path / "untied")
+    loaded = GPTModel.load(tmp_path / "untied", backend="torch")
+    torch.testing.assert_close(loaded.out_head.weight, model.out_head.weight)
+    assert loaded.out_head.weight is not loaded.tok_emb.weight
+
+    classifier = GPTModel(GPTConfig.from_dict({**config.to_dict(), "tie_embeddings": True}))
+    classifier.out_head = nn.Linear(32, 2)  # as fine-tuning for classification does
+    classifier.save_pretrained(tmp_path / "cls")
+    loaded = GPTModel.load(tmp_path / "cls", backend="torch")
+    assert loaded.out_head.out_features == 2
+    torch.testing.assert_close(loaded.out_head.bias, classifier.out_head.bias)
+
+
+def test_load_lists_bad_tensors_in_our_format(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+    GPTModel(config).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["trf_blocks.1.norm2.bias"]
+    tensors["trf_blocks.0.att.qkv.weight"] = torch.zeros(96, 33)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError) as info:
+        GPTModel.load(tmp_path)
+    assert "missing tensors (1): trf_blocks.1.norm2.bias" in str(info.value)
+    assert "trf_blocks.0.att.qkv.weight (checkpoint (96, 33), model (96, 32))" in str(info.value)
