@@ -1,0 +1,183 @@
+"""Generation: greedy (with and without the KV cache, vs Hugging Face), sampling, eos, the
+context window, and the `fastgpt generate` command."""
+
+import pytest
+import torch
+
+from fastgpt.config import GPTConfig
+from fastgpt.generate import generate, generate_stream, sample_next_token
+from fastgpt.model import GPTModel
+
+
+def tiny_model(backend="torch", seed=0, context_length=32, vocab_size=97) -> GPTModel:
+    torch.manual_seed(seed)
+    config = GPTConfig(
+        vocab_size=vocab_size,
+        context_length=context_length,
+        emb_dim=32,
+        n_heads=4,
+        n_layers=2,
+        drop_rate=0.0,
+    )
+    model = GPTModel(config, backend=backend).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init: less flat, more varied tokens
+        for p in model.parameters():
+            p.mul_(5.0)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_with_and_without_cache_agree(backend):
+    model = tiny_model(backend)
+    prompt = torch.randint(0, 97, (3, 6))  # a batch of prompts of one length
+    cached = generate(model, prompt, max_new_tokens=12, use_cache=True)
+    uncached = generate(model, prompt, max_new_tokens=12, use_cache=False)
+    assert cached.shape == (3, 18)
+    assert torch.equal(cached[:, :6], prompt)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0, 6:].tolist())) > 1  # not a degenerate repetition of one token
+
+
+def test_greedy_is_argmax_of_the_full_forward():
+    model = tiny_model()
+    out = generate(model, torch.randint(0, 97, (2, 4)), max_new_tokens=5)
+    with torch.no_grad():
+        logits = model(out[:, :-1])  # (2, 8, V)
+    assert torch.equal(logits[:, 3:].argmax(-1), out[:, 4:])
+
+
+def test_runs_past_the_context_window_like_the_uncached_path():
+    model = tiny_model(context_length=16)
+    prompt = torch.randint(0, 97, (2, 10))
+    cached = generate(model, prompt, max_new_tokens=20, use_cache=True)
+    assert cached.shape == (2, 30)
+    assert torch.equal(cached, generate(model, prompt, max_new_tokens=20, use_cache=False))
+    # a prompt longer than the context keeps its last context_length tokens
+    long_prompt = torch.randint(0, 97, (1, 40))
+    out = generate(model, long_prompt, max_new_tokens=3)
+    assert torch.equal(out[:, 40:], generate(model, long_prompt[:, -16:], max_new_tokens=3)[:, 16:])
+
+
+def test_greedy_matches_hugging_face_generate():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=999)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(5.0)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    from fastgpt.weights import config_from_hf, hf_to_fastgpt
+
+    ours = GPTModel(config_from_hf(config.to_dict()), backend="torch")
+    ours.load_state_dict(hf_to_fastgpt(state, ours.config), strict=False)
+    prompt = torch.randint(0, 999, (2, 7))
+    expected = hf.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert torch.equal(generate(ours, prompt, max_new_tokens=20), expected)
+    assert torch.equal(generate(ours, prompt, max_new_tokens=20, use_cache=False), expected)
+
+
+def test_eos_stops_and_pads_finished_sequences():
+    model = tiny_model()
+    prompt = torch.randint(0, 97, (2, 5))
+    free = generate(model, prompt, max_new_tokens=10)
+    eos = int(free[0, 7])  # the third token sequence 0 produces
+    out = generate(model, prompt, max_new_tokens=10, eos_id=eos)
+    first_eos = [row.tolist().index(eos) if eos in row.tolist() else None for row in out[:, 5:]]
+    for b in range(2):
+        if first_eos[b] is not None:  # after its first eos a sequence only gets eos
+            assert torch.all(out[b, 5 + first_eos[b] :] == eos)
+            assert torch.equal(out[b, : 5 + first_eos[b]], free[b, : 5 + first_eos[b]])
+    if all(i is not None for i in first_eos):  # all finished: stopped early
+        assert out.shape[1] == 5 + max(first_eos) + 1
+    else:
+        assert out.shape[1] == 15
+    # a single sequence stops right after its eos
+    single = generate(model, prompt[:1], max_new_tokens=10, eos_id=eos)
+    assert single.shape == (1, 8) and single[0, -1] == eos
+
+
+def test_sampling_is_reproducible_and_respects_top_k_and_top_p():
+    model = tiny_model()
+    prompt = torch.randint(0, 97, (2, 4))
+
+    def sample(seed, **kwargs):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompt, 15, temperature=1.0, generator=g, **kwargs)
+
+    assert torch.equal(sample(1), sample(1))
+    assert not torch.equal(sample(1), sample(2))
+    greedy = generate(model, prompt, 15)
+    assert torch.equal(sample(3, top_k=1), greedy)
+    assert torch.equal(sample(3, top_p=1e-6), greedy)
+    assert not torch.equal(sample(3, top_k=5), greedy)
+
+
+def test_sample_next_token_filters():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    top_k = sample_next_token(logits, 1.0, top_k=2, generator=g)
+    assert set(top_k.flatten().tolist()) == {1, 2}
+    probs = torch.softmax(logits[0], -1)  # [.03, .64, .24, .09, .01]
+    top_p = sample_next_token(logits, 1.0, top_p=0.8, generator=g)
+    assert set(top_p.flatten().tolist()) == {1, 2}  # .64 < .8 <= .64 + .24
+    counts = torch.bincount(top_p.flatten(), minlength=5).float() / 4000
+    renormalized = probs[1] / (probs[1] + probs[2])
+    assert abs(counts[1].item() - renormalized.item()) < 0.03
+    hot = sample_next_token(logits, 100.0, generator=g)  # nearly uniform
+    assert set(hot.flatten().tolist()) == {0, 1, 2, 3, 4}
+    assert sample_next_token(logits[:1], 0.0).item() == 1
+
+
+def test_stream_yields_each_step_and_restores_training_mode():
+    model = tiny_model().train()
+    prompt = torch.randint(0, 97, (2, 3))
+    steps = list(generate_stream(model, prompt, 4))
+    assert len(steps) == 4 and all(s.shape == (2, 1) for s in steps)
+    assert model.training
+    assert torch.equal(torch.cat([prompt, *steps], 1), generate(model, prompt, 4))
+    assert generate(model, prompt, 0).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, message):
+    model = tiny_model()
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
+    with pytest.raises(ValueError, match=r"\(batch, seq_len\)"):
+        generate(model, torch.zeros(4, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="out of range"):
+        generate(model, torch.tensor([[5, 97]]), 3)
+
+
+def test_generate_command_streams_text(tmp_path, capsys, tiktoken_available):
+    from fastgpt.cli import main
+
+    torch.manual_seed(0)
+    GPTModel(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "Every effort moves you"]
+    assert main([*argv, "--max-new-tokens", "8", "--device", "cpu", "--backend", "torch"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("Every effort moves you") and len(greedy) > len(argv[-1]) + 1
+    sampled = [*argv, "--max-new-tokens", "8", "--temperature", "1.0", "--top-k", "50"]
+    assert main([*sampled, "--seed", "1", "--device", "cpu"]) == 0
+    first = capsys.readouterr().out
+    assert main([*sampled, "--seed", "1", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == first
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "cannot load" in capsys.readouterr().err
