@@ -202,6 +202,8 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME, "pytorch_model.bin"):
+        return path.parent  # a file of a checkpoint: its folder
     name = str(name_or_path)
     hub_name = {"gpt2-small": "gpt2"}.get(name, name)
     if hub_name not in HF_MODEL_NAMES and (path.exists() or "/" in name or path.suffix):
@@ -218,17 +220,17 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
             "(pip install huggingface_hub), or pass a local folder with config.json and "
             "model.safetensors"
         ) from exc
+    repo_id = f"openai-community/{hub_name}"
     try:
-        local = snapshot_download(
-            repo_id=f"openai-community/{hub_name}",
-            allow_patterns=[CONFIG_NAME, WEIGHTS_NAME],
-        )
+        local = Path(snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        if not (local / WEIGHTS_NAME).is_file():  # older uploads: pickle only
+            local = Path(snapshot_download(repo_id=repo_id, allow_patterns=["pytorch_model.bin"]))
     except Exception as exc:  # offline, hub unreachable, ...
         raise RuntimeError(
             f"could not download {hub_name!r} from the Hugging Face hub ({exc}); "
             "pass a local folder with config.json and model.safetensors instead"
         ) from exc
-    return Path(local)
+    return local
 
 
 def from_pretrained(

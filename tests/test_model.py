@@ -234,3 +234,28 @@ def test_kv_cache_buffers_reset_and_overflow():
         cache[0].update(torch.zeros(1, 4, 30, 8), torch.zeros(1, 4, 30, 8))
     with pytest.raises(ValueError, match="reset"):
         model(torch.zeros(3, 1, dtype=torch.long), kv_cache=cache)  # another batch size
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_on_gpu_close_to_fp32(backend):
+    """Autocast and a pure-bf16 model on CUDA, with and without the KV cache."""
+    model = tiny_model(backend=backend).cuda()
+    x = torch.randint(0, 97, (2, 17), device="cuda")
+    with torch.no_grad():
+        ref = model(x).double()  # fp32 weights and activations
+        scale = ref.abs().max().item()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            mixed = model(x)
+        assert (mixed.double() - ref).abs().max().item() <= 0.05 * scale + 1e-3
+        model.to(torch.bfloat16)
+        pure = model(x)
+        assert pure.dtype == torch.bfloat16
+        assert (pure.double() - ref).abs().max().item() <= 0.1 * scale + 1e-3
+        cache = model.new_kv_cache()
+        steps = [model(x[:, :9], kv_cache=cache)] + [
+            model(x[:, i : i + 1], kv_cache=cache) for i in range(9, 17)
+        ]
+        assert cache[0].k.dtype == torch.bfloat16
+        cached = torch.cat(steps, dim=1).double()
+        assert (cached - pure.double()).abs().max().item() <= 0.05 * scale + 1e-3

@@ -143,6 +143,7 @@ def test_save_and_load_round_trip(tmp_path):
     for loaded in (
         GPTModel.load(tmp_path / "ckpt", backend="triton"),
         GPTModel.from_pretrained(tmp_path / "ckpt", backend="torch"),  # detects our format
+        GPTModel.from_pretrained(tmp_path / "ckpt" / "model.safetensors"),
     ):
         assert loaded.config == config
         assert loaded.out_head.weight is loaded.tok_emb.weight
