@@ -375,17 +375,12 @@ class GPTModel(nn.Module):
 def count_parameters(config: GPTConfig, non_embedding: bool = False) -> int:
     """Parameter count of GPTModel(config) computed from the config alone."""
     d, v, c = config.emb_dim, config.vocab_size, config.context_length
-    per_block = (
-        2 * 2 * d  # norm1, norm2
-        + d * 3 * d
-        + (3 * d if config.qkv_bias else 0)  # qkv
-        + d * d
-        + d  # out_proj
-        + d * 4 * d
-        + 4 * d  # fc1
-        + 4 * d * d
-        + d  # fc2
-    )
+    qkv = d * 3 * d + (3 * d if config.qkv_bias else 0)
+    out_proj = d * d + d
+    fc1 = d * 4 * d + 4 * d
+    fc2 = 4 * d * d + d
+    norms = 2 * 2 * d  # norm1, norm2: weight and bias each
+    per_block = qkv + out_proj + fc1 + fc2 + norms
     n = config.n_layers * per_block + 2 * d  # + final_norm
     head_is_embedding = config.tie_embeddings
     n += v * d  # tok_emb (= out_head when tied)
