@@ -1,0 +1,255 @@
+"""Instruction fine-tuning (the book's chapter 7): teach GPT to answer Alpaca-style requests.
+
+    JSON list of {"instruction", "input", "output"}
+      -> Alpaca text:  prompt (instruction [+ input] + "### Response:") + output
+      -> token ids + <|endoftext|>, padded with <|endoftext|> to the batch's longest
+      -> inputs = ids[:-1], targets = ids[1:]                              (B, T) each
+         targets after the first <|endoftext|> are -100 (ignored by cross-entropy), and with
+         mask_prompt also every target that is a prompt token
+      -> next-token cross-entropy over the targets that are not -100
+
+Why keep the first <|endoftext|> as a target: the model must learn to stop. Why -100 after it:
+padding is not text to learn. Why mask the prompt (optional): the loss then measures only the
+answer, not how well the model copies the instruction.
+
+The data is split in file order, 85% train, 10% test, 5% validation (the book's order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from fastgpt.tokenizer import EOT_ID
+
+IGNORE_INDEX = -100
+"""Target value cross-entropy skips (`ignore_index` of F.cross_entropy)."""
+REQUIRED_KEYS = ("instruction", "output")
+PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+RESPONSE_HEADER = "\n\n### Response:\n"
+
+
+# --- reading and formatting --------------------------------------------------------------
+
+
+def load_instruction_data(path: str | Path) -> list[dict[str, str]]:
+    """Read a JSON list of records with string "instruction" and "output" and an optional
+    string "input" (missing = ""). Raises ValueError naming the file and line/column of
+    malformed JSON, or the index of a bad record."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: the list of records is empty")
+    records = []
+    for index, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}: record {index} is a {type(record).__name__}, expected an object "
+                'with "instruction", "input" and "output"'
+            )
+        for key in REQUIRED_KEYS:
+            if key not in record:
+                raise ValueError(f"{path}: record {index} has no {key!r} key")
+        for key in ("instruction", "input", "output"):
+            if key in record and not isinstance(record[key], str):
+                raise ValueError(
+                    f"{path}: record {index}: {key!r} must be a string, got "
+                    f"{type(record[key]).__name__}"
+                )
+        records.append({**record, "input": record.get("input", "")})
+    return records
+
+
+def format_input(record: dict[str, str]) -> str:
+    """The preamble, the instruction and, when non-empty, the input (no response header)."""
+    text = f"{PREAMBLE}\n\n### Instruction:\n{record['instruction']}"
+    if record.get("input"):
+        text += f"\n\n### Input:\n{record['input']}"
+    return text
+
+
+def format_prompt(record: dict[str, str]) -> str:
+    """What the model sees before its answer: `format_input` + "\\n\\n### Response:\\n"."""
+    return format_input(record) + RESPONSE_HEADER
+
+
+def format_example(record: dict[str, str]) -> str:
+    """The full training text: prompt followed by the output."""
+    return format_prompt(record) + record["output"]
+
+
+def split_instruction_data(
+    records: Sequence[dict[str, Any]], fractions: Sequence[float] = (0.85, 0.10, 0.05)
+) -> tuple[list, list, list]:
+    """(train, test, validation) in file order: the first 85%, the next 10%, the rest (as the
+    book). Raises ValueError when a split comes out empty."""
+    from fastgpt.classification import split_fractions
+
+    ranges = split_fractions(len(records), fractions, ("train", "test", "validation"))
+    train, test, val = (list(records[a:b]) for a, b in ranges)
+    return train, test, val
+
+
+# --- dataset and batches -----------------------------------------------------------------
+
+
+class InstructionDataset(Dataset):
+    """Each record as (token_ids of the full text, number of prompt tokens).
+
+    With `max_length`, a record whose prompt alone is longer than max_length would have no
+    response token left to learn from after truncation (with a masked prompt, a batch of only
+    such records has every target -100 and a NaN loss), so it is dropped with a warning.
+    `kept` holds the indices of the records kept.
+    """
+
+    def __init__(self, records: Sequence[dict[str, str]], tokenizer, max_length: int | None = None):
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.items: list[tuple[list[int], int]] = []
+        self.kept: list[int] = []
+        dropped = []
+        for index, record in enumerate(records):
+            prompt_ids = tokenizer.encode(format_prompt(record), disallowed_special=())
+            output_ids = tokenizer.encode(record["output"], disallowed_special=())
+            # Encoding the two parts separately keeps the prompt/response boundary exact (BPE
+            # merges never cross it: the prompt ends in "\n").
+            if max_length is not None and len(prompt_ids) > max_length:
+                dropped.append(index)
+                continue
+            self.items.append((prompt_ids + output_ids, len(prompt_ids)))
+            self.kept.append(index)
+        if dropped:
+            shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
+            warnings.warn(
+                f"dropped {len(dropped)} of {len(records)} records whose prompt alone is longer "
+                f"than max_length={max_length} tokens (indices {shown})",
+                stacklevel=2,
+            )
+        if not self.items:
+            raise ValueError(
+                f"no record fits max_length={max_length}: every prompt is longer; raise "
+                "--max-length"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.items[i]
+
+
+class InstructionCollate:
+    """Batches (token_ids, prompt_length) items into {"input_ids": (B, T), "targets": (B, T)}.
+
+    Per item: ids + [<|endoftext|>], padded with <|endoftext|> to the batch's longest + 1;
+    inputs = padded[:-1], targets = padded[1:]. Targets after the first <|endoftext|> target are
+    IGNORE_INDEX; with mask_prompt so are the targets that are prompt tokens (positions before
+    prompt_length - 1). Then both are truncated to max_length. Padding is found from each
+    item's length, not by searching for token 50256, so a text that contains <|endoftext|>
+    keeps it.
+    """
+
+    def __init__(
+        self, max_length: int | None = None, mask_prompt: bool = False, pad_id: int = EOT_ID
+    ):
+        self.max_length = max_length
+        self.mask_prompt = mask_prompt
+        self.pad_id = pad_id
+
+    def __call__(self, items: Sequence[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in items)  # = longest (ids + end token) - 1
+        if self.max_length is not None:
+            width = min(width, self.max_length)
+        inputs = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, prompt_length) in enumerate(items):
+            sequence = torch.tensor([*ids, self.pad_id], dtype=torch.long)  # text + end token
+            n = min(len(ids), width)  # positions with a real input token
+            inputs[row, :n] = sequence[:n]
+            targets[row, :n] = sequence[1 : n + 1]  # the last one is the end token if it fits
+            if self.mask_prompt:
+                targets[row, : max(prompt_length - 1, 0)] = IGNORE_INDEX
+        return {"input_ids": inputs, "targets": targets}
+
+
+def instruction_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets that are not IGNORE_INDEX (a scalar).
+
+    A batch without any target gives 0 (connected to the graph) instead of NaN."""
+    device = next(model.parameters()).device
+    logits = model(batch["input_ids"].to(device))  # (B, T, V)
+    targets = batch["targets"].to(device)  # (B, T)
+    if not bool((targets != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean cross-entropy in nats); inf when it overflows."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+# --- generating responses ----------------------------------------------------------------
+
+
+def extract_response(text: str) -> str:
+    """The answer part of generated text: what follows "### Response:", stripped."""
+    marker = RESPONSE_HEADER.strip()
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text.strip()
+
+
+@torch.no_grad()
+def generate_responses(
+    model: nn.Module,
+    records: Sequence[dict[str, Any]],
+    tokenizer,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Each record with "model_response": the greedy continuation of its prompt, stopped at
+    <|endoftext|> (fastgpt.generate). Prompts longer than the context keep their last tokens."""
+    from tqdm.auto import tqdm
+
+    from fastgpt.generate import generate
+
+    device = next(model.parameters()).device
+    context = model.config.context_length
+    results = []
+    for record in tqdm(records, desc="generating responses", disable=not progress):
+        prompt_ids = tokenizer.encode(format_prompt(record), disallowed_special=())
+        prompt_ids = prompt_ids[-max(context - 1, 1) :]
+        prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+        out = generate(model, prompt, max_new_tokens, temperature=0.0, eos_id=EOT_ID)
+        new_ids = out[0, prompt.shape[1] :].tolist()
+        if EOT_ID in new_ids:
+            new_ids = new_ids[: new_ids.index(EOT_ID)]
+        response = extract_response(tokenizer.decode(new_ids))
+        results.append({**record, "model_response": response})
+    return results

@@ -1,0 +1,154 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021; the book's appendix E).
+
+A frozen Linear W (out, in) is adapted by a trainable low-rank update:
+
+    y = x Wᵀ + b + (alpha / r) · x Aᵀ Bᵀ        A (r, in), B (out, r)
+
+A starts Kaiming-uniform and B at zero, so the adapted model starts exactly equal to the base
+model, and only r·(in + out) numbers per layer are trained. After training the update folds
+into the weight, W' = W + (alpha / r) · B A, giving a plain nn.Linear with no extra cost
+(`merge_lora`).
+
+    apply_lora(model, rank=8, alpha=16)        # freezes the model, wraps qkv/out_proj/fc1/fc2
+    ... train ...
+    merge_lora(model)                          # plain nn.Linear again, for save_pretrained
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LORA_TARGETS = ("att.qkv", "att.out_proj", "ff.fc1", "ff.fc2")
+"""The Linear modules of each transformer block that `apply_lora` wraps."""
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear `base` plus a trainable rank-`rank` update scaled by alpha / rank."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+        if alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        self.base = base
+        base.requires_grad_(False)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank
+        weight = base.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))  # (out, r)
+        # The Linear layer's own default init, so x Aᵀ has a sensible scale from the start.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (out, in) (what code reading `.weight` of a Linear expects)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) · B A, shape (out, in): what merging adds to the base weight."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (..., in) -> (..., r) -> (..., out): never forms the (out, in) update.
+        update = (x @ self.lora_A.t()) @ self.lora_B.t()
+        return self.base(x) + update * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear computing the same function (weights copied, grads off like the
+        base's)."""
+        base = self.base
+        linear = nn.Linear(
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            device=base.weight.device,
+            dtype=base.weight.dtype,
+        )
+        with torch.no_grad():
+            delta = self.delta_weight().float()
+            linear.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            if base.bias is not None:
+                linear.bias.copy_(base.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}"
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, dotted: str, value: nn.Module) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, last, value)
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, include_head: bool = False) -> list[str]:
+    """Freeze every parameter of `model`, then wrap att.qkv, att.out_proj, ff.fc1 and ff.fc2 of
+    every transformer block (and out_head when include_head) in LoRALinear. Returns the names
+    of the wrapped modules. Only the adapters are trainable afterwards; unfreeze anything else
+    (e.g. a new classifier head) after calling this."""
+    model.requires_grad_(False)
+    names = [f"trf_blocks.{i}.{t}" for i in range(len(model.trf_blocks)) for t in LORA_TARGETS]
+    if include_head:
+        names.append("out_head")
+    for name in names:
+        module = _get(model, name)
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already has a LoRA adapter")
+        _set(model, name, LoRALinear(module, rank, alpha))
+    return names
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Replace every LoRALinear in `model` by its merged nn.Linear, in place. Returns how many
+    were merged."""
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name in wrapped:
+        _set(model, name, _get(model, name).merged())
+    return len(wrapped)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a shared (tied) parameter counts once."""
+    params = list(model.parameters())  # parameters() already yields each tensor once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, total
+
+
+def describe_parameters(model: nn.Module) -> str:
+    """ "trainable 1,234 of 124,439,808 parameters (0.00%)"."""
+    trainable, total = count_parameters(model)
+    share = 100.0 * trainable / total if total else 0.0
+    return f"trainable {trainable:,} of {total:,} parameters ({share:.2f}%)"
