@@ -1,0 +1,132 @@
+"""LoRA: initialization, trainable counts, gradients only in adapters, merging."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastgpt.config import GPTConfig
+from fastgpt.lora import (
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    describe_parameters,
+    has_lora,
+    merge_lora,
+)
+from fastgpt.model import GPTModel
+
+
+@pytest.mark.parametrize("in_features, out_features, rank", [(17, 5, 1), (8, 97, 4), (1, 1, 2)])
+def test_lora_linear_starts_equal_and_matches_reference(in_features, out_features, rank):
+    torch.manual_seed(0)
+    base = nn.Linear(in_features, out_features)
+    layer = LoRALinear(base, rank=rank, alpha=3.0)
+    assert not base.weight.requires_grad and not base.bias.requires_grad
+    assert layer.lora_A.shape == (rank, in_features) and layer.lora_B.shape == (out_features, rank)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), ...)
+    assert layer.lora_A.abs().max() <= bound
+    x = torch.randn(3, 7, in_features, dtype=torch.float32)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)  # B = 0: exactly the base
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x64 = x.double()
+    reference = x64 @ base.weight.double().T + base.bias.double()
+    reference += (3.0 / rank) * x64 @ layer.lora_A.double().T @ layer.lora_B.double().T
+    torch.testing.assert_close(layer(x).double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(2, 2), rank=0, alpha=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        LoRALinear(nn.Linear(2, 2), rank=1, alpha=0.0)
+    with pytest.raises(TypeError, match=r"nn\.Linear"):
+        LoRALinear(nn.Conv1d(2, 2, 1), rank=1, alpha=1.0)
+
+
+def tiny_model(**overrides) -> GPTModel:
+    torch.manual_seed(0)
+    config = GPTConfig.from_name("tiny", context_length=32, **overrides)
+    return GPTModel(config, backend="torch")
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_trainable_count_for_rank(rank):
+    model = tiny_model()
+    _, total_before = count_parameters(model)
+    wrapped = apply_lora(model, rank=rank, alpha=2 * rank)
+    d, layers = model.config.emb_dim, model.config.n_layers
+    assert len(wrapped) == 4 * layers
+    # r·(in + out) per Linear: qkv d->3d, out_proj d->d, fc1 d->4d, fc2 4d->d  => 16·d·r
+    expected = layers * rank * (4 * d + 2 * d + 5 * d + 5 * d)
+    trainable, total = count_parameters(model)
+    assert trainable == expected
+    assert total == total_before + expected
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    assert f"trainable {expected:,} of {total:,}" in describe_parameters(model)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        apply_lora(model, rank=rank, alpha=1.0)
+
+
+def test_lora_head_and_classifier_head():
+    model = tiny_model(tie_embeddings=False)
+    model.out_head = nn.Linear(model.config.emb_dim, 2)
+    apply_lora(model, rank=2, alpha=4.0, include_head=True)
+    assert isinstance(model.out_head, LoRALinear)
+    trainable, _ = count_parameters(model)
+    d = model.config.emb_dim
+    assert trainable == model.config.n_layers * 2 * 16 * d + 2 * (d + 2)
+
+
+def test_only_adapters_change_and_merge_gives_same_logits():
+    model = tiny_model()
+    apply_lora(model, rank=4, alpha=8.0, include_head=True)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    tokens = torch.randint(0, 50257, (2, 17))
+    for _ in range(3):
+        logits = model(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), name  # bitwise unchanged
+    assert any(torch.count_nonzero(m.lora_B) > 0 for m in model.modules() if hasattr(m, "lora_B"))
+
+    model.eval()
+    with torch.no_grad():
+        adapted = model(tokens)
+    assert merge_lora(model) == 4 * model.config.n_layers + 1
+    assert not has_lora(model)
+    assert all(type(m) is nn.Linear for m in (model.trf_blocks[0].att.qkv, model.out_head))
+    with torch.no_grad():
+        merged = model(tokens)
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    # The merged head no longer shares the token embedding (it carries the adapter's update).
+    assert model.out_head.weight is not model.tok_emb.weight
+
+
+def test_merged_model_saves_and_loads(tmp_path):
+    model = tiny_model()
+    model.out_head = nn.Linear(model.config.emb_dim, 3)
+    apply_lora(model, rank=2, alpha=2.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.1)
+    tokens = torch.randint(0, 50257, (1, 9))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(tokens)
+    merge_lora(model)
+    model.save_pretrained(tmp_path / "m")
+    loaded = GPTModel.load(tmp_path / "m", backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), adapted, rtol=1e-5, atol=1e-5)
