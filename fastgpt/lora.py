@@ -16,7 +16,9 @@ into the weight, W' = W + (alpha / r) · B A, giving a plain nn.Linear with no e
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -152,3 +154,65 @@ def describe_parameters(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     share = 100.0 * trainable / total if total else 0.0
     return f"trainable {trainable:,} of {total:,} parameters ({share:.2f}%)"
+
+
+# --- saving and loading adapters ---------------------------------------------------------
+
+ADAPTERS_FILE = "lora.safetensors"
+ADAPTERS_CONFIG = "lora.json"
+
+
+def save_pretrained_with_lora(model: nn.Module, directory: str | Path) -> Path:
+    """Save a LoRA-adapted model without merging: the frozen base model via `save_pretrained`
+    (config.json + model.safetensors, loadable by `GPTModel.load` on its own) plus the adapters
+    in lora.safetensors and their rank/alpha/modules in lora.json (see `load_lora_adapters`).
+    A model without adapters is just `save_pretrained`-ed."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    wrapped = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for name, module in wrapped.items():  # swap the bases in for saving, then back
+        _set(model, name, module.base)
+    try:
+        model.save_pretrained(directory)
+    finally:
+        for name, module in wrapped.items():
+            _set(model, name, module)
+    if not wrapped:
+        return directory
+    ranks = {m.rank for m in wrapped.values()}
+    alphas = {m.alpha for m in wrapped.values()}
+    if len(ranks) != 1 or len(alphas) != 1:
+        raise ValueError(f"adapters of mixed rank/alpha cannot be saved: {ranks}, {alphas}")
+    tensors = {}
+    for name, module in wrapped.items():
+        tensors[f"{name}.lora_A"] = module.lora_A.detach().contiguous().cpu()
+        tensors[f"{name}.lora_B"] = module.lora_B.detach().contiguous().cpu()
+    save_file(tensors, str(directory / ADAPTERS_FILE))
+    info = {"rank": ranks.pop(), "alpha": alphas.pop(), "modules": sorted(wrapped)}
+    (directory / ADAPTERS_CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_lora_adapters(model: nn.Module, directory: str | Path) -> bool:
+    """If `directory` holds lora.json, wrap the modules it names and load their adapters
+    (the model is left frozen but for the adapters). Returns whether adapters were found."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_path = directory / ADAPTERS_CONFIG
+    if not config_path.is_file():
+        return False
+    info = json.loads(config_path.read_text(encoding="utf-8"))
+    tensors = load_file(str(directory / ADAPTERS_FILE))
+    model.requires_grad_(False)
+    for name in info["modules"]:
+        layer = LoRALinear(_get(model, name), int(info["rank"]), float(info["alpha"]))
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}"
+            if key not in tensors or tensors[key].shape != getattr(layer, part).shape:
+                raise ValueError(f"{directory / ADAPTERS_FILE}: missing or mis-shaped {key}")
+            with torch.no_grad():
+                getattr(layer, part).copy_(tensors[key])
+        _set(model, name, layer)
+    return True

@@ -130,3 +130,27 @@ def test_merged_model_saves_and_loads(tmp_path):
     loaded = GPTModel.load(tmp_path / "m", backend="torch")
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_unmerged_adapters_save_and_load(tmp_path):
+    from fastgpt.lora import load_lora_adapters, save_pretrained_with_lora
+
+    model = tiny_model()
+    apply_lora(model, rank=3, alpha=6.0, include_head=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(std=0.1)
+    tokens = torch.randint(0, 50257, (2, 11))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(tokens)
+    save_pretrained_with_lora(model, tmp_path / "m")
+    assert has_lora(model)  # the model itself keeps its adapters
+    loaded = GPTModel.load(tmp_path / "m", backend="torch")  # the base alone loads
+    with torch.no_grad():
+        assert not torch.allclose(loaded(tokens), adapted)
+    assert load_lora_adapters(loaded, tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(tokens), adapted, rtol=1e-5, atol=1e-5)
+    assert not load_lora_adapters(tiny_model(), tmp_path / "nothing-here")
