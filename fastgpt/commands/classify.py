@@ -1,0 +1,62 @@
+"""`fastgpt classify`: label texts with a classifier saved by `fastgpt finetune-classify`.
+
+fastgpt classify --model runs/spam "You won a free cruise! Reply WIN to claim"
+    spam    0.9876    You won a free cruise! Reply WIN to claim
+
+One line per text: the predicted label, its probability, and the text (tab-separated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, help="folder written by `fastgpt finetune-classify --out`"
+    )
+    parser.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to classify")
+    parser.add_argument(
+        "--backend", choices=("auto", "triton", "torch"), default="auto", help="kernels to use"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--all-probs", action="store_true", help="also print every label's probability"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastgpt.classification import classify_texts, load_classifier_metadata
+    from fastgpt.lora import load_lora_adapters
+    from fastgpt.model import GPTModel
+    from fastgpt.tokenizer import get_tokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        label_names, info = load_classifier_metadata(args.model)
+        model = GPTModel.load(args.model, backend=args.backend, device=device)
+        load_lora_adapters(model, args.model)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"fastgpt classify: cannot load {args.model!r}: {exc}", file=sys.stderr)
+        return 2
+    model.to(device).eval()
+    if model.out_head.out_features != len(label_names):
+        print(
+            f"fastgpt classify: {args.model} has {model.out_head.out_features} outputs but "
+            f"{len(label_names)} labels in labels.json",
+            file=sys.stderr,
+        )
+        return 2
+    probs = classify_texts(model, args.texts, get_tokenizer(), info.get("max_length"))  # (N, C)
+    for text, row in zip(args.texts, probs.tolist(), strict=True):
+        best = max(range(len(row)), key=row.__getitem__)
+        line = f"{label_names[best]}\t{row[best]:.4f}\t{text}"
+        if args.all_probs:
+            line += "\t" + " ".join(f"{n}={p:.4f}" for n, p in zip(label_names, row, strict=True))
+        print(line)
+    return 0
