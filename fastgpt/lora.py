@@ -216,3 +216,40 @@ def load_lora_adapters(model: nn.Module, directory: str | Path) -> bool:
                 getattr(layer, part).copy_(tensors[key])
         _set(model, name, layer)
     return True
+
+
+# --- command-line options shared by both fine-tuning commands ----------------------------
+
+
+def add_lora_arguments(parser) -> None:
+    """--lora-rank, --lora-alpha, --lora-head, --merge (argparse)."""
+    group = parser.add_argument_group("LoRA (train low-rank adapters instead of the weights)")
+    group.add_argument(
+        "--lora-rank", type=int, default=None, metavar="R", help="adapter rank (off by default)"
+    )
+    group.add_argument(
+        "--lora-alpha", type=float, default=None, metavar="A", help="scale alpha/R (default 2R)"
+    )
+    group.add_argument(
+        "--lora-head", action="store_true", help="also put an adapter on the output head"
+    )
+    group.add_argument(
+        "--merge",
+        action="store_true",
+        help="fold the adapters into plain Linear weights when saving (default: save the base "
+        "model plus lora.safetensors)",
+    )
+
+
+def check_lora_arguments(args) -> None:
+    """ValueError for inconsistent LoRA options (call before loading anything)."""
+    rank = getattr(args, "lora_rank", None)
+    if rank is None:
+        for flag in ("lora_alpha", "lora_head", "merge"):
+            if getattr(args, flag, None):
+                raise ValueError(f"--{flag.replace('_', '-')} needs --lora-rank")
+        return
+    if rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {rank}")
+    if args.lora_alpha is not None and args.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
