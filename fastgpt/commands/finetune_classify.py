@@ -132,7 +132,8 @@ def _train(args, train_texts, val_texts, test_texts) -> int:
     train_set = ClassificationDataset(train_texts, tokenizer, max_length=limit)
     val_set = ClassificationDataset(val_texts, tokenizer, max_length=limit)
     test_set = ClassificationDataset(test_texts, tokenizer, max_length=limit)
-    pad_to = (args.max_length and limit) or train_set.longest  # the book: the longest train text
+    # The book pads everything to the longest training text; longer val/test texts are cut.
+    pad_to = limit if args.max_length else train_set.longest
     print(f"sequences padded/truncated to {pad_to} tokens")
 
     label_names = train_texts.label_names
