@@ -1,0 +1,420 @@
+"""Kernel benchmarks: LayerNorm, GELU, bias+GELU and causal attention against PyTorch.
+
+Each case is timed forward ("fwd"), backward alone ("bwd": the backward of one stored forward,
+the Triton tutorials' convention) and forward+backward ("fwd+bwd"), with inputs that require
+grad as in training.
+
+On CUDA the providers are:
+
+- LayerNorm / GELU / bias+GELU: ours (`kernels.layer_norm`, `gelu`, `bias_gelu`), PyTorch eager
+  (`F.layer_norm`, `F.gelu(approximate="tanh")`, `F.gelu(x + b, ...)`) and `torch.compile` of
+  the same eager function (compiled afresh for every shape and dtype, `dynamic=False`).
+  Reported as ms, GB/s of the bytes the op must move (`harness.memory_bound_bytes`) and % of
+  the copy bandwidth measured in the same run.
+- Attention (causal): ours (`kernels.attention`), `F.scaled_dot_product_attention` pinned to
+  each backend (flash, memory-efficient, cuDNN; a backend that rejects the shape is recorded as
+  skipped) and the book's plain attention (scores, mask, softmax, weighted sum; skipped when its
+  T×T score matrices would not fit). Reported as ms, TFLOP/s (`harness.attention_flops`) and %
+  of the bf16 matmul TFLOP/s measured in the same run.
+
+On CPU Triton kernels are never timed (the interpreter measures Python, not the kernel): "ours"
+is then fastgpt's `backend="torch"` path, the plain-PyTorch references in `kernels/`, timed in
+fp32 against PyTorch's own CPU ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from benchmarks import harness
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+# --- grids ---------------------------------------------------------------------------------
+
+
+def rowwise_grid(device: torch.device, quick: bool) -> dict[str, list]:
+    """Shapes and dtypes of the LayerNorm / GELU benchmarks."""
+    if device.type == "cuda":
+        if quick:
+            return {"rows": [16384], "widths": [768, 4096], "dtypes": ["bf16"]}
+        return {
+            "rows": [4096, 16384, 65536],
+            "widths": [768, 1024, 1280, 1600, 4096],
+            "dtypes": ["bf16", "fp16"],
+        }
+    if quick:
+        return {"rows": [1024], "widths": [768], "dtypes": ["fp32"]}
+    return {"rows": [4096], "widths": [768, 1024, 1600, 4096], "dtypes": ["fp32"]}
+
+
+def attention_grid(device: torch.device, quick: bool) -> dict[str, list]:
+    """Attention shapes: (heads, head_dim) pairs of GPT-2 small/medium/large/xl (64-dim heads)
+    and a 128-dim-head case; batch = tokens_per_batch // T so every length moves about the same
+    number of tokens (as the Triton and FlashAttention benchmarks do)."""
+    if device.type == "cuda":
+        if quick:
+            return {
+                "heads_dims": [(12, 64), (16, 128)],
+                "seq_lens": [1024, 4096],
+                "dtypes": ["bf16"],
+                "tokens_per_batch": 16384,
+            }
+        return {
+            "heads_dims": [(12, 64), (16, 64), (20, 64), (25, 64), (16, 128)],
+            "seq_lens": [512, 1024, 2048, 4096, 8192, 16384],
+            "dtypes": ["bf16", "fp16"],
+            "tokens_per_batch": 16384,
+        }
+    if quick:
+        return {
+            "heads_dims": [(12, 64)],
+            "seq_lens": [128],
+            "dtypes": ["fp32"],
+            "tokens_per_batch": 128,
+        }
+    return {
+        "heads_dims": [(12, 64)],
+        "seq_lens": [256, 512, 1024],
+        "dtypes": ["fp32"],
+        "tokens_per_batch": 1024,
+    }
+
+
+# --- one measurement -------------------------------------------------------------------------
+
+
+def measure_modes(
+    forward: Callable[[], torch.Tensor],
+    leaves: list[torch.Tensor],
+    device: torch.device,
+    quick: bool,
+) -> Iterator[tuple[str, float, float | None]]:
+    """Yield (mode, median ms, peak MiB) for fwd, bwd and fwd+bwd of `forward()`, whose inputs
+    `leaves` require grad. Raises what `forward` raises (the caller records skips)."""
+    rep_ms = 40.0 if quick else 100.0
+    y = forward()
+    dy = torch.randn_like(y)
+
+    def fwd_bwd() -> None:
+        forward().backward(dy)
+
+    fwd_peak = harness.peak_memory_mb(forward, device)
+    yield "fwd", harness.time_ms(forward, device, rep_ms=rep_ms), fwd_peak
+
+    for t in leaves:
+        t.grad = None
+    full_peak = harness.peak_memory_mb(fwd_bwd, device)
+    y = forward()
+    bwd_ms = harness.time_ms(
+        lambda y=y: y.backward(dy, retain_graph=True), device, rep_ms=rep_ms, grad_to_none=leaves
+    )
+    del y
+    yield "bwd", bwd_ms, full_peak
+    yield "fwd+bwd", harness.time_ms(fwd_bwd, device, rep_ms=rep_ms, grad_to_none=leaves), full_peak
+
+
+def skipped(suite: str, case: dict[str, Any], provider: str, role: str, note: str) -> dict:
+    return {
+        "suite": suite,
+        "case": case,
+        "provider": provider,
+        "role": role,
+        "status": "skipped",
+        "note": note,
+    }
+
+
+def skipped_modes(
+    suite: str,
+    base_case: dict[str, Any],
+    provider: str,
+    role: str,
+    exc: BaseException,
+    records: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """Skip records for the modes of (base_case, provider) that have no record yet (a failure
+    in backward keeps the forward that ran)."""
+    done = {
+        r["case"]["mode"]
+        for r in records
+        if r["provider"] == provider and {**r["case"], "mode": None} == {**base_case, "mode": None}
+    }
+    note = short_error(exc)
+    return [
+        skipped(suite, {**base_case, "mode": m}, provider, role, note)
+        for m in MODES
+        if m not in done
+    ]
+
+
+def short_error(exc: BaseException) -> str:
+    if harness.is_out_of_memory(exc):
+        return "out of memory"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{type(exc).__name__}: {first[:160]}"
+
+
+# --- LayerNorm and GELU --------------------------------------------------------------------
+
+
+def _rowwise_providers(op: str, device: torch.device) -> list[tuple[str, str, Callable]]:
+    """(name, role, fn) for one row-wise op. fn(x, weight, bias) -> y; GELU ignores weight and
+    GELU without bias ignores bias too."""
+    from kernels import (
+        bias_gelu,
+        bias_gelu_reference,
+        gelu,
+        gelu_reference,
+        layer_norm,
+        layer_norm_reference,
+    )
+
+    if op == "layernorm":
+        ours = lambda x, w, b: layer_norm(x, w, b, 1e-5)
+        ref = lambda x, w, b: layer_norm_reference(x, w, b, 1e-5)
+
+        def eager(x, w, b):
+            return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+    elif op == "gelu":
+        ours = lambda x, w, b: gelu(x)
+        ref = lambda x, w, b: gelu_reference(x)
+
+        def eager(x, w, b):
+            return F.gelu(x, approximate="tanh")
+
+    elif op == "bias_gelu":
+        ours = lambda x, w, b: bias_gelu(x, b)
+        ref = lambda x, w, b: bias_gelu_reference(x, b)
+
+        def eager(x, w, b):
+            return F.gelu(x + b, approximate="tanh")
+
+    else:
+        raise ValueError(f"unknown op {op!r}")
+
+    if device.type == "cuda":
+        return [
+            ("fastgpt", "ours", ours),
+            ("torch eager", "baseline", eager),
+            ("torch.compile", "baseline", ("compile", eager)),
+        ]
+    # CPU: our torch backend (the references) against PyTorch's CPU ops; no Triton, no compile.
+    return [
+        ("fastgpt torch backend", "ours", ref),
+        ("torch eager", "baseline", eager),
+    ]
+
+
+def _compiled(fn: Callable) -> Callable:
+    """A fresh torch.compile of fn for one shape and dtype. Dynamo's caches are reset first so
+    every case compiles its own static-shape kernels (and never falls back to eager after the
+    recompile limit)."""
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+def bench_rowwise(
+    suite: str,
+    ops: tuple[str, ...],
+    device: torch.device,
+    hardware: dict[str, Any],
+    quick: bool,
+) -> list[dict[str, Any]]:
+    """LayerNorm (suite "layernorm", ops ("layernorm",)) or GELU (suite "gelu", ops
+    ("gelu", "bias_gelu")) over the grid of `rowwise_grid`."""
+    grid = rowwise_grid(device, quick)
+    cases = [
+        (op, dtype, rows, width)
+        for op in ops
+        for dtype in grid["dtypes"]
+        for rows in grid["rows"]
+        for width in grid["widths"]
+    ]
+    records: list[dict[str, Any]] = []
+    copy_gbps = hardware["copy_bandwidth_gbps"]
+    for op, dtype_name, rows, width in tqdm(cases, desc=suite, leave=False):
+        dtype = harness.DTYPES[dtype_name]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(rows, width, generator=gen, dtype=torch.float32).to(device, dtype)
+        w = (1 + 0.1 * torch.randn(width, generator=gen)).to(device, dtype)
+        b = (0.1 * torch.randn(width, generator=gen)).to(device, dtype)
+        leaves = [x, w, b] if op == "layernorm" else ([x, b] if op == "bias_gelu" else [x])
+        for t in leaves:
+            t.requires_grad_(True)
+        for provider, role, fn in _rowwise_providers(op, device):
+            base_case = {"op": op, "dtype": dtype_name, "rows": rows, "width": width}
+            try:
+                if isinstance(fn, tuple):  # ("compile", eager fn)
+                    fn = _compiled(fn[1])
+                forward = lambda fn=fn, x=x, w=w, b=b: fn(x, w, b)
+                for mode, ms, peak in measure_modes(forward, leaves, device, quick):
+                    moved = harness.memory_bound_bytes(mode, x.numel(), x.element_size())
+                    gbps = harness.throughput(moved, ms) / 1e9
+                    records.append(
+                        {
+                            "suite": suite,
+                            "case": {**base_case, "mode": mode},
+                            "provider": provider,
+                            "role": role,
+                            "status": "ok",
+                            "note": None,
+                            "ms": ms,
+                            "bytes_moved": moved,
+                            "gbps": gbps,
+                            "pct_copy_bw": 100.0 * gbps / copy_gbps,
+                            "peak_mem_mb": peak,
+                        }
+                    )
+            except Exception as exc:  # a provider that cannot run this case is reported
+                records += skipped_modes(suite, base_case, provider, role, exc, records)
+            finally:
+                for t in leaves:
+                    t.grad = None
+        del x, w, b, leaves
+        harness.free_memory(device)
+    return records
+
+
+def bench_layernorm(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
+    return bench_rowwise("layernorm", ("layernorm",), device, hardware, quick)
+
+
+def bench_gelu(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
+    return bench_rowwise("gelu", ("gelu", "bias_gelu"), device, hardware, quick)
+
+
+# --- attention -----------------------------------------------------------------------------
+
+
+def book_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The book's causal attention in the inputs' dtype: scores q·kᵀ/√D (B, H, T, T), -inf
+    above the diagonal, softmax, weighted sum of v -> (B, H, T, D)."""
+    t, d = q.shape[-2], q.shape[-1]
+    scores = q @ k.transpose(-2, -1)  # (B, H, T, T)
+    mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=q.device), diagonal=1)
+    scores = scores.masked_fill(mask, float("-inf"))
+    weights = torch.softmax(scores / math.sqrt(d), dim=-1)  # (B, H, T, T)
+    return weights @ v  # (B, H, T, D)
+
+
+def book_attention_bytes(batch: int, heads: int, seq_len: int, element_size: int) -> int:
+    """Rough peak of `book_attention` forward+backward: about four live (B, H, T, T) tensors
+    (scores, masked scores, softmax weights, and their gradient) plus the T×T mask."""
+    return 4 * batch * heads * seq_len * seq_len * element_size + seq_len * seq_len
+
+
+def _attention_providers(device: torch.device) -> list[tuple[str, str, Callable]]:
+    from kernels import attention, attention_reference
+
+    if device.type != "cuda":
+        return [
+            (
+                "fastgpt torch backend",
+                "ours",
+                lambda q, k, v: attention_reference(q, k, v, causal=True),
+            ),
+            (
+                "torch SDPA (default)",
+                "baseline",
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            ),
+            ("book attention", "baseline", book_attention),
+        ]
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_with(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        return run
+
+    return [
+        ("fastgpt", "ours", lambda q, k, v: attention(q, k, v, causal=True)),
+        ("SDPA flash", "baseline", sdpa_with(SDPBackend.FLASH_ATTENTION)),
+        ("SDPA mem-efficient", "baseline", sdpa_with(SDPBackend.EFFICIENT_ATTENTION)),
+        ("SDPA cuDNN", "baseline", sdpa_with(SDPBackend.CUDNN_ATTENTION)),
+        ("book attention", "baseline", book_attention),
+    ]
+
+
+def bench_attention(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
+    """Causal attention over `attention_grid`: q, k, v contiguous (B, H, T, D)."""
+    grid = attention_grid(device, quick)
+    cases = [
+        (dtype, heads, head_dim, seq_len)
+        for dtype in grid["dtypes"]
+        for heads, head_dim in grid["heads_dims"]
+        for seq_len in grid["seq_lens"]
+    ]
+    peak_flops = hardware["matmul_tflops"] * 1e12
+    records: list[dict[str, Any]] = []
+    for dtype_name, heads, head_dim, seq_len in tqdm(cases, desc="attention", leave=False):
+        dtype = harness.DTYPES[dtype_name]
+        batch = max(1, grid["tokens_per_batch"] // seq_len)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        shape = (batch, heads, seq_len, head_dim)  # (B, H, T, D)
+        q, k, v = (
+            torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(True)
+            for _ in range(3)
+        )
+        base_case = {
+            "dtype": dtype_name,
+            "batch": batch,
+            "heads": heads,
+            "head_dim": head_dim,
+            "seq_len": seq_len,
+        }
+        for provider, role, fn in _attention_providers(device):
+            if provider == "book attention" and device.type == "cuda":
+                need = book_attention_bytes(batch, heads, seq_len, q.element_size())
+                free, _ = torch.cuda.mem_get_info(device)
+                if need > 0.8 * free:
+                    note = (
+                        f"would need ~{need / 2**30:.0f} GiB of T×T scores, "
+                        f"{free / 2**30:.0f} GiB free"
+                    )
+                    records += [
+                        skipped("attention", {**base_case, "mode": m}, provider, role, note)
+                        for m in MODES
+                    ]
+                    continue
+            try:
+                forward = lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)
+                for mode, ms, peak in measure_modes(forward, [q, k, v], device, quick):
+                    flops = harness.attention_flops(batch, heads, seq_len, head_dim, True, mode)
+                    tflops = harness.throughput(flops, ms) / 1e12
+                    records.append(
+                        {
+                            "suite": "attention",
+                            "case": {**base_case, "mode": mode},
+                            "provider": provider,
+                            "role": role,
+                            "status": "ok",
+                            "note": None,
+                            "ms": ms,
+                            "flops": flops,
+                            "tflops": tflops,
+                            "pct_matmul": 100.0 * tflops * 1e12 / peak_flops,
+                            "peak_mem_mb": peak,
+                        }
+                    )
+            except Exception as exc:  # backend rejects the shape, or out of memory
+                records += skipped_modes("attention", base_case, provider, role, exc, records)
+            finally:
+                for t in (q, k, v):
+                    t.grad = None
+                harness.free_memory(device)
+        del q, k, v
+        harness.free_memory(device)
+    return records

@@ -1,0 +1,134 @@
+"""Run benchmark suites, print their tables, write JSON, summary.md and plots.
+
+    from benchmarks.run import run_benchmarks
+    run_benchmarks(only=["layernorm"], quick=True, out_dir=None)   # `fastgpt bench` calls this
+
+Suites: layernorm, gelu (GELU and bias+GELU), attention, train, generate. The hardware limits
+(copy bandwidth, matmul TFLOP/s) are measured once at the start of every run and stored with
+each suite's results, so every percentage is relative to the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import harness, report
+
+SUITES = report.SUITE_ORDER
+
+CPU_NOTICE = (
+    "No CUDA GPU found: benchmarking on CPU. Triton kernels are NOT timed here (on CPU they "
+    "would run through Triton's interpreter, which measures Python, not the kernels); only the "
+    "torch backend (fastgpt's plain-PyTorch path) is measured against PyTorch's own CPU ops."
+)
+
+
+def suite_functions() -> dict[str, Callable[[torch.device, dict[str, Any], bool], list[dict]]]:
+    from benchmarks import kernels_bench, train_bench
+
+    return {
+        "layernorm": kernels_bench.bench_layernorm,
+        "gelu": kernels_bench.bench_gelu,
+        "attention": kernels_bench.bench_attention,
+        "train": train_bench.bench_train,
+        "generate": train_bench.bench_generate,
+    }
+
+
+def parse_only(value: str | None) -> list[str]:
+    """Parse --only: "attention,train" -> ["attention", "train"] (in SUITES order);
+    None or "" -> every suite. Raises ValueError naming the unknown suite."""
+    if not value:
+        return list(SUITES)
+    names = [v.strip().lower() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        bad = ", ".join(repr(n) for n in unknown) or repr(value)
+        raise ValueError(f"unknown suite {bad}; choose from {', '.join(SUITES)}")
+    return [s for s in SUITES if s in names]
+
+
+def default_out_dir(device: torch.device) -> Path:
+    """benchmarks/results/<gpu-name-slug>/ or benchmarks/results/cpu-<cpu-name-slug>/."""
+    return harness.RESULTS_ROOT / harness.results_slug(device)
+
+
+def suite_notes(suite: str, device: torch.device, quick: bool) -> list[str]:
+    notes = []
+    if device.type != "cuda":
+        notes.append(CPU_NOTICE)
+    if quick:
+        notes.append("--quick: a few shapes only.")
+    if suite in ("layernorm", "gelu"):
+        notes.append(
+            "GB/s counts the bytes the op must move: forward reads x and writes y (2 tensors), "
+            "backward reads x and dy and writes dx (3), forward+backward 5; % is of the "
+            "measured copy bandwidth."
+        )
+    if suite == "attention":
+        notes.append(
+            "FLOPs: 4·B·H·T²·D forward, halved for causal, ×2.5 for backward, ×3.5 for "
+            "forward+backward; % is of the measured dense matmul TFLOP/s."
+        )
+    if suite == "train":
+        notes.append(
+            "MFU = tokens/s × (6·N + 12·L·T·d) / measured dense matmul FLOP/s "
+            "(N non-embedding parameters, L layers, T sequence length, d width)."
+        )
+    if suite == "generate":
+        notes.append(
+            "tokens/s = batch × new tokens / wall time of the whole generate() call, prefill "
+            "included; greedy decoding."
+        )
+    return notes
+
+
+def run_benchmarks(
+    only: list[str] | None = None,
+    quick: bool = False,
+    out_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Run the chosen suites on `device` (default: CUDA if available, else CPU); return the
+    written files by name ("<suite>.json", "<suite>.png", "summary.md")."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    suites = list(SUITES) if only is None else [s for s in SUITES if s in only]
+    out = Path(out_dir) if out_dir is not None else default_out_dir(device)
+    if device.type != "cuda":
+        print_fn(CPU_NOTICE)
+    env = harness.environment(device)
+    print_fn(
+        f"device: {env['device_name']} | torch {env['torch_version']} | "
+        f"triton {env['triton_version']} | commit {env['git_commit'][:12]} | {env['date_utc']}"
+    )
+    print_fn("measuring hardware limits (copy bandwidth, dense matmul) ...")
+    hardware = harness.measure_hardware_limits(device, quick=quick)
+    print_fn(
+        f"copy bandwidth {hardware['copy_bandwidth_gbps']:.1f} GB/s (read + write), "
+        f"{hardware['matmul_dtype']} matmul {hardware['matmul_tflops']:.3f} TFLOP/s "
+        f"({'x'.join(map(str, hardware['matmul_shape']))})"
+    )
+    functions = suite_functions()
+    written: dict[str, Path] = {}
+    for suite in suites:
+        print_fn(f"\n== {suite} ==")
+        records = report.add_ratios(functions[suite](device, hardware, quick))
+        notes = suite_notes(suite, device, quick)
+        written[f"{suite}.json"] = report.write_suite_json(
+            out, suite, records, env, hardware, notes
+        )
+        print_fn(report.markdown_table(suite, records))
+        head = report.headline(records)
+        if head:
+            print_fn(
+                f"ours vs best baseline: geomean {head['geomean']:.2f}× "
+                f"(min {head['min']:.2f}×, max {head['max']:.2f}×, {head['cases']} cases)"
+            )
+    written.update(report.write_all(out))
+    print_fn(f"\nresults: {out}/ ({', '.join(sorted(p.name for p in written.values()))})")
+    return written

@@ -1,0 +1,73 @@
+"""`fastgpt bench`: benchmark our kernels, a training step and generation against PyTorch.
+
+fastgpt bench                          # everything (on a GPU: run suites separately if slow)
+fastgpt bench --quick                  # a few shapes of each suite
+fastgpt bench --only attention         # one suite; also "layernorm,gelu"
+fastgpt bench --out my-results/        # default: benchmarks/results/<gpu-name>/
+
+Tables go to stdout; `<suite>.json`, `<suite>.png` and `summary.md` to the results folder
+(suites run separately are merged into one summary.md). Every number is timed in the same run
+as the PyTorch baselines and the hardware limits it is compared with. Without a GPU only the
+torch backend is measured on CPU: Triton kernels are never timed through the interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SUITE_HELP = "layernorm, gelu, attention, train, generate"
+
+
+def suites_arg(value: str) -> list[str]:
+    """argparse type of --only: a comma-separated list of known suites."""
+    from benchmarks.run import parse_only
+
+    try:
+        return parse_only(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--only",
+        type=suites_arg,
+        default=None,
+        metavar="SUITE[,SUITE...]",
+        help=f"run only these suites (comma-separated): {SUITE_HELP} (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a few shapes per suite")
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="results folder (default: benchmarks/results/<gpu-name>/, or cpu-<cpu-name>/)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="cuda, cuda:1, cpu (default: cuda if available, else cpu)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from benchmarks.run import run_benchmarks
+
+    device = args.device
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except RuntimeError as exc:
+            print(f"fastgpt bench: bad --device {args.device!r}: {exc}", file=sys.stderr)
+            return 2
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("fastgpt bench: --device cuda, but no CUDA GPU is available", file=sys.stderr)
+            return 2
+        if device.type not in ("cuda", "cpu"):
+            print(f"fastgpt bench: unsupported device {args.device!r}", file=sys.stderr)
+            return 2
+    run_benchmarks(only=args.only, quick=args.quick, out_dir=args.out, device=device)
+    return 0
