@@ -25,6 +25,7 @@ fp32 against PyTorch's own CPU ops.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -100,23 +101,30 @@ def measure_modes(
     """Yield (mode, median ms, peak MiB) for fwd, bwd and fwd+bwd of `forward()`, whose inputs
     `leaves` require grad. Raises what `forward` raises (the caller records skips)."""
     rep_ms = 40.0 if quick else 100.0
-    y = forward()
-    dy = torch.randn_like(y)
+    with torch.no_grad():  # only the output's shape and dtype; keep no graph alive
+        dy = torch.randn_like(forward())
 
     def fwd_bwd() -> None:
         forward().backward(dy)
 
+    for t in leaves:
+        t.grad = None
     fwd_peak = harness.peak_memory_mb(forward, device)
     yield "fwd", harness.time_ms(forward, device, rep_ms=rep_ms), fwd_peak
 
+    # One plain forward+backward before any retain_graph=True backward: it compiles the
+    # backward of a torch.compile'd function (AOTAutograd refuses to compile a backward with
+    # donated buffers under retain_graph=True) and gives the peak memory of a training step.
+    full_peak = harness.peak_memory_mb(fwd_bwd, device)
+    if full_peak is None:
+        fwd_bwd()
     for t in leaves:
         t.grad = None
-    full_peak = harness.peak_memory_mb(fwd_bwd, device)
     y = forward()
     bwd_ms = harness.time_ms(
         lambda y=y: y.backward(dy, retain_graph=True), device, rep_ms=rep_ms, grad_to_none=leaves
     )
-    del y
+    del y  # frees the retained graph
     yield "bwd", bwd_ms, full_peak
     yield "fwd+bwd", harness.time_ms(fwd_bwd, device, rep_ms=rep_ms, grad_to_none=leaves), full_peak
 
@@ -390,6 +398,10 @@ def bench_attention(device: torch.device, hardware: dict[str, Any], quick: bool)
                     ]
                     continue
             try:
+                with warnings.catch_warnings():  # a rejected SDPA backend warns, then raises
+                    warnings.simplefilter("ignore")
+                    with torch.no_grad():
+                        fn(q, k, v)  # probe: record a skip if this backend refuses the shape
                 forward = lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)
                 for mode, ms, peak in measure_modes(forward, [q, k, v], device, quick):
                     flops = harness.attention_flops(batch, heads, seq_len, head_dim, True, mode)

@@ -210,6 +210,8 @@ def bench_train(device: torch.device, hardware: dict[str, Any], quick: bool) -> 
             records.append({**base, "status": "skipped", "note": short_error(exc)})
         finally:
             model = optimizer = runner = step = None
+            if provider.compile:
+                torch._dynamo.reset()  # compiled code holds the model's parameters alive
             harness.free_memory(device)
     return records
 

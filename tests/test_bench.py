@@ -1,0 +1,360 @@
+"""The benchmark harness and `fastgpt bench`: formulas, ratios, the report writer, the SDPA
+baseline model, and the CPU run end to end (GPU timings are not testable without a GPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import harness, report
+from benchmarks.run import SUITES, parse_only
+from fastgpt import cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# --- formulas --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("fwd", 2 * 1000 * 2), ("bwd", 3 * 1000 * 2), ("fwd+bwd", 5 * 1000 * 2)]
+)
+def test_memory_bound_bytes(mode, expected):
+    assert harness.memory_bound_bytes(mode, numel=1000, element_size=2) == expected
+
+
+def test_formulas_reject_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        harness.memory_bound_bytes("forward", 10, 2)
+    with pytest.raises(ValueError, match="mode"):
+        harness.attention_flops(1, 1, 8, 8, True, "backward")
+
+
+def test_attention_flops_known_numbers():
+    # GPT-2 small, one sequence of 1024: 4·1·12·1024²·64 = 3,221,225,472 FLOPs forward.
+    full = harness.attention_flops(1, 12, 1024, 64, causal=False, mode="fwd")
+    assert full == 4 * 12 * 1024**2 * 64 == 3_221_225_472
+    causal = harness.attention_flops(1, 12, 1024, 64, causal=True, mode="fwd")
+    assert causal == full / 2
+    assert harness.attention_flops(1, 12, 1024, 64, True, "bwd") == 2.5 * causal
+    assert harness.attention_flops(1, 12, 1024, 64, True, "fwd+bwd") == 3.5 * causal
+    assert harness.attention_flops(3, 12, 1024, 64, True, "fwd") == 3 * causal
+
+
+def test_throughput_and_mfu_known_numbers():
+    # 2 GB moved in 1 ms is 2 TB/s; 1e12 FLOPs in 10 ms is 100 TFLOP/s.
+    assert harness.throughput(2e9, 1.0) == pytest.approx(2e12)
+    assert harness.throughput(1e12, 10.0) / 1e12 == pytest.approx(100.0)
+    # 100k tokens/s × 1 GFLOP/token on a 400 TFLOP/s device = 25% MFU.
+    assert harness.mfu(1e5, 1e9, 4e14) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        harness.throughput(1.0, 0.0)
+    with pytest.raises(ValueError):
+        harness.mfu(1.0, 1.0, 0.0)
+
+
+def test_gpt2_small_flops_per_token_matches_6n_plus_attention():
+    from fastgpt.config import GPTConfig
+    from fastgpt.model import count_parameters, flops_per_token
+
+    config = GPTConfig.from_name("gpt2-small")
+    n = count_parameters(config, non_embedding=True)
+    assert flops_per_token(config, 1024) == 6 * n + 12 * 12 * 1024 * 768
+
+
+def test_slug_and_spec_sheet():
+    assert harness.slugify("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert harness.slugify("  ??  ") == "unknown"
+    assert harness.spec_sheet("NVIDIA H100 80GB HBM3")["board"] == "H100 SXM"
+    assert harness.spec_sheet("NVIDIA H100 PCIe")["board"] == "H100 PCIe"
+    assert harness.spec_sheet("NVIDIA GeForce RTX 4090") is None
+    assert harness.results_slug("cpu").startswith("cpu-")
+
+
+def test_cpu_timers_count_calls():
+    calls = []
+    ms = harness.time_steps_ms(lambda: calls.append(1), "cpu", warmup=2, reps=5)
+    assert len(calls) == 7 and ms >= 0
+    calls.clear()
+    ms = harness.time_ms(lambda: calls.append(1), "cpu", warmup_ms=0, rep_ms=0, min_reps=4)
+    assert len(calls) == 1 + 4 and ms >= 0  # one first call, then min_reps timed calls
+    assert harness.peak_memory_mb(lambda: None, "cpu") is None
+
+
+# --- ratios and tables -----------------------------------------------------------------------
+
+
+def _rec(provider, role, ms, case=None, status="ok", suite="layernorm"):
+    case = case or {"op": "layernorm", "dtype": "bf16", "rows": 4096, "width": 768, "mode": "fwd"}
+    r = {"suite": suite, "case": dict(case), "provider": provider, "role": role, "status": status}
+    r.update(note=None if status == "ok" else "out of memory", ms=ms if status == "ok" else None)
+    if status == "ok":
+        r.update(gbps=1000.0 / ms, pct_copy_bw=50.0, peak_mem_mb=12.0)
+    return r
+
+
+def test_ratio_is_best_baseline_time_over_own_time():
+    other_case = {"op": "layernorm", "dtype": "bf16", "rows": 4096, "width": 768, "mode": "bwd"}
+    records = [
+        _rec("fastgpt", "ours", 1.0),
+        _rec("torch eager", "baseline", 3.0),
+        _rec("torch.compile", "baseline", 2.0),
+        _rec("broken", "baseline", None, status="skipped"),
+        _rec("fastgpt", "ours", 4.0, case=other_case),  # no baseline in this case
+        _rec("torch eager", "baseline", 0.5, case=other_case, status="skipped"),
+    ]
+    report.add_ratios(records)
+    ours, eager, compiled, broken, lonely, skipped = records
+    assert ours["vs_best_baseline"] == pytest.approx(2.0)  # 2 ms best baseline / 1 ms
+    assert ours["best_baseline"] == "torch.compile"
+    assert compiled["vs_best_baseline"] == pytest.approx(1.0)
+    assert eager["vs_best_baseline"] == pytest.approx(2.0 / 3.0)
+    assert broken["vs_best_baseline"] is None
+    assert lonely["vs_best_baseline"] is None and lonely["best_baseline"] is None
+    assert skipped["vs_best_baseline"] is None
+    head = report.headline(records)
+    assert head == {"cases": 1, "geomean": pytest.approx(2.0), "min": 2.0, "max": 2.0}
+
+
+def test_geometric_mean():
+    assert report.geometric_mean([2.0, 8.0]) == pytest.approx(4.0)
+    assert report.geometric_mean([None, 0.0]) is None
+
+
+def test_markdown_table_has_ratio_column_and_skips():
+    records = report.add_ratios(
+        [
+            _rec("fastgpt", "ours", 1.0),
+            _rec("torch eager", "baseline", 2.0),
+            _rec("SDPA cuDNN", "baseline", None, status="skipped"),
+        ]
+    )
+    table = report.markdown_table("layernorm", records)
+    header = table.splitlines()[0]
+    columns = ("op", "width", "mode", "provider", "ms", "GB/s", "% copy BW", "vs best baseline")
+    for column in columns:
+        assert column in header
+    assert "2.00×" in table and "1.00×" in table
+    assert "fastgpt **(ours)**" in table
+    assert "skipped: out of memory" in table
+    # every row has as many cells as the header
+    widths = {line.count("|") for line in table.strip().splitlines()}
+    assert len(widths) == 1
+
+
+# --- the report writer on synthetic records ---------------------------------------------------
+
+ENV = {
+    "device_name": "Test GPU",
+    "gpu_name": "Test GPU",
+    "torch_version": "2.x",
+    "triton_version": "3.x",
+    "cuda_version": "12.x",
+    "python_version": "3.x",
+    "git_commit": "abc123",
+    "date_utc": "2026-01-01T00:00:00Z",
+}
+HARDWARE = {
+    "copy_bandwidth_gbps": 3000.0,
+    "matmul_tflops": 700.0,
+    "matmul_dtype": "bf16",
+    "matmul_shape": [8192] * 3,
+}
+
+
+def _synthetic_suites():
+    kernels = []
+    for width in (768, 1024, 4096):
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            case = {"op": "gelu", "dtype": "bf16", "rows": 4096, "width": width, "mode": mode}
+            kernels += [
+                _rec("fastgpt", "ours", 1.0, case, suite="gelu"),
+                _rec("torch eager", "baseline", 1.5, case, suite="gelu"),
+            ]
+    attention = []
+    for t in (512, 1024):
+        case = {"dtype": "bf16", "batch": 2, "heads": 12, "head_dim": 64, "seq_len": t}
+        for mode in ("fwd", "bwd"):
+            for provider, role, ms in [("fastgpt", "ours", 1.0), ("SDPA flash", "baseline", 1.1)]:
+                attention.append(
+                    {
+                        "suite": "attention",
+                        "case": {**case, "mode": mode},
+                        "provider": provider,
+                        "role": role,
+                        "status": "ok",
+                        "note": None,
+                        "ms": ms,
+                        "tflops": 300.0 / ms,
+                        "pct_matmul": 40.0,
+                        "peak_mem_mb": 100.0,
+                    }
+                )
+    train = []
+    for provider, role, ms in [("fastgpt", "ours", 100.0), ("torch compile", "baseline", 120.0)]:
+        train.append(
+            {
+                "suite": "train",
+                "case": {"model": "gpt2-small", "batch": 8, "seq_len": 1024},
+                "provider": provider,
+                "role": role,
+                "status": "ok",
+                "note": None,
+                "ms": ms,
+                "tokens_per_s": 8192 / (ms / 1e3),
+                "mfu_pct": 40.0,
+                "peak_mem_mb": 9000.0,
+            }
+        )
+    return {"gelu": kernels, "attention": attention, "train": train}
+
+
+def test_report_writer_on_synthetic_records(tmp_path):
+    for suite, records in _synthetic_suites().items():
+        report.add_ratios(records)
+        report.write_suite_json(tmp_path, suite, records, ENV, HARDWARE, notes=[f"{suite} note"])
+    written = report.write_all(tmp_path)
+    assert set(written) == {"gelu.png", "attention.png", "train.png", "summary.md"}
+    for name in ("gelu.png", "attention.png", "train.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+    summary = (tmp_path / "summary.md").read_text()
+    assert "# fastgpt bench: Test GPU" in summary
+    assert "abc123" in summary and "2026-01-01T00:00:00Z" in summary
+    assert "vs best baseline" in summary
+    assert "1.50×" in summary  # gelu ours vs eager
+    assert "![gelu](gelu.png)" in summary and "gelu note" in summary
+    # suites appear in the fixed order, and the JSON round-trips with its headline
+    assert summary.index("## gelu") < summary.index("## attention") < summary.index("## train")
+    payload = json.loads((tmp_path / "train.json").read_text())
+    assert payload["env"] == ENV and payload["hardware"] == HARDWARE
+    assert payload["headline"]["geomean"] == pytest.approx(1.2)
+
+
+def test_summary_merges_suites_written_by_separate_runs(tmp_path):
+    suites = _synthetic_suites()
+    report.write_suite_json(tmp_path, "train", report.add_ratios(suites["train"]), ENV, HARDWARE)
+    later = {**ENV, "date_utc": "2026-02-02T00:00:00Z", "git_commit": "def456"}
+    report.write_suite_json(tmp_path, "gelu", report.add_ratios(suites["gelu"]), later, HARDWARE)
+    summary = report.write_summary(tmp_path).read_text()
+    assert "abc123" in summary and "def456" in summary
+    assert "## train" in summary and "## gelu" in summary
+
+
+# --- the PyTorch baseline model computes the same function ---------------------------------
+
+
+def test_pytorch_fast_baseline_matches_torch_backend():
+    from benchmarks.pytorch_baseline import to_pytorch_fast
+    from fastgpt.config import GPTConfig
+    from fastgpt.model import GPTModel
+
+    config = GPTConfig.from_name("tiny", vocab_size=97)
+    torch.manual_seed(0)
+    book = GPTModel(config, backend="torch").eval()
+    fast = GPTModel(config, backend="torch").eval()
+    fast.load_state_dict(book.state_dict())
+    to_pytorch_fast(fast)
+    assert set(fast.state_dict()) == set(book.state_dict())  # same parameters, same names
+    ids = torch.randint(0, config.vocab_size, (2, 23))
+    with torch.no_grad():
+        expected = book(ids)  # (2, 23, V)
+        torch.testing.assert_close(fast(ids), expected, rtol=1e-5, atol=1e-5)
+        # Continuing a KV cache with several tokens needs the bottom-right causal mask.
+        cache = fast.new_kv_cache()
+        fast(ids[:, :9], kv_cache=cache)
+        cont = fast(ids[:, 9:], kv_cache=cache)  # (2, 14, V)
+        torch.testing.assert_close(cont, expected[:, 9:], rtol=1e-5, atol=1e-5)
+        step = fast(ids[:, :1], kv_cache=fast.new_kv_cache())
+        torch.testing.assert_close(step, expected[:, :1], rtol=1e-5, atol=1e-5)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def test_parse_only():
+    assert parse_only(None) == list(SUITES)
+    assert parse_only("train, attention") == ["attention", "train"]  # suite order
+    assert parse_only("GELU") == ["gelu"]
+    with pytest.raises(ValueError, match=r"'bogus'.*layernorm"):
+        parse_only("gelu,bogus")
+
+
+@pytest.mark.parametrize("only", ["bogus", "layernorm,", "attention,flash"])
+def test_bench_rejects_unknown_suite(only, capsys, tmp_path):
+    if only == "layernorm,":  # a trailing comma is harmless
+        assert parse_only(only) == ["layernorm"]
+        return
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--only", only, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "unknown suite" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_bench_cpu_quick_end_to_end(tmp_path, capsys):
+    """`fastgpt bench --quick --device cpu --out DIR`: every suite on CPU, in seconds."""
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Triton kernels are NOT timed on CPU" in out
+    assert "vs best baseline" in out
+
+    for suite in SUITES:
+        payload = json.loads((tmp_path / f"{suite}.json").read_text())
+        env = payload["env"]
+        for field in ("device_name", "torch_version", "triton_version", "git_commit", "date_utc"):
+            assert env[field], field
+        assert "gpu_name" in env and env["device_type"] == "cpu"
+        hw = payload["hardware"]
+        assert hw["copy_bandwidth_gbps"] > 0 and hw["matmul_tflops"] > 0
+        records = payload["records"]
+        assert records and all(r["status"] == "ok" for r in records), records
+        assert all(not r["provider"].startswith("fastgpt") or r["role"] == "ours" for r in records)
+        assert {r["role"] for r in records} == {"ours", "baseline"}
+        for r in records:
+            assert r["ms"] > 0 and math.isfinite(r["ms"])
+            assert r["vs_best_baseline"] > 0
+            # never a Triton provider on CPU
+            assert r["provider"] in {
+                "fastgpt torch backend",
+                "torch eager",
+                "torch SDPA (default)",
+                "book attention",
+                "torch SDPA + fused AdamW",
+                "torch SDPA",
+            }
+        assert (tmp_path / f"{suite}.png").read_bytes()[:8] == PNG_MAGIC
+
+    kernels = json.loads((tmp_path / "layernorm.json").read_text())["records"]
+    assert all(r["gbps"] > 0 and r["pct_copy_bw"] > 0 for r in kernels)
+    assert {r["case"]["mode"] for r in kernels} == {"fwd", "bwd", "fwd+bwd"}
+    train = json.loads((tmp_path / "train.json").read_text())["records"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu_pct"] < 100 for r in train)
+    generate = json.loads((tmp_path / "generate.json").read_text())["records"]
+    assert {(r["case"]["batch"], r["case"]["kv_cache"]) for r in generate} == {
+        (1, True),
+        (1, False),
+        (16, True),
+        (16, False),
+    }
+    summary = (tmp_path / "summary.md").read_text()
+    assert "vs best baseline" in summary and "| layernorm |" in summary
+    assert "No CUDA GPU" in summary or "as requested" in summary
+
+
+def test_bench_only_one_suite(tmp_path, capsys):
+    argv = ["bench", "--quick", "--device", "cpu", "--only", "gelu", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["gelu.json", "gelu.png", "summary.md"]
+    ops = {r["case"]["op"] for r in json.loads((tmp_path / "gelu.json").read_text())["records"]}
+    assert ops == {"gelu", "bias_gelu"}
+
+
+def test_bench_rejects_cuda_without_gpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    assert cli.main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
