@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,21 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+
+
+@dataclass
+class RunOptions:
+    """What a suite runs: `quick` picks the small grids; `dtypes` (e.g. ("bf16",)) narrows the
+    kernel benchmarks' dtypes (None: the grid's own); `checkpoint(records)` is called after
+    every case with all records so far, so a run cut short still leaves its results."""
+
+    quick: bool = False
+    dtypes: tuple[str, ...] | None = None
+    checkpoint: Callable[[list[dict[str, Any]]], None] | None = None
+
+    def save(self, records: list[dict[str, Any]]) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint(records)
 
 
 # --- formulas ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ fp32 against PyTorch's own CPU ops.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,6 +40,16 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 # --- grids ---------------------------------------------------------------------------------
+
+
+def _only_dtypes(grid: dict[str, Any], dtypes: tuple[str, ...] | None) -> dict[str, Any]:
+    """The grid with its dtypes narrowed to `dtypes` (unknown names raise ValueError)."""
+    if dtypes is None:
+        return grid
+    unknown = [d for d in dtypes if d not in harness.DTYPES]
+    if unknown:
+        raise ValueError(f"unknown dtype {unknown}; choose from {', '.join(harness.DTYPES)}")
+    return {**grid, "dtypes": list(dtypes)}
 
 
 def rowwise_grid(device: torch.device, quick: bool) -> dict[str, list]:
@@ -230,16 +241,33 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def no_donated_buffers() -> contextlib.AbstractContextManager:
+    """Compile without AOTAutograd's donated buffers while it is entered.
+
+    A compiled backward that reuses ("donates") the memory of saved activations refuses to run
+    under retain_graph=True, which timing backward alone needs. Turning donation off costs the
+    compiled baseline at most that reuse in peak memory, not time. Entered around the whole
+    measurement of a compiled provider (not per call, which would add Python overhead)."""
+    try:
+        import torch._functorch.config as functorch_config
+    except ImportError:  # a torch without AOTAutograd's config: nothing to turn off
+        return contextlib.nullcontext()
+    if not hasattr(functorch_config, "donated_buffer"):
+        return contextlib.nullcontext()
+    return functorch_config.patch(donated_buffer=False)
+
+
 def bench_rowwise(
     suite: str,
     ops: tuple[str, ...],
     device: torch.device,
     hardware: dict[str, Any],
-    quick: bool,
+    options: harness.RunOptions,
 ) -> list[dict[str, Any]]:
     """LayerNorm (suite "layernorm", ops ("layernorm",)) or GELU (suite "gelu", ops
     ("gelu", "bias_gelu")) over the grid of `rowwise_grid`."""
-    grid = rowwise_grid(device, quick)
+    quick = options.quick
+    grid = _only_dtypes(rowwise_grid(device, quick), options.dtypes)
     cases = [
         (op, dtype, rows, width)
         for op in ops
@@ -259,9 +287,12 @@ def bench_rowwise(
         for t in leaves:
             t.requires_grad_(True)
         for provider, role, fn in _rowwise_providers(op, device):
+            stack = contextlib.ExitStack()
             base_case = {"op": op, "dtype": dtype_name, "rows": rows, "width": width}
+            compiled = isinstance(fn, tuple)  # ("compile", eager fn)
             try:
-                if isinstance(fn, tuple):  # ("compile", eager fn)
+                if compiled:
+                    stack.enter_context(no_donated_buffers())
                     fn = _compiled(fn[1])
                 forward = lambda fn=fn, x=x, w=w, b=b: fn(x, w, b)
                 for mode, ms, peak in measure_modes(forward, leaves, device, quick):
@@ -285,19 +316,25 @@ def bench_rowwise(
             except Exception as exc:  # a provider that cannot run this case is reported
                 records += skipped_modes(suite, base_case, provider, role, exc, records)
             finally:
+                stack.close()
                 for t in leaves:
                     t.grad = None
         del x, w, b, leaves
         harness.free_memory(device)
+        options.save(records)
     return records
 
 
-def bench_layernorm(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
-    return bench_rowwise("layernorm", ("layernorm",), device, hardware, quick)
+def bench_layernorm(
+    device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
+) -> list[dict]:
+    return bench_rowwise("layernorm", ("layernorm",), device, hardware, options)
 
 
-def bench_gelu(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
-    return bench_rowwise("gelu", ("gelu", "bias_gelu"), device, hardware, quick)
+def bench_gelu(
+    device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
+) -> list[dict]:
+    return bench_rowwise("gelu", ("gelu", "bias_gelu"), device, hardware, options)
 
 
 # --- attention -----------------------------------------------------------------------------
@@ -356,9 +393,12 @@ def _attention_providers(device: torch.device) -> list[tuple[str, str, Callable]
     ]
 
 
-def bench_attention(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
+def bench_attention(
+    device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
+) -> list[dict]:
     """Causal attention over `attention_grid`: q, k, v contiguous (B, H, T, D)."""
-    grid = attention_grid(device, quick)
+    quick = options.quick
+    grid = _only_dtypes(attention_grid(device, quick), options.dtypes)
     cases = [
         (dtype, heads, head_dim, seq_len)
         for dtype in grid["dtypes"]
@@ -429,4 +469,5 @@ def bench_attention(device: torch.device, hardware: dict[str, Any], quick: bool)
                 harness.free_memory(device)
         del q, k, v
         harness.free_memory(device)
+        options.save(records)
     return records

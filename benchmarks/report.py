@@ -175,20 +175,25 @@ def write_suite_json(
     env: dict[str, Any],
     hardware: dict[str, Any],
     notes: list[str] | None = None,
+    partial: bool = False,
 ) -> Path:
-    """Write `<out_dir>/<suite>.json` (environment, hardware limits, records) and return it."""
+    """Write `<out_dir>/<suite>.json` (environment, hardware limits, records) and return it.
+    `partial` marks a suite still running (or cut short)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{suite}.json"
     payload = {
         "suite": suite,
+        "partial": partial,
         "env": env,
         "hardware": hardware,
         "notes": notes or [],
         "headline": headline(records),
         "records": records,
     }
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp = path.with_suffix(".json.tmp")  # never leave a half-written file behind
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(path)
     return path
 
 
@@ -251,6 +256,8 @@ def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
         )
     for suite, payload in results.items():
         out += ["", f"## {suite}", ""]
+        if payload.get("partial"):
+            out += ["**Partial results: this suite did not finish.**", ""]
         for note in payload.get("notes", []):
             out.append(f"- {note}")
         if payload.get("notes"):

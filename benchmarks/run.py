@@ -34,7 +34,10 @@ def cpu_notice() -> str:
     return f"No CUDA GPU found: benchmarking on CPU. {CPU_NOTICE}"
 
 
-def suite_functions() -> dict[str, Callable[[torch.device, dict[str, Any], bool], list[dict]]]:
+SuiteFunction = Callable[[torch.device, dict[str, Any], harness.RunOptions], list[dict]]
+
+
+def suite_functions() -> dict[str, SuiteFunction]:
     from benchmarks import kernels_bench, train_bench
 
     return {
@@ -75,6 +78,12 @@ def suite_notes(suite: str, device: torch.device, quick: bool) -> list[str]:
             "On CPU small tensors stay in cache, so GB/s can exceed the measured (DRAM) copy "
             "bandwidth."
         )
+    if suite in ("layernorm", "gelu") and device.type == "cuda":
+        notes.append(
+            "torch.compile is compiled afresh for every shape and dtype (dynamic=False), with "
+            "AOTAutograd's donated buffers off so that backward can be timed alone "
+            "(retain_graph=True); that can cost it a little peak memory, not time."
+        )
     if suite in ("layernorm", "gelu"):
         notes.append(
             "GB/s counts the bytes the op must move: forward reads x and writes y (2 tensors), "
@@ -99,15 +108,33 @@ def suite_notes(suite: str, device: torch.device, quick: bool) -> list[str]:
     return notes
 
 
+def parse_dtypes(value: str | None) -> tuple[str, ...] | None:
+    """Parse --dtypes: "bf16,fp16" -> ("bf16", "fp16"); None or "" -> None (the grids' own).
+    Raises ValueError naming the unknown dtype."""
+    if not value:
+        return None
+    names = tuple(v.strip().lower() for v in value.split(",") if v.strip())
+    unknown = [n for n in names if n not in harness.DTYPES]
+    if unknown or not names:
+        bad = ", ".join(repr(n) for n in unknown) or repr(value)
+        raise ValueError(f"unknown dtype {bad}; choose from {', '.join(harness.DTYPES)}")
+    return names
+
+
 def run_benchmarks(
     only: list[str] | None = None,
     quick: bool = False,
     out_dir: str | Path | None = None,
     device: str | torch.device | None = None,
+    dtypes: tuple[str, ...] | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Run the chosen suites on `device` (default: CUDA if available, else CPU); return the
-    written files by name ("<suite>.json", "<suite>.png", "summary.md")."""
+    written files by name ("<suite>.json", "<suite>.png", "summary.md").
+
+    `dtypes` narrows the kernel suites' dtypes (e.g. ("bf16",)). Each suite's JSON is rewritten
+    after every case (marked "partial": true until the suite ends), so a run stopped by a time
+    limit keeps what it measured."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     suites = list(SUITES) if only is None else [s for s in SUITES if s in only]
     out = Path(out_dir) if out_dir is not None else default_out_dir(device)
@@ -129,8 +156,14 @@ def run_benchmarks(
     written: dict[str, Path] = {}
     for suite in suites:
         print_fn(f"\n== {suite} ==")
-        records = report.add_ratios(functions[suite](device, hardware, quick))
         notes = suite_notes(suite, device, quick)
+
+        def checkpoint(records, suite=suite, notes=notes):
+            records = report.add_ratios([dict(r) for r in records])
+            report.write_suite_json(out, suite, records, env, hardware, notes, partial=True)
+
+        options = harness.RunOptions(quick=quick, dtypes=dtypes, checkpoint=checkpoint)
+        records = report.add_ratios(functions[suite](device, hardware, options))
         written[f"{suite}.json"] = report.write_suite_json(
             out, suite, records, env, hardware, notes
         )

@@ -167,7 +167,10 @@ def make_train_step(
     return step
 
 
-def bench_train(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
+def bench_train(
+    device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
+) -> list[dict]:
+    quick = options.quick
     grid = train_grid(device, quick)
     peak_flops = hardware["matmul_tflops"] * 1e12
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
@@ -213,15 +216,19 @@ def bench_train(device: torch.device, hardware: dict[str, Any], quick: bool) -> 
             if provider.compile:
                 torch._dynamo.reset()  # compiled code holds the model's parameters alive
             harness.free_memory(device)
+            options.save(records)
     return records
 
 
 # --- generation ------------------------------------------------------------------------------
 
 
-def bench_generate(device: torch.device, hardware: dict[str, Any], quick: bool) -> list[dict]:
+def bench_generate(
+    device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
+) -> list[dict]:
     from fastgpt.generate import generate
 
+    quick = options.quick
     grid = generate_grid(device, quick)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype_name = "bf16" if device.type == "cuda" else "fp32"
@@ -281,4 +288,5 @@ def bench_generate(device: torch.device, hardware: dict[str, Any], quick: bool) 
                     records.append({**base, "status": "skipped", "note": short_error(exc)})
         model = None
         harness.free_memory(device)
+        options.save(records)
     return records

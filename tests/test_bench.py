@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks import harness, report
-from benchmarks.run import SUITES, parse_only
+from benchmarks.run import SUITES, parse_dtypes, parse_only
 from fastgpt import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -281,6 +281,40 @@ def test_parse_only():
         parse_only("gelu,bogus")
 
 
+def test_parse_dtypes(tmp_path, capsys):
+    assert parse_dtypes(None) is None
+    assert parse_dtypes("BF16, fp16") == ("bf16", "fp16")
+    with pytest.raises(ValueError, match=r"'fp64'"):
+        parse_dtypes("bf16,fp64")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--dtypes", "fp64", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "unknown dtype" in capsys.readouterr().err
+
+
+def test_suite_narrows_dtypes_and_checkpoints_after_each_case():
+    from benchmarks.kernels_bench import bench_gelu
+
+    hardware = {"copy_bandwidth_gbps": 10.0, "matmul_tflops": 0.1}
+    saved: list[int] = []
+    options = harness.RunOptions(
+        quick=True, dtypes=("bf16",), checkpoint=lambda records: saved.append(len(records))
+    )
+    records = bench_gelu(torch.device("cpu"), hardware, options)
+    assert {r["case"]["dtype"] for r in records} == {"bf16"}
+    # one checkpoint per case (gelu, bias_gelu), each holding every record so far
+    assert len(saved) == 2 and saved[0] < saved[1] == len(records)
+    for r in records:  # % of the hardware numbers passed in
+        assert r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / 10.0)
+
+
+def test_partial_suite_is_marked_in_the_summary(tmp_path):
+    records = report.add_ratios(_synthetic_suites()["train"])
+    report.write_suite_json(tmp_path, "train", records, ENV, HARDWARE, partial=True)
+    assert json.loads((tmp_path / "train.json").read_text())["partial"] is True
+    assert "Partial results" in report.write_summary(tmp_path).read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 @pytest.mark.parametrize("only", ["bogus", "layernorm,", "attention,flash"])
 def test_bench_rejects_unknown_suite(only, capsys, tmp_path):
     if only == "layernorm,":  # a trailing comma is harmless
@@ -303,6 +337,7 @@ def test_bench_cpu_quick_end_to_end(tmp_path, capsys):
 
     for suite in SUITES:
         payload = json.loads((tmp_path / f"{suite}.json").read_text())
+        assert payload["partial"] is False
         env = payload["env"]
         for field in ("device_name", "torch_version", "triton_version", "git_commit", "date_utc"):
             assert env[field], field

@@ -29,6 +29,16 @@ def suites_arg(value: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def dtypes_arg(value: str) -> tuple[str, ...] | None:
+    """argparse type of --dtypes: a comma-separated list of bf16, fp16, fp32."""
+    from benchmarks.run import parse_dtypes
+
+    try:
+        return parse_dtypes(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
@@ -43,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DIR",
         help="results folder (default: benchmarks/results/<gpu-name>/, or cpu-<cpu-name>/)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=dtypes_arg,
+        default=None,
+        metavar="DTYPE[,DTYPE...]",
+        help="kernel benchmarks only in these dtypes: bf16, fp16, fp32 "
+        "(default: bf16,fp16 on GPU; fp32 on CPU)",
     )
     parser.add_argument(
         "--device",
@@ -69,5 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if device.type not in ("cuda", "cpu"):
             print(f"fastgpt bench: unsupported device {args.device!r}", file=sys.stderr)
             return 2
-    run_benchmarks(only=args.only, quick=args.quick, out_dir=args.out, device=device)
+    run_benchmarks(
+        only=args.only, quick=args.quick, out_dir=args.out, device=device, dtypes=args.dtypes
+    )
     return 0
