@@ -319,6 +319,10 @@ def plot_suite(suite: str, payload: dict[str, Any], out_dir: Path) -> Path | Non
     device = payload["env"].get("device_name", "")
     if suite in ("layernorm", "gelu", "attention"):
         if suite == "attention":
+            # One dtype (bf16 when present): rows of panels are head shapes, columns modes.
+            dtypes = sorted({r["case"]["dtype"] for r in records})
+            shown = "bf16" if "bf16" in dtypes else dtypes[0]
+            records = [r for r in records if r["case"]["dtype"] == shown]
             x_key, y_key, x_label, y_label = "seq_len", "tflops", "sequence length", "TFLOP/s"
             limit, limit_label = hw.get("matmul_tflops"), "measured matmul"
             panel_keys = ("dtype", "heads", "head_dim", "mode")
@@ -362,7 +366,7 @@ def plot_suite(suite: str, payload: dict[str, Any], out_dir: Path) -> Path | Non
         ax.legend(fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"fastgpt bench: {suite} on {device}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # leave the top strip to the title
     path = Path(out_dir) / f"{suite}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
