@@ -179,7 +179,13 @@ def bench_train(
     records: list[dict[str, Any]] = []
     for (preset, batch, seq_len, overrides), provider in tqdm(runs, desc="train", leave=False):
         config = GPTConfig.from_name(preset, **overrides)
-        case = {"model": preset, "batch": batch, "seq_len": seq_len, "precision": precision}
+        case = {
+            "model": preset,
+            "batch": batch,
+            "seq_len": seq_len,
+            "precision": precision,
+            "dropout": config.drop_rate,
+        }
         base = {"suite": "train", "case": case, "provider": provider.name, "role": provider.role}
         try:
             model = build_model(config, provider, device)
