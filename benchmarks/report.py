@@ -214,6 +214,62 @@ def _hardware_line(hw: dict[str, Any]) -> str:
     )
 
 
+# The unit shown for each suite in the headline table: (header, record key, format).
+_HEADLINE_UNIT = {
+    "layernorm": ("GB/s", "gbps", "{:.0f}"),
+    "gelu": ("GB/s", "gbps", "{:.0f}"),
+    "attention": ("TFLOP/s", "tflops", "{:.1f}"),
+    "train": ("tokens/s", "tokens_per_s", "{:,.0f}"),
+    "generate": ("tokens/s", "tokens_per_s", "{:,.1f}"),
+}
+
+
+def _headline_records(suite: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cases a reader looks at first: for kernels forward+backward in bf16 (else the first
+    dtype), at the largest row count for LayerNorm/GELU; every case for train and generate."""
+    ours = [r for r in records if r.get("role") == "ours" and r.get("status") == "ok"]
+    if suite not in ("layernorm", "gelu", "attention") or not ours:
+        return ours
+    ours = [r for r in ours if r["case"].get("mode") == "fwd+bwd"]
+    dtypes = [r["case"]["dtype"] for r in ours]
+    if not dtypes:
+        return []
+    shown = "bf16" if "bf16" in dtypes else dtypes[0]
+    ours = [r for r in ours if r["case"]["dtype"] == shown]
+    if suite != "attention":
+        biggest = max(r["case"]["rows"] for r in ours)
+        ours = [r for r in ours if r["case"]["rows"] == biggest]
+    return ours
+
+
+def headline_table(results: dict[str, dict[str, Any]]) -> str:
+    """One markdown table of our key cases against the best baseline of each, for the README:
+    suite | case | ours | best baseline | its number | vs best baseline."""
+    lines = [
+        "| suite | case | ours | best baseline | baseline | vs best baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for suite, payload in results.items():
+        records = payload["records"]
+        by_case = defaultdict(list)
+        for r in records:
+            by_case[case_key(r)].append(r)
+        header, key, fmt = _HEADLINE_UNIT.get(suite, ("ms", "ms", "{:.3f}"))
+        for r in _headline_records(suite, records):
+            best = next(
+                (b for b in by_case[case_key(r)] if b["provider"] == r.get("best_baseline")), None
+            )
+            case = ", ".join(f"{k}={v}" for k, v in r["case"].items())
+            ours = f"{r['provider']}: {_fmt(r.get(key), fmt)} {header}"
+            theirs = "–" if best is None else f"{_fmt(best.get(key), fmt)} {header}"
+            ratio = r.get("vs_best_baseline")
+            lines.append(
+                f"| {suite} | {case} | {ours} | {r.get('best_baseline') or '–'} | {theirs} | "
+                f"{'–' if ratio is None else f'{ratio:.2f}×'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
     """The whole summary: environment, measured limits, headline ratios, every table."""
     if not results:
@@ -254,6 +310,7 @@ def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
             f"| {suite} | {e.get('date_utc')} | {str(e.get('git_commit'))[:12]} | "
             f"{_hardware_line(payload['hardware'])} | {ratio} |"
         )
+    out += ["", "## Headline", "", headline_table(results)]
     for suite, payload in results.items():
         out += ["", f"## {suite}", ""]
         if payload.get("partial"):
