@@ -394,6 +394,16 @@ def test_bench_only_one_suite(tmp_path, capsys):
     assert ops == {"gelu", "bias_gelu"}
 
 
+def test_bench_report_only_rebuilds_summary(tmp_path, capsys):
+    assert cli.main(["bench", "--report-only", "--out", str(tmp_path)]) == 2  # no JSON there
+    assert "--report-only needs" in capsys.readouterr().err
+    records = report.add_ratios(_synthetic_suites()["train"])
+    report.write_suite_json(tmp_path, "train", records, ENV, HARDWARE)
+    assert cli.main(["bench", "--report-only", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md", "train.json", "train.png"]
+    assert "## train" in (tmp_path / "summary.md").read_text()
+
+
 def test_bench_rejects_cuda_without_gpu(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present")

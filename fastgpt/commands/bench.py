@@ -4,6 +4,7 @@ fastgpt bench                          # everything (on a GPU: run suites separa
 fastgpt bench --quick                  # a few shapes of each suite
 fastgpt bench --only attention         # one suite; also "layernorm,gelu"
 fastgpt bench --out my-results/        # default: benchmarks/results/<gpu-name>/
+fastgpt bench --report-only --out DIR  # rebuild summary.md and plots from DIR/*.json
 
 Tables go to stdout; `<suite>.json`, `<suite>.png` and `summary.md` to the results folder
 (suites run separately are merged into one summary.md). Every number is timed in the same run
@@ -67,12 +68,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cuda, cuda:1, cpu (default: cuda if available, else cpu)",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: rebuild summary.md and the plots from the JSON files in --out "
+        "(e.g. after suites ran separately or a run was cut short)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.run import run_benchmarks
+
+    if args.report_only:
+        from pathlib import Path
+
+        from benchmarks.report import load_results, write_all
+
+        if args.out is None or not load_results(Path(args.out)):
+            print(
+                "fastgpt bench: --report-only needs --out DIR holding <suite>.json files",
+                file=sys.stderr,
+            )
+            return 2
+        written = write_all(Path(args.out))
+        print(f"rebuilt {', '.join(sorted(p.name for p in written.values()))} in {args.out}")
+        return 0
 
     device = args.device
     if device is not None:
