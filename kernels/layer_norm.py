@@ -1,29 +1,404 @@
-"""LayerNorm over the last dimension. (STUB: the Triton kernel is being written.)"""
+"""LayerNorm over the last dimension: Triton forward and backward, and its PyTorch reference.
+
+    y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias        per row of the last dimension
+
+`layer_norm(x, weight, bias, eps)` takes x of any leading shape (..., N), weight and bias (N,).
+Statistics are fp32 with the biased variance (as `torch.nn.LayerNorm` and the book); x may be
+fp32, fp16 or bf16 and y has x's dtype. dweight/dbias are reduced in a fixed order, so the same
+inputs give bitwise identical gradients.
+
+Where it runs (see `kernels/_dispatch.py`): CUDA tensors run the Triton kernels; CPU tensors
+run them through Triton's interpreter when TRITON_INTERPRET=1, and otherwise fall back to
+`layer_norm_reference` (plain PyTorch, same math). The kernels are registered as the
+`torch.library` ops `fastgpt::layer_norm_forward` / `fastgpt::layer_norm_backward` with an
+autograd formula, so a model calling `layer_norm` compiles with `torch.compile(fullgraph=True)`.
+
+Layout: x is viewed as (M, N) rows with `reshape` (a view when the strides allow it, else a
+copy); the kernels only need the last dimension contiguous (a row stride is passed), so a
+sliced or row-strided x is read in place and a transposed one is copied once.
+"""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 from torch import nn
+
+from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+
+# Widest row handled as one tile (elements); wider rows loop over column chunks of this size.
+# Module-level so tests can shrink it to exercise the looping path cheaply.
+MAX_BLOCK_N = 16384
 
 
 def layer_norm_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
-    """The book's LayerNorm in plain PyTorch: statistics in fp32, biased variance."""
-    xf = x.float()
+    """The book's LayerNorm in plain PyTorch: statistics in fp32 (fp64 stays fp64), biased
+    variance. x: (..., N), weight/bias: (N,) -> (..., N) in x's dtype."""
+    xf = x.double() if x.dtype == torch.float64 else x.float()
     mean = xf.mean(dim=-1, keepdim=True)
     var = xf.var(dim=-1, keepdim=True, unbiased=False)
-    y = (xf - mean) * torch.rsqrt(var + eps) * weight.float() + bias.float()
+    y = (xf - mean) * torch.rsqrt(var + eps) * weight.to(xf.dtype) + bias.to(xf.dtype)
     return y.to(x.dtype)
+
+
+# --- Triton kernels ----------------------------------------------------------------------
+#
+# Forward, per row of N values (a program handles a tile of BLOCK_M rows × BLOCK_N columns):
+#     mean = Σ x / N,   var = Σ (x - mean)² / N   (two passes over the row: no cancellation
+#     from E[x²] - E[x]²),   rstd = 1 / sqrt(var + eps),   y = (x - mean) · rstd · w + b.
+# mean and rstd (fp32, one per row) are saved for the backward pass.
+#
+# Backward, with x̂ = (x - mean) · rstd and g = w · dy:
+#     dx = rstd · (g - x̂ · mean(g · x̂) - mean(g))        (both means over the row)
+#     dw = Σ_rows dy · x̂,   db = Σ_rows dy
+# Each of P programs walks the row tiles pid, pid + P, pid + 2P, ... in order, accumulates its
+# share of dw/db in fp32 and writes it to row `pid` of a (P, N) buffer; the launcher sums that
+# buffer over dim 0. No atomics anywhere, so the reduction order is fixed: deterministic.
+#
+# When N > MAX_BLOCK_N the row does not fit one tile: the kernels loop over column chunks
+# (SINGLE_TILE=False), reloading x per pass, and the backward adds each chunk's dw/db into its
+# own (P, N) buffer row (read-modify-write by the one program that owns the row).
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    x_ptr,  # (M, N), rows x_row_stride apart, columns contiguous
+    w_ptr,  # (N,)
+    b_ptr,  # (N,)
+    y_ptr,  # (M, N), rows y_row_stride apart
+    mean_ptr,  # (M,) fp32
+    rstd_ptr,  # (M,) fp32
+    x_row_stride,
+    y_row_stride,
+    M,
+    N,
+    eps,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
+    row_mask = rows < M
+    x_rows = x_ptr + rows[:, None] * x_row_stride  # (BLOCK_M, 1) pointers
+    y_rows = y_ptr + rows[:, None] * y_row_stride
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    if SINGLE_TILE:
+        mask = row_mask[:, None] & (cols[None, :] < N)  # (BLOCK_M, BLOCK_N)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N  # (BLOCK_M,)
+        xm = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xm * xm, axis=1) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        y = xm * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(y_rows + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < N)
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            total += tl.sum(x, axis=1)
+        mean = total / N
+        total_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < N)
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            xm = tl.where(mask, x - mean[:, None], 0.0)
+            total_sq += tl.sum(xm * xm, axis=1)
+        rstd = 1.0 / tl.sqrt(total_sq / N + eps)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < N)
+            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c, mask=c < N, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + c, mask=c < N, other=0.0).to(tl.float32)
+            y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+            tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    dy_ptr,  # (M, N), rows dy_row_stride apart, columns contiguous
+    x_ptr,  # (M, N), rows x_row_stride apart, columns contiguous
+    w_ptr,  # (N,)
+    mean_ptr,  # (M,) fp32
+    rstd_ptr,  # (M,) fp32
+    dx_ptr,  # (M, N), rows dx_row_stride apart
+    dw_partial_ptr,  # (P, N) fp32: row p = program p's share of dweight
+    db_partial_ptr,  # (P, N) fp32: row p = program p's share of dbias
+    dy_row_stride,
+    x_row_stride,
+    dx_row_stride,
+    M,
+    N,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_row_tiles = tl.cdiv(M, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    dw_row = dw_partial_ptr + pid.to(tl.int64) * N
+    db_row = db_partial_ptr + pid.to(tl.int64) * N
+    if SINGLE_TILE:
+        col_mask = cols < N
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for tile in range(pid, num_row_tiles, num_programs):
+            rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
+            row_mask = rows < M
+            mask = row_mask[:, None] & col_mask[None, :]  # (BLOCK_M, BLOCK_N)
+            x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(
+                dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0
+            ).to(tl.float32)
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+            g = dy * w[None, :]
+            c1 = tl.sum(xhat * g, axis=1) / N  # (BLOCK_M,)
+            c2 = tl.sum(g, axis=1) / N
+            dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            dx_ptrs = dx_ptr + rows[:, None] * dx_row_stride + cols[None, :]
+            tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dw_acc += dy * xhat
+            db_acc += dy
+        tl.store(dw_row + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        tl.store(db_row + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    else:
+        # The (P, N) buffers arrive zeroed; this program alone reads and writes its row.
+        for tile in range(pid, num_row_tiles, num_programs):
+            rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # (BLOCK_M,)
+            row_mask = rows < M
+            x_rows = x_ptr + rows[:, None] * x_row_stride
+            dy_rows = dy_ptr + rows[:, None] * dy_row_stride
+            mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+            sum_xhat_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+            sum_g = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_mask[:, None] & (c[None, :] < N)
+                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + c, mask=c < N, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                g = dy * w[None, :]
+                sum_xhat_g += tl.sum(xhat * g, axis=1)
+                sum_g += tl.sum(g, axis=1)
+            c1 = sum_xhat_g / N
+            c2 = sum_g / N
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                c_mask = c < N
+                mask = row_mask[:, None] & c_mask[None, :]
+                x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + c, mask=c_mask, other=0.0).to(tl.float32)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+                g = dy * w[None, :]
+                dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                dx_ptrs = dx_ptr + rows[:, None] * dx_row_stride + c[None, :]
+                tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                dw = tl.load(dw_row + c, mask=c_mask, other=0.0) + tl.sum(dy * xhat, axis=0)
+                db = tl.load(db_row + c, mask=c_mask, other=0.0) + tl.sum(dy, axis=0)
+                tl.store(dw_row + c, dw, mask=c_mask)
+                tl.store(db_row + c, db, mask=c_mask)
+                tl.debug_barrier()  # the next visit of these columns must see this store
+
+
+# --- Launchers ---------------------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t (..., n) as (M, n) with contiguous columns: a view when the strides allow it."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(1) == 1 or n == 1 else t2.contiguous()
+
+
+def _tile(m: int, n: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_N, SINGLE_TILE, num_warps) for M rows of width N.
+
+    The whole row in one tile when it fits (BLOCK_N = next power of two ≥ N), with several rows
+    per program for narrow rows. The interpreter runs programs one by one, so there the tiles
+    are made large to have few programs (one config, no autotuning)."""
+    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N)
+    single = block_n >= n
+    target = 65536 if triton_interpreter_enabled() else 4096  # elements per tile
+    block_m = max(1, min(target // block_n, triton.next_power_of_2(m), 64))
+    elements = block_m * block_n
+    num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16
+    return block_m, block_n, single, num_warps
+
+
+def _layer_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., N) -> y (..., N) contiguous in x's dtype, mean and rstd (...,) fp32."""
+    n = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return y, mean, rstd
+    if not use_triton(x.device):  # CPU without the interpreter: the same math in PyTorch
+        xf = x.float()
+        mean.copy_(xf.mean(dim=-1))
+        rstd.copy_(torch.rsqrt(xf.var(dim=-1, unbiased=False) + eps))
+        xhat = (xf - mean[..., None]) * rstd[..., None]
+        y.copy_(xhat * weight.float() + bias.float())
+        return y, mean, rstd
+    x2 = _rows(x, n)  # (M, N)
+    m = x2.shape[0]
+    block_m, block_n, single, num_warps = _tile(m, n)
+    _layer_norm_forward_kernel[(triton.cdiv(m, block_m),)](
+        x2, weight.contiguous(), bias.contiguous(), y, mean, rstd,
+        x2.stride(0), n, m, n, eps,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single, num_warps=num_warps,
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def _num_backward_programs(device: torch.device, num_row_tiles: int) -> int:
+    """How many programs share the rows in the backward pass (= rows of the partial buffers)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(num_row_tiles, 2 * sms))
+    return max(1, min(num_row_tiles, 8))
+
+
+def _layer_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy, x (..., N), weight (N,), mean/rstd (...,) fp32 -> dx (..., N) in x's dtype,
+    dweight and dbias (N,) in weight's dtype."""
+    n = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        zeros = torch.zeros(n, dtype=weight.dtype, device=x.device)
+        return dx, zeros, zeros.clone()
+    if not use_triton(x.device):
+        xf, dyf = x.float(), dy.float()
+        xhat = (xf - mean[..., None]) * rstd[..., None]
+        g = dyf * weight.float()
+        c1 = (xhat * g).mean(dim=-1, keepdim=True)
+        c2 = g.mean(dim=-1, keepdim=True)
+        dx.copy_((g - (xhat * c1 + c2)) * rstd[..., None])
+        dw = (dyf * xhat).reshape(-1, n).sum(0)
+        db = dyf.reshape(-1, n).sum(0)
+        return dx, dw.to(weight.dtype), db.to(weight.dtype)
+    x2, dy2 = _rows(x, n), _rows(dy, n)  # (M, N)
+    m = x2.shape[0]
+    block_m, block_n, single, num_warps = _tile(m, n)
+    programs = _num_backward_programs(x.device, triton.cdiv(m, block_m))
+    alloc = torch.empty if single else torch.zeros  # the looping path accumulates in place
+    dw_partial = alloc((programs, n), dtype=torch.float32, device=x.device)  # (P, N)
+    db_partial = alloc((programs, n), dtype=torch.float32, device=x.device)  # (P, N)
+    _layer_norm_backward_kernel[(programs,)](
+        dy2, x2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), dx,
+        dw_partial, db_partial,
+        dy2.stride(0), x2.stride(0), n, m, n,
+        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single, num_warps=num_warps,
+    )  # fmt: skip
+    # torch's sum over dim 0 of a fixed-shape buffer runs in a fixed order: deterministic.
+    return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+
+
+# --- torch.library ops -------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgpt::layer_norm_forward", mutates_args=())
+def _layer_norm_forward_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_forward(x, weight, bias, eps)
+
+
+@_layer_norm_forward_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.shape[:-1]
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(stats, dtype=torch.float32),
+        x.new_empty(stats, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastgpt::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_backward(dy, x, weight, mean, rstd)
+
+
+@_layer_norm_backward_op.register_fake
+def _(dy, x, weight, mean, rstd):
+    n = x.shape[-1]
+    return x.new_empty(x.shape), weight.new_empty(n), weight.new_empty(n)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_backward_op(dy, x, weight, mean, rstd)
+    return dx, dw, db.to(ctx.bias_dtype), None
+
+
+_layer_norm_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- Public API --------------------------------------------------------------------------
 
 
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
-    return layer_norm_reference(x, weight, bias, eps)
+    """LayerNorm of x over its last dimension. x: (..., N) fp32/fp16/bf16, weight/bias: (N,)
+    -> (..., N) in x's dtype (contiguous), differentiable in x, weight and bias.
+
+    CUDA: Triton kernels. CPU: the same kernels through Triton's interpreter when
+    TRITON_INTERPRET=1, else `layer_norm_reference`. Empty x goes to the reference too.
+    Raises TypeError for non-float tensors, ValueError for mixed devices or weight/bias shapes
+    other than (N,)."""
+    device = check_same_device(x=x, weight=weight, bias=bias)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        check_float(name, t)
+    if x.dim() == 0:
+        raise ValueError("layer_norm: x must have at least one dimension, got a scalar")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (n,):
+            raise ValueError(
+                f"layer_norm: {name} must have shape ({n},) to match x's last dimension "
+                f"(x is {tuple(x.shape)}), got {tuple(t.shape)}"
+            )
+    if x.numel() == 0 or not use_triton(device):
+        return layer_norm_reference(x, weight, bias, eps)
+    y, _, _ = torch.ops.fastgpt.layer_norm_forward(x, weight, bias, float(eps))
+    return y
 
 
 class LayerNorm(nn.Module):
+    """LayerNorm over the last dimension with learned `weight` (ones) and `bias` (zeros), the
+    state-dict keys of GPT-2's layer norms. dim: width N; eps: added to the variance."""
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
