@@ -1,10 +1,49 @@
-"""Flash attention with a fused causal mask. (STUB: the Triton kernel is being written.)"""
+"""Flash attention (FlashAttention-2) in Triton: fused causal mask, forward and backward, dropout.
+
+    out = attention(q, k, v, causal=True)  # q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D)
+
+The T×T score matrix is never materialized: each program holds one tile of queries and streams
+tiles of keys and values through fast memory, keeping a running (online) softmax. What is saved
+for the backward pass is the output and one number per query row, the log-sum-exp of its scores.
+
+Conventions shared by every kernel below
+- Causal alignment is bottom-right: query i sees key j iff j <= i + (Tk - Tq). With Tq == Tk that
+  is the usual lower triangle; with a KV cache (Tq < Tk) the new queries see the whole past. When
+  Tq > Tk the first Tq - Tk rows see no key at all: their output is 0 and their gradients are 0.
+- Scores are kept in base 2: s = (q·kᵀ) · sm_scale · log2(e), so exp(x) becomes exp2(s), one
+  instruction on the GPU. The saved log-sum-exp `lse` is in the same base-2 units.
+- Loop bounds skip every tile that lies wholly above the diagonal; only tiles crossing the
+  diagonal (or the end of the keys) pay for a mask.
+- Dropout on the attention weights draws uniforms from Philox, `tl.rand(seed, offset)` with
+  offset = ((b·H + h)·Tq + i)·Tk + j computed in int64. Triton's `randint` feeds the low and the
+  high 32 bits of an int64 offset into two Philox counter words, so offsets never wrap even when
+  B·H·Tq·Tk passes 2^32; the element (b, h, i, j) is kept iff its uniform >= p. The forward, the
+  backward and `attention_dropout_mask` compute exactly the same offsets, so the backward
+  regenerates the forward's mask instead of storing it.
+- Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); the grid is one flat axis
+  (axis 0 allows 2^31 - 1 programs, axes 1 and 2 only 65535), so B·H > 65535 works.
+
+Where it runs (see `kernels/_dispatch.py`): CUDA tensors run the Triton kernels; CPU tensors run
+them through Triton's interpreter when TRITON_INTERPRET=1, else `attention_reference` (whose
+dropout then comes from PyTorch's generator, not from `seed`).
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+
+SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+
+# --- reference ---------------------------------------------------------------------------
 
 
 def attention_reference(
@@ -15,23 +54,824 @@ def attention_reference(
     sm_scale: float | None = None,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    upcast: bool = True,
 ) -> torch.Tensor:
-    """The book's attention: scores, -inf above the (bottom-right aligned) diagonal, softmax,
-    dropout, weighted sum. q: (B, H, Tq, D), k/v: (B, H, Tk, D) -> (B, H, Tq, D)."""
+    """The book's attention in plain PyTorch: scores, -inf above the (bottom-right aligned)
+    diagonal, softmax, dropout, weighted sum. q: (B, H, Tq, D), k/v: (B, H, Tk, D) -> (B, H, Tq, D).
+
+    upcast: compute in at least fp32 (fp64 inputs stay fp64); False computes in the inputs' own
+    dtype (what "PyTorch in the same dtype" means in the tests' tolerance rule).
+    dropout_mask: a (B, H, Tq, Tk) keep-mask (e.g. `attention_dropout_mask`) applied with scaling
+    1 / (1 - dropout_p); without it dropout_p > 0 draws from PyTorch's generator.
+    A query row that sees no key (Tq > Tk, causal) returns zeros and gets zero gradients."""
     tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    compute_dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+    qc, kc, vc = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    scores = (qc @ kc.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
     if causal:
         i = torch.arange(tq, device=q.device)[:, None]
         j = torch.arange(tk, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + (tk - tq), float("-inf"))
-    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows that see no key -> zeros
+        hidden = j > i + (tk - tq)  # (Tq, Tk)
+        sees_nothing = hidden.all(dim=-1, keepdim=True)  # (Tq, 1): rows before the first key
+        # -inf above the diagonal; an all-hidden row is softmaxed as zeros and then zeroed, so
+        # neither its output nor any gradient becomes nan (softmax of all -inf is 0/0).
+        scores = scores.masked_fill(hidden & ~sees_nothing, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).masked_fill(sees_nothing, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
     if dropout_mask is not None:
         weights = weights * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         weights = torch.nn.functional.dropout(weights, dropout_p)
-    return (weights @ v.float()).to(q.dtype)
+    return (weights @ vc).to(q.dtype)  # (B, H, Tq, D)
 
 
-def attention(q, k, v, causal=True, sm_scale=None, dropout_p=0.0, seed=None):
-    return attention_reference(q, k, v, causal, sm_scale, dropout_p)
+# --- forward -----------------------------------------------------------------------------
+#
+# FlashAttention-2 forward, one program per (batch·head, tile of BLOCK_M query rows).
+# For each row i it keeps, over the key tiles seen so far,
+#   m_i = running max of the base-2 scores s_ij,
+#   l_i = Σ_j exp2(s_ij - m_i)                      (the softmax denominator, rescaled to m_i),
+#   acc_i = Σ_j exp2(s_ij - m_i) · keep_ij · v_j    (the numerator, fp32).
+# A new tile with max m' rescales the old sums by alpha = exp2(m_i - m') before adding its own
+# terms. At the end out_i = acc_i / l_i / (1 - p) and lse_i = m_i + log2(l_i). While a row has
+# seen only masked keys, m_i = -inf; the max is then replaced by 0 so that -inf - -inf never
+# happens (masked terms give exp2(-inf) = 0), and a row that never sees a key keeps l_i = 0 and
+# gets out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0 for it).
+
+
+@triton.jit
+def _attention_tile_bounds(
+    m_start, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """For the query tile starting at m_start: (full_end, hi). Key tiles in [0, full_end) are
+    wholly visible to every row of the tile (no mask); [full_end, hi) cross the diagonal or the
+    end of the keys (masked); keys >= hi are never visited."""
+    if CAUSAL:
+        last_row = tl.minimum(m_start + BLOCK_M, Tq) - 1
+        hi = tl.minimum(tl.maximum(last_row + (Tk - Tq) + 1, 0), Tk)
+        visible_to_all = tl.minimum(tl.maximum(m_start + (Tk - Tq) + 1, 0), hi)
+    else:
+        hi = Tk
+        visible_to_all = Tk
+    full_end = (visible_to_all // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def _attention_forward_inner(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    offs_m,
+    offs_d,
+    dropout_row_offset,
+    n_lo,
+    n_hi,
+    Tq,
+    Tk,
+    D,
+    qk_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Fold key tiles [n_lo, n_hi) into the running (acc, m_i, l_i) of one query tile."""
+    d_ok = offs_d < D
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        kt = tl.load(  # (BLOCK_D, BLOCK_N): keys transposed for q·kᵀ
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = n_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+        p = tl.math.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N), unnormalized weights
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            rand_offsets = dropout_row_offset[:, None] + offs_n[None, :]  # int64
+            keep = tl.rand(seed, rand_offsets) >= dropout_p
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(  # (BLOCK_N, BLOCK_D)
+            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr,  # (B, H, Tq, D), any strides
+    k_ptr,  # (B, H, Tk, D), any strides
+    v_ptr,  # (B, H, Tk, D), any strides
+    out_ptr,  # (B, H, Tq, D), any strides
+    lse_ptr,  # (B·H, Tq) fp32 contiguous, base-2 log-sum-exp of each row's scores
+    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, Tq, Tk, D,
+    qk_scale,  # sm_scale · log2(e)
+    dropout_p,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_m_tiles = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m_tiles).to(tl.int64)
+    # Heaviest causal tiles (the last rows see the most keys) are scheduled first.
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < D
+    q = tl.load(  # (BLOCK_M, BLOCK_D)
+        q_ptr + b * stride_qb + h * stride_qh
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # fmt: skip
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    if DROPOUT:  # noqa: SIM108 (a static branch: seed_ptr is None without dropout)
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
+    dropout_row_offset = (bh * Tq + offs_m.to(tl.int64)) * Tk  # (BLOCK_M,) int64
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _attention_forward_inner(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, dropout_row_offset, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    acc, m_i, l_i = _attention_forward_inner(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, dropout_row_offset, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+
+    sees_a_key = l_i > 0.0
+    inv_l = tl.where(sees_a_key, 1.0 / tl.where(sees_a_key, l_i, 1.0), 0.0)
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(sees_a_key, m_i + tl.math.log2(tl.where(sees_a_key, l_i, 1.0)), float("inf"))
+    tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=m_ok)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh
+        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )  # fmt: skip
+
+
+# --- backward ----------------------------------------------------------------------------
+#
+# With P = softmax(S) (S = sm_scale·q·kᵀ, masked), K the keep-mask and Pd = P∘K/(1-p):
+#   out = Pd·v,   dv = Pdᵀ·dout,   dPd = dout·vᵀ,   dP = dPd∘K/(1-p),
+#   dS = P∘(dP - delta) with delta_i = Σ_j dP_ij·P_ij = Σ_j dPd_ij·Pd_ij = Σ_d dout_id·out_id,
+#   dq = sm_scale·dS·k,   dk = sm_scale·dSᵀ·q.
+# P is recomputed tile by tile from the saved lse: P_ij = exp2(s_ij - lse_i).
+# 1. `_attention_backward_preprocess_kernel`: delta = rowsum(dout ∘ out).
+# 2. `_attention_backward_dkdv_kernel`: one program per key tile, looping over the query tiles
+#    that can see it (causal: from the diagonal down), accumulating dk and dv in registers.
+# 3. `_attention_backward_dq_kernel`: one program per query tile, looping over the key tiles it
+#    sees (the forward's bounds), accumulating dq in registers.
+# Every gradient element is written by exactly one program, summed in a fixed order: no atomics,
+# so the same inputs give bitwise identical gradients.
+
+
+@triton.jit
+def _attention_backward_preprocess_kernel(
+    out_ptr,  # (B, H, Tq, D), any strides
+    dout_ptr,  # (B, H, Tq, D), any strides
+    delta_ptr,  # (B·H, Tq) fp32 contiguous
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, Tq, D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_m_tiles = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m_tiles).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
+    out = tl.load(
+        out_ptr + b * stride_ob + h * stride_oh
+        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    dout = tl.load(
+        dout_ptr + b * stride_dob + h * stride_doh
+        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=mask, other=0.0,
+    ).to(tl.float32)  # fmt: skip
+    tl.store(delta_ptr + bh * Tq + offs_m, tl.sum(out * dout, axis=1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _attention_backward_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    offs_n,
+    offs_d,
+    m_lo,
+    m_hi,
+    Tq,
+    Tk,
+    D,
+    qk_scale,
+    dropout_p,
+    seed,
+    dropout_bh_offset,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Add the contributions of query tiles [m_lo, m_hi) to one key tile's dk and dv. Works on
+    transposed tiles (keys along rows) so that dk and dv come out of plain dots."""
+    d_ok = offs_d < D
+    for m_start in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Tq
+        qt = tl.load(  # (BLOCK_D, BLOCK_M)
+            q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+            mask=m_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        # Rows past Tq get lse = +inf, hence P = 0: they add nothing.
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,)
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pt = tl.math.exp2(st - lse[None, :])  # P transposed
+        if MASKED:
+            visible = offs_n[:, None] < Tk
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
+            pt = tl.where(visible, pt, 0.0)
+        dout = tl.load(  # (BLOCK_M, BLOCK_D)
+            do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        dpt = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            rand_offsets = (dropout_bh_offset + offs_m.to(tl.int64))[None, :] * Tk + offs_n[:, None]
+            keep = tl.rand(seed, rand_offsets) >= dropout_p
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            pdt = tl.where(keep, pt * inv_keep, 0.0)
+            dpt = tl.where(keep, dpt * inv_keep, 0.0)
+        else:
+            pdt = pt
+        dv += tl.dot(pdt.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+        dst = pt * (dpt - delta[None, :])  # (BLOCK_N, BLOCK_M)
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attention_backward_dkdv_kernel(
+    q_ptr,  # (B, H, Tq, D), any strides
+    k_ptr,  # (B, H, Tk, D), any strides
+    v_ptr,  # (B, H, Tk, D), any strides
+    dout_ptr,  # (B, H, Tq, D), any strides
+    lse_ptr,  # (B·H, Tq) fp32 contiguous
+    delta_ptr,  # (B·H, Tq) fp32 contiguous
+    dk_ptr,  # (B, H, Tk, D), any strides
+    dv_ptr,  # (B, H, Tk, D), any strides (the same as dk's)
+    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    H, Tq, Tk, D,
+    sm_scale,
+    qk_scale,  # sm_scale · log2(e)
+    dropout_p,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_n_tiles = tl.cdiv(Tk, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = (pid // num_n_tiles).to(tl.int64)
+    n_start = (pid % num_n_tiles) * BLOCK_N
+    b = bh // H
+    h = bh % H
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(  # (BLOCK_N, BLOCK_D)
+        k_ptr + b * stride_kb + h * stride_kh
+        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=kv_mask, other=0.0,
+    )  # fmt: skip
+    v = tl.load(  # (BLOCK_N, BLOCK_D)
+        v_ptr + b * stride_vb + h * stride_vh
+        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=kv_mask, other=0.0,
+    )  # fmt: skip
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = dout_ptr + b * stride_dob + h * stride_doh
+    lse_base = lse_ptr + bh * Tq
+    delta_base = delta_ptr + bh * Tq
+    if DROPOUT:  # noqa: SIM108 (a static branch: seed_ptr is None without dropout)
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
+
+    # Query tiles [m_lo, m_masked_end) cross the diagonal (or this key tile runs past Tk) and
+    # are masked; [m_masked_end, m_end) see the whole key tile; tiles above m_lo see none of it.
+    m_end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        first_row = tl.maximum(n_start - (Tk - Tq), 0)  # first query that sees key n_start
+        m_lo = tl.minimum((first_row // BLOCK_M) * BLOCK_M, m_end)
+        # first query that sees the last key of the tile, rounded up to a tile start
+        all_rows = tl.maximum(n_start + BLOCK_N - 1 - (Tk - Tq), 0)
+        m_masked_end = tl.minimum(tl.cdiv(all_rows, BLOCK_M) * BLOCK_M, m_end)
+    else:
+        m_lo = 0
+        m_masked_end = 0
+    # The last key tile, when it runs past Tk, is masked against every query tile.
+    m_masked_end = tl.where(n_start + BLOCK_N > Tk, m_end, m_masked_end)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _attention_backward_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+        stride_dom, stride_dod, offs_n, offs_d, m_lo, m_masked_end, Tq, Tk, D, qk_scale,
+        dropout_p, seed, bh * Tq, CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+    dk, dv = _attention_backward_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+        stride_dom, stride_dod, offs_n, offs_d, tl.maximum(m_masked_end, m_lo), m_end, Tq, Tk,
+        D, qk_scale, dropout_p, seed, bh * Tq, CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+
+    dk_offsets = b * stride_dkb + h * stride_dkh
+    dk_offsets += offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_ptr + dk_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + dk_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_backward_dq_inner(
+    dq,
+    q,
+    dout,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    offs_m,
+    offs_d,
+    dropout_row_offset,
+    n_lo,
+    n_hi,
+    Tq,
+    Tk,
+    D,
+    qk_scale,
+    dropout_p,
+    seed,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Add the contributions of key tiles [n_lo, n_hi) to one query tile's dq (unscaled)."""
+    d_ok = offs_d < D
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Tk
+        kt = tl.load(  # (BLOCK_D, BLOCK_N)
+            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        vt = tl.load(  # (BLOCK_D, BLOCK_N)
+            v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+            mask=n_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = n_ok[None, :]
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(dout, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            rand_offsets = dropout_row_offset[:, None] + offs_n[None, :]  # int64
+            keep = tl.rand(seed, rand_offsets) >= dropout_p
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attention_backward_dq_kernel(
+    q_ptr,  # (B, H, Tq, D), any strides
+    k_ptr,  # (B, H, Tk, D), any strides
+    v_ptr,  # (B, H, Tk, D), any strides
+    dout_ptr,  # (B, H, Tq, D), any strides
+    lse_ptr,  # (B·H, Tq) fp32 contiguous
+    delta_ptr,  # (B·H, Tq) fp32 contiguous
+    dq_ptr,  # (B, H, Tq, D), any strides
+    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, Tq, Tk, D,
+    sm_scale,
+    qk_scale,  # sm_scale · log2(e)
+    dropout_p,
+    CAUSAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_m_tiles = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m_tiles).to(tl.int64)
+    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    mask = m_ok[:, None] & (offs_d < D)[None, :]
+    q = tl.load(  # (BLOCK_M, BLOCK_D)
+        q_ptr + b * stride_qb + h * stride_qh
+        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=mask, other=0.0,
+    )  # fmt: skip
+    dout = tl.load(  # (BLOCK_M, BLOCK_D)
+        dout_ptr + b * stride_dob + h * stride_doh
+        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=mask, other=0.0,
+    )  # fmt: skip
+    lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,)
+    delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    if DROPOUT:  # noqa: SIM108 (a static branch: seed_ptr is None without dropout)
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
+    dropout_row_offset = (bh * Tq + offs_m.to(tl.int64)) * Tk  # (BLOCK_M,) int64
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _attention_backward_dq_inner(
+        dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, dropout_row_offset, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    dq = _attention_backward_dq_inner(
+        dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, dropout_row_offset, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    tl.store(
+        dq_ptr + b * stride_dqb + h * stride_dqh
+        + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+        mask=mask,
+    )  # fmt: skip
+
+
+# --- dropout mask ------------------------------------------------------------------------
+
+
+@triton.jit
+def _attention_dropout_mask_kernel(
+    keep_ptr,  # (B, H, Tq, Tk) int8 contiguous: 1 where the attention weight is kept
+    seed_ptr,  # (1,) int64 Philox seed
+    n_elements,
+    dropout_p,
+    BLOCK: tl.constexpr,
+):
+    # The flat index of (b, h, i, j) in a contiguous (B, H, Tq, Tk) tensor is exactly the
+    # attention kernels' rand offset ((b·H + h)·Tq + i)·Tk + j.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(tl.load(seed_ptr), offsets) >= dropout_p
+    tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=offsets < n_elements)
+
+
+# --- launchers ---------------------------------------------------------------------------
+
+
+def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
+    """Tile sizes and launch settings per kernel. The interpreter gets small pinned tiles (it is
+    slow and runs programs one at a time); on a GPU, 16-bit inputs take larger tiles than fp32,
+    whose exact (ieee) dots need more registers."""
+    if triton_interpreter_enabled():
+        tiles = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+        return {"forward": tiles, "dkdv": tiles, "dq": tiles}
+    warps = 4 if head_dim <= 64 else 8
+    if dtype == torch.float32:
+        small = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"forward": {**small, "BLOCK_M": 64}, "dkdv": small, "dq": small}
+    return {
+        "forward": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": warps, "num_stages": 2},
+        "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+        "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+    }
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (not tf32); 16-bit inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@torch.library.triton_op("fastgpt::flash_attention_forward", mutates_args=())
+def _flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: (out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32)."""
+    batch, heads, tq, head_dim = q.shape
+    tk = k.shape[2]
+    out = torch.empty((batch, heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    cfg = _block_config(q.dtype, head_dim)["forward"]
+    grid = (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
+    torch.library.wrap_triton(_attention_forward_kernel)[grid](
+        q, k, v, out, lse, seed,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, tq, tk, head_dim, sm_scale * LOG2E, dropout_p,
+        CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=triton.next_power_of_2(head_dim), **cfg,
+    )  # fmt: skip
+    return out, lse
+
+
+@torch.library.triton_op("fastgpt::flash_attention_backward", mutates_args=())
+def _flash_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    sm_scale: float,
+    dropout_p: float,
+    seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three backward kernels: (dq, dk, dv) shaped and typed like q, k, v."""
+    batch, heads, tq, head_dim = q.shape
+    tk = k.shape[2]
+    block_d = triton.next_power_of_2(head_dim)
+    configs = _block_config(q.dtype, head_dim)
+    precision = _dot_precision(q.dtype)
+    dropout = dropout_p > 0.0
+    delta = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    dq = torch.empty((batch, heads, tq, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, heads, tk, head_dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((batch, heads, tk, head_dim), dtype=v.dtype, device=v.device)
+
+    pre_block_m = configs["dq"]["BLOCK_M"]
+    torch.library.wrap_triton(_attention_backward_preprocess_kernel)[
+        (triton.cdiv(tq, pre_block_m) * batch * heads,)
+    ](
+        out, dout, delta, *out.stride(), *dout.stride(), heads, tq, head_dim,
+        BLOCK_M=pre_block_m, BLOCK_D=block_d,
+    )  # fmt: skip
+    cfg = configs["dkdv"]
+    torch.library.wrap_triton(_attention_backward_dkdv_kernel)[
+        (triton.cdiv(tk, cfg["BLOCK_N"]) * batch * heads,)
+    ](
+        q, k, v, dout, lse, delta, dk, dv, seed,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+        heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
+        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
+    )  # fmt: skip
+    cfg = configs["dq"]
+    torch.library.wrap_triton(_attention_backward_dq_kernel)[
+        (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
+    ](
+        q, k, v, dout, lse, delta, dq, seed,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
+        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, sm_scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.causal, ctx.sm_scale, ctx.dropout_p = causal, sm_scale, dropout_p
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout: torch.Tensor, _dlse: torch.Tensor | None):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_backward(
+        dout, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.dropout_p, seed
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastgpt::flash_attention_forward", _backward, setup_context=_setup_context
+)
+
+
+# --- public API --------------------------------------------------------------------------
+
+
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
+    """Raise ValueError/TypeError naming the problem with attention's inputs."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q (B, H, Tq, D) and k/v (B, H, Tk, D) must agree on B, H and D, got q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head dim {q.shape[3]} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
+    """The Philox seed as a (1,) int64 tensor on `device`; None draws one from torch's generator
+    for that device (so torch.manual_seed makes dropout reproducible). Kept as a tensor so that
+    torch.compile can trace the draw instead of breaking the graph on .item()."""
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention, FlashAttention-2 style, differentiable in q, k and v.
+
+    q: (B, H, Tq, D), k and v: (B, H, Tk, D), any strides, fp32/fp16/bf16, D one of
+    SUPPORTED_HEAD_DIMS -> (B, H, Tq, D) in q's dtype.
+    causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned; rows that see no key
+    give 0). sm_scale: score scale, default 1/sqrt(D). dropout_p: probability of zeroing an
+    attention weight (the kept ones are scaled by 1/(1 - p)). seed: Philox seed of the dropout
+    mask; None draws one from torch's generator. The same seed gives the same mask, which
+    `attention_dropout_mask` reproduces."""
+    _validate(q, k, v, dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
+    empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
+    if empty or not use_triton(q.device):
+        return attention_reference(q, k, v, causal, scale, dropout_p)
+    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
+    out, _ = _flash_attention_forward(q, k, v, bool(causal), scale, float(dropout_p), seed_t)
+    return out
+
+
+def attention_dropout_mask(
+    seed: int,
+    batch: int,
+    heads: int,
+    tq: int,
+    tk: int,
+    dropout_p: float,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """The keep-mask (B, H, Tq, Tk) bool that `attention(..., dropout_p, seed=seed)` applies to
+    its attention weights (True = kept), for checking it against `attention_reference`."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    device = torch.device(device)
+    if not use_triton(device):
+        raise RuntimeError(f"attention_dropout_mask needs the Triton kernel on {device}")
+    keep = torch.empty((batch, heads, tq, tk), dtype=torch.int8, device=device)
+    n = keep.numel()
+    if n:
+        block = 1024
+        _attention_dropout_mask_kernel[(triton.cdiv(n, block),)](
+            keep, _seed_tensor(seed, device), n, dropout_p, BLOCK=block
+        )
+    return keep.bool()
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head self-attention on the flash kernel.
+
+    `qkv` maps d_in -> 3·d_out laid out as [q | k | v], each split into num_heads heads of
+    d_out // num_heads columns; `out_proj` maps d_out -> d_out. The q/k/v head views of the fused
+    projection are strided (B, H, T, hd) views passed to `attention` as they are, without copies.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = False
+    ):
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be a multiple of num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.d_out = d_out
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, d_in) -> (B, T, d_out)."""
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), strided views
+        dropout_p = self.dropout if self.training else 0.0
+        ctx = attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
+        ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
+        return self.out_proj(ctx)
