@@ -169,6 +169,10 @@ def _bias_gelu_backward_kernel(
 
 
 # --- Launchers ---------------------------------------------------------------------------
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocates every kernel output (tests swap in a nan-filled one to catch unwritten
+    elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _flat_block() -> int:
@@ -188,7 +192,7 @@ def _gelu_parts_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _gelu_forward(x: torch.Tensor) -> torch.Tensor:
     """x (any shape) -> gelu(x), contiguous, in x's dtype."""
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = _empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return y
     if not use_triton(x.device):
@@ -203,7 +207,7 @@ def _gelu_forward(x: torch.Tensor) -> torch.Tensor:
 
 def _gelu_backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dy, x (same shape) -> dx = dy · gelu'(x), contiguous, in x's dtype."""
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = _empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return dx
     if not use_triton(x.device):
@@ -231,7 +235,7 @@ def _bias_gelu_tile(m: int, n: int) -> tuple[int, int]:
 def _bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """x (..., N), bias (N,) -> gelu(x + bias) (..., N), contiguous, in the promoted dtype."""
     n = x.shape[-1]
-    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, bias.dtype), device=x.device)
+    y = _empty(x.shape, torch.promote_types(x.dtype, bias.dtype), x.device)
     if x.numel() == 0:
         return y
     if not use_triton(x.device):
@@ -253,7 +257,7 @@ def _bias_gelu_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, x (..., N), bias (N,) -> dx (..., N) in x's dtype, dbias (N,) in bias's dtype."""
     n = x.shape[-1]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = _empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         return dx, torch.zeros(n, dtype=bias.dtype, device=x.device)
     if not use_triton(x.device):
@@ -271,7 +275,7 @@ def _bias_gelu_backward(
         row_programs = max(1, min(row_tiles, triton.cdiv(4 * sms, col_blocks)))
     else:
         row_programs = max(1, min(row_tiles, 8))
-    db_partial = torch.empty((row_programs, n), dtype=torch.float32, device=x.device)  # (P, N)
+    db_partial = _empty((row_programs, n), torch.float32, x.device)  # (P, N)
     _bias_gelu_backward_kernel[(row_programs, col_blocks)](
         dy2, x2, bias.contiguous(), dx, db_partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n
     )

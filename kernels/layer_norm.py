@@ -49,6 +49,9 @@ def layer_norm_reference(
 # Forward, per row of N values (a program handles a tile of BLOCK_M rows × BLOCK_N columns):
 #     mean = Σ x / N,   var = Σ (x - mean)² / N   (two passes over the row: no cancellation
 #     from E[x²] - E[x]²),   rstd = 1 / sqrt(var + eps),   y = (x - mean) · rstd · w + b.
+# The sums run over d = x - x₀ (x₀ = the row's first element), and x - mean = d - mean(d):
+# a constant row then gives exactly d = 0 and y = b, where the rounding of a plain Σ x / N
+# would be multiplied by rstd = 1/sqrt(eps) ≈ 316; it also helps rows far from zero.
 # mean and rstd (fp32, one per row) are saved for the backward pass.
 #
 # Backward, with x̂ = (x - mean) · rstd and g = w · dy:
@@ -85,11 +88,13 @@ def _layer_norm_forward_kernel(
     x_rows = x_ptr + rows[:, None] * x_row_stride  # (BLOCK_M, 1) pointers
     y_rows = y_ptr + rows[:, None] * y_row_stride
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    x0 = tl.load(x_rows, mask=row_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, 1)
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)  # (BLOCK_M, BLOCK_N)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / N  # (BLOCK_M,)
-        xm = tl.where(mask, x - mean[:, None], 0.0)
+        d = tl.where(mask, x - x0, 0.0)
+        mean_d = tl.sum(d, axis=1) / N  # (BLOCK_M,)
+        xm = tl.where(mask, d - mean_d[:, None], 0.0)
         var = tl.sum(xm * xm, axis=1) / N
         rstd = 1.0 / tl.sqrt(var + eps)
         w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -102,14 +107,14 @@ def _layer_norm_forward_kernel(
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            total += tl.sum(x, axis=1)
-        mean = total / N
+            total += tl.sum(tl.where(mask, x - x0, 0.0), axis=1)
+        mean_d = total / N
         total_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-            xm = tl.where(mask, x - mean[:, None], 0.0)
+            xm = tl.where(mask, (x - x0) - mean_d[:, None], 0.0)
             total_sq += tl.sum(xm * xm, axis=1)
         rstd = 1.0 / tl.sqrt(total_sq / N + eps)
         for start in range(0, N, BLOCK_N):
@@ -118,8 +123,9 @@ def _layer_norm_forward_kernel(
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + c, mask=c < N, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + c, mask=c < N, other=0.0).to(tl.float32)
-            y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+            y = ((x - x0) - mean_d[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
             tl.store(y_rows + c[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    mean = tl.sum(x0, axis=1) + mean_d  # (BLOCK_M,): x₀ + mean(d)
     tl.store(mean_ptr + rows, mean, mask=row_mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
@@ -218,6 +224,10 @@ def _layer_norm_backward_kernel(
 
 
 # --- Launchers ---------------------------------------------------------------------------
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocates every kernel output (tests swap in a nan-filled one to catch unwritten
+    elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -246,9 +256,9 @@ def _layer_norm_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (..., N) -> y (..., N) contiguous in x's dtype, mean and rstd (...,) fp32."""
     n = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    y = _empty(x.shape, x.dtype, x.device)
+    mean = _empty(x.shape[:-1], torch.float32, x.device)
+    rstd = _empty(x.shape[:-1], torch.float32, x.device)
     if x.numel() == 0:
         return y, mean, rstd
     if not use_triton(x.device):  # CPU without the interpreter: the same math in PyTorch
@@ -283,7 +293,7 @@ def _layer_norm_backward(
     """dy, x (..., N), weight (N,), mean/rstd (...,) fp32 -> dx (..., N) in x's dtype,
     dweight and dbias (N,) in weight's dtype."""
     n = x.shape[-1]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx = _empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
         zeros = torch.zeros(n, dtype=weight.dtype, device=x.device)
         return dx, zeros, zeros.clone()
@@ -301,9 +311,12 @@ def _layer_norm_backward(
     m = x2.shape[0]
     block_m, block_n, single, num_warps = _tile(m, n)
     programs = _num_backward_programs(x.device, triton.cdiv(m, block_m))
-    alloc = torch.empty if single else torch.zeros  # the looping path accumulates in place
-    dw_partial = alloc((programs, n), dtype=torch.float32, device=x.device)  # (P, N)
-    db_partial = alloc((programs, n), dtype=torch.float32, device=x.device)  # (P, N)
+    if single:  # each program stores its row of the partial sums once
+        dw_partial = _empty((programs, n), torch.float32, x.device)  # (P, N)
+        db_partial = _empty((programs, n), torch.float32, x.device)  # (P, N)
+    else:  # the looping path accumulates into its row, so it must start at zero
+        dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
+        db_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
     _layer_norm_backward_kernel[(programs,)](
         dy2, x2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), dx,
         dw_partial, db_partial,
