@@ -100,8 +100,9 @@ class TrainConfig:
     """Folder for metrics.jsonl, checkpoint.pt and loss.png (created)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: run `epochs` epochs)."""
-    epochs: int | None = 1
-    """Stop after this many passes over the training set (None: only max_steps counts)."""
+    epochs: int | None = None
+    """Stop after this many passes over the training set (None: only max_steps counts; with
+    neither given, 1 epoch)."""
     batch_size: int = 8
     """Examples per micro-batch on each rank."""
     grad_accum: int = 1
@@ -161,7 +162,7 @@ class TrainConfig:
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.max_steps is None and self.epochs is None:
-            raise ValueError("give max_steps or epochs (or both: whichever comes first)")
+            self.epochs = 1
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
