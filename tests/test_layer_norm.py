@@ -86,15 +86,15 @@ def test_width_16384(device, nan_outputs):
 @pytest.mark.parametrize("layout", ["row_slice", "column_step", "transposed", "expanded"])
 def test_strided_inputs(layout, device):
     g = torch.Generator().manual_seed(1)
+    base = lambda *shape: torch.randn(shape, generator=g).to(device)
     if layout == "row_slice":  # rows 1000 apart, columns contiguous: read in place
-        x = torch.randn(33, 1000, generator=g)[:, 3:771]
+        x = base(33, 1000)[:, 3:771]
     elif layout == "column_step":  # every other column
-        x = torch.randn(33, 1536, generator=g)[:, ::2]
+        x = base(33, 1536)[:, ::2]
     elif layout == "transposed":
-        x = torch.randn(768, 33, generator=g).t()
+        x = base(768, 33).t()
     else:  # one row repeated: row stride 0
-        x = torch.randn(1, 768, generator=g).expand(33, 768)
-    x = x.to(device)
+        x = base(1, 768).expand(33, 768)
     assert not x.is_contiguous()
     _, weight, bias = make_inputs((768,), torch.float32, device)
     check_layer_norm(x, weight, bias)
