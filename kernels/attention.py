@@ -651,7 +651,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@torch.library.triton_op("fastgpt::flash_attention_forward", mutates_args=())
+# The launchers are torch.library ops so that torch.compile(fullgraph=True) traces through
+# attention. On a GPU they are `triton_op`s, which Inductor can see into (it schedules the Triton
+# kernels itself). Under TRITON_INTERPRET=1 the kernels are plain Python that cannot run on
+# tracing tensors, so there they are opaque `custom_op`s (traced through their fake impls below).
+_define_op = torch.library.custom_op if triton_interpreter_enabled() else torch.library.triton_op
+
+
+@_define_op("fastgpt::flash_attention_forward", mutates_args=())
 def _flash_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -678,7 +685,7 @@ def _flash_attention_forward(
     return out, lse
 
 
-@torch.library.triton_op("fastgpt::flash_attention_backward", mutates_args=())
+@_define_op("fastgpt::flash_attention_backward", mutates_args=())
 def _flash_attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -729,6 +736,21 @@ def _flash_attention_backward(
         CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
     )  # fmt: skip
     return dq, dk, dv
+
+
+# Shapes for tracing (torch.compile, fake tensors). triton_op derives these by running the
+# launchers with fake tensors, but under TRITON_INTERPRET=1 the kernels are plain Python that
+# would touch the fake tensors' data, so the shapes are spelled out.
+@_flash_attention_forward.register_fake
+def _(q, k, v, causal, sm_scale, dropout_p, seed):
+    batch, heads, tq, head_dim = q.shape
+    out = q.new_empty((batch, heads, tq, head_dim))
+    return out, q.new_empty((batch, heads, tq), dtype=torch.float32)
+
+
+@_flash_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, causal, sm_scale, dropout_p, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -1,0 +1,476 @@
+"""Flash attention (kernels/attention.py): forward and every gradient against the reference.
+
+Every numerical comparison uses the tolerance rule of tests/tolerance.py: the kernel's error
+against a float64 reference may be at most 2x (outputs) or 3x (gradients) PyTorch's own error in
+the same dtype, plus a few ulps. On CPU the kernels run through Triton's interpreter, so the
+shapes here are tiny; long sequences, bf16 and the large-index cases run on a GPU only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from kernels.attention import (
+    SUPPORTED_HEAD_DIMS,
+    CausalSelfAttention,
+    attention,
+    attention_dropout_mask,
+    attention_reference,
+)
+from tests.tolerance import assert_close_to_reference
+
+
+def _inputs(batch, heads, tq, tk, head_dim, dtype, device, seed=0):
+    """Leaf q (B, H, Tq, D), k and v (B, H, Tk, D) and an upstream gradient like the output."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = ((tq, head_dim), (tk, head_dim), (tk, head_dim), (tq, head_dim))
+    return [
+        torch.randn(batch, heads, *shape, generator=gen, device=device).to(dtype)
+        for shape in shapes
+    ]
+
+
+def _out_and_grads(fn, q, k, v, dout):
+    """fn(q, k, v) and the gradients of <fn(q, k, v), dout> w.r.t. q, k, v (fresh leaves)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check_against_reference(
+    q, k, v, dout, causal, sm_scale=None, dropout_p=0.0, seed=None, names=("out", "dq", "dk", "dv")
+):
+    """Kernel vs PyTorch-in-q's-dtype vs the float64 reference: out, dq, dk, dv (those in names).
+    Returns the kernel's (out, dq, dk, dv)."""
+    mask = None
+    if dropout_p > 0.0:
+        b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        mask = attention_dropout_mask(seed, b, h, tq, tk, dropout_p, q.device)
+    kernel = _out_and_grads(
+        lambda q, k, v: attention(q, k, v, causal, sm_scale, dropout_p, seed), q, k, v, dout
+    )
+    same_dtype = _out_and_grads(
+        lambda q, k, v: attention_reference(
+            q, k, v, causal, sm_scale, dropout_p, mask, upcast=False
+        ),
+        q, k, v, dout,
+    )  # fmt: skip
+    ref64 = _out_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, causal, sm_scale, dropout_p, mask),
+        q.double(), k.double(), v.double(), dout.double(),
+    )  # fmt: skip
+    for name, got, same, ref, backward in zip(
+        ("out", "dq", "dk", "dv"), kernel, same_dtype, ref64, (False, True, True, True), strict=True
+    ):
+        assert got.dtype == q.dtype and got.shape == ref.shape
+        if name not in names:
+            continue
+        assert_close_to_reference(got, same, ref, dtype=q.dtype, backward=backward, name=name)
+    return kernel
+
+
+# --- accuracy ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq_len", [1, 17, 33, 97])
+def test_matches_reference_square(device, seq_len, causal):
+    q, k, v, dout = _inputs(1, 2, seq_len, seq_len, 16, torch.float32, device)
+    if seq_len > 1:
+        _check_against_reference(q, k, v, dout, causal)
+        return
+    _, dq, dk, _ = _check_against_reference(q, k, v, dout, causal, names=("out", "dv"))
+    # One key per query: the softmax is exactly 1 and the true dq and dk are exactly 0, which
+    # PyTorch reproduces exactly, so the rule's bound shrinks to its floor. The kernel
+    # (FlashAttention-2) forms dS = dP - delta with dP = dout·v (a dot) and delta = Σ dout∘out (a
+    # row sum): equal numbers rounded in different orders. So dq = sm_scale·dS·k and
+    # dk = sm_scale·dSᵀ·q are that cancellation's noise: a few ulps of |dout·v|, times
+    # sm_scale·|k| (resp. |q|).
+    eps = torch.finfo(torch.float32).eps
+    cancelling = (dout * v).abs().sum(-1).max() * 0.25  # sm_scale = 1/sqrt(16)
+    assert dq.abs().max() <= 8 * eps * cancelling * k.abs().max()
+    assert dk.abs().max() <= 8 * eps * cancelling * q.abs().max()
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 64, 80])
+def test_head_dims_fp32(device, head_dim):
+    q, k, v, dout = _inputs(1, 1, 33, 33, head_dim, torch.float32, device, seed=head_dim)
+    _check_against_reference(q, k, v, dout, causal=True)
+
+
+@pytest.mark.parametrize(
+    ("head_dim", "seq_len", "causal"), [(64, 33, True), (48, 17, False), (16, 40, True)]
+)
+def test_fp16(device, head_dim, seq_len, causal):
+    q, k, v, dout = _inputs(2, 1, seq_len, seq_len, head_dim, torch.float16, device)
+    _check_against_reference(q, k, v, dout, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("tq", "tk"), [(1, 129), (17, 64), (64, 17)])
+def test_different_query_and_key_lengths(device, tq, tk, causal):
+    q, k, v, dout = _inputs(1, 1, tq, tk, 16, torch.float32, device)
+    _check_against_reference(q, k, v, dout, causal)
+
+
+def test_rows_that_see_no_key_give_zero_output_and_zero_grads(device):
+    # Tq > Tk, causal, bottom-right aligned: query i sees keys j <= i - (64 - 17), so the first
+    # 47 queries see nothing.
+    tq, tk = 64, 17
+    q, k, v, dout = _inputs(1, 2, tq, tk, 16, torch.float32, device)
+    out, dq, dk, dv = _check_against_reference(q, k, v, dout, causal=True)
+    blind = tq - tk
+    assert torch.all(out[:, :, :blind] == 0)
+    assert torch.all(dq[:, :, :blind] == 0)
+    for grad in (out, dq, dk, dv):
+        assert torch.isfinite(grad).all()
+    assert out[:, :, blind:].abs().sum() > 0  # the other rows do attend
+
+
+@pytest.mark.parametrize(("batch", "heads"), [(3, 1), (1, 3), (3, 3)])
+def test_odd_batch_and_head_counts(device, batch, heads):
+    q, k, v, dout = _inputs(batch, heads, 17, 17, 16, torch.float32, device)
+    _check_against_reference(q, k, v, dout, causal=True)
+
+
+def test_custom_scale(device):
+    q, k, v, dout = _inputs(1, 1, 17, 17, 32, torch.float32, device)
+    _check_against_reference(q, k, v, dout, causal=True, sm_scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_strided_views_of_a_fused_qkv_projection(device, dtype):
+    # q/k/v as CausalSelfAttention makes them: (B, T, 3, H, D).permute(2, 0, 3, 1, 4) views,
+    # neither contiguous nor with unit head stride; gradients flow back to the fused tensor.
+    batch, seq_len, heads, head_dim = 2, 33, 3, 16
+    gen = torch.Generator().manual_seed(1)
+    fused = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen).to(device, dtype)
+    dout = torch.randn(batch, heads, seq_len, head_dim, generator=gen).to(device, dtype)
+
+    def run(fn, fused_input):
+        fused_input = fused_input.detach().clone().requires_grad_()
+        q, k, v = fused_input.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D)
+        out = fn(q, k, v)
+        out.backward(dout.to(out.dtype))
+        return out.detach(), fused_input.grad
+
+    q_view = fused.permute(2, 0, 3, 1, 4)[0]
+    assert not q_view.is_contiguous()
+    kernel = run(attention, fused)
+    same = run(lambda q, k, v: attention_reference(q, k, v, upcast=False), fused)
+    ref64 = run(attention_reference, fused.double())
+    assert_close_to_reference(kernel[0], same[0], ref64[0], dtype=dtype, name="out")
+    assert_close_to_reference(
+        kernel[1], same[1], ref64[1], dtype=dtype, backward=True, name="d(qkv)"
+    )
+
+
+def test_transposed_upstream_gradient(device):
+    # dout with arbitrary strides (as after ctx.transpose(1, 2) in a model) must be honoured.
+    q, k, v, dout = _inputs(1, 2, 17, 17, 16, torch.float32, device)
+    dout_t = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not dout_t.is_contiguous()
+    _check_against_reference(q, k, v, dout_t, causal=True)
+
+
+# --- properties --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("tq", "tk"), [(33, 33), (17, 40)])
+def test_causality_later_keys_do_not_change_earlier_outputs(device, tq, tk):
+    q, k, v, _ = _inputs(1, 2, tq, tk, 16, torch.float32, device)
+    t = 9  # outputs of queries 0..t may only read keys j <= i + (tk - tq)
+    last_visible_key = t + (tk - tq)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, last_visible_key + 1 :] = torch.randn_like(k2[:, :, last_visible_key + 1 :]) * 5
+    v2[:, :, last_visible_key + 1 :] = torch.randn_like(v2[:, :, last_visible_key + 1 :]) * 5
+    out = attention(q, k, v, causal=True)
+    out2 = attention(q, k2, v2, causal=True)
+    assert torch.equal(out[:, :, : t + 1], out2[:, :, : t + 1])
+    assert not torch.equal(out[:, :, t + 1 :], out2[:, :, t + 1 :])  # later rows do see them
+
+
+def test_backward_is_deterministic(device):
+    q, k, v, dout = _inputs(2, 3, 33, 33, 16, torch.float32, device)
+    first = _out_and_grads(attention, q, k, v, dout)
+    second = _out_and_grads(attention, q, k, v, dout)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_empty_key_sequence_gives_zeros(device):
+    q, k, v, _ = _inputs(1, 2, 5, 0, 16, torch.float32, device)
+    out = attention(q, k, v, causal=False)
+    assert out.shape == q.shape and torch.all(out == 0)
+
+
+def test_falls_back_to_reference_without_triton(device, monkeypatch):
+    # (`kernels.attention` as an attribute is the function, re-exported by kernels/__init__)
+    attention_module = importlib.import_module("kernels.attention")
+    monkeypatch.setattr(attention_module, "use_triton", lambda device: False)
+    q, k, v, _ = _inputs(1, 2, 17, 17, 16, torch.float32, device)
+    assert torch.equal(attention(q, k, v), attention_reference(q, k, v, sm_scale=0.25))
+
+
+# --- dropout -----------------------------------------------------------------------------
+
+
+def test_dropout_same_seed_same_output_and_grads(device):
+    q, k, v, dout = _inputs(1, 2, 17, 17, 16, torch.float32, device)
+
+    def fn(q, k, v):
+        return attention(q, k, v, dropout_p=0.3, seed=123)
+
+    first = _out_and_grads(fn, q, k, v, dout)
+    second = _out_and_grads(fn, q, k, v, dout)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    other_seed = attention(q, k, v, dropout_p=0.3, seed=124)
+    assert not torch.equal(first[0], other_seed)
+    no_dropout = attention(q, k, v)
+    assert not torch.equal(first[0], no_dropout)
+
+
+def test_dropout_without_seed_follows_torch_manual_seed(device):
+    q, k, v, _ = _inputs(1, 1, 17, 17, 16, torch.float32, device)
+    torch.manual_seed(7)
+    first = attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(7)
+    second = attention(q, k, v, dropout_p=0.5)
+    third = attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, third)
+
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_dropout_kept_fraction(device, dropout_p):
+    keep = attention_dropout_mask(3, 3, 5, 40, 50, dropout_p, device)  # 30,000 draws
+    assert keep.shape == (3, 5, 40, 50) and keep.dtype == torch.bool
+    n = keep.numel()
+    sigma = math.sqrt(dropout_p * (1 - dropout_p) / n)
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 5 * sigma
+    # Rows and heads get different draws, and the same seed gives the same mask.
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert torch.equal(keep, attention_dropout_mask(3, 3, 5, 40, 50, dropout_p, device))
+
+
+@pytest.mark.parametrize(("tq", "tk", "causal"), [(17, 17, True), (17, 33, True), (33, 17, False)])
+def test_dropout_matches_reference_with_the_same_mask(device, tq, tk, causal):
+    q, k, v, dout = _inputs(2, 3, tq, tk, 16, torch.float32, device)
+    _check_against_reference(q, k, v, dout, causal, dropout_p=0.25, seed=2024)
+
+
+def test_dropout_fp16_matches_reference(device):
+    q, k, v, dout = _inputs(1, 2, 33, 33, 64, torch.float16, device)
+    _check_against_reference(q, k, v, dout, causal=True, dropout_p=0.1, seed=5)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim", [8, 24, 100, 256])
+def test_unsupported_head_dim_names_the_supported_ones(device, head_dim):
+    q, k, v, _ = _inputs(1, 1, 4, 4, head_dim, torch.float32, device)
+    with pytest.raises(ValueError, match=str(SUPPORTED_HEAD_DIMS[-1])):
+        attention(q, k, v)
+
+
+def test_bad_shapes_raise(device):
+    q, k, v, _ = _inputs(2, 2, 4, 4, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="4-D"):
+        attention(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="same shape"):
+        attention(q, k, v[:, :, :3])
+    with pytest.raises(ValueError, match="agree"):
+        attention(q[:1], k, v)
+    with pytest.raises(ValueError, match="agree"):
+        attention(q[:, :1], k, v)
+    with pytest.raises(ValueError, match="agree"):
+        attention(torch.cat([q, q], dim=-1), k, v)
+
+
+def test_bad_dtypes_raise(device):
+    q, k, v, _ = _inputs(1, 1, 4, 4, 16, torch.float32, device)
+    with pytest.raises(TypeError, match="one dtype"):
+        attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="float"):
+        attention(q.long(), k.long(), v.long())
+    with pytest.raises(TypeError, match="float"):
+        attention(q.double(), k.double(), v.double())
+
+
+def test_bad_device_and_dropout_raise(device):
+    q, k, v, _ = _inputs(1, 1, 4, 4, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="device"):
+        attention(q, k.to("meta"), v)
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout_p"):
+            attention(q, k, v, dropout_p=p)
+
+
+# --- the module and torch.compile --------------------------------------------------------
+
+
+def _module_reference(module: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
+    """The same computation as module(x), from its weights, through attention_reference."""
+    b, t, _ = x.shape
+    heads, head_dim = module.num_heads, module.head_dim
+    qkv = torch.nn.functional.linear(x, module.qkv.weight.to(x.dtype), _cast(module.qkv.bias, x))
+    q, k, v = qkv.view(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    ctx = attention_reference(q, k, v, causal=True, upcast=x.dtype == torch.float64)
+    ctx = ctx.transpose(1, 2).reshape(b, t, module.d_out)
+    return torch.nn.functional.linear(
+        ctx, module.out_proj.weight.to(x.dtype), _cast(module.out_proj.bias, x)
+    )
+
+
+def _cast(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if bias is None else bias.to(x.dtype)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_causal_self_attention_module(device, qkv_bias):
+    torch.manual_seed(0)
+    module = CausalSelfAttention(d_in=24, d_out=48, num_heads=3, qkv_bias=qkv_bias).to(device)
+    assert module.qkv.out_features == 3 * 48 and module.head_dim == 16
+    x = torch.randn(2, 17, 24, device=device)
+    dout = torch.randn(2, 17, 48, device=device)
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        out = fn(x)
+        out.backward(dout.to(x.dtype))
+        return out.detach(), x.grad
+
+    kernel = run(module, x)
+    same = run(lambda x: _module_reference(module, x), x)
+    ref64 = run(lambda x: _module_reference(module, x), x.double())
+    assert_close_to_reference(kernel[0], same[0], ref64[0], dtype=torch.float32, name="out")
+    assert_close_to_reference(
+        kernel[1], same[1], ref64[1], dtype=torch.float32, backward=True, name="dx"
+    )
+    # training mode applies dropout; eval mode does not
+    module.dropout = 0.5
+    module.train()
+    assert not torch.equal(module(x), kernel[0])
+    module.eval()
+    assert torch.equal(module(x), kernel[0])
+
+
+def test_causal_self_attention_rejects_indivisible_heads():
+    with pytest.raises(ValueError, match="multiple"):
+        CausalSelfAttention(16, 50, num_heads=3)
+
+
+def test_torch_compile_fullgraph_traces_the_op(device):
+    # On CPU the interpreter's ops are opaque custom ops: this checks tracing, the fake shapes
+    # and the registered autograd (aot_eager runs forward and backward through the op).
+    q, k, v, dout = _inputs(1, 2, 17, 17, 16, torch.float32, device)
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    got = _out_and_grads(compiled, q, k, v, dout)
+    expected = _out_and_grads(attention, q, k, v, dout)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --- GPU only ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bf16_gpu(head_dim, causal):
+    q, k, v, dout = _inputs(2, 3, 257, 257, head_dim, torch.bfloat16, "cuda")
+    _check_against_reference(q, k, v, dout, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seq_len", [1023, 1025, 4096])
+def test_long_sequences_gpu(seq_len, dtype):
+    q, k, v, dout = _inputs(1, 2, seq_len, seq_len, 64, dtype, "cuda")
+    _check_against_reference(q, k, v, dout, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
+def test_all_head_dims_gpu(head_dim):
+    q, k, v, dout = _inputs(2, 2, 200, 333, head_dim, torch.float16, "cuda")
+    _check_against_reference(q, k, v, dout, causal=True)
+    _check_against_reference(q, k, v, dout, causal=False, dropout_p=0.2, seed=3)
+
+
+@pytest.mark.gpu
+def test_kv_cache_shapes_gpu():
+    for tq, tk in [(1, 1025), (7, 1024), (1025, 300)]:
+        q, k, v, dout = _inputs(2, 3, tq, tk, 64, torch.float16, "cuda")
+        _check_against_reference(q, k, v, dout, causal=True)
+
+
+@pytest.mark.gpu
+def test_more_than_65535_batch_heads_gpu():
+    q, k, v, dout = _inputs(700, 100, 5, 7, 16, torch.float16, "cuda")  # B·H = 70,000
+    _check_against_reference(q, k, v, dout, causal=True)
+
+
+def _check_tail_heads(q, k, v, dout, dropout_p=0.0, seed=None):
+    """Run attention on the whole (huge) input, then check the last two heads of the last batch
+    entry (the ones at the largest offsets) against the reference on those heads alone."""
+    out, dq, dk, dv = _out_and_grads(
+        lambda q, k, v: attention(q, k, v, True, None, dropout_p, seed), q, k, v, dout
+    )
+    batch, heads, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    tail = (slice(batch - 1, batch), slice(heads - 2, heads))
+    mask = None
+    if dropout_p > 0.0:
+        mask = attention_dropout_mask(seed, batch, heads, tq, tk, dropout_p, "cuda")[tail]
+    qt, kt, vt, dot = (t[tail] for t in (q, k, v, dout))
+    same = _out_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, True, None, dropout_p, mask, upcast=False),
+        qt, kt, vt, dot,
+    )  # fmt: skip
+    ref64 = _out_and_grads(
+        lambda q, k, v: attention_reference(q, k, v, True, None, dropout_p, mask),
+        qt.double(), kt.double(), vt.double(), dot.double(),
+    )  # fmt: skip
+    for name, got, s, r in zip(
+        ("out", "dq", "dk", "dv"), (out, dq, dk, dv), same, ref64, strict=True
+    ):
+        assert_close_to_reference(got[tail], s, r, dtype=q.dtype, backward=name != "out")
+
+
+@pytest.mark.gpu
+def test_tensor_offsets_past_2_pow_31_gpu():
+    # B·H·T·D = 2^31 + 2^20 elements per tensor (4 GiB in fp16): the last heads' data lie past
+    # element 2^31 of q, k, v, out and of every gradient.
+    q, k, v, dout = _inputs(2, 16392, 1024, 1024, 64, torch.float16, "cuda")
+    assert q.numel() > 2**31
+    _check_tail_heads(q, k, v, dout)
+
+
+@pytest.mark.gpu
+def test_dropout_offsets_past_2_pow_31_gpu():
+    # B·H·Tq·Tk = 2049 · 2^20 > 2^31: the last head's Philox offsets pass 2^31 (and its mask
+    # must still match attention_dropout_mask's flat indices).
+    q, k, v, dout = _inputs(1, 2049, 1024, 1024, 16, torch.float16, "cuda")
+    _check_tail_heads(q, k, v, dout, dropout_p=0.2, seed=9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_torch_compile_inductor_gpu(dtype):
+    q, k, v, dout = _inputs(2, 3, 129, 129, 64, dtype, "cuda")
+    compiled = torch.compile(attention, fullgraph=True)
+    got = _out_and_grads(compiled, q, k, v, dout)
+    expected = _out_and_grads(attention, q, k, v, dout)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    module = CausalSelfAttention(128, 128, num_heads=2, dropout=0.1).to("cuda", dtype)
+    x = torch.randn(2, 65, 128, device="cuda", dtype=dtype, requires_grad=True)
+    torch.compile(module, fullgraph=True)(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
