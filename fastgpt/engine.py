@@ -217,16 +217,17 @@ def is_main_process() -> bool:
 
 def next_token_loss(model: nn.Module, batch) -> torch.Tensor:
     """Mean cross-entropy of next-token prediction. `batch` is (inputs, targets) or a dict with
-    "input_ids" and "targets", each (B, T) long; logits are upcast to fp32 for the loss."""
+    "input_ids" and "targets", each (B, T) long; half-precision logits are upcast
+    to fp32 for the loss."""
     if isinstance(batch, dict):
         inputs, targets = batch["input_ids"], batch["targets"]
     else:
         inputs, targets = batch
     device = next(model.parameters()).device
     logits = model(inputs.to(device, non_blocking=True))  # (B, T, V)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.to(device, non_blocking=True).flatten()
-    )
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # a softmax over 50k classes wants fp32
+    return F.cross_entropy(logits.flatten(0, 1), targets.to(device, non_blocking=True).flatten())
 
 
 def batch_token_count(batch) -> tuple[int, int]:
@@ -523,7 +524,13 @@ class Trainer:
                     train_loss = since_eval["loss"] / max(1, since_eval["steps"])
                     since_eval = {"loss": 0.0, "steps": 0}
                     if self.is_main:
-                        final.update(self._evaluate(train_loss, bar))
+                        # Evaluation (a sample may be drawn at random) must not move the
+                        # training RNGs: when it runs would change the dropout masks after it.
+                        saved = rng_state()
+                        try:
+                            final.update(self._evaluate(train_loss, bar))
+                        finally:
+                            set_rng_state(saved)
                 if cfg.save_checkpoint and (
                     (cfg.save_every and self.step % cfg.save_every == 0) or last
                 ):
@@ -676,12 +683,16 @@ class Trainer:
         accum = self.config.grad_accum
         while True:
             epoch, first = self.epoch, self.step_in_epoch
+            # Its own generator: a DataLoader otherwise draws its workers' base seed from the
+            # global torch RNG, and a resumed run (one loader more) would drift from a straight one.
+            seed = self.config.seed * 1_000_003 + epoch * 1009 + first
             loader = DataLoader(
                 self.train_data,
                 batch_sampler=self._rank_batches(epoch, first),
                 collate_fn=self.collate_fn,
                 num_workers=self.config.num_workers,
                 pin_memory=self.device.type == "cuda",
+                generator=torch.Generator().manual_seed(seed),
             )
             group: list[Any] = []
             for batch in loader:
@@ -693,7 +704,10 @@ class Trainer:
 
     def _val_loader(self) -> DataLoader:
         return DataLoader(
-            self.val_data, batch_size=self.config.batch_size, collate_fn=self.collate_fn
+            self.val_data,
+            batch_size=self.config.batch_size,
+            collate_fn=self.collate_fn,
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
 
     # --- one step ------------------------------------------------------------------------
@@ -706,7 +720,7 @@ class Trainer:
         model = self.train_model
         model.train()
         accum = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens, seq_len = 0, 0
         for k, batch in enumerate(micro_batches):
             # Under DDP, all-reduce the gradients only once, on the cycle's last backward.
@@ -714,8 +728,8 @@ class Trainer:
             with contextlib.nullcontext() if sync else model.no_sync():
                 with autocast_context(self.device, self.amp_dtype):
                     loss = self.loss_fn(model, batch)
-                (loss.float() / accum).backward()
-            loss_sum += loss.detach().float()
+                (loss / accum).backward()
+            loss_sum += loss.detach()
             n_tokens, seq_len = batch_token_count(batch)
             tokens += n_tokens
         mean_loss = loss_sum / accum
@@ -724,7 +738,7 @@ class Trainer:
             mean_loss /= self.dist.world_size
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        loss_value, norm_value = torch.stack([mean_loss, grad_norm.float()]).tolist()  # 1 sync
+        loss_value, norm_value = torch.stack([mean_loss, grad_norm.double()]).tolist()  # 1 sync
         attempted = self.step + 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,418 @@
+"""The training engine on a tiny model and random tokens (no tokenizer, fast on CPU):
+LR schedule, optimizer groups, gradient accumulation, exact resume, the non-finite guard,
+written files, two-process DDP (gloo) against one process, and the shared CLI helpers."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fastgpt.config import GPTConfig
+from fastgpt.engine import (
+    CHECKPOINT_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    add_training_arguments,
+    build_model_from_args,
+    evaluate_loss,
+    lr_multiplier,
+    make_optimizer,
+    next_token_loss,
+    read_metrics,
+    train_config_from_args,
+)
+from fastgpt.model import GPTModel
+from fastgpt.text_data import SlidingWindowDataset
+
+VOCAB = 97  # a small vocabulary keeps the output head cheap
+
+
+def tiny_model(drop_rate: float = 0.0, seed: int = 0, dtype=torch.float32) -> GPTModel:
+    torch.manual_seed(seed)
+    config = GPTConfig.from_name("tiny", vocab_size=VOCAB, context_length=16, drop_rate=drop_rate)
+    return GPTModel(config, backend="torch").to(dtype)
+
+
+def random_windows(n_tokens: int = 16 * 20 + 1, seed: int = 0) -> SlidingWindowDataset:
+    ids = np.random.default_rng(seed).integers(0, VOCAB, n_tokens).astype(np.uint16)
+    return SlidingWindowDataset(ids, context_length=16)
+
+
+def config(tmp_path, name: str = "run", **overrides) -> TrainConfig:
+    base = dict(
+        out_dir=str(tmp_path / name),
+        batch_size=4,
+        lr=3e-3,
+        eval_every=0,
+        eval_batches=2,
+        log_every=1,
+        progress=False,
+        plot=False,
+        save_checkpoint=False,
+        seed=7,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
+def train_losses(out_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(out_dir / METRICS_NAME) if r["kind"] == "train"]
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, exact: bool = False) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        if exact:
+            assert torch.equal(sa[key], sb[key]), key
+        else:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    lrs = [lr_multiplier(s, warmup_steps=4, decay_steps=20, min_ratio=0.1) for s in range(25)]
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0)  # the cosine starts at its top
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))  # then only falls
+    assert lrs[12] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: the mean of peak and min
+    assert lrs[20:] == pytest.approx([0.1] * 5)  # flat at min_lr after decay_steps
+    assert lr_multiplier(0, 0, 1, 0.0) == pytest.approx(1.0)  # no warmup
+
+
+def test_optimizer_decays_only_matrices_and_skips_frozen(tmp_path):
+    model = tiny_model()
+    model.requires_grad_(False)
+    model.trf_blocks[-1].requires_grad_(True)
+    trainer = Trainer(model, random_windows(), None, next_token_loss, config(tmp_path))
+    groups = trainer.optimizer.param_groups
+    trainable = {id(p) for p in model.trf_blocks[-1].parameters()}
+    assert {id(p) for g in groups for p in g["params"]} == trainable  # frozen ones excluded
+    for group in groups:
+        dims = {p.dim() for p in group["params"]}
+        assert (dims >= {2} and group["weight_decay"] == 0.1) or (
+            dims == {1} and group["weight_decay"] == 0.0
+        )
+    frozen_before = {k: v.clone() for k, v in model.state_dict().items() if "trf_blocks.1" not in k}
+    trainer.config.max_steps = 3
+    trainer.total_steps = 3
+    trainer.fit()
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen_before.items())
+    assert not torch.equal(
+        model.trf_blocks[-1].att.qkv.weight, tiny_model().trf_blocks[-1].att.qkv.weight
+    )
+
+
+def test_make_optimizer_groups():
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4))]
+    opt = make_optimizer(params, lr=1e-3, weight_decay=0.5)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+
+
+def test_evaluate_loss_is_mean_of_batches_and_restores_mode():
+    model = tiny_model().train()
+    data = random_windows()
+    loader = torch.utils.data.DataLoader(data, batch_size=5)
+    expected = []
+    with torch.no_grad():
+        model.eval()
+        for i, batch in enumerate(loader):
+            if i < 3:
+                expected.append(next_token_loss(model, batch).item())
+        model.train()
+    assert evaluate_loss(model, loader, next_token_loss, 3) == pytest.approx(np.mean(expected))
+    assert model.training
+    assert math.isnan(evaluate_loss(model, [], next_token_loss))
+
+
+def test_too_small_training_set_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        Trainer(tiny_model(), random_windows(16 * 3 + 1), None, next_token_loss,
+                config(tmp_path, batch_size=4))  # fmt: skip
+
+
+def test_no_trainable_parameters_is_an_error(tmp_path):
+    model = tiny_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters to train"):
+        Trainer(model, random_windows(), None, next_token_loss, config(tmp_path))
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    assert TrainConfig().epochs == 1 and TrainConfig(max_steps=5).epochs is None
+
+
+# --- equivalences ------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """grad_accum 4 × batch 2 and grad_accum 1 × batch 8 see the same 8 examples per step
+    (same seeded order) and average the same gradients: equal losses and weights. In float64:
+    in float32, Adam turns the rounding noise of a gradient entry that is almost 0 into a step
+    of ±lr, so weights could differ by lr although the gradients agree to 1e-7."""
+    data = random_windows()
+    results = {}
+    for name, batch_size, accum in (("accum", 2, 4), ("big", 8, 1)):
+        model = tiny_model(dtype=torch.float64)
+        cfg = config(tmp_path, name, batch_size=batch_size, grad_accum=accum, max_steps=5)
+        Trainer(model, data, None, next_token_loss, cfg).fit()
+        results[name] = (model, train_losses(tmp_path / name))
+    (m1, l1), (m2, l2) = results["accum"], results["big"]
+    assert len(l1) == 5
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    assert l1[-1] < l1[0]  # it did learn
+    assert_same_weights(m1, m2)
+
+
+def test_resume_continues_exactly(tmp_path):
+    """N steps, stop, resume, N more == 2N steps straight: same losses, same weights, with
+    dropout on (the RNG states are restored) and across an epoch boundary (5 steps/epoch)."""
+    data, n = random_windows(), 6
+    common = dict(lr_decay_steps=2 * n, save_checkpoint=True, eval_every=4, save_every=4)
+
+    straight = tiny_model(drop_rate=0.2)
+    Trainer(straight, data, data, next_token_loss,
+            config(tmp_path, "straight", max_steps=2 * n, **common)).fit()  # fmt: skip
+
+    first = tiny_model(drop_rate=0.2)
+    Trainer(first, data, data, next_token_loss,
+            config(tmp_path, "resumed", max_steps=n, **common)).fit()  # fmt: skip
+    torch.manual_seed(999)  # a different RNG state before resuming must not matter
+    resumed = tiny_model(drop_rate=0.2, seed=5)  # different initial weights too
+    cfg = config(tmp_path, "resumed", max_steps=2 * n, resume=True, **common)
+    trainer = Trainer(resumed, data, data, next_token_loss, cfg)
+    trainer.fit()
+    assert trainer.step == 2 * n and trainer.epoch == 2 and trainer.step_in_epoch == 2
+
+    straight_losses = train_losses(tmp_path / "straight")
+    assert len(straight_losses) == 2 * n
+    assert train_losses(tmp_path / "resumed") == straight_losses  # bitwise
+    assert_same_weights(straight, resumed, exact=True)
+    records = read_metrics(tmp_path / "resumed" / METRICS_NAME)
+    # evaluations of both runs (the first run's last step, 6, included); the logged ones
+    # after the resumed checkpoint were dropped and rewritten
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 6, 8, 12]
+    ckpt = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["step"] == 2 * n
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    cfg = config(tmp_path, max_steps=2, resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(tiny_model(), random_windows(), None, next_token_loss, cfg).fit()
+
+
+# --- the non-finite guard ----------------------------------------------------------------
+
+
+def test_nan_loss_stops_before_the_step_and_leaves_parameters(tmp_path):
+    snapshot = {}
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first micro-batch of step 2 (grad_accum 2)
+            snapshot.update({k: v.clone() for k, v in model.state_dict().items()})
+            return next_token_loss(model, batch) * float("nan")
+        return next_token_loss(model, batch)
+
+    model = tiny_model()
+    trainer = Trainer(model, random_windows(), None, loss_fn,
+                      config(tmp_path, max_steps=4, grad_accum=2, batch_size=2))  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite training loss nan"):
+        trainer.fit()
+    assert trainer.step == 1
+    assert_same_weights(model, _as_module(snapshot, model), exact=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nan_gradient_stops_before_the_step(tmp_path):
+    model = tiny_model()
+    steps = {"n": 0}
+
+    def loss_fn(model, batch):
+        steps["n"] += 1
+        return next_token_loss(model, batch)
+
+    def poison(grad):
+        return grad * float("inf") if steps["n"] == 3 else grad
+
+    model.trf_blocks[0].ff.fc1.weight.register_hook(poison)
+    trainer = Trainer(model, random_windows(), None, loss_fn, config(tmp_path, max_steps=5))
+    with pytest.raises(NonFiniteLossError, match=r"step 3: .*gradient norm (nan|inf)"):
+        trainer.fit()
+    before = tiny_model()  # replay 2 clean steps to get the expected parameters
+    Trainer(before, random_windows(), None, next_token_loss,
+            config(tmp_path, "clean", max_steps=2, lr_decay_steps=5)).fit()  # fmt: skip
+    assert_same_weights(model, before, exact=True)
+
+
+def _as_module(state, like):
+    module = tiny_model()
+    module.load_state_dict(state)
+    return module
+
+
+# --- files and hooks ---------------------------------------------------------------------
+
+
+def test_metrics_plot_checkpoint_and_hooks(tmp_path):
+    seen = {"metrics": 0, "samples": 0}
+
+    def metrics_fn(model, loader):
+        seen["metrics"] += 1
+        assert not model.training
+        return {"accuracy": 0.25}
+
+    def sample_fn(model):
+        seen["samples"] += 1
+        return "hello"
+
+    cfg = config(tmp_path, max_steps=6, eval_every=3, log_every=2, plot=True,
+                 save_checkpoint=True, save_every=4)  # fmt: skip
+    model = tiny_model()
+    final = Trainer(model, random_windows(), random_windows(seed=1), next_token_loss, cfg,
+                    metrics_fn=metrics_fn, sample_fn=sample_fn).fit()  # fmt: skip
+    out = tmp_path / "run"
+    assert seen == {"metrics": 2, "samples": 2}
+    assert final["step"] == 6 and final["accuracy"] == 0.25
+    assert final["tokens_seen"] == 6 * 4 * 16
+    assert math.isfinite(final["val_loss"]) and math.isfinite(final["train_loss"])
+    records = read_metrics(out / METRICS_NAME)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert [r["tokens_seen"] for r in train] == [128, 256, 384]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in train)  # no MFU on CPU
+    assert all(r["lr"] > 0 and math.isfinite(r["grad_norm"]) for r in train)
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(r["sample"] == "hello" and r["accuracy"] == 0.25 for r in evals)
+    assert (out / PLOT_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["step"] == 6 and ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 1
+    assert {"model", "optimizer", "scheduler", "rng", "tokens_seen"} <= set(ckpt)
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"][0])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [METRICS_NAME, PLOT_NAME, CHECKPOINT_NAME]
+    )  # no temp files
+    # the saved model is the trained one
+    restored = tiny_model(seed=3)
+    restored.load_state_dict(ckpt["model"])
+    assert_same_weights(restored, model, exact=True)
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    trainer = Trainer(tiny_model(), random_windows(), None, next_token_loss,
+                      config(tmp_path, epochs=2, batch_size=3))  # fmt: skip
+    assert trainer.steps_per_epoch == 20 // 3 and trainer.total_steps == 12
+    trainer = Trainer(tiny_model(), random_windows(), None, next_token_loss,
+                      config(tmp_path, epochs=2, max_steps=5, batch_size=3))  # fmt: skip
+    assert trainer.total_steps == 5  # whichever comes first
+    order = [trainer.epoch_order(e) for e in (0, 1, 0)]
+    assert np.array_equal(order[0], order[2]) and not np.array_equal(order[0], order[1])
+    assert sorted(order[1].tolist()) == list(range(20))
+
+
+# --- two processes (DDP over gloo) against one -------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    cfg = TrainConfig(out_dir=out_dir, batch_size=2, grad_accum=2, max_steps=4, lr=3e-3,
+                      eval_every=2, eval_batches=2, log_every=1, progress=False, plot=False,
+                      save_checkpoint=True, seed=7)  # fmt: skip
+    model = tiny_model(seed=rank, dtype=torch.float64)
+    Trainer(model, random_windows(), random_windows(seed=1), next_token_loss, cfg).fit()
+
+
+def test_two_processes_match_one_process_on_the_combined_batch(tmp_path):
+    """2 ranks × batch 2 (gloo, gradients synced once per accumulation cycle of 2) == 1
+    process × batch 4: same losses and weights. Rank 1 starts from other weights: DDP must
+    broadcast rank 0's."""
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+
+    model = tiny_model(seed=0, dtype=torch.float64)
+    cfg = config(tmp_path, "single", batch_size=4, grad_accum=2, max_steps=4, eval_every=2,
+                 save_checkpoint=True)  # fmt: skip
+    Trainer(model, random_windows(), random_windows(seed=1), next_token_loss, cfg).fit()
+
+    np.testing.assert_allclose(train_losses(out), train_losses(tmp_path / "single"), rtol=1e-5)
+    records = read_metrics(out / METRICS_NAME)
+    assert [r["tokens_seen"] for r in records if r["kind"] == "train"] == [128, 256, 384, 512]
+    ddp_model = tiny_model(seed=1, dtype=torch.float64)
+    ddp_model.load_state_dict(torch.load(out / CHECKPOINT_NAME, weights_only=False)["model"])
+    assert_same_weights(ddp_model, model)
+    ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=False)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+
+
+# --- command-line helpers ----------------------------------------------------------------
+
+
+def parse(*argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastgpt pretrain")
+    add_training_arguments(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def test_training_arguments_defaults_and_config():
+    args = parse()
+    assert args.out == "runs/pretrain" and args.resume is False and args.seed == 123
+    cfg = train_config_from_args(args)
+    assert cfg.epochs == 1 and cfg.max_steps is None
+    cfg = train_config_from_args(parse("--max-steps", 7, "--grad-accum", 2, "--resume"))
+    assert cfg.max_steps == 7 and cfg.epochs is None and cfg.grad_accum == 2 and cfg.resume
+    assert train_config_from_args(parse("--resume", "x.pt")).resume == "x.pt"
+    assert train_config_from_args(parse("--no-checkpoint")).save_checkpoint is False
+
+
+def test_build_model_from_args(tmp_path):
+    model = build_model_from_args(parse("--model", "tiny", "--dropout", 0.2))
+    assert model.config.emb_dim == 32 and model.config.drop_rate == 0.2
+    again = build_model_from_args(parse("--model", "tiny", "--dropout", 0.2))
+    assert_same_weights(model, again, exact=True)  # seeded with --seed
+
+    config_path = tmp_path / "config.json"
+    GPTConfig.from_name("tiny", n_layers=1).to_json(config_path)
+    assert len(build_model_from_args(parse("--model", config_path)).trf_blocks) == 1
+
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = build_model_from_args(parse("--init", tmp_path / "ckpt"))
+    assert loaded.training
+    assert_same_weights(loaded, model, exact=True)
+
+    with pytest.raises(ValueError, match="unknown model preset"):
+        build_model_from_args(parse("--model", "gpt5"))
+    with pytest.raises(FileNotFoundError):
+        build_model_from_args(parse("--model", tmp_path / "missing.json"))
