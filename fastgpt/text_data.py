@@ -81,9 +81,10 @@ def _cache_key(files: Sequence[Path]) -> str:
 def _text_chunks(path: Path, chunk_chars: int):
     """Yield the text of `path` in pieces that tokenize exactly as the whole file would.
 
-    GPT-2's pre-tokenizer never joins a newline to a following non-space character (a letter,
-    digit or punctuation starts a new piece), so cutting right after such a newline keeps every
-    token intact. A chunk without such a cut point simply grows until one appears."""
+    GPT-2's pre-tokenizer makes a lone newline between two non-space characters a piece of its
+    own (a letter, digit or punctuation after it starts a new piece; a longer whitespace run
+    would be split differently at the end of a chunk), so cutting right after such a newline
+    keeps every token intact. A chunk without such a cut point grows until one appears."""
     pending = ""
     with open(path, encoding="utf-8", newline="") as f:
         while True:
@@ -99,7 +100,8 @@ def _text_chunks(path: Path, chunk_chars: int):
                 cut = pending.rfind("\n", 0, cut)
                 if cut < 0:
                     break
-                if cut + 1 < len(pending) and not pending[cut + 1].isspace():
+                lone = cut > 0 and not pending[cut - 1].isspace()
+                if lone and cut + 1 < len(pending) and not pending[cut + 1].isspace():
                     yield pending[: cut + 1]
                     pending = pending[cut + 1 :]
                     break
