@@ -39,7 +39,9 @@ from torch import nn
 
 from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
 
-SUPPORTED_HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)
+# Head dims are padded to a power of two of at least 16 (tl.dot's smallest inner size), masked.
+# 8 is here for small test models (the "tiny" preset has 4 heads of 8).
+SUPPORTED_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
@@ -635,15 +637,21 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
     if triton_interpreter_enabled():
         tiles = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
         return {"forward": tiles, "dkdv": tiles, "dq": tiles}
+    # Wide heads hold bigger fp32 accumulators (dk and dv, dq, acc): spread them over 8 warps.
     warps = 4 if head_dim <= 64 else 8
     if dtype == torch.float32:
-        small = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        small = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": warps, "num_stages": 2}
         return {"forward": {**small, "BLOCK_M": 64}, "dkdv": small, "dq": small}
     return {
         "forward": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": warps, "num_stages": 2},
-        "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-        "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2},
+        "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": warps, "num_stages": 2},
+        "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": warps, "num_stages": 2},
     }
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D: the head dim rounded up to a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -680,7 +688,7 @@ def _flash_attention_forward(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, tq, tk, head_dim, sm_scale * LOG2E, dropout_p,
         CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=triton.next_power_of_2(head_dim), **cfg,
+        BLOCK_D=_padded_head_dim(head_dim), **cfg,
     )  # fmt: skip
     return out, lse
 
@@ -701,7 +709,7 @@ def _flash_attention_backward(
     """Launch the three backward kernels: (dq, dk, dv) shaped and typed like q, k, v."""
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = _padded_head_dim(head_dim)
     configs = _block_config(q.dtype, head_dim)
     precision = _dot_precision(q.dtype)
     dropout = dropout_p > 0.0
