@@ -208,8 +208,11 @@ def init_distributed() -> DistInfo:
 
 
 def is_main_process() -> bool:
-    """True outside torchrun and on rank 0 (the rank that prints and writes files)."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """True outside torchrun and on rank 0 (the rank that prints and writes files); before the
+    process group exists (or after it is destroyed), torchrun's RANK variable tells."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # --- pieces ------------------------------------------------------------------------------
@@ -501,6 +504,7 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
                 micro_batches = next(batches)
                 loss, grad_norm, tokens, seq_len = self._train_step(micro_batches)
                 elapsed = time.perf_counter() - started
@@ -511,7 +515,6 @@ class Trainer:
                 interval["tokens"] += tokens
                 interval["time"] += elapsed
                 interval["norm"] = grad_norm
-                lr = self.optimizer.param_groups[0]["lr"]  # the LR of the NEXT step
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
 
