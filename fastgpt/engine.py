@@ -499,7 +499,7 @@ class Trainer:
         )
         final: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen}
         interval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
-        since_eval = {"loss": 0.0, "steps": 0}
+        since_eval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
         batches = self._train_batches()
         try:
             while self.step < self.total_steps:
@@ -512,8 +512,9 @@ class Trainer:
                 for acc in (interval, since_eval):
                     acc["loss"] += loss
                     acc["steps"] += 1
-                interval["tokens"] += tokens
-                interval["time"] += elapsed
+                for acc in (interval, since_eval):
+                    acc["tokens"] += tokens
+                    acc["time"] += elapsed
                 interval["norm"] = grad_norm
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
@@ -525,19 +526,24 @@ class Trainer:
                     interval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                     train_loss = since_eval["loss"] / max(1, since_eval["steps"])
-                    since_eval = {"loss": 0.0, "steps": 0}
+                    speed = self._throughput(since_eval["tokens"], since_eval["time"], seq_len)
+                    since_eval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
                     if self.is_main:
                         # Evaluation (a sample may be drawn at random) must not move the
                         # training RNGs: when it runs would change the dropout masks after it.
                         saved = rng_state()
                         try:
-                            final.update(self._evaluate(train_loss, bar))
+                            final.update(self._evaluate(train_loss, speed, bar))
                         finally:
                             set_rng_state(saved)
                 if cfg.save_checkpoint and (
                     (cfg.save_every and self.step % cfg.save_every == 0) or last
                 ):
                     self.save_checkpoint()
+        except BaseException:
+            if self.dist.created_group:  # leave no process group behind on an error
+                dist.destroy_process_group()
+            raise
         finally:
             bar.close()
             if self.is_main:
@@ -761,7 +767,18 @@ class Trainer:
 
     # --- evaluation and logging ----------------------------------------------------------
 
-    def _evaluate(self, train_loss: float, bar) -> dict[str, Any]:
+    def _throughput(self, tokens: int, seconds: float, seq_len: int) -> tuple[float, float | None]:
+        """(tokens/s, MFU or None): see the module docstring for the formula."""
+        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        mfu = None
+        if self.peak_flops and self._flops_per_token and seq_len:
+            flops = tokens_per_s * self._flops_per_token(seq_len)
+            mfu = flops / (self.peak_flops * self.dist.world_size)
+        return tokens_per_s, mfu
+
+    def _evaluate(
+        self, train_loss: float, speed: tuple[float, float | None], bar
+    ) -> dict[str, Any]:
         cfg = self.config
         record: dict[str, Any] = {
             "kind": "eval",
@@ -797,6 +814,8 @@ class Trainer:
                     record["sample"] = str(self.sample_fn(self.model))
             finally:
                 self.model.train(was_training)
+        tokens_per_s, mfu = speed
+        line += f"  {tokens_per_s:,.0f} tok/s" + (f"  MFU {100 * mfu:.1f}%" if mfu else "")
         bar.write(line)
         if "sample" in record:
             bar.write(f"  sample: {record['sample']!r}")
@@ -804,11 +823,7 @@ class Trainer:
         return {k: v for k, v in record.items() if k not in ("kind", "sample")}
 
     def _train_record(self, interval: dict[str, float], seq_len: int, lr: float) -> dict:
-        tokens_per_s = interval["tokens"] / interval["time"] if interval["time"] > 0 else 0.0
-        mfu = None
-        if self.peak_flops and self._flops_per_token and seq_len:
-            flops = tokens_per_s * self._flops_per_token(seq_len)
-            mfu = flops / (self.peak_flops * self.dist.world_size)
+        tokens_per_s, mfu = self._throughput(interval["tokens"], interval["time"], seq_len)
         record = {
             "kind": "train",
             "step": self.step,

@@ -419,3 +419,23 @@ def test_build_model_from_args(tmp_path):
         build_model_from_args(parse("--model", "gpt5"))
     with pytest.raises(FileNotFoundError):
         build_model_from_args(parse("--model", tmp_path / "missing.json"))
+
+
+def test_mfu_formula_and_peak_table(tmp_path, monkeypatch):
+    from fastgpt.engine import peak_flops
+    from fastgpt.model import flops_per_token
+
+    assert peak_flops(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(torch.device("cuda", 0)) == 756e12  # the longest matching name wins
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(torch.device("cuda", 0)) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some New GPU")
+    assert peak_flops(torch.device("cuda", 0)) is None
+
+    model = tiny_model()
+    trainer = Trainer(model, random_windows(), None, next_token_loss, config(tmp_path))
+    assert trainer._throughput(1000, 2.0, 16) == (500.0, None)  # no peak known on CPU
+    trainer.peak_flops = 1e9
+    tokens_per_s, mfu = trainer._throughput(1000, 2.0, 16)
+    assert mfu == pytest.approx(500.0 * flops_per_token(model.config, 16) / 1e9)
