@@ -437,5 +437,5 @@ def test_mfu_formula_and_peak_table(tmp_path, monkeypatch):
     trainer = Trainer(model, random_windows(), None, next_token_loss, config(tmp_path))
     assert trainer._throughput(1000, 2.0, 16) == (500.0, None)  # no peak known on CPU
     trainer.peak_flops = 1e9
-    tokens_per_s, mfu = trainer._throughput(1000, 2.0, 16)
+    _, mfu = trainer._throughput(1000, 2.0, 16)
     assert mfu == pytest.approx(500.0 * flops_per_token(model.config, 16) / 1e9)
