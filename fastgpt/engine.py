@@ -619,8 +619,8 @@ class Trainer:
             seed_everything(self.config.seed + 1000 * self.step + self.dist.rank)
 
     def save_plot(self, path: str | Path | None = None) -> Path | None:
-        """loss.png: training loss (every log line and averaged per evaluation) and validation
-        loss against tokens seen, from metrics.jsonl."""
+        """loss.png: training loss (the mean of each log interval) and validation loss against
+        tokens seen, from metrics.jsonl."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -633,29 +633,16 @@ class Trainer:
             return None
         path = Path(path) if path is not None else self.out_dir / PLOT_NAME
         fig, ax = plt.subplots(figsize=(7, 4))
-        if train:
-            ax.plot(
-                [r["tokens_seen"] for r in train],
-                [r["loss"] for r in train],
-                alpha=0.35,
-                label="training loss (log interval)",
-            )
+        if train:  # the mean of each log interval
+            ax.plot([r["tokens_seen"] for r in train], [r["loss"] for r in train],
+                    label="training loss")  # fmt: skip
+        elif evals:  # log_every longer than the run: the means between evaluations
+            ax.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals],
+                    marker="o", label="training loss")  # fmt: skip
         with_val = [r for r in evals if r.get("val_loss") is not None]
-        if evals:
-            ax.plot(
-                [r["tokens_seen"] for r in evals],
-                [r["train_loss"] for r in evals],
-                marker="o",
-                label="training loss",
-            )
         if with_val:
-            ax.plot(
-                [r["tokens_seen"] for r in with_val],
-                [r["val_loss"] for r in with_val],
-                marker="o",
-                linestyle="--",
-                label="validation loss",
-            )
+            ax.plot([r["tokens_seen"] for r in with_val], [r["val_loss"] for r in with_val],
+                    marker="o", linestyle="--", label="validation loss")  # fmt: skip
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (cross-entropy, nats)")
         ax.legend()

@@ -14,6 +14,7 @@ edited file is tokenized again; it is written to a temporary name and renamed wh
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import os
@@ -38,9 +39,10 @@ CHUNK_CHARS = 1 << 22
 
 
 def resolve_text_files(data: str | Path | Sequence[str | Path] | None) -> list[Path]:
-    """The text files named by `data`: a file, a folder (every *.txt below it, sorted), or a
-    list of those. None means the book's the-verdict.txt, fetched once with its sha256 checked
-    (FileNotFoundError with instructions when offline and not cached)."""
+    """The text files named by `data`: a file, a folder (every *.txt below it, sorted), a glob
+    pattern ("corpus/**/*.md"), or a list of those. None means the book's the-verdict.txt,
+    fetched once with its sha256 checked (FileNotFoundError with instructions when offline and
+    not cached)."""
     if data is None:
         from fastgpt.download import fetch
 
@@ -55,7 +57,13 @@ def resolve_text_files(data: str | Path | Sequence[str | Path] | None) -> list[P
     files: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
-        if path.is_dir():
+        if not path.exists() and any(c in str(item) for c in "*?["):  # a glob pattern
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            matches = [p for p in matches if p.is_file()]
+            if not matches:
+                raise FileNotFoundError(f"no files match {item}")
+            files.extend(matches)
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*.txt") if p.is_file())
             if not found:
                 raise ValueError(f"{path}: folder holds no .txt files")

@@ -75,6 +75,10 @@ def test_resolve_files_and_folders(tmp_path):
     (tmp_path / "notes.md").write_text("not text data")
     assert resolve_text_files(tmp_path) == [tmp_path / "b.txt", tmp_path / "sub" / "a.txt"]
     assert resolve_text_files(tmp_path / "b.txt") == [tmp_path / "b.txt"]
+    found = resolve_text_files(tmp_path / "**" / "?.txt")
+    assert found == [tmp_path / "b.txt", tmp_path / "sub" / "a.txt"]
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        resolve_text_files(tmp_path / "*.rst")
     with pytest.raises(FileNotFoundError, match=r"data file not found: .*nope\.txt"):
         resolve_text_files(tmp_path / "nope.txt")
     (tmp_path / "empty").mkdir()

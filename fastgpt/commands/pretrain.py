@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastgpt.engine import add_training_arguments
 
     add_training_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "data":
+            action.help = (
+                "text to train on: a file, a folder (every .txt below it) or a quoted glob "
+                "pattern; files are joined with <|endoftext|> (default: the book's "
+                "the-verdict.txt, downloaded once)"
+            )
     # The book's chapter 5 optimizer settings (AdamW, lr 4e-4, weight decay 0.1).
     parser.set_defaults(lr=4e-4, batch_size=8)
     group = parser.add_argument_group("pretraining data")
