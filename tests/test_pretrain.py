@@ -4,12 +4,14 @@ built and writes nothing."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from fastgpt.cli import main
+from fastgpt.config import GPTConfig
 from fastgpt.engine import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, read_metrics
 
 
@@ -148,4 +150,9 @@ def test_bad_options_and_missing_files(tmp_path, tiktoken_available, capsys):
     rc = run_cli("pretrain", "--data", data, "--model", "tiny", "--context-length", 16,
                  "--batch-size", 64, "--out", out)  # fmt: skip
     assert rc == 2 and "fewer than one optimizer step" in capsys.readouterr().err
+    small_vocab = tmp_path / "small.json"
+    small_vocab.write_text(json.dumps({**GPTConfig.from_name("tiny").to_dict(), "vocab_size": 100}))
+    rc = run_cli("pretrain", "--data", data, "--model", small_vocab, "--context-length", 16,
+                 "--out", out)  # fmt: skip
+    assert rc == 2 and "vocab_size is 100" in capsys.readouterr().err
     assert not (out / CHECKPOINT_NAME).exists()

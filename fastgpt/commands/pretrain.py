@@ -132,6 +132,15 @@ def run(args: argparse.Namespace) -> int:
             f"--context-length {args.context_length} is longer than the model's context "
             f"length {model.config.context_length}"
         )
+    # Check every token id once here, so the model need not range-check each batch (on CUDA
+    # that check costs a device-to-host sync per forward).
+    largest = max(int(d.token_ids.max()) for d in (train_set, val_set) if d is not None)
+    if largest >= model.config.vocab_size:
+        return fail(
+            f"the data holds token id {largest}, but the model's vocab_size is "
+            f"{model.config.vocab_size} (GPT-2 BPE needs 50257)"
+        )
+    model.check_inputs = False
 
     sample_fn = None
     if args.sample_prompt and args.sample_tokens > 0:
