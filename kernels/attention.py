@@ -207,7 +207,7 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_m_tiles = tl.cdiv(Tq, BLOCK_M)
+    num_m_tiles = (Tq + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = (pid // num_m_tiles).to(tl.int64)
     # Heaviest causal tiles (the last rows see the most keys) are scheduled first.
@@ -289,7 +289,7 @@ def _attention_backward_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_m_tiles = tl.cdiv(Tq, BLOCK_M)
+    num_m_tiles = (Tq + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = (pid // num_m_tiles).to(tl.int64)
     b = bh // H
@@ -409,7 +409,7 @@ def _attention_backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_n_tiles = tl.cdiv(Tk, BLOCK_N)
+    num_n_tiles = (Tk + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
     bh = (pid // num_n_tiles).to(tl.int64)
     n_start = (pid % num_n_tiles) * BLOCK_N
@@ -439,13 +439,13 @@ def _attention_backward_dkdv_kernel(
 
     # Query tiles [m_lo, m_masked_end) cross the diagonal (or this key tile runs past Tk) and
     # are masked; [m_masked_end, m_end) see the whole key tile; tiles above m_lo see none of it.
-    m_end = tl.cdiv(Tq, BLOCK_M) * BLOCK_M
+    m_end = ((Tq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
     if CAUSAL:
         first_row = tl.maximum(n_start - (Tk - Tq), 0)  # first query that sees key n_start
         m_lo = tl.minimum((first_row // BLOCK_M) * BLOCK_M, m_end)
         # first query that sees the last key of the tile, rounded up to a tile start
         all_rows = tl.maximum(n_start + BLOCK_N - 1 - (Tk - Tq), 0)
-        m_masked_end = tl.minimum(tl.cdiv(all_rows, BLOCK_M) * BLOCK_M, m_end)
+        m_masked_end = tl.minimum(((all_rows + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m_end)
     else:
         m_lo = 0
         m_masked_end = 0
@@ -559,7 +559,7 @@ def _attention_backward_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_m_tiles = tl.cdiv(Tq, BLOCK_M)
+    num_m_tiles = (Tq + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
     bh = (pid // num_m_tiles).to(tl.int64)
     m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
@@ -635,8 +635,14 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
     slow and runs programs one at a time); on a GPU, 16-bit inputs take larger tiles than fp32,
     whose exact (ieee) dots need more registers."""
     if triton_interpreter_enabled():
-        tiles = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
-        return {"forward": tiles, "dkdv": tiles, "dq": tiles}
+        # Query and key tiles of different sizes, in the GPU configs' ratios, so that the CPU
+        # tests walk the same tile-bound arithmetic (several masked tiles per diagonal).
+        small = {"num_warps": 1, "num_stages": 1}
+        return {
+            "forward": {"BLOCK_M": 32, "BLOCK_N": 16, **small},
+            "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, **small},
+            "dq": {"BLOCK_M": 32, "BLOCK_N": 16, **small},
+        }
     # Wide heads hold bigger fp32 accumulators (dk and dv, dq, acc): spread them over 8 warps.
     warps = 4 if head_dim <= 64 else 8
     if dtype == torch.float32:
