@@ -14,12 +14,14 @@ Conventions shared by every kernel below
   instruction on the GPU. The saved log-sum-exp `lse` is in the same base-2 units.
 - Loop bounds skip every tile that lies wholly above the diagonal; only tiles crossing the
   diagonal (or the end of the keys) pay for a mask.
-- Dropout on the attention weights draws uniforms from Philox, `tl.rand(seed, offset)` with
-  offset = ((b·H + h)·Tq + i)·Tk + j computed in int64. Triton's `randint` feeds the low and the
-  high 32 bits of an int64 offset into two Philox counter words, so offsets never wrap even when
-  B·H·Tq·Tk passes 2^32; the element (b, h, i, j) is kept iff its uniform >= p. The forward, the
-  backward and `attention_dropout_mask` compute exactly the same offsets, so the backward
-  regenerates the forward's mask instead of storing it.
+- Dropout on the attention weights draws one uniform per weight from Philox (`tl.philox`, the
+  generator behind `tl.rand`), keyed by `seed`, with the 4-word counter (i·Tk + j, b·H + h, 0, 0):
+  the position inside the head's Tq×Tk matrix in the first word (int32, hence Tq·Tk < 2^31),
+  the head in the second. So no offset ever wraps however large B·H·Tq·Tk gets (the flat index
+  ((b·H + h)·Tq + i)·Tk + j would pass 2^31 easily), and per tile only an int32 offset tile is
+  built. The weight is kept iff its uniform >= p. The forward, the backward and
+  `attention_dropout_mask` compute the same counters, so the backward regenerates the forward's
+  mask instead of storing it.
 - Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); the grid is one flat axis
   (axis 0 allows 2^31 - 1 programs, axes 1 and 2 only 65535), so B·H > 65535 works.
 
@@ -89,6 +91,16 @@ def attention_reference(
     return (weights @ vc).to(q.dtype)  # (B, H, Tq, D)
 
 
+@triton.jit
+def _dropout_keep(seed, bh, offsets, dropout_p):
+    """Keep-mask of the attention weights at within-head offsets i·Tk + j of head bh = b·H + h:
+    Philox(key = seed, counter = (i·Tk + j, b·H + h, 0, 0)), uniform in [0, 1), kept iff >= p."""
+    c0 = offsets.to(tl.uint32, bitcast=True)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
 # --- forward -----------------------------------------------------------------------------
 #
 # FlashAttention-2 forward, one program per (batch·head, tile of BLOCK_M query rows).
@@ -135,7 +147,7 @@ def _attention_forward_inner(
     stride_vd,
     offs_m,
     offs_d,
-    dropout_row_offset,
+    bh,
     n_lo,
     n_hi,
     Tq,
@@ -172,8 +184,7 @@ def _attention_forward_inner(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
-            rand_offsets = dropout_row_offset[:, None] + offs_n[None, :]  # int64
-            keep = tl.rand(seed, rand_offsets) >= dropout_p
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
         v = tl.load(  # (BLOCK_N, BLOCK_D)
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
@@ -230,7 +241,6 @@ def _attention_forward_kernel(
         seed = tl.load(seed_ptr)
     else:
         seed = 0
-    dropout_row_offset = (bh * Tq + offs_m.to(tl.int64)) * Tk  # (BLOCK_M,) int64
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -238,12 +248,12 @@ def _attention_forward_kernel(
     full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attention_forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, dropout_row_offset, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     acc, m_i, l_i = _attention_forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, dropout_row_offset, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
 
@@ -334,7 +344,7 @@ def _attention_backward_dkdv_inner(
     qk_scale,
     dropout_p,
     seed,
-    dropout_bh_offset,
+    bh,
     CAUSAL: tl.constexpr,
     MASKED: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -368,8 +378,7 @@ def _attention_backward_dkdv_inner(
         )
         dpt = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            rand_offsets = (dropout_bh_offset + offs_m.to(tl.int64))[None, :] * Tk + offs_n[:, None]
-            keep = tl.rand(seed, rand_offsets) >= dropout_p
+            keep = _dropout_keep(seed, bh, offs_m[None, :] * Tk + offs_n[:, None], dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
             pdt = tl.where(keep, pt * inv_keep, 0.0)
             dpt = tl.where(keep, dpt * inv_keep, 0.0)
@@ -457,12 +466,12 @@ def _attention_backward_dkdv_kernel(
     dk, dv = _attention_backward_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
         stride_dom, stride_dod, offs_n, offs_d, m_lo, m_masked_end, Tq, Tk, D, qk_scale,
-        dropout_p, seed, bh * Tq, CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_M,
+        dropout_p, seed, bh, CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_M,
     )  # fmt: skip
     dk, dv = _attention_backward_dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
         stride_dom, stride_dod, offs_n, offs_d, tl.maximum(m_masked_end, m_lo), m_end, Tq, Tk,
-        D, qk_scale, dropout_p, seed, bh * Tq, CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_M,
+        D, qk_scale, dropout_p, seed, bh, CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_M,
     )  # fmt: skip
 
     dk_offsets = b * stride_dkb + h * stride_dkh
@@ -486,7 +495,7 @@ def _attention_backward_dq_inner(
     stride_vd,
     offs_m,
     offs_d,
-    dropout_row_offset,
+    bh,
     n_lo,
     n_hi,
     Tq,
@@ -525,8 +534,7 @@ def _attention_backward_dq_inner(
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(dout, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            rand_offsets = dropout_row_offset[:, None] + offs_n[None, :]  # int64
-            keep = tl.rand(seed, rand_offsets) >= dropout_p
+            keep = _dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
@@ -587,18 +595,17 @@ def _attention_backward_dq_kernel(
         seed = tl.load(seed_ptr)
     else:
         seed = 0
-    dropout_row_offset = (bh * Tq + offs_m.to(tl.int64)) * Tk  # (BLOCK_M,) int64
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attention_backward_dq_inner(
         dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, dropout_row_offset, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     dq = _attention_backward_dq_inner(
         dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, dropout_row_offset, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     tl.store(
@@ -616,15 +623,18 @@ def _attention_backward_dq_kernel(
 def _attention_dropout_mask_kernel(
     keep_ptr,  # (B, H, Tq, Tk) int8 contiguous: 1 where the attention weight is kept
     seed_ptr,  # (1,) int64 Philox seed
-    n_elements,
+    n_per_head,  # Tq·Tk
     dropout_p,
     BLOCK: tl.constexpr,
 ):
-    # The flat index of (b, h, i, j) in a contiguous (B, H, Tq, Tk) tensor is exactly the
-    # attention kernels' rand offset ((b·H + h)·Tq + i)·Tk + j.
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    keep = tl.rand(tl.load(seed_ptr), offsets) >= dropout_p
-    tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=offsets < n_elements)
+    # One program per BLOCK elements of one head; within a head the flat index of (i, j) in a
+    # contiguous (Tq, Tk) slice is the attention kernels' offset i·Tk + j.
+    blocks_per_head = (n_per_head + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    bh = (pid // blocks_per_head).to(tl.int64)
+    offsets = (pid % blocks_per_head) * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(seed_ptr), bh, offsets, dropout_p)
+    tl.store(keep_ptr + bh * n_per_head + offsets, keep.to(tl.int8), mask=offsets < n_per_head)
 
 
 # --- launchers ---------------------------------------------------------------------------
@@ -818,6 +828,14 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _check_dropout_offsets(tq: int, tk: int) -> None:
+    """Dropout's within-head Philox counter i·Tk + j is int32: Tq·Tk must stay below 2^31."""
+    if tq * tk >= 2**31:
+        raise ValueError(
+            f"dropout needs Tq·Tk < 2^31 (one head's attention matrix), got Tq={tq}, Tk={tk}"
+        )
+
+
 def _seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
     """The Philox seed as a (1,) int64 tensor on `device`; None draws one from torch's generator
     for that device (so torch.manual_seed makes dropout reproducible). Kept as a tensor so that
@@ -850,7 +868,10 @@ def attention(
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
     if empty or not use_triton(q.device):
         return attention_reference(q, k, v, causal, scale, dropout_p)
-    seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
+    seed_t = None
+    if dropout_p > 0.0:
+        _check_dropout_offsets(q.shape[2], k.shape[2])
+        seed_t = _seed_tensor(seed, q.device)
     out, _ = _flash_attention_forward(q, k, v, bool(causal), scale, float(dropout_p), seed_t)
     return out
 
@@ -871,12 +892,13 @@ def attention_dropout_mask(
     device = torch.device(device)
     if not use_triton(device):
         raise RuntimeError(f"attention_dropout_mask needs the Triton kernel on {device}")
+    _check_dropout_offsets(tq, tk)
     keep = torch.empty((batch, heads, tq, tk), dtype=torch.int8, device=device)
-    n = keep.numel()
-    if n:
+    if keep.numel():
         block = 1024
-        _attention_dropout_mask_kernel[(triton.cdiv(n, block),)](
-            keep, _seed_tensor(seed, device), n, dropout_p, BLOCK=block
+        grid = (triton.cdiv(tq * tk, block) * batch * heads,)
+        _attention_dropout_mask_kernel[grid](
+            keep, _seed_tensor(seed, device), tq * tk, dropout_p, BLOCK=block
         )
     return keep.bool()
 

@@ -311,6 +311,10 @@ def test_bad_device_and_dropout_raise(device):
     for p in (-0.1, 1.0):
         with pytest.raises(ValueError, match="dropout_p"):
             attention(q, k, v, dropout_p=p)
+    # dropout's within-head Philox counter i·Tk + j is int32
+    long_q = torch.zeros(1, 1, 46341, 16, device=device)
+    with pytest.raises(ValueError, match="2\\^31"):
+        attention(long_q, long_q, long_q, dropout_p=0.1)
 
 
 # --- the module and torch.compile --------------------------------------------------------
