@@ -22,7 +22,8 @@ Conventions shared by every kernel below
   built. The weight is kept iff its uniform >= p. The forward, the backward and
   `attention_dropout_mask` compute the same counters, so the backward regenerates the forward's
   mask instead of storing it.
-- Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); the grid is one flat axis
+- Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); offsets inside one head
+  (i·stride_t + d·stride_d) stay int32, which `attention` checks. The grid is one flat axis
   (axis 0 allows 2^31 - 1 programs, axes 1 and 2 only 65535), so B·H > 65535 works.
 
 Where it runs (see `kernels/_dispatch.py`): CUDA tensors run the Triton kernels; CPU tensors run
@@ -653,16 +654,22 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
             "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, **small},
             "dq": {"BLOCK_M": 32, "BLOCK_N": 16, **small},
         }
-    # Wide heads hold bigger fp32 accumulators (dk and dv, dq, acc): spread them over 8 warps.
-    warps = 4 if head_dim <= 64 else 8
-    if dtype == torch.float32:
-        small = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": warps, "num_stages": 2}
-        return {"forward": {**small, "BLOCK_M": 64}, "dkdv": small, "dq": small}
-    return {
-        "forward": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": warps, "num_stages": 2},
-        "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": warps, "num_stages": 2},
-        "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": warps, "num_stages": 2},
-    }
+    # Chosen without a GPU at hand: the largest tiles that ptxas (sm_90) compiles without
+    # register spills, with and without dropout, for head dims 64 and 128 (fp32 at 128 spills a
+    # little whatever the tiles). Not timed: see benchmarks/ for measurements on a GPU.
+    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
+        configs = {
+            "forward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if head_dim <= 64 else 8},
+            "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8},
+            "dq": {"BLOCK_M": 32, "BLOCK_N": 32 if head_dim <= 64 else 16, "num_warps": 4},
+        }
+    else:
+        configs = {
+            "forward": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8},
+            "dkdv": {"BLOCK_M": 32, "BLOCK_N": 128 if head_dim <= 64 else 64, "num_warps": 8},
+            "dq": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8},
+        }
+    return {name: {**cfg, "num_stages": 2} for name, cfg in configs.items()}
 
 
 def _padded_head_dim(head_dim: int) -> int:
@@ -826,6 +833,13 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        within_head = t.shape[2] * abs(t.stride(2)) + t.shape[3] * abs(t.stride(3))
+        if within_head >= 2**31:
+            raise ValueError(
+                f"{name}: offsets inside one head reach {within_head} (T·stride_t + D·stride_d), "
+                "past the kernels' int32 range 2^31"
+            )
 
 
 def _check_dropout_offsets(tq: int, tk: int) -> None:
