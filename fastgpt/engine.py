@@ -134,7 +134,9 @@ class TrainConfig:
     seed: int = 123
     """Seed of the data order and of every RNG at the start of training."""
     resume: bool | str = False
-    """True: continue from out_dir/checkpoint.pt; a path: from that checkpoint."""
+    """True: continue from out_dir/checkpoint.pt; a path: from that checkpoint. The LR schedule
+    is this run's: to continue exactly, keep lr, warmup and the decay end (lr_decay_steps, or
+    max_steps when that is unset) as they were."""
     num_workers: int = 0
     """DataLoader worker processes for the training batches."""
     device: str = "auto"
@@ -445,10 +447,8 @@ class Trainer:
         )
         min_ratio = (config.min_lr if config.min_lr is not None else config.lr / 10) / config.lr
         self.warmup_steps, self.decay_steps = warmup, decay_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_multiplier(step, warmup, decay_steps, min_ratio),
-        )
+        self.lr_at = lambda step: lr_multiplier(step, warmup, decay_steps, min_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_at)
 
         self.step = 0  # optimizer steps done
         self.epoch = 0  # data position: the epoch and step within it of the NEXT step
@@ -603,6 +603,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        # The schedule is this run's (--lr, --max-steps, --lr-decay-steps, ...) from the first
+        # resumed step on; with unchanged options that is exactly the checkpoint's.
+        self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * self.lr_at(self.step)
         self.tokens_seen = state["tokens_seen"]
         self.epoch = state["epoch"]
         if state["examples_per_step"] == self.examples_per_step:

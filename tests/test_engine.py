@@ -116,6 +116,29 @@ def test_optimizer_decays_only_matrices_and_skips_frozen(tmp_path):
     )
 
 
+def test_gradient_norm_is_clipped_before_the_optimizer_step(tmp_path):
+    """The optimizer sees gradients of norm grad_clip although the logged (pre-clip) norm is
+    larger; grad_clip 0 leaves them alone. On CPU: fp32, AdamW not fused."""
+    for grad_clip in (0.05, 0.0):
+        cfg = config(tmp_path, f"clip{grad_clip}", max_steps=3, grad_clip=grad_clip)
+        trainer = Trainer(tiny_model(), random_windows(), None, next_token_loss, cfg)
+        assert trainer.amp_dtype is None and not trainer.optimizer.defaults["fused"]
+        seen = []  # the gradient norm each optimizer step is given
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs, seen=seen, params=trainer.params: seen.append(
+                torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+            )
+        )
+        trainer.fit()
+        logged = [r["grad_norm"] for r in trainer.history if r["kind"] == "train"]
+        assert len(seen) == len(logged) == 3
+        assert min(logged) > 0.05  # clipping has something to do
+        if grad_clip:
+            assert seen == pytest.approx([grad_clip] * 3, rel=1e-4)
+        else:
+            assert seen == pytest.approx(logged, rel=1e-5)
+
+
 def test_make_optimizer_groups():
     params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4))]
     opt = make_optimizer(params, lr=1e-3, weight_decay=0.5)
@@ -213,6 +236,19 @@ def test_resume_continues_exactly(tmp_path):
     assert ckpt["step"] == 2 * n
 
 
+def test_resume_follows_this_runs_schedule(tmp_path):
+    """Resuming with a longer --max-steps and another --lr: the first resumed step already
+    uses the new schedule (cosine to the new last step, new peak)."""
+    data = random_windows()
+    Trainer(tiny_model(), data, None, next_token_loss,
+            config(tmp_path, max_steps=2, save_checkpoint=True)).fit()  # fmt: skip
+    cfg = config(tmp_path, max_steps=8, lr=1e-3, warmup_steps=0, resume=True)
+    trainer = Trainer(tiny_model(), data, None, next_token_loss, cfg)
+    trainer.fit()
+    lrs = [r["lr"] for r in trainer.history if r["kind"] == "train"]
+    assert lrs == pytest.approx([1e-3 * lr_multiplier(s, 0, 8, 0.1) for s in range(2, 8)])
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     cfg = config(tmp_path, max_steps=2, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -294,7 +330,10 @@ def test_metrics_plot_checkpoint_and_hooks(tmp_path):
     assert seen == {"metrics": 2, "samples": 2}
     assert final["step"] == 6 and final["accuracy"] == 0.25
     assert final["tokens_seen"] == 6 * 4 * 16
-    assert math.isfinite(final["val_loss"]) and math.isfinite(final["train_loss"])
+    assert math.isfinite(final["train_loss"])
+    # validation: the mean loss over the first eval_batches (2) batches, in eval mode
+    val_loader = torch.utils.data.DataLoader(random_windows(seed=1), batch_size=4)
+    assert final["val_loss"] == evaluate_loss(model, val_loader, next_token_loss, 2)
     records = read_metrics(out / METRICS_NAME)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -319,6 +358,40 @@ def test_metrics_plot_checkpoint_and_hooks(tmp_path):
     restored = tiny_model(seed=3)
     restored.load_state_dict(ckpt["model"])
     assert_same_weights(restored, model, exact=True)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """A save that dies half-way (disk full, a kill) leaves the previous checkpoint whole and
+    no temporary file behind."""
+    trainer = Trainer(tiny_model(), random_windows(), None, next_token_loss,
+                      config(tmp_path, max_steps=2, save_checkpoint=True))  # fmt: skip
+    trainer.fit()
+    path = trainer.checkpoint_path
+    before = path.read_bytes()
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(before[: len(before) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="No space"):
+        trainer.save_checkpoint()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME]
+
+
+@pytest.mark.gpu
+def test_cuda_uses_fused_adamw_and_bf16_autocast(tmp_path):
+    trainer = Trainer(tiny_model(), random_windows(), None, next_token_loss,
+                      config(tmp_path, max_steps=2, device="cuda"))  # fmt: skip
+    assert trainer.optimizer.defaults["fused"] is True
+    assert trainer.amp_dtype == torch.bfloat16
+    with torch.autocast("cuda", dtype=trainer.amp_dtype):
+        assert trainer.model(random_windows()[0][0][None].cuda()).dtype == torch.bfloat16
+    final = trainer.fit()
+    assert math.isfinite(final["train_loss"])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # fp32 masters
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
@@ -355,13 +428,27 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                       eval_every=2, eval_batches=2, log_every=1, progress=False, plot=False,
                       save_checkpoint=True, seed=7)  # fmt: skip
     model = tiny_model(seed=rank, dtype=torch.float64)
-    Trainer(model, random_windows(), random_windows(seed=1), next_token_loss, cfg).fit()
+    trainer = Trainer(model, random_windows(), random_windows(seed=1), next_token_loss, cfg)
+
+    # Count DDP's gradient all-reduces: a comm hook runs once per gradient bucket and sync.
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buckets: list[int] = []
+
+    def counting_allreduce(state, bucket):
+        buckets.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    trainer.train_model.register_comm_hook(None, counting_allreduce)
+    trainer.fit()
+    syncs = len(buckets) // len(set(buckets))
+    assert syncs == cfg.max_steps, f"{syncs} gradient syncs in {cfg.max_steps} steps"
 
 
 def test_two_processes_match_one_process_on_the_combined_batch(tmp_path):
-    """2 ranks × batch 2 (gloo, gradients synced once per accumulation cycle of 2) == 1
-    process × batch 4: same losses and weights. Rank 1 starts from other weights: DDP must
-    broadcast rank 0's."""
+    """2 ranks × batch 2 (gloo) == 1 process × batch 4: same losses and weights. Rank 1 starts
+    from other weights: DDP must broadcast rank 0's. Each rank also counts DDP's gradient
+    all-reduces: one per step, not one per micro-batch (no_sync on the first of the 2)."""
     out = tmp_path / "ddp"
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
 
