@@ -1,5 +1,7 @@
 """Download the data sets the book uses, once, with their sha256 checked.
 
+    path = data_file(args.data, "the-verdict.txt")   # --data if given, else the book's file
+
 Files are looked for, in order: in the folder named by FASTGPT_DATA_DIR (how tests and offline
 machines provide them), then in the cache folder (FASTGPT_CACHE_DIR, default
 ~/.cache/fastgpt), and only then downloaded into the cache. A file whose sha256 does not match
@@ -99,3 +101,21 @@ def fetch(name: str) -> Path:
     partial.write_bytes(payload)
     partial.replace(cached)  # atomic: a crash never leaves a half-written file under the name
     return cached
+
+
+def data_file(data: str | Path | None, default: str) -> Path:
+    """The file a command's --data names or, with no --data, the book's data set `default`
+    (see `fetch`). Raises FileNotFoundError naming the missing file, or saying how to pass one
+    when the default cannot be had offline."""
+    if data:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"data file not found: {path}")
+        return path
+    try:
+        return fetch(default)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"no --data given and the default data set {default} is not available offline "
+            f"({exc}). Pass your own data with --data PATH."
+        ) from exc

@@ -44,15 +44,9 @@ def resolve_text_files(data: str | Path | Sequence[str | Path] | None) -> list[P
     fetched once with its sha256 checked (FileNotFoundError with instructions when offline and
     not cached)."""
     if data is None:
-        from fastgpt.download import fetch
+        from fastgpt.download import data_file
 
-        try:
-            return [fetch(DEFAULT_CORPUS)]
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(
-                f"no --data given and the default corpus {DEFAULT_CORPUS} is not available "
-                f"offline ({exc}). Pass your own text with --data FILE_OR_FOLDER."
-            ) from exc
+        return [data_file(None, DEFAULT_CORPUS)]
     items = [data] if isinstance(data, (str, Path)) else list(data)
     files: list[Path] = []
     for item in items:

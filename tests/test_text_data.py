@@ -4,8 +4,12 @@ errors for missing, empty, too short or non-UTF-8 files."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -86,15 +90,67 @@ def test_resolve_files_and_folders(tmp_path):
         resolve_text_files(tmp_path / "empty")
 
 
-def test_default_corpus_offline_says_how_to_pass_a_file(monkeypatch):
-    import fastgpt.download
+def test_default_corpus_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
+    """No FASTGPT_DATA_DIR, nothing cached, no network: the error says to use --data."""
+    monkeypatch.delenv("FASTGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path))
 
-    def offline(name):
-        raise FileNotFoundError(f"could not download {name}")
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(fastgpt.download, "fetch", offline)
-    with pytest.raises(FileNotFoundError, match="--data FILE_OR_FOLDER"):
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(FileNotFoundError, match=r"the-verdict\.txt .*--data PATH"):
         resolve_text_files(None)
+
+
+class FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_download_checks_sha256_and_caches_once(tmp_path, monkeypatch):
+    """fetch("the-verdict.txt"): a download with the wrong sha256 is refused and not kept; the
+    right one is cached and reused without the network; a corrupted cache is fetched again."""
+    from fastgpt import download
+
+    text = b"I HAD always thought Jack Gisburn rather a cheap genius"
+    spec = download.DataFile("story.txt", "https://example.invalid/story.txt",
+                             hashlib.sha256(text).hexdigest())  # fmt: skip
+    monkeypatch.setitem(download.DATA_FILES, "story.txt", spec)
+    monkeypatch.delenv("FASTGPT_DATA_DIR", raising=False)
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
+    served = {"payload": b"tampered" + text, "downloads": 0}
+
+    def urlopen(url, timeout):
+        assert url == spec.url
+        served["downloads"] += 1
+        return FakeResponse(served["payload"])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    with pytest.raises(ValueError, match=r"story\.txt .* has sha256 .* expected"):
+        download.fetch("story.txt")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+    served["payload"] = text
+    path = download.fetch("story.txt")
+    assert path == tmp_path / "cache" / "story.txt" and path.read_bytes() == text
+    assert download.fetch("story.txt") == path and served["downloads"] == 2  # cached
+    assert download.data_file(None, "story.txt") == path
+
+    path.write_bytes(b"corrupted")
+    assert download.fetch("story.txt").read_bytes() == text and served["downloads"] == 3
+    assert sorted(p.name for p in path.parent.iterdir()) == ["story.txt"]  # no partial file
+
+    local = tmp_path / "mine.txt"
+    local.write_text("my own text")
+    assert download.data_file(str(local), "story.txt") == local  # --data wins, no download
+    with pytest.raises(FileNotFoundError, match=r"data file not found: .*nope\.txt"):
+        download.data_file(tmp_path / "nope.txt", "story.txt")
+    with pytest.raises(KeyError, match="unknown data file"):
+        download.fetch("nope.txt")
 
 
 def test_default_corpus_is_the_verdict(data_dir, monkeypatch):
