@@ -414,6 +414,14 @@ def load_classifier_metadata(directory: str | Path) -> tuple[list[str], dict[str
     return labels, info
 
 
+def saved_label_names(directory: str | Path) -> list[str] | None:
+    """The label names saved beside a classifier checkpoint, or None when `directory` holds
+    no labels.json (e.g. a language model, or a hub name)."""
+    if not (Path(directory) / LABELS_FILE).is_file():
+        return None
+    return load_classifier_metadata(directory)[0]
+
+
 @torch.no_grad()
 def classify_texts(
     model: nn.Module, texts: Sequence[str], tokenizer, max_length: int | None = None

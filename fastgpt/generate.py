@@ -1,8 +1,7 @@
 """Autoregressive text generation: greedy, temperature, top-k and top-p (nucleus) sampling.
 
     out = generate(model, prompt_ids, max_new_tokens=50)                  # (B, T + new)
-    for step_ids in generate_stream(model, prompt_ids, 50, temperature=0.8):
-        ...                                                               # (B, 1) each step
+    generate(model, prompt_ids, 50, temperature=0.8, on_step=print)       # (B, 1) each step
 
 With `use_cache=True` (default) the prompt is run through the model once (prefill) and then
 one position per step, attending to the keys and values cached in a `KVCache` (attention with
@@ -17,19 +16,18 @@ tokens each step (it costs what the uncached path costs, and gives the same toke
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 
 from fastgpt.model import GPTModel
 
 
-def _check_args(token_ids, max_new_tokens, temperature, top_k, top_p) -> None:
-    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
-        shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else None
-        raise ValueError(f"token_ids must be a (batch, seq_len) tensor, got shape {shape}")
-    if token_ids.shape[0] == 0 or token_ids.shape[1] == 0:
-        raise ValueError(f"token_ids is empty: shape {tuple(token_ids.shape)}")
+def check_generation_options(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    """ValueError unless max_new_tokens >= 0, temperature >= 0, top_k >= 1 (or None) and
+    top_p in (0, 1] (or None)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature < 0:
@@ -71,7 +69,7 @@ def sample_next_token(
 
 
 @torch.no_grad()
-def generate_stream(
+def generate(
     model: GPTModel,
     token_ids: torch.Tensor,
     max_new_tokens: int,
@@ -81,16 +79,25 @@ def generate_stream(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-) -> Iterator[torch.Tensor]:
-    """Yield the new tokens of each step, (B, 1) long, as they are produced.
+    on_step: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """The prompts (B, T) followed by up to max_new_tokens generated tokens: (B, T + new).
 
-    token_ids: (B, T) prompts of one length. Stops after max_new_tokens steps, or when every
+    token_ids: (B, T) prompts of one length (a batch of prompts is generated together, each
+    row exactly as it would be alone). Stops after max_new_tokens steps, or when every
     sequence has produced `eos_id` (a finished sequence then gets `eos_id` at each later step).
-    The model runs in eval mode (its previous mode is restored at the end)."""
-    _check_args(token_ids, max_new_tokens, temperature, top_k, top_p)
+    `generator` (on the model's device) makes sampling reproducible. `on_step(new_ids)` is
+    called with each step's tokens, (B, 1) long on the model's device, as they are produced
+    (`fastgpt generate` streams text this way). The model runs in eval mode (its previous mode
+    is restored at the end)."""
+    check_generation_options(max_new_tokens, temperature, top_k, top_p)
+    model.check_token_ids(token_ids)  # once: every id generated later comes from the head
     context = model.config.context_length
-    was_training = model.training
+    was_training, was_checking = model.training, model.check_inputs
     model.eval()
+    # The head's ids are all in range, so the per-call range check (a device-to-host sync on
+    # CUDA at every step) is off while generating.
+    model.check_inputs = model.out_head.out_features > model.config.vocab_size
     try:
         device = next(model.parameters()).device
         seq = token_ids.to(device)  # (B, T) everything so far
@@ -111,31 +118,11 @@ def generate_stream(
                 next_ids = next_ids.masked_fill(finished[:, None], eos_id)
                 finished |= next_ids[:, 0] == eos_id
             seq = torch.cat([seq, next_ids], dim=1)  # (B, T + 1)
-            yield next_ids
+            if on_step is not None:
+                on_step(next_ids)
             if eos_id is not None and bool(finished.all()):
                 break
     finally:
         model.train(was_training)
-
-
-def generate(
-    model: GPTModel,
-    token_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    use_cache: bool = True,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The prompts (B, T) followed by up to max_new_tokens generated tokens: (B, T + new).
-
-    See `generate_stream` for the arguments; fewer than max_new_tokens are added only when every
-    sequence reached `eos_id`."""
-    pieces = [token_ids]
-    for step in generate_stream(
-        model, token_ids, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
-    ):
-        pieces.append(step.to(token_ids.device))
-    return torch.cat(pieces, dim=1)
+        model.check_inputs = was_checking
+    return seq.to(token_ids.device)

@@ -119,7 +119,8 @@ class InstructionDataset(Dataset):
     With `max_length`, a record whose prompt alone is longer than max_length would have no
     response token left to learn from after truncation (with a masked prompt, a batch of only
     such records has every target -100 and a NaN loss), so it is dropped with a warning.
-    `kept` holds the indices of the records kept.
+    `kept` holds the indices of the records kept, `longest_prompt` the longest prompt among
+    them in tokens.
     """
 
     def __init__(self, records: Sequence[dict[str, str]], tokenizer, max_length: int | None = None):
@@ -145,6 +146,7 @@ class InstructionDataset(Dataset):
                 f"than max_length={max_length} tokens (indices {shown})",
                 stacklevel=2,
             )
+        self.longest_prompt = max((n for _, n in self.items), default=0)
         if not self.items:
             raise ValueError(
                 f"no record fits max_length={max_length}: every prompt is longer; raise "

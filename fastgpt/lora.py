@@ -77,8 +77,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + update * self.scaling
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear computing the same function (weights copied, grads off like the
-        base's)."""
+        """A plain nn.Linear computing the same function (weights copied; requires_grad as
+        the base weight's)."""
         base = self.base
         linear = nn.Linear(
             base.in_features,
@@ -92,7 +92,7 @@ class LoRALinear(nn.Module):
             linear.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
             if base.bias is not None:
                 linear.bias.copy_(base.bias)
-        return linear
+        return linear.requires_grad_(base.weight.requires_grad)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha:g}"
@@ -162,15 +162,22 @@ ADAPTERS_FILE = "lora.safetensors"
 ADAPTERS_CONFIG = "lora.json"
 
 
-def save_pretrained_with_lora(model: nn.Module, directory: str | Path) -> Path:
-    """Save a LoRA-adapted model without merging: the frozen base model via `save_pretrained`
-    (config.json + model.safetensors, loadable by `GPTModel.load` on its own) plus the adapters
-    in lora.safetensors and their rank/alpha/modules in lora.json (see `load_lora_adapters`).
+def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bool = False) -> Path:
+    """Save a LoRA-adapted model. merge=True folds the adapters into plain weights first (the
+    model is changed in place) and saves one plain checkpoint. Otherwise the frozen base model
+    is saved via `save_pretrained` (config.json + model.safetensors) plus the adapters in
+    lora.safetensors and their rank/alpha/modules in lora.json (see `load_lora_adapters`).
     A model without adapters is just `save_pretrained`-ed."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    if merge:
+        merge_lora(model)
     wrapped = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    ranks = {m.rank for m in wrapped.values()}
+    alphas = {m.alpha for m in wrapped.values()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError(f"adapters of mixed rank/alpha cannot be saved: {ranks}, {alphas}")
     for name, module in wrapped.items():  # swap the bases in for saving, then back
         _set(model, name, module.base)
     try:
@@ -178,12 +185,11 @@ def save_pretrained_with_lora(model: nn.Module, directory: str | Path) -> Path:
     finally:
         for name, module in wrapped.items():
             _set(model, name, module)
-    if not wrapped:
+    stale = [directory / ADAPTERS_FILE, directory / ADAPTERS_CONFIG]
+    if not wrapped:  # adapters of an earlier save into this folder would be loaded with it
+        for path in stale:
+            path.unlink(missing_ok=True)
         return directory
-    ranks = {m.rank for m in wrapped.values()}
-    alphas = {m.alpha for m in wrapped.values()}
-    if len(ranks) != 1 or len(alphas) != 1:
-        raise ValueError(f"adapters of mixed rank/alpha cannot be saved: {ranks}, {alphas}")
     tensors = {}
     for name, module in wrapped.items():
         tensors[f"{name}.lora_A"] = module.lora_A.detach().contiguous().cpu()
@@ -194,27 +200,45 @@ def save_pretrained_with_lora(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def load_lora_adapters(model: nn.Module, directory: str | Path) -> bool:
-    """If `directory` holds lora.json, wrap the modules it names and load their adapters
-    (the model is left frozen but for the adapters). Returns whether adapters were found."""
+def load_lora_adapters(model: nn.Module, directory: str | Path, merge: bool = False) -> bool:
+    """If the checkpoint folder `directory` (or the folder of a file in it) holds lora.json,
+    wrap the modules it names and load their adapters, leaving the model frozen but for them;
+    with merge=True fold them straight into plain weights instead (requires_grad flags kept).
+    Returns whether adapters were found; ValueError for a malformed or mismatched file."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if directory.is_file():
+        directory = directory.parent
     config_path = directory / ADAPTERS_CONFIG
     if not config_path.is_file():
         return False
-    info = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        info = json.loads(config_path.read_text(encoding="utf-8"))
+        rank, alpha, names = int(info["rank"]), float(info["alpha"]), list(info["modules"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path}: malformed LoRA config ({exc!r})") from exc
     tensors = load_file(str(directory / ADAPTERS_FILE))
-    model.requires_grad_(False)
-    for name in info["modules"]:
-        layer = LoRALinear(_get(model, name), int(info["rank"]), float(info["alpha"]))
+    if not merge:
+        model.requires_grad_(False)
+    for name in names:
+        try:
+            base = _get(model, name)
+        except AttributeError:
+            raise ValueError(f"{config_path}: the model has no module {name!r}") from None
+        trainable = base.weight.requires_grad
+        layer = LoRALinear(base, rank, alpha)
         for part in ("lora_A", "lora_B"):
             key = f"{name}.{part}"
             if key not in tensors or tensors[key].shape != getattr(layer, part).shape:
                 raise ValueError(f"{directory / ADAPTERS_FILE}: missing or mis-shaped {key}")
             with torch.no_grad():
                 getattr(layer, part).copy_(tensors[key])
-        _set(model, name, layer)
+        if merge:
+            base.requires_grad_(trainable)
+            _set(model, name, layer.merged())
+        else:
+            _set(model, name, layer)
     return True
 
 
@@ -239,6 +263,26 @@ def add_lora_arguments(parser) -> None:
         help="fold the adapters into plain Linear weights when saving (default: save the base "
         "model plus lora.safetensors)",
     )
+
+
+def build_model_merging_adapters(args) -> nn.Module:
+    """`fastgpt.engine.build_model_from_args`, with the adapters of an --init folder that a
+    fine-tuning command saved unmerged (lora.json) folded into the weights, so that training
+    continues from the fine-tuned model rather than from its base."""
+    from fastgpt.engine import build_model_from_args
+
+    model = build_model_from_args(args)
+    if getattr(args, "init", None):
+        load_lora_adapters(model, args.init, merge=True)
+    return model
+
+
+def apply_lora_from_args(model: nn.Module, args) -> None:
+    """`apply_lora` with --lora-rank, --lora-alpha (default 2·rank) and --lora-head, when
+    --lora-rank is given; nothing otherwise."""
+    if args.lora_rank:
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        apply_lora(model, args.lora_rank, alpha, include_head=args.lora_head)
 
 
 def check_lora_arguments(args) -> None:

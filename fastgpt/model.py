@@ -41,6 +41,7 @@ from kernels import (
     layer_norm,
     layer_norm_reference,
 )
+from kernels.attention import CausalSelfAttention
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -149,11 +150,14 @@ class LayerNorm(nn.Module):
         return norm(x, self.weight, self.bias, self.eps)
 
 
-class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention with one fused q/k/v projection.
+class MultiHeadAttention(CausalSelfAttention):
+    """Causal multi-head self-attention with one fused q/k/v projection and an optional KV
+    cache.
 
-    `qkv` maps d_in -> 3·d_out laid out as [q | k | v], each split into heads of
-    d_out // num_heads columns (the layout of GPT-2's c_attn, so OpenAI weights load as is).
+    The parameters are those of `kernels.attention.CausalSelfAttention`: `qkv` maps
+    d_in -> 3·d_out laid out as [q | k | v], each split into heads of d_out // num_heads
+    columns (the layout of GPT-2's c_attn, so OpenAI weights load as is), and `out_proj`.
+    This subclass adds the backend switch and the KV cache used by generation.
     """
 
     def __init__(
@@ -165,16 +169,8 @@ class MultiHeadAttention(nn.Module):
         qkv_bias: bool = False,
         backend: str = "triton",
     ):
-        super().__init__()
-        if d_out % num_heads != 0:
-            raise ValueError(f"d_out ({d_out}) must be a multiple of num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.d_out = d_out
-        self.dropout = dropout
+        super().__init__(d_in, d_out, num_heads, dropout, qkv_bias)
         self.backend = backend
-        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
 
     def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, d_in)
@@ -284,7 +280,10 @@ class GPTModel(nn.Module):
         """An empty KV cache for this model (buffers are allocated on first use)."""
         return KVCache(self.config.n_layers, self.config.context_length)
 
-    def _check_token_ids(self, token_ids: torch.Tensor, start: int) -> None:
+    def check_token_ids(self, token_ids: torch.Tensor) -> None:
+        """Raise TypeError / ValueError unless `token_ids` is a non-empty (batch, seq_len)
+        integer tensor whose ids all lie in [0, vocab_size) (the range part is skipped when
+        `check_inputs` is False or under torch.compile). The length is not checked here."""
         if not isinstance(token_ids, torch.Tensor):
             raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
@@ -295,14 +294,8 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"token_ids must have shape (batch, seq_len), got {tuple(token_ids.shape)}"
             )
-        b, t = token_ids.shape
-        if b == 0 or t == 0:
+        if token_ids.numel() == 0:
             raise ValueError(f"token_ids is empty: shape {tuple(token_ids.shape)}")
-        if start + t > self.config.context_length:
-            past = f" after {start} cached tokens" if start else ""
-            raise ValueError(
-                f"sequence too long: {t} tokens{past} > context_length {self.config.context_length}"
-            )
         if not self.check_inputs or torch.compiler.is_compiling():
             return
         lo, hi = torch.aminmax(token_ids)
@@ -322,8 +315,13 @@ class GPTModel(nn.Module):
         With `kv_cache`, the tokens continue the cached sequence: they get positions
         cache.length ... cache.length + T - 1 and attend to the cached keys as well."""
         start = kv_cache.length if kv_cache is not None else 0
-        self._check_token_ids(token_ids, start)
+        self.check_token_ids(token_ids)  # before the embedding: no device-side assert
         _, t = token_ids.shape
+        if start + t > self.config.context_length:
+            past = f" after {start} cached tokens" if start else ""
+            raise ValueError(
+                f"sequence too long: {t} tokens{past} > context_length {self.config.context_length}"
+            )
         positions = torch.arange(start, start + t, device=token_ids.device)  # (T,)
         x = self.tok_emb(token_ids) + self.pos_emb(positions)  # (B, T, d)
         x = self.drop_emb(x)

@@ -29,6 +29,21 @@ FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# Tensors of transformer block i: Hugging Face "h.{i}.<key>" -> ours "trf_blocks.{i}.<value>".
+_HF_BLOCK_NAMES = {
+    "ln_1.weight": "norm1.weight",
+    "ln_1.bias": "norm1.bias",
+    "attn.c_attn.weight": "att.qkv.weight",  # fused [q | k | v], kept fused
+    "attn.c_attn.bias": "att.qkv.bias",
+    "attn.c_proj.weight": "att.out_proj.weight",
+    "attn.c_proj.bias": "att.out_proj.bias",
+    "ln_2.weight": "norm2.weight",
+    "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "ff.fc1.weight",
+    "mlp.c_fc.bias": "ff.fc1.bias",
+    "mlp.c_proj.weight": "ff.fc2.weight",
+    "mlp.c_proj.bias": "ff.fc2.bias",
+}
 # Buffers some Hugging Face GPT-2 checkpoints carry (the causal mask); not parameters.
 _HF_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
@@ -130,19 +145,9 @@ def hf_to_fastgpt(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
     take("wte.weight", "tok_emb.weight")
     take("wpe.weight", "pos_emb.weight")
     for i in range(config.n_layers):
-        h, o = f"h.{i}.", f"trf_blocks.{i}."
-        take(h + "ln_1.weight", o + "norm1.weight")
-        take(h + "ln_1.bias", o + "norm1.bias")
-        take(h + "attn.c_attn.weight", o + "att.qkv.weight", transpose=True)
-        take(h + "attn.c_attn.bias", o + "att.qkv.bias")
-        take(h + "attn.c_proj.weight", o + "att.out_proj.weight", transpose=True)
-        take(h + "attn.c_proj.bias", o + "att.out_proj.bias")
-        take(h + "ln_2.weight", o + "norm2.weight")
-        take(h + "ln_2.bias", o + "norm2.bias")
-        take(h + "mlp.c_fc.weight", o + "ff.fc1.weight", transpose=True)
-        take(h + "mlp.c_fc.bias", o + "ff.fc1.bias")
-        take(h + "mlp.c_proj.weight", o + "ff.fc2.weight", transpose=True)
-        take(h + "mlp.c_proj.bias", o + "ff.fc2.bias")
+        for hf_name, our_name in _HF_BLOCK_NAMES.items():
+            # Conv1D weights (every 2-D tensor of a block) are transposed.
+            take(f"h.{i}.{hf_name}", f"trf_blocks.{i}.{our_name}", transpose=True)
     take("ln_f.weight", "final_norm.weight")
     take("ln_f.bias", "final_norm.bias")
     if "lm_head.weight" in src:

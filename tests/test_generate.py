@@ -1,11 +1,14 @@
-"""Generation: greedy (with and without the KV cache, vs Hugging Face), sampling, eos, the
-context window, and the `fastgpt generate` command."""
+"""Generation: greedy (with and without the KV cache, vs Hugging Face), batched prompts,
+sampling, eos, the context window, bad input, and the `fastgpt generate` command."""
+
+import io
+import sys
 
 import pytest
 import torch
 
 from fastgpt.config import GPTConfig
-from fastgpt.generate import generate, generate_stream, sample_next_token
+from fastgpt.generate import generate, sample_next_token
 from fastgpt.model import GPTModel
 
 
@@ -26,16 +29,26 @@ def tiny_model(backend="torch", seed=0, context_length=32, vocab_size=97) -> GPT
     return model
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_greedy_with_and_without_cache_agree(backend):
+@pytest.mark.parametrize("backend, batch, new", [("torch", 3, 12), ("triton", 2, 5)])
+def test_greedy_with_and_without_cache_agree(backend, batch, new):
+    """The triton case runs the attention kernel with one query against the cached keys."""
     model = tiny_model(backend)
-    prompt = torch.randint(0, 97, (3, 6))  # a batch of prompts of one length
-    cached = generate(model, prompt, max_new_tokens=12, use_cache=True)
-    uncached = generate(model, prompt, max_new_tokens=12, use_cache=False)
-    assert cached.shape == (3, 18)
+    prompt = torch.randint(0, 97, (batch, 6))  # a batch of prompts of one length
+    cached = generate(model, prompt, max_new_tokens=new, use_cache=True)
+    uncached = generate(model, prompt, max_new_tokens=new, use_cache=False)
+    assert cached.shape == (batch, 6 + new)
     assert torch.equal(cached[:, :6], prompt)
     assert torch.equal(cached, uncached)
     assert len(set(cached[0, 6:].tolist())) > 1  # not a degenerate repetition of one token
+
+
+def test_batched_prompts_generate_each_row_as_alone():
+    model = tiny_model()
+    prompt = torch.randint(0, 97, (3, 5))
+    batched = generate(model, prompt, max_new_tokens=8)
+    for row in range(3):
+        assert torch.equal(batched[row : row + 1], generate(model, prompt[row : row + 1], 8))
+    assert len({tuple(r) for r in batched[:, 5:].tolist()}) > 1  # rows really differ
 
 
 def test_greedy_is_argmax_of_the_full_forward():
@@ -135,13 +148,14 @@ def test_sample_next_token_filters():
     assert sample_next_token(logits[:1], 0.0).item() == 1
 
 
-def test_stream_yields_each_step_and_restores_training_mode():
+def test_on_step_sees_each_step_and_training_mode_is_restored():
     model = tiny_model().train()
     prompt = torch.randint(0, 97, (2, 3))
-    steps = list(generate_stream(model, prompt, 4))
+    steps = []
+    out = generate(model, prompt, 4, on_step=steps.append)
     assert len(steps) == 4 and all(s.shape == (2, 1) for s in steps)
-    assert model.training
-    assert torch.equal(torch.cat([prompt, *steps], 1), generate(model, prompt, 4))
+    assert model.training and model.check_inputs
+    assert torch.equal(torch.cat([prompt, *steps], 1), out)
     assert generate(model, prompt, 0).shape == (2, 3)
 
 
@@ -163,21 +177,55 @@ def test_rejects_bad_arguments(kwargs, message):
         generate(model, torch.zeros(4, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="out of range"):
         generate(model, torch.tensor([[5, 97]]), 3)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(TypeError, match="integer tensor"):
+        generate(model, torch.zeros(1, 2), 3)
 
 
-def test_generate_command_streams_text(tmp_path, capsys, tiktoken_available):
+class RecordingStdout(io.StringIO):
+    """stdout that remembers each write, to see text arrive piece by piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_generate_command_streams_text(tmp_path, monkeypatch, capsys, tiktoken_available):
     from fastgpt.cli import main
 
     torch.manual_seed(0)
     GPTModel(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
-    argv = ["generate", "--model", str(tmp_path), "--prompt", "Every effort moves you"]
-    assert main([*argv, "--max-new-tokens", "8", "--device", "cpu", "--backend", "torch"]) == 0
-    greedy = capsys.readouterr().out
-    assert greedy.startswith("Every effort moves you") and len(greedy) > len(argv[-1]) + 1
-    sampled = [*argv, "--max-new-tokens", "8", "--temperature", "1.0", "--top-k", "50"]
-    assert main([*sampled, "--seed", "1", "--device", "cpu"]) == 0
-    first = capsys.readouterr().out
-    assert main([*sampled, "--seed", "1", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out == first
+    base = ["generate", "--model", str(tmp_path), "--prompt", "Every effort moves you"]
+    base += ["--device", "cpu", "--backend", "torch", "--max-new-tokens", "8"]
+
+    def run(*extra: str) -> str:
+        stdout = RecordingStdout()
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main([*base, *extra]) == 0
+        monkeypatch.undo()
+        assert stdout.writes[0] == "Every effort moves you"
+        assert len(stdout.writes) >= 1 + 8 + 1  # the prompt, each token as produced, "\n"
+        return stdout.getvalue()
+
+    greedy = run()
+    assert greedy.startswith("Every effort moves you") and len(greedy) > len(base[4]) + 1
+    assert run("--no-cache") == greedy
+    sampled = ["--temperature", "1.0", "--top-k", "50", "--top-p", "0.9"]
+    first = run(*sampled, "--seed", "1")
+    assert run(*sampled, "--seed", "1") == first
+    assert any(run(*sampled, "--seed", str(seed)) != first for seed in (2, 3))
+
     assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "cannot load" in capsys.readouterr().err
+    assert main([*base[:3], "--prompt", ""]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
+    # bad options fail before anything is loaded (the model folder does not exist)
+    missing = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]
+    assert main([*missing, "--top-p", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "top_p must be in (0, 1]" in err and "cannot load" not in err

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
+from fastgpt.commands.generate import add_device_arguments, device_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,12 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="folder written by `fastgpt finetune-classify --out`"
     )
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to classify")
-    parser.add_argument(
-        "--backend", choices=("auto", "triton", "torch"), default="auto", help="kernels to use"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--all-probs", action="store_true", help="also print every label's probability"
     )
@@ -36,11 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_from_args(args)
     try:
         label_names, info = load_classifier_metadata(args.model)
         model = GPTModel.load(args.model, backend=args.backend, device=device)
-        load_lora_adapters(model, args.model)
+        load_lora_adapters(model, args.model, merge=True)  # saved unmerged: fold them in
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"fastgpt classify: cannot load {args.model!r}: {exc}", file=sys.stderr)
         return 2

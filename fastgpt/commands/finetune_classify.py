@@ -89,6 +89,7 @@ def prepare_data(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastgpt.engine import is_main_process
     from fastgpt.lora import check_lora_arguments
 
     try:
@@ -97,13 +98,18 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
         train_texts, val_texts, test_texts = prepare_data(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"fastgpt finetune-classify: error: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"data: {len(train_texts)} train, {len(val_texts)} validation, {len(test_texts)} test; "
-        f"labels {train_texts.label_names}"
-    )
+        return fail(exc)
+    if is_main_process():
+        print(
+            f"data: {len(train_texts)} train, {len(val_texts)} validation, "
+            f"{len(test_texts)} test; labels {train_texts.label_names}"
+        )
     return _train(args, train_texts, val_texts, test_texts)
+
+
+def fail(message: object, code: int = 2) -> int:
+    print(f"fastgpt finetune-classify: error: {message}", file=sys.stderr)
+    return code
 
 
 def _train(args, train_texts, val_texts, test_texts) -> int:
@@ -118,47 +124,71 @@ def _train(args, train_texts, val_texts, test_texts) -> int:
         parse_trainable,
         replace_head,
         save_classifier_metadata,
+        saved_label_names,
         set_trainable,
     )
-    from fastgpt.engine import Trainer, build_model_from_args, train_config_from_args
-    from fastgpt.lora import apply_lora, describe_parameters, merge_lora, save_pretrained_with_lora
+    from fastgpt.engine import NonFiniteLossError, Trainer, is_main_process, train_config_from_args
+    from fastgpt.lora import (
+        apply_lora_from_args,
+        build_model_merging_adapters,
+        describe_parameters,
+        save_pretrained_with_lora,
+    )
     from fastgpt.tokenizer import EOT_ID, get_tokenizer
 
-    model = build_model_from_args(args)
-    parse_trainable(args.trainable, len(model.trf_blocks))  # validate before any work
-    context = model.config.context_length
-    limit = min(args.max_length or context, context)
+    main = is_main_process()
+    label_names = train_texts.label_names
+    try:
+        model = build_model_merging_adapters(args)
+        parse_trainable(args.trainable, len(model.trf_blocks))
+        context = model.config.context_length
+        if args.max_length is not None and args.max_length > context:
+            raise ValueError(f"--max-length {args.max_length} > the model's context {context}")
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        return fail(exc)
+    limit = args.max_length or context
     tokenizer = get_tokenizer()
     train_set = ClassificationDataset(train_texts, tokenizer, max_length=limit)
     val_set = ClassificationDataset(val_texts, tokenizer, max_length=limit)
     test_set = ClassificationDataset(test_texts, tokenizer, max_length=limit)
     # The book pads everything to the longest training text; longer val/test texts are cut.
     pad_to = limit if args.max_length else train_set.longest
-    print(f"sequences padded/truncated to {pad_to} tokens")
 
-    label_names = train_texts.label_names
-    replace_head(model, len(label_names))
+    # A classifier given as --init keeps its trained head when it has the same labels.
+    keep_head = bool(args.init) and saved_label_names(args.init) == label_names
+    if not keep_head:
+        replace_head(model, len(label_names))
     if args.lora_rank:
-        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        apply_lora(model, args.lora_rank, alpha, include_head=args.lora_head)
+        apply_lora_from_args(model, args)
         if not args.lora_head:
             model.out_head.requires_grad_(True)  # the new head must learn
     else:
         set_trainable(model, args.trainable)
-    print(describe_parameters(model))
+    if main:
+        print(f"sequences padded/truncated to {pad_to} tokens")
+        if keep_head:
+            print(f"keeping the classifier head of {args.init} (labels {label_names})")
+        print(describe_parameters(model))
 
     collate = ClassificationCollate(pad_to=pad_to)
     config = train_config_from_args(args)
-    trainer = Trainer(
-        model,
-        train_set,
-        val_set,
-        classification_loss,
-        config,
-        collate_fn=collate,
-        metrics_fn=accuracy_metrics,
-    )
-    trainer.fit()
+    try:
+        trainer = Trainer(
+            model,
+            train_set,
+            val_set,
+            classification_loss,
+            config,
+            collate_fn=collate,
+            metrics_fn=accuracy_metrics,
+        )
+        trainer.fit()
+    except (ValueError, FileNotFoundError) as exc:
+        return fail(exc)
+    except NonFiniteLossError as exc:
+        return fail(exc, code=1)
+    if not main:  # rank 0 alone evaluates and writes; the process group is gone by now
+        return 0
 
     metrics = {}
     for name, dataset in (("train", train_set), ("validation", val_set), ("test", test_set)):
@@ -172,9 +202,7 @@ def _train(args, train_texts, val_texts, test_texts) -> int:
         )
 
     out = Path(config.out_dir)
-    if args.merge:
-        merge_lora(model)
-    save_pretrained_with_lora(model, out)
+    save_pretrained_with_lora(model, out, merge=args.merge)
     info = {
         "task": "classification",
         "num_classes": len(label_names),

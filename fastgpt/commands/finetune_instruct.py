@@ -71,6 +71,7 @@ def prepare_data(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastgpt.engine import is_main_process
     from fastgpt.lora import check_lora_arguments
 
     try:
@@ -83,16 +84,27 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--num-responses must be >= 0, got {args.num_responses}")
         train, test, val = prepare_data(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"fastgpt finetune-instruct: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"data: {len(train)} train, {len(test)} test, {len(val)} validation records")
+        return fail(exc)
+    if is_main_process():
+        print(f"data: {len(train)} train, {len(test)} test, {len(val)} validation records")
     return _train(args, train, test, val)
+
+
+def fail(message: object, code: int = 2) -> int:
+    print(f"fastgpt finetune-instruct: error: {message}", file=sys.stderr)
+    return code
 
 
 def _train(args, train_records, test_records, val_records) -> int:
     import torch
 
-    from fastgpt.engine import Trainer, build_model_from_args, evaluate_loss, train_config_from_args
+    from fastgpt.engine import (
+        NonFiniteLossError,
+        Trainer,
+        evaluate_loss,
+        is_main_process,
+        train_config_from_args,
+    )
     from fastgpt.instruction import (
         InstructionCollate,
         InstructionDataset,
@@ -100,24 +112,39 @@ def _train(args, train_records, test_records, val_records) -> int:
         instruction_loss,
         perplexity,
     )
-    from fastgpt.lora import apply_lora, describe_parameters, merge_lora, save_pretrained_with_lora
+    from fastgpt.lora import (
+        apply_lora_from_args,
+        build_model_merging_adapters,
+        describe_parameters,
+        save_pretrained_with_lora,
+    )
     from fastgpt.tokenizer import get_tokenizer
 
-    model = build_model_from_args(args)
-    context = model.config.context_length
-    max_length = min(args.max_length or context, context)
+    main = is_main_process()
     tokenizer = get_tokenizer()
-    try:
-        train_set = InstructionDataset(train_records, tokenizer, max_length)
-        val_set = InstructionDataset(val_records, tokenizer, max_length)
-    except ValueError as exc:
-        print(f"fastgpt finetune-instruct: error: {exc}", file=sys.stderr)
-        return 2
 
-    if args.lora_rank:
-        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        apply_lora(model, args.lora_rank, alpha, include_head=args.lora_head)
-    print(describe_parameters(model))
+    def datasets(max_length: int | None) -> tuple[InstructionDataset, InstructionDataset]:
+        return (
+            InstructionDataset(train_records, tokenizer, max_length),
+            InstructionDataset(val_records, tokenizer, max_length),
+        )
+
+    try:
+        # With --max-length, records that cannot fit are found before any weights are loaded.
+        train_set, val_set = datasets(args.max_length)
+        model = build_model_merging_adapters(args)
+        context = model.config.context_length
+        if args.max_length is not None and args.max_length > context:
+            raise ValueError(f"--max-length {args.max_length} > the model's context {context}")
+        max_length = args.max_length or context
+        if max(train_set.longest_prompt, val_set.longest_prompt) > max_length:
+            train_set, val_set = datasets(max_length)  # drop prompts longer than the context
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        return fail(exc)
+
+    apply_lora_from_args(model, args)
+    if main:
+        print(describe_parameters(model))
 
     collate = InstructionCollate(max_length=max_length, mask_prompt=args.mask_prompt)
     config = train_config_from_args(args)
@@ -128,33 +155,39 @@ def _train(args, train_records, test_records, val_records) -> int:
             "model_response"
         ]
 
-    trainer = Trainer(
-        model,
-        train_set,
-        val_set,
-        instruction_loss,
-        config,
-        collate_fn=collate,
-        sample_fn=sample_fn,
-    )
-    trainer.fit()
+    try:
+        trainer = Trainer(
+            model,
+            train_set,
+            val_set,
+            instruction_loss,
+            config,
+            collate_fn=collate,
+            sample_fn=sample_fn,
+        )
+        trainer.fit()
+    except (ValueError, FileNotFoundError) as exc:
+        return fail(exc)
+    except NonFiniteLossError as exc:
+        return fail(exc, code=1)
+    if not main:  # rank 0 alone evaluates, generates and writes; the process group is gone
+        return 0
 
     loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
     val_loss = float(evaluate_loss(model, loader, instruction_loss, None))
     print(f"validation loss {val_loss:.4f}  perplexity {perplexity(val_loss):.2f}")
 
+    # The model and metrics first: generating the responses takes long and must not put the
+    # trained model at risk.
     out = Path(config.out_dir)
-    records = test_records[: args.num_responses] if args.num_responses is not None else test_records
-    responses = generate_responses(model, records, tokenizer, args.max_new_tokens)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / RESPONSES_FILE
-    path.write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {len(responses)} test responses to {path}")
-
-    if args.merge:
-        merge_lora(model)
-    save_pretrained_with_lora(model, out)
+    save_pretrained_with_lora(model, out, merge=args.merge)
     metrics = {"validation_loss": val_loss, "validation_perplexity": perplexity(val_loss)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     print(f"saved the model to {out}")
+
+    records = test_records[: args.num_responses] if args.num_responses is not None else test_records
+    responses = generate_responses(model, records, tokenizer, args.max_new_tokens)
+    path = out / RESPONSES_FILE
+    path.write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {len(responses)} test responses to {path}")
     return 0

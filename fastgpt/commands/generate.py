@@ -30,12 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=None, help="sample from the smallest set with mass p"
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    parser.add_argument(
-        "--backend", choices=("auto", "triton", "torch"), default="auto", help="kernels to use"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
-    )
+    add_device_arguments(parser)
     parser.add_argument(
         "--no-cache", action="store_true", help="rerun the whole sequence at each step"
     )
@@ -44,22 +39,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backend and --device, for the commands that run a saved model (generate, classify)."""
+    parser.add_argument(
+        "--backend", choices=("auto", "triton", "torch"), default="auto", help="kernels to use"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+
+
+def device_from_args(args: argparse.Namespace) -> torch.device:
+    """--device, or CUDA when available, else CPU."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.generate import generate_stream
+    from fastgpt.generate import check_generation_options, generate
+    from fastgpt.lora import load_lora_adapters
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def fail(message: str) -> int:
+        print(f"fastgpt generate: {message}", file=sys.stderr)
+        return 2
+
+    if not args.prompt:
+        return fail("error: the prompt is empty")
+    try:
+        check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        return fail(f"error: {exc}")
+    device = device_from_args(args)
     try:
         model = GPTModel.from_pretrained(args.model, backend=args.backend, device=device)
+        # A model fine-tuned with LoRA and saved unmerged: fold its adapters in.
+        load_lora_adapters(model, args.model, merge=True)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"fastgpt generate: cannot load {args.model!r}: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"cannot load {args.model!r}: {exc}")
     tokenizer = get_tokenizer()
     prompt = text_to_token_ids(args.prompt, tokenizer).to(device)  # (1, T)
-    if prompt.shape[1] == 0:
-        print("fastgpt generate: the prompt is empty", file=sys.stderr)
-        return 2
     if prompt.shape[1] > model.config.context_length:
         prompt = prompt[:, -model.config.context_length :]  # keep the end of a long prompt
     generator = None
@@ -69,9 +88,16 @@ def run(args: argparse.Namespace) -> int:
     # Tokens can end in the middle of a UTF-8 character: decode bytes incrementally and print
     # only complete characters.
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def print_token(step: torch.Tensor) -> None:  # (1, 1)
+        token = int(step[0, 0])
+        if token != EOT_ID or not args.stop_at_eos:
+            sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
+            sys.stdout.flush()
+
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    for step in generate_stream(
+    generate(
         model,
         prompt,
         args.max_new_tokens,
@@ -81,12 +107,8 @@ def run(args: argparse.Namespace) -> int:
         eos_id=EOT_ID if args.stop_at_eos else None,
         use_cache=not args.no_cache,
         generator=generator,
-    ):
-        token = int(step[0, 0])
-        if args.stop_at_eos and token == EOT_ID:
-            break
-        sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
-        sys.stdout.flush()
+        on_step=print_token,
+    )
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     sys.stdout.flush()
     return 0
