@@ -9,6 +9,7 @@ from torch import nn
 
 from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel, KVCache, count_parameters, flops_per_token
+from tests.tolerance import assert_close_to_reference
 
 
 def tiny_config(**overrides) -> GPTConfig:
@@ -40,6 +41,10 @@ def test_preset_parameter_counts(name, n_params):
     assert config.vocab_size == 50257 and config.context_length == 1024
     assert config.qkv_bias and config.tie_embeddings
     assert count_parameters(config) == n_params
+    with torch.device("meta"):  # the real module, without allocating its weights
+        model = GPTModel(config, backend="torch")
+    assert model.num_parameters() == n_params
+    assert model.num_parameters(non_embedding=True) == n_params - 1024 * config.emb_dim
 
 
 def test_preset_aliases_and_overrides():
@@ -81,12 +86,20 @@ def test_config_rejects_bad_values(overrides, message):
 
 
 def test_forward_shapes_and_structure():
+    from kernels.attention import CausalSelfAttention
+
     model = tiny_model()
     logits = model(torch.randint(0, 97, (3, 17)))
     assert logits.shape == (3, 17, 97) and logits.dtype == torch.float32
     assert model.out_head.weight is model.tok_emb.weight
     assert len(model.trf_blocks) == 2
     block = model.trf_blocks[0]
+    assert isinstance(block.att, CausalSelfAttention)  # kernels' module, plus the KV cache
+    assert [n for n, _ in block.named_parameters()] == [
+        "norm1.weight", "norm1.bias", "att.qkv.weight", "att.qkv.bias", "att.out_proj.weight",
+        "att.out_proj.bias", "norm2.weight", "norm2.bias", "ff.fc1.weight", "ff.fc1.bias",
+        "ff.fc2.weight", "ff.fc2.bias",
+    ]  # fmt: skip
     assert block.att.qkv.weight.shape == (96, 32) and block.att.qkv.bias is not None
     assert block.ff.fc1.weight.shape == (128, 32) and block.ff.fc2.weight.shape == (32, 128)
     assert model.num_parameters() == count_parameters(model.config)
@@ -105,6 +118,7 @@ def test_gpt2_init():
     model = GPTModel(config, backend="torch")
     block = model.trf_blocks[3]
     assert abs(model.tok_emb.weight.std().item() - 0.02) < 1e-3
+    assert abs(model.pos_emb.weight.std().item() - 0.02) < 1e-3
     assert abs(block.att.qkv.weight.std().item() - 0.02) < 1e-3
     assert abs(block.ff.fc1.weight.std().item() - 0.02) < 1e-3
     residual_std = 0.02 / math.sqrt(2 * 8)
@@ -176,24 +190,35 @@ def test_backend_resolution():
     assert model.final_norm.backend == "triton"
 
 
-def test_triton_and_torch_backends_agree_forward_and_backward():
-    """fp32 on CPU: the triton backend runs our kernels through the interpreter."""
-    torch_model = tiny_model(backend="torch")
-    triton_model = tiny_model(backend="triton")
-    triton_model.load_state_dict(torch_model.state_dict())
-    x = torch.randint(0, 97, (2, 13))
-    targets = torch.randint(0, 97, (2, 13))
-    grads = []
-    for model in (torch_model, triton_model):
+@pytest.mark.parametrize("batch, seq_len", [(1, 1), (2, 17), (3, 32)])
+def test_triton_and_torch_backends_agree_forward_and_backward(batch, seq_len):
+    """fp32 on CPU, the triton backend running our kernels through the interpreter: its logits
+    and every parameter's gradient against the torch backend in float64, within the tolerance
+    rule of tests/tolerance.py (fp32 torch backend as PyTorch's own error)."""
+    x = torch.randint(0, 97, (batch, seq_len))
+    targets = torch.randint(0, 97, (batch, seq_len))
+    results = {}
+    for name, backend, dtype in [
+        ("ref64", "torch", torch.float64),
+        ("torch32", "torch", torch.float32),
+        ("triton32", "triton", torch.float32),
+    ]:
+        model = tiny_model(backend=backend).to(dtype)  # same seed: same weights
         logits = model(x)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        loss.backward()
-        grads.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (ref_logits, ref_grads), (logits, grads_) = grads
-    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
-    assert ref_grads.keys() == grads_.keys()
+        nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        results[name] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (ref, ref_grads), (torch32, torch_grads), (triton32, triton_grads) = results.values()
+    assert_close_to_reference(triton32, torch32, ref, dtype=torch.float32, name="logits")
+    assert ref_grads.keys() == triton_grads.keys()
     for name in ref_grads:
-        torch.testing.assert_close(grads_[name], ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+        assert_close_to_reference(
+            triton_grads[name],
+            torch_grads[name],
+            ref_grads[name],
+            dtype=torch.float32,
+            backward=True,
+            name=f"grad {name}",
+        )
 
 
 # --- KV cache ----------------------------------------------------------------------------
