@@ -42,11 +42,17 @@ def bench_device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture(scope="session")
+def environment() -> dict[str, Any]:
+    """GPU (or CPU) name, torch/triton versions, git commit and UTC date of this session."""
+    return harness.environment(DEVICE)
+
+
 @pytest.fixture
-def timed(benchmark) -> Callable[..., Any]:
-    """timed(fn, setup=None, **extra_info): benchmark `fn()` with a device synchronize after
-    each call; `extra_info` values that are callables of the median seconds are evaluated after
-    the run (e.g. GB/s)."""
+def timed(benchmark, environment) -> Callable[..., Any]:
+    """timed(fn, **extra_info): benchmark `fn()` with a device synchronize after each call;
+    `extra_info` values that are callables of the median seconds are evaluated after the run
+    (e.g. GB/s). Every record also carries `environment` (device, versions, commit, date)."""
 
     def run(fn: Callable[[], Any], **extra: Any) -> None:
         def call() -> None:
@@ -61,6 +67,6 @@ def timed(benchmark) -> Callable[..., Any]:
             if callable(value):
                 value = value(median_s) if median_s else None
             benchmark.extra_info[key] = value
-        benchmark.extra_info["device"] = harness.device_name(DEVICE)
+        benchmark.extra_info.update(environment)
 
     return run

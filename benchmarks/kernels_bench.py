@@ -140,15 +140,18 @@ def measure_modes(
     yield "fwd+bwd", harness.time_ms(fwd_bwd, device, rep_ms=rep_ms, grad_to_none=leaves), full_peak
 
 
+def measured(
+    suite: str, case: dict[str, Any], provider: str, role: str, **metrics: Any
+) -> dict[str, Any]:
+    """The record of a case that ran (see `benchmarks/report.py`): metrics such as ms=..."""
+    record = {"suite": suite, "case": case, "provider": provider, "role": role}
+    return {**record, "status": "ok", "note": None, **metrics}
+
+
 def skipped(suite: str, case: dict[str, Any], provider: str, role: str, note: str) -> dict:
-    return {
-        "suite": suite,
-        "case": case,
-        "provider": provider,
-        "role": role,
-        "status": "skipped",
-        "note": note,
-    }
+    """The record of a case that could not run, with the reason in "note"."""
+    record = {"suite": suite, "case": case, "provider": provider, "role": role}
+    return {**record, "status": "skipped", "note": note}
 
 
 def skipped_modes(
@@ -299,19 +302,17 @@ def bench_rowwise(
                     moved = harness.memory_bound_bytes(mode, x.numel(), x.element_size())
                     gbps = harness.throughput(moved, ms) / 1e9
                     records.append(
-                        {
-                            "suite": suite,
-                            "case": {**base_case, "mode": mode},
-                            "provider": provider,
-                            "role": role,
-                            "status": "ok",
-                            "note": None,
-                            "ms": ms,
-                            "bytes_moved": moved,
-                            "gbps": gbps,
-                            "pct_copy_bw": 100.0 * gbps / copy_gbps,
-                            "peak_mem_mb": peak,
-                        }
+                        measured(
+                            suite,
+                            {**base_case, "mode": mode},
+                            provider,
+                            role,
+                            ms=ms,
+                            bytes_moved=moved,
+                            gbps=gbps,
+                            pct_copy_bw=100.0 * gbps / copy_gbps,
+                            peak_mem_mb=peak,
+                        )
                     )
             except Exception as exc:  # a provider that cannot run this case is reported
                 records += skipped_modes(suite, base_case, provider, role, exc, records)
@@ -447,19 +448,17 @@ def bench_attention(
                     flops = harness.attention_flops(batch, heads, seq_len, head_dim, True, mode)
                     tflops = harness.throughput(flops, ms) / 1e12
                     records.append(
-                        {
-                            "suite": "attention",
-                            "case": {**base_case, "mode": mode},
-                            "provider": provider,
-                            "role": role,
-                            "status": "ok",
-                            "note": None,
-                            "ms": ms,
-                            "flops": flops,
-                            "tflops": tflops,
-                            "pct_matmul": 100.0 * tflops * 1e12 / peak_flops,
-                            "peak_mem_mb": peak,
-                        }
+                        measured(
+                            "attention",
+                            {**base_case, "mode": mode},
+                            provider,
+                            role,
+                            ms=ms,
+                            flops=flops,
+                            tflops=tflops,
+                            pct_matmul=100.0 * tflops * 1e12 / peak_flops,
+                            peak_mem_mb=peak,
+                        )
                     )
             except Exception as exc:  # backend rejects the shape, or out of memory
                 records += skipped_modes("attention", base_case, provider, role, exc, records)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from benchmarks import harness
-from benchmarks.kernels_bench import short_error
+from benchmarks.kernels_bench import measured, short_error, skipped
 from benchmarks.pytorch_baseline import to_pytorch_fast
 from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel, flops_per_token
@@ -186,7 +186,7 @@ def bench_train(
             "precision": precision,
             "dropout": config.drop_rate,
         }
-        base = {"suite": "train", "case": case, "provider": provider.name, "role": provider.role}
+        who = ("train", case, provider.name, provider.role)
         try:
             model = build_model(config, provider, device)
             model.train()
@@ -205,19 +205,17 @@ def bench_train(
             fpt = flops_per_token(config, seq_len)
             utilization = harness.mfu(tokens_per_s, fpt, peak_flops)
             records.append(
-                {
-                    **base,
-                    "status": "ok",
-                    "note": None,
-                    "ms": ms,
-                    "tokens_per_s": tokens_per_s,
-                    "flops_per_token": fpt,
-                    "mfu_pct": 100.0 * utilization,
-                    "peak_mem_mb": peak,
-                }
+                measured(
+                    *who,
+                    ms=ms,
+                    tokens_per_s=tokens_per_s,
+                    flops_per_token=fpt,
+                    mfu_pct=100.0 * utilization,
+                    peak_mem_mb=peak,
+                )
             )
         except Exception as exc:  # out of memory, or a compile failure: report, go on
-            records.append({**base, "status": "skipped", "note": short_error(exc)})
+            records.append(skipped(*who, short_error(exc)))
         finally:
             model = optimizer = runner = step = None
             if provider.compile:
@@ -259,14 +257,9 @@ def bench_generate(
                     "new_tokens": new,
                     "kv_cache": use_cache,
                 }
-                base = {
-                    "suite": "generate",
-                    "case": case,
-                    "provider": provider.name,
-                    "role": provider.role,
-                }
+                who = ("generate", case, provider.name, provider.role)
                 if model is None:
-                    records.append({**base, "status": "skipped", "note": short_error(build_error)})
+                    records.append(skipped(*who, short_error(build_error)))
                     continue
                 gen = torch.Generator(device="cpu").manual_seed(0)
                 prompt = torch.randint(
@@ -281,18 +274,16 @@ def bench_generate(
                     warmup = 0 if device.type == "cuda" else 1
                     ms = harness.time_steps_ms(run, device, warmup=warmup, reps=grid["reps"])
                     records.append(
-                        {
-                            **base,
-                            "status": "ok",
-                            "note": None,
-                            "ms": ms,
-                            "ms_per_token": ms / new,
-                            "tokens_per_s": batch * new / (ms * 1e-3),
-                            "peak_mem_mb": peak,
-                        }
+                        measured(
+                            *who,
+                            ms=ms,
+                            ms_per_token=ms / new,
+                            tokens_per_s=batch * new / (ms * 1e-3),
+                            peak_mem_mb=peak,
+                        )
                     )
                 except Exception as exc:
-                    records.append({**base, "status": "skipped", "note": short_error(exc)})
+                    records.append(skipped(*who, short_error(exc)))
         model = None
         harness.free_memory(device)
         options.save(records)
