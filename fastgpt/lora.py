@@ -219,26 +219,29 @@ def load_lora_adapters(model: nn.Module, directory: str | Path, merge: bool = Fa
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: malformed LoRA config ({exc!r})") from exc
     tensors = load_file(str(directory / ADAPTERS_FILE))
-    if not merge:
-        model.requires_grad_(False)
+    bases = {}  # every adapter is checked before the model is touched
     for name in names:
         try:
-            base = _get(model, name)
+            base = bases[name] = _get(model, name)
         except AttributeError:
             raise ValueError(f"{config_path}: the model has no module {name!r}") from None
-        trainable = base.weight.requires_grad
-        layer = LoRALinear(base, rank, alpha)
-        for part in ("lora_A", "lora_B"):
+        shapes = {"lora_A": (rank, base.in_features), "lora_B": (base.out_features, rank)}
+        for part, shape in shapes.items():
             key = f"{name}.{part}"
-            if key not in tensors or tensors[key].shape != getattr(layer, part).shape:
+            if key not in tensors or tuple(tensors[key].shape) != shape:
                 raise ValueError(f"{directory / ADAPTERS_FILE}: missing or mis-shaped {key}")
-            with torch.no_grad():
-                getattr(layer, part).copy_(tensors[key])
+    if not merge:
+        model.requires_grad_(False)
+    for name, base in bases.items():
+        trainable = base.weight.requires_grad
+        layer = LoRALinear(base, rank, alpha)  # freezes base
+        with torch.no_grad():
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
         if merge:
             base.requires_grad_(trainable)
-            _set(model, name, layer.merged())
-        else:
-            _set(model, name, layer)
+            layer = layer.merged()
+        _set(model, name, layer)
     return True
 
 

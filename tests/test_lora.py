@@ -105,6 +105,7 @@ def test_only_adapters_change_and_merge_gives_same_logits():
         adapted = model(tokens)
     assert merge_lora(model) == 4 * model.config.n_layers + 1
     assert not has_lora(model)
+    assert not any(p.requires_grad for p in model.parameters())  # frozen stays frozen
     assert all(type(m) is nn.Linear for m in (model.trf_blocks[0].att.qkv, model.out_head))
     with torch.no_grad():
         merged = model(tokens)
@@ -151,6 +152,37 @@ def test_unmerged_adapters_save_and_load(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(loaded(tokens), adapted)
     assert load_lora_adapters(loaded, tmp_path / "m")
+    assert has_lora(loaded) and count_parameters(loaded)[0] == count_parameters(model)[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(tokens), adapted, rtol=1e-5, atol=1e-5)
     assert not load_lora_adapters(tiny_model(), tmp_path / "nothing-here")
+
+    # merge=True folds them into plain weights, trainable flags untouched (continuing from it)
+    merged = GPTModel.load(tmp_path / "m", backend="torch").train()
+    assert load_lora_adapters(merged, tmp_path / "m" / "model.safetensors", merge=True)
+    assert not has_lora(merged) and all(p.requires_grad for p in merged.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval()(tokens), adapted, rtol=1e-5, atol=1e-5)
+
+    # saving merged into the same folder removes the adapters of the earlier save
+    save_pretrained_with_lora(model, tmp_path / "m", merge=True)
+    assert not has_lora(model) and not (tmp_path / "m" / "lora.json").exists()
+    with torch.no_grad():
+        reloaded = GPTModel.load(tmp_path / "m", backend="torch")
+        torch.testing.assert_close(reloaded(tokens), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_adapter_files(tmp_path):
+    from fastgpt.lora import load_lora_adapters, save_pretrained_with_lora
+
+    model = tiny_model()
+    apply_lora(model, rank=2, alpha=4.0)
+    save_pretrained_with_lora(model, tmp_path)
+    smaller = tiny_model(n_layers=1)
+    with pytest.raises(ValueError, match=r"has no module 'trf_blocks\.1\."):
+        load_lora_adapters(smaller, tmp_path)
+    assert not has_lora(smaller)  # checked before any module was wrapped or frozen
+    assert all(p.requires_grad for p in smaller.parameters())
+    (tmp_path / "lora.json").write_text('{"rank": 2}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"lora\.json: malformed LoRA config"):
+        load_lora_adapters(tiny_model(), tmp_path)
