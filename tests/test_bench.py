@@ -276,6 +276,35 @@ def test_pytorch_fast_baseline_matches_torch_backend():
         torch.testing.assert_close(step, expected[:, :1], rtol=1e-5, atol=1e-5)
 
 
+def test_gpu_grids_and_providers_are_the_issues():
+    """What a GPU run measures (checked without a GPU: these only build lists)."""
+    from benchmarks import kernels_bench, train_bench
+
+    cuda = torch.device("cuda")
+    rowwise = kernels_bench.rowwise_grid(cuda, quick=False)
+    assert max(rowwise["rows"]) == 65536 and rowwise["widths"] == [768, 1024, 1280, 1600, 4096]
+    assert rowwise["dtypes"] == ["bf16", "fp16"]
+    assert [n for n, _, _ in kernels_bench._rowwise_providers("gelu", cuda)] == [
+        "fastgpt", "torch eager", "torch.compile"
+    ]  # fmt: skip
+    attention = kernels_bench.attention_grid(cuda, quick=False)
+    assert attention["seq_lens"][0] == 512 and attention["seq_lens"][-1] == 16384
+    assert {d for _, d in attention["heads_dims"]} == {64, 128}
+    assert {h for h, _ in attention["heads_dims"]} >= {12, 16, 20, 25}  # GPT-2 small..xl
+    assert [n for n, _, _ in kernels_bench._attention_providers(cuda)] == [
+        "fastgpt", "SDPA flash", "SDPA mem-efficient", "SDPA cuDNN", "book attention"
+    ]  # fmt: skip
+    train = train_bench.train_grid(cuda, quick=False)
+    assert [(m, t) for m, _, t, _ in train["models"]] == [
+        ("gpt2-small", 1024),
+        ("gpt2-medium", 1024),
+    ]
+    fastest = [p for p in train_bench.train_providers(cuda, quick=True) if p.role == "baseline"]
+    assert any(p.pytorch_fast and p.compile and p.fused_adamw for p in fastest)
+    assert any(p.backend == "triton" for p in train_bench.train_providers(cuda, quick=True))
+    assert train_bench.generate_grid(cuda, quick=False)["batches"] == [1, 16]
+
+
 # --- the command -----------------------------------------------------------------------------
 
 

@@ -236,17 +236,20 @@ def test_resume_continues_exactly(tmp_path):
     assert ckpt["step"] == 2 * n
 
 
-def test_resume_follows_this_runs_schedule(tmp_path):
+def test_resume_follows_this_runs_schedule(tmp_path, capsys):
     """Resuming with a longer --max-steps and another --lr: the first resumed step already
-    uses the new schedule (cosine to the new last step, new peak)."""
+    uses the new schedule (cosine to the new last step, new peak). The tqdm bar goes on from
+    the checkpoint's step."""
     data = random_windows()
     Trainer(tiny_model(), data, None, next_token_loss,
             config(tmp_path, max_steps=2, save_checkpoint=True)).fit()  # fmt: skip
-    cfg = config(tmp_path, max_steps=8, lr=1e-3, warmup_steps=0, resume=True)
+    cfg = config(tmp_path, max_steps=8, lr=1e-3, warmup_steps=0, resume=True, progress=True)
     trainer = Trainer(tiny_model(), data, None, next_token_loss, cfg)
     trainer.fit()
     lrs = [r["lr"] for r in trainer.history if r["kind"] == "train"]
     assert lrs == pytest.approx([1e-3 * lr_multiplier(s, 0, 8, 0.1) for s in range(2, 8)])
+    bar = capsys.readouterr().err
+    assert "training" in bar and "2/8" in bar and "8/8" in bar
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -89,12 +89,13 @@ def test_tiny_model_memorizes_text_then_resumes(tmp_path, data_dir, tiktoken_ava
 
 def test_default_corpus_is_the_verdict(tmp_path, data_dir, tiktoken_available, capsys):
     out = tmp_path / "run"
-    rc = run_cli("pretrain", "--model", "tiny", "--context-length", 64, "--out", out,
-                 "--max-steps", 2, "--batch-size", 2, "--no-progress",
+    rc = run_cli("pretrain", "--model", "tiny", "--context-length", 64, "--stride", 32,
+                 "--out", out, "--max-steps", 2, "--batch-size", 2, "--no-progress",
                  "--sample-prompt", "")  # fmt: skip
     assert rc == 0
-    # 5145 tokens: 4630 train -> 72 windows of 64, 515 validation -> 8
-    assert "72 training and 8 validation windows of 64 tokens" in capsys.readouterr().out
+    # 5145 tokens: 4630 train -> ceil((4630 - 64) / 32) = 143 windows of 64 starting every
+    # 32 tokens, 515 validation -> ceil((515 - 64) / 32) = 15
+    assert "143 training and 15 validation windows of 64 tokens" in capsys.readouterr().out
 
 
 def test_default_corpus_offline_says_how_to_pass_a_file(tmp_path, monkeypatch, capsys):
