@@ -40,6 +40,12 @@ leaves a torn checkpoint), and loss.png (train and validation loss against token
 Multi-GPU: run the same command under `torchrun --nproc_per_node N`. WORLD_SIZE > 1 makes the
 trainer join the process group (NCCL on CUDA, gloo on CPU) and wrap the model in
 DistributedDataParallel.
+
+The file, top to bottom: TrainConfig (every option, with units); joining torchrun's process
+group; the pieces a step uses (loss, autocast, evaluation, AdamW groups, LR schedule, peak
+FLOP/s, RNG states, atomic save); the Trainer (set-up, fit, checkpoints, plot, then the data
+order, one step and evaluation/logging that fit calls); and the command-line options the three
+training commands share (add_training_arguments -> TrainConfig, build_model_from_args).
 """
 
 from __future__ import annotations
@@ -181,6 +187,8 @@ class TrainConfig:
 
 @dataclass
 class DistInfo:
+    """This process's place under torchrun (rank 0 of 1 without it)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -336,6 +344,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -344,6 +353,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
@@ -498,8 +508,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         final: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen}
-        interval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
-        since_eval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+        # Sums over the steps since the last log line and since the last evaluation.
+        new_sums = lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
+        interval, since_eval = new_sums(), new_sums()
         batches = self._train_batches()
         try:
             while self.step < self.total_steps:
@@ -509,13 +520,12 @@ class Trainer:
                 loss, grad_norm, tokens, seq_len = self._train_step(micro_batches)
                 elapsed = time.perf_counter() - started
                 self.tokens_seen += tokens
-                for acc in (interval, since_eval):
-                    acc["loss"] += loss
-                    acc["steps"] += 1
-                for acc in (interval, since_eval):
-                    acc["tokens"] += tokens
-                    acc["time"] += elapsed
-                interval["norm"] = grad_norm
+                for sums in (interval, since_eval):
+                    sums["loss"] += loss
+                    sums["steps"] += 1
+                    sums["tokens"] += tokens
+                    sums["time"] += elapsed
+                    sums["norm"] = grad_norm  # the last step's
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
 
@@ -523,11 +533,11 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last:
                     record = self._train_record(interval, seq_len, lr)
                     final.update(record)
-                    interval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
+                    interval = new_sums()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                     train_loss = since_eval["loss"] / max(1, since_eval["steps"])
                     speed = self._throughput(since_eval["tokens"], since_eval["time"], seq_len)
-                    since_eval = {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0}
+                    since_eval = new_sums()
                     if self.is_main:
                         # Evaluation (a sample may be drawn at random) must not move the
                         # training RNGs: when it runs would change the dropout masks after it.
@@ -772,6 +782,10 @@ class Trainer:
     def _evaluate(
         self, train_loss: float, speed: tuple[float, float | None], bar
     ) -> dict[str, Any]:
+        """Rank 0: validation loss over eval_batches, metrics_fn extras and a sample_fn text;
+        printed above the bar and logged as a "kind": "eval" record, which is returned without
+        "kind" and "sample". train_loss: mean since the last evaluation; speed: (tokens/s,
+        MFU or None) over the same steps."""
         cfg = self.config
         record: dict[str, Any] = {
             "kind": "eval",
@@ -816,6 +830,8 @@ class Trainer:
         return {k: v for k, v in record.items() if k not in ("kind", "sample")}
 
     def _train_record(self, interval: dict[str, float], seq_len: int, lr: float) -> dict:
+        """Log a "kind": "train" record for the steps of `interval` (summed loss, steps,
+        tokens, seconds; the last gradient norm) on rank 0; return its loss, tokens/s, MFU."""
         tokens_per_s, mfu = self._throughput(interval["tokens"], interval["time"], seq_len)
         record = {
             "kind": "train",
