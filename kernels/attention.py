@@ -92,6 +92,71 @@ def attention_reference(
     return (weights @ vc).to(q.dtype)  # (B, H, Tq, D)
 
 
+# --- helpers shared by the kernels (plain @triton.jit functions: Triton inlines them) -------
+
+
+@triton.jit
+def _program_tile(T, H, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
+    """This program's place on a flat grid of B·H·cdiv(T, BLOCK) programs, a head's tiles
+    side by side: (bh, b, h, start) with bh = b·H + h (int64) and `start` the first of its BLOCK
+    rows of T. HEAVIEST_FIRST numbers a head's tiles from the last: under a causal mask the last
+    query rows see the most keys, so the longest programs are scheduled first."""
+    num_tiles = (T + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    bh = (pid // num_tiles).to(tl.int64)
+    tile = pid % num_tiles
+    if HEAVIEST_FIRST:
+        tile = num_tiles - 1 - tile
+    return bh, bh // H, bh % H, tile * BLOCK
+
+
+@triton.jit
+def _load_tile(base, offs_t, offs_d, stride_t, stride_d, T, D):
+    """Rows offs_t (R,) of one head's (T, D) matrix at `base` as an (R, BLOCK_D) tile; rows past
+    T and columns past D read as 0."""
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    return tl.load(
+        base + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d, mask=mask, other=0.0
+    )
+
+
+@triton.jit
+def _load_tile_transposed(base, offs_t, offs_d, stride_t, stride_d, T, D):
+    """The same rows as `_load_tile`, transposed: a (BLOCK_D, R) tile (kᵀ for q·kᵀ)."""
+    mask = (offs_t < T)[None, :] & (offs_d < D)[:, None]
+    return tl.load(
+        base + offs_t[None, :] * stride_t + offs_d[:, None] * stride_d, mask=mask, other=0.0
+    )
+
+
+@triton.jit
+def _store_tile(base, tile, offs_t, offs_d, stride_t, stride_d, T, D):
+    """Write an (R, BLOCK_D) fp32 tile, cast to the pointer's dtype, to rows offs_t of one
+    head's (T, D) matrix at `base`; rows past T and columns past D are left alone."""
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    ptrs = base + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Tq, Tk, CAUSAL: tl.constexpr):
+    """Whether query offs_m sees key offs_n: the key exists and, causal, j <= i + (Tk - Tq).
+    offs_m and offs_n come as a column and a row (either way round) and broadcast to a tile."""
+    visible = offs_n < Tk
+    if CAUSAL:
+        visible = visible & (offs_n <= offs_m + (Tk - Tq))
+    return visible
+
+
+@triton.jit
+def _load_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The Philox seed; seed_ptr is None without dropout, and the seed then unused."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    return seed
+
+
 @triton.jit
 def _dropout_keep(seed, bh, offsets, dropout_p):
     """Keep-mask of the attention weights at within-head offsets i·Tk + j of head bh = b·H + h:
@@ -100,20 +165,6 @@ def _dropout_keep(seed, bh, offsets, dropout_p):
     zero = c0 * 0
     r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
     return tl.uint_to_uniform_float(r) >= dropout_p
-
-
-# --- forward -----------------------------------------------------------------------------
-#
-# FlashAttention-2 forward, one program per (batch·head, tile of BLOCK_M query rows).
-# For each row i it keeps, over the key tiles seen so far,
-#   m_i = running max of the base-2 scores s_ij,
-#   l_i = Σ_j exp2(s_ij - m_i)                      (the softmax denominator, rescaled to m_i),
-#   acc_i = Σ_j exp2(s_ij - m_i) · keep_ij · v_j    (the numerator, fp32).
-# A new tile with max m' rescales the old sums by alpha = exp2(m_i - m') before adding its own
-# terms. At the end out_i = acc_i / l_i / (1 - p) and lse_i = m_i + log2(l_i). While a row has
-# seen only masked keys, m_i = -inf; the max is then replaced by 0 so that -inf - -inf never
-# happens (masked terms give exp2(-inf) = 0), and a row that never sees a key keeps l_i = 0 and
-# gets out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0 for it).
 
 
 @triton.jit
@@ -134,50 +185,41 @@ def _attention_tile_bounds(
     return full_end, hi
 
 
+# --- forward -----------------------------------------------------------------------------
+#
+# FlashAttention-2 forward, one program per (batch·head, tile of BLOCK_M query rows).
+# For each row i it keeps, over the key tiles seen so far,
+#   m_i = running max of the base-2 scores s_ij,
+#   l_i = Σ_j exp2(s_ij - m_i)                      (the softmax denominator, rescaled to m_i),
+#   acc_i = Σ_j exp2(s_ij - m_i) · keep_ij · v_j    (the numerator, fp32).
+# A new tile with max m' rescales the old sums by alpha = exp2(m_i - m') before adding its own
+# terms. At the end out_i = acc_i / l_i / (1 - p) and lse_i = m_i + log2(l_i). While a row has
+# seen only masked keys, m_i = -inf; the max is then replaced by 0 so that -inf - -inf never
+# happens (masked terms give exp2(-inf) = 0), and a row that never sees a key keeps l_i = 0 and
+# gets out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0 for it).
+# The key tiles are walked in two loops: first those every row of the tile sees (no mask), then
+# those crossing the diagonal or the end of the keys (MASKED); tiles above the diagonal never.
+
+
 @triton.jit
 def _attention_forward_inner(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    offs_m,
-    offs_d,
-    bh,
-    n_lo,
-    n_hi,
-    Tq,
-    Tk,
-    D,
-    qk_scale,
-    dropout_p,
-    seed,
-    CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    acc, m_i, l_i,  # (BLOCK_M, BLOCK_D), (BLOCK_M,), (BLOCK_M,) fp32: the running sums above
+    q,  # (BLOCK_M, BLOCK_D): this program's query tile
+    k_base, v_base,  # (Tk, D) each: this head's keys and values
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m,  # (BLOCK_M,) query rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    bh, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Fold key tiles [n_lo, n_hi) into the running (acc, m_i, l_i) of one query tile."""
-    d_ok = offs_d < D
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Tk
-        kt = tl.load(  # (BLOCK_D, BLOCK_N): keys transposed for q·kᵀ
-            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
+        kt = _load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            visible = n_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            visible = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
@@ -187,11 +229,7 @@ def _attention_forward_inner(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(  # (BLOCK_N, BLOCK_D)
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, D)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -219,29 +257,15 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_m_tiles = (Tq + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bh = (pid // num_m_tiles).to(tl.int64)
-    # Heaviest causal tiles (the last rows see the most keys) are scheduled first.
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
-    b = bh // H
-    h = bh % H
+    bh, b, h, m_start = _program_tile(Tq, H, BLOCK_M, True)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Tq
-    d_ok = offs_d < D
-    q = tl.load(  # (BLOCK_M, BLOCK_D)
-        q_ptr + b * stride_qb + h * stride_qh
-        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=m_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )  # fmt: skip
+    q = _load_tile(  # (BLOCK_M, BLOCK_D)
+        q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, D
+    )
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    if DROPOUT:  # noqa: SIM108 (a static branch: seed_ptr is None without dropout)
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
+    seed = _load_seed(seed_ptr, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -264,13 +288,9 @@ def _attention_forward_kernel(
         inv_l = inv_l / (1.0 - dropout_p)
     out = acc * inv_l[:, None]
     lse = tl.where(sees_a_key, m_i + tl.math.log2(tl.where(sees_a_key, l_i, 1.0)), float("inf"))
-    tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=m_ok)
-    tl.store(
-        out_ptr + b * stride_ob + h * stride_oh
-        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        out.to(out_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
-    )  # fmt: skip
+    tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=offs_m < Tq)
+    out_base = out_ptr + b * stride_ob + h * stride_oh
+    _store_tile(out_base, out, offs_m, offs_d, stride_om, stride_od, Tq, D)
 
 
 # --- backward ----------------------------------------------------------------------------
@@ -300,83 +320,45 @@ def _attention_backward_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_m_tiles = (Tq + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bh = (pid // num_m_tiles).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_m = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, m_start = _program_tile(Tq, H, BLOCK_M, False)
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Tq)[:, None] & (offs_d < D)[None, :]
-    out = tl.load(
-        out_ptr + b * stride_ob + h * stride_oh
-        + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=mask, other=0.0,
-    ).to(tl.float32)  # fmt: skip
-    dout = tl.load(
-        dout_ptr + b * stride_dob + h * stride_doh
-        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=mask, other=0.0,
-    ).to(tl.float32)  # fmt: skip
+    out = _load_tile(  # (BLOCK_M, BLOCK_D)
+        out_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Tq, D
+    ).to(tl.float32)
+    dout = _load_tile(  # (BLOCK_M, BLOCK_D)
+        dout_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, D
+    ).to(tl.float32)
     tl.store(delta_ptr + bh * Tq + offs_m, tl.sum(out * dout, axis=1), mask=offs_m < Tq)
 
 
 @triton.jit
 def _attention_backward_dkdv_inner(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_qm,
-    stride_qd,
-    stride_dom,
-    stride_dod,
-    offs_n,
-    offs_d,
-    m_lo,
-    m_hi,
-    Tq,
-    Tk,
-    D,
-    qk_scale,
-    dropout_p,
-    seed,
-    bh,
-    CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    dk, dv,  # (BLOCK_N, BLOCK_D) fp32 each: the key tile's gradients so far
+    k, v,  # (BLOCK_N, BLOCK_D) each: the key tile and its values
+    q_base, do_base,  # (Tq, D) each: this head's queries and upstream gradient
+    lse_base, delta_base,  # (Tq,) fp32 each: this head's lse and delta
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n,  # (BLOCK_N,) key rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    m_lo, m_hi, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     """Add the contributions of query tiles [m_lo, m_hi) to one key tile's dk and dv. Works on
     transposed tiles (keys along rows) so that dk and dv come out of plain dots."""
-    d_ok = offs_d < D
     for m_start in range(m_lo, m_hi, BLOCK_M):
         offs_m = m_start + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Tq
-        qt = tl.load(  # (BLOCK_D, BLOCK_M)
-            q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-            mask=m_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
+        qt = _load_tile_transposed(q_base, offs_m, offs_d, stride_qm, stride_qd, Tq, D)
         # Rows past Tq get lse = +inf, hence P = 0: they add nothing.
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,)
         st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         pt = tl.math.exp2(st - lse[None, :])  # P transposed
         if MASKED:
-            visible = offs_n[:, None] < Tk
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + (Tk - Tq))
+            visible = _visible(offs_m[None, :], offs_n[:, None], Tq, Tk, CAUSAL)
             pt = tl.where(visible, pt, 0.0)
-        dout = tl.load(  # (BLOCK_M, BLOCK_D)
-            do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        dout = _load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Tq, D)
         dpt = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[None, :] * Tk + offs_n[:, None], dropout_p)
@@ -419,33 +401,20 @@ def _attention_backward_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_n_tiles = (Tk + BLOCK_N - 1) // BLOCK_N
-    pid = tl.program_id(0)
-    bh = (pid // num_n_tiles).to(tl.int64)
-    n_start = (pid % num_n_tiles) * BLOCK_N
-    b = bh // H
-    h = bh % H
+    bh, b, h, n_start = _program_tile(Tk, H, BLOCK_N, False)
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
-    k = tl.load(  # (BLOCK_N, BLOCK_D)
-        k_ptr + b * stride_kb + h * stride_kh
-        + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask, other=0.0,
-    )  # fmt: skip
-    v = tl.load(  # (BLOCK_N, BLOCK_D)
-        v_ptr + b * stride_vb + h * stride_vh
-        + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask, other=0.0,
-    )  # fmt: skip
+    k = _load_tile(  # (BLOCK_N, BLOCK_D)
+        k_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Tk, D
+    )
+    v = _load_tile(  # (BLOCK_N, BLOCK_D)
+        v_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Tk, D
+    )
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = dout_ptr + b * stride_dob + h * stride_doh
     lse_base = lse_ptr + bh * Tq
     delta_base = delta_ptr + bh * Tq
-    if DROPOUT:  # noqa: SIM108 (a static branch: seed_ptr is None without dropout)
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
+    seed = _load_seed(seed_ptr, DROPOUT)
 
     # Query tiles [m_lo, m_masked_end) cross the diagonal (or this key tile runs past Tk) and
     # are masked; [m_masked_end, m_end) see the whole key tile; tiles above m_lo see none of it.
@@ -475,6 +444,8 @@ def _attention_backward_dkdv_kernel(
         D, qk_scale, dropout_p, seed, bh, CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_M,
     )  # fmt: skip
 
+    # dk and dv share one layout: the offsets are computed once for both stores.
+    kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
     dk_offsets = b * stride_dkb + h * stride_dkh
     dk_offsets += offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     tl.store(dk_ptr + dk_offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
@@ -483,55 +454,26 @@ def _attention_backward_dkdv_kernel(
 
 @triton.jit
 def _attention_backward_dq_inner(
-    dq,
-    q,
-    dout,
-    lse,
-    delta,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    offs_m,
-    offs_d,
-    bh,
-    n_lo,
-    n_hi,
-    Tq,
-    Tk,
-    D,
-    qk_scale,
-    dropout_p,
-    seed,
-    CAUSAL: tl.constexpr,
-    MASKED: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+    dq,  # (BLOCK_M, BLOCK_D) fp32: the query tile's gradient so far (without sm_scale)
+    q, dout,  # (BLOCK_M, BLOCK_D) each: the query tile and its upstream gradient
+    lse, delta,  # (BLOCK_M,) fp32 each
+    k_base, v_base,  # (Tk, D) each: this head's keys and values
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m,  # (BLOCK_M,) query rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    bh, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
     """Add the contributions of key tiles [n_lo, n_hi) to one query tile's dq (unscaled)."""
-    d_ok = offs_d < D
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Tk
-        kt = tl.load(  # (BLOCK_D, BLOCK_N)
-            k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        vt = tl.load(  # (BLOCK_D, BLOCK_N)
-            v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
+        kt = _load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
+        vt = _load_tile_transposed(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, D)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            visible = n_ok[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + (Tk - Tq))
+            visible = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(dout, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
@@ -568,34 +510,21 @@ def _attention_backward_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    num_m_tiles = (Tq + BLOCK_M - 1) // BLOCK_M
-    pid = tl.program_id(0)
-    bh = (pid // num_m_tiles).to(tl.int64)
-    m_start = (num_m_tiles - 1 - pid % num_m_tiles) * BLOCK_M
-    b = bh // H
-    h = bh % H
+    bh, b, h, m_start = _program_tile(Tq, H, BLOCK_M, True)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Tq
-    mask = m_ok[:, None] & (offs_d < D)[None, :]
-    q = tl.load(  # (BLOCK_M, BLOCK_D)
-        q_ptr + b * stride_qb + h * stride_qh
-        + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=mask, other=0.0,
-    )  # fmt: skip
-    dout = tl.load(  # (BLOCK_M, BLOCK_D)
-        dout_ptr + b * stride_dob + h * stride_doh
-        + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=mask, other=0.0,
-    )  # fmt: skip
+    q = _load_tile(  # (BLOCK_M, BLOCK_D)
+        q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, D
+    )
+    dout = _load_tile(  # (BLOCK_M, BLOCK_D)
+        dout_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, D
+    )
     lse = tl.load(lse_ptr + bh * Tq + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,)
     delta = tl.load(delta_ptr + bh * Tq + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    if DROPOUT:  # noqa: SIM108 (a static branch: seed_ptr is None without dropout)
-        seed = tl.load(seed_ptr)
-    else:
-        seed = 0
+    seed = _load_seed(seed_ptr, DROPOUT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
@@ -609,12 +538,8 @@ def _attention_backward_dq_kernel(
         offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
-    tl.store(
-        dq_ptr + b * stride_dqb + h * stride_dqh
-        + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-        mask=mask,
-    )  # fmt: skip
+    dq_base = dq_ptr + b * stride_dqb + h * stride_dqh
+    _store_tile(dq_base, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, Tq, D)
 
 
 # --- dropout mask ------------------------------------------------------------------------
@@ -630,10 +555,8 @@ def _attention_dropout_mask_kernel(
 ):
     # One program per BLOCK elements of one head; within a head the flat index of (i, j) in a
     # contiguous (Tq, Tk) slice is the attention kernels' offset i·Tk + j.
-    blocks_per_head = (n_per_head + BLOCK - 1) // BLOCK
-    pid = tl.program_id(0)
-    bh = (pid // blocks_per_head).to(tl.int64)
-    offsets = (pid % blocks_per_head) * BLOCK + tl.arange(0, BLOCK)
+    bh, _, _, start = _program_tile(n_per_head, 1, BLOCK, False)
+    offsets = start + tl.arange(0, BLOCK)
     keep = _dropout_keep(tl.load(seed_ptr), bh, offsets, dropout_p)
     tl.store(keep_ptr + bh * n_per_head + offsets, keep.to(tl.int8), mask=offsets < n_per_head)
 
@@ -876,7 +799,14 @@ def attention(
     give 0). sm_scale: score scale, default 1/sqrt(D). dropout_p: probability of zeroing an
     attention weight (the kept ones are scaled by 1/(1 - p)). seed: Philox seed of the dropout
     mask; None draws one from torch's generator. The same seed gives the same mask, which
-    `attention_dropout_mask` reproduces."""
+    `attention_dropout_mask` reproduces.
+
+    CUDA: Triton kernels. CPU: the same kernels through Triton's interpreter when
+    TRITON_INTERPRET=1, else `attention_reference` (its dropout then comes from PyTorch's
+    generator, not from `seed`). Empty inputs go to the reference too. Raises ValueError for
+    shapes that do not fit (B, H, T, D), an unsupported head dim (naming the supported ones),
+    mixed devices, dropout_p outside [0, 1) or offsets past the kernels' int32 range; TypeError
+    for non-float or mixed dtypes."""
     _validate(q, k, v, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
