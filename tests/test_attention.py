@@ -9,7 +9,9 @@ shapes here are tiny; long sequences, bf16 and the large-index cases run on a GP
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -22,6 +24,9 @@ from kernels.attention import (
     attention_reference,
 )
 from tests.tolerance import assert_close_to_reference
+
+# `kernels.attention` as an attribute is the function (re-exported by kernels/__init__)
+attention_module = importlib.import_module("kernels.attention")
 
 
 def _inputs(batch, heads, tq, tk, head_dim, dtype, device, seed=0):
@@ -97,7 +102,7 @@ def test_matches_reference_square(device, seq_len, causal):
     assert dk.abs().max() <= 8 * eps * cancelling * q.abs().max()
 
 
-@pytest.mark.parametrize("head_dim", [8, 16, 48, 64, 80])
+@pytest.mark.parametrize("head_dim", SUPPORTED_HEAD_DIMS)
 def test_head_dims_fp32(device, head_dim):
     q, k, v, dout = _inputs(1, 1, 33, 33, head_dim, torch.float32, device, seed=head_dim)
     _check_against_reference(q, k, v, dout, causal=True)
@@ -118,6 +123,12 @@ def test_different_query_and_key_lengths(device, tq, tk, causal):
     _check_against_reference(q, k, v, dout, causal)
 
 
+def test_one_query_over_1025_keys(device):
+    # A decoding step against a KV cache of 1025 keys: 1025 is no multiple of any tile size.
+    q, k, v, dout = _inputs(1, 1, 1, 1025, 16, torch.float32, device)
+    _check_against_reference(q, k, v, dout, causal=True)
+
+
 def test_rows_that_see_no_key_give_zero_output_and_zero_grads(device):
     # Tq > Tk, causal, bottom-right aligned: query i sees keys j <= i - (64 - 17), so the first
     # 47 queries see nothing.
@@ -132,7 +143,7 @@ def test_rows_that_see_no_key_give_zero_output_and_zero_grads(device):
     assert out[:, :, blind:].abs().sum() > 0  # the other rows do attend
 
 
-@pytest.mark.parametrize(("batch", "heads"), [(3, 1), (1, 3), (3, 3)])
+@pytest.mark.parametrize(("batch", "heads"), [(1, 9), (3, 3), (9, 1)])
 def test_odd_batch_and_head_counts(device, batch, heads):
     q, k, v, dout = _inputs(batch, heads, 17, 17, 16, torch.float32, device)
     _check_against_reference(q, k, v, dout, causal=True)
@@ -141,6 +152,21 @@ def test_odd_batch_and_head_counts(device, batch, heads):
 def test_custom_scale(device):
     q, k, v, dout = _inputs(1, 1, 17, 17, 32, torch.float32, device)
     _check_against_reference(q, k, v, dout, causal=True, sm_scale=0.3)
+
+
+def test_signature_and_default_scale(device):
+    parameters = inspect.signature(attention).parameters
+    assert [(p.name, p.default) for p in parameters.values()][3:] == [
+        ("causal", True),
+        ("sm_scale", None),
+        ("dropout_p", 0.0),
+        ("seed", None),
+    ]
+    assert list(parameters)[:3] == ["q", "k", "v"]
+    q, k, v, _ = _inputs(1, 1, 17, 17, 48, torch.float32, device)
+    default = attention(q, k, v)
+    assert torch.equal(default, attention(q, k, v, sm_scale=1 / math.sqrt(48)))
+    assert not torch.equal(default, attention(q, k, v, sm_scale=1 / math.sqrt(64)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -170,6 +196,22 @@ def test_strided_views_of_a_fused_qkv_projection(device, dtype):
     )
 
 
+def test_strided_views_reach_the_kernels_without_copies(device, launches):
+    # CausalSelfAttention's q, k, v are views of one (B, T, 3·d_out) projection: the kernels must
+    # receive those views (one storage, q/k/v d_out elements apart, row stride 3·d_out).
+    module = CausalSelfAttention(d_in=24, d_out=48, num_heads=3).to(device)
+    module(torch.randn(2, 17, 24, device=device)).sum().backward()
+    kernels = [name for name, _, _ in launches.calls]
+    assert kernels[0] == "_attention_forward_kernel" and len(kernels) == 4  # + 3 backward
+    for name, _, args in launches.calls:
+        if name == "_attention_backward_preprocess_kernel":
+            continue
+        q, k, v = args[:3]
+        assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr(), name
+        assert k.data_ptr() - q.data_ptr() == v.data_ptr() - k.data_ptr() == 48 * 4, name
+        assert q.shape == (2, 3, 17, 16) and q.stride() == (17 * 144, 16, 144, 1), name
+
+
 def test_transposed_upstream_gradient(device):
     # dout with arbitrary strides (as after ctx.transpose(1, 2) in a model) must be honoured.
     q, k, v, dout = _inputs(1, 2, 17, 17, 16, torch.float32, device)
@@ -195,6 +237,38 @@ def test_causality_later_keys_do_not_change_earlier_outputs(device, tq, tk):
     assert not torch.equal(out[:, :, t + 1 :], out2[:, :, t + 1 :])  # later rows do see them
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over nan rows
+@pytest.mark.parametrize("key_offset", [0, 1], ids=["square", "more_keys"])
+def test_tiles_above_the_diagonal_are_never_read(device, key_offset):
+    # Causal kernels skip (not merely mask) the tiles wholly above the diagonal. Query rows
+    # [0, edge) see keys [0, key_edge) only; `edge` is a tile boundary of every kernel. A nan
+    # planted in the keys/values past key_edge (or in the queries/upstream gradient of rows
+    # before edge) would reach the other side through 0·nan if a skipped tile were loaded.
+    configs = attention_module._block_config(torch.float32, 16)
+    edge = max(cfg[block] for cfg in configs.values() for block in ("BLOCK_M", "BLOCK_N"))
+    tq, tk = 2 * edge, (2 + key_offset) * edge
+    key_edge = edge + (tk - tq)
+    q, k, v, dout = _inputs(1, 1, tq, tk, 16, torch.float32, device)
+    clean = _out_and_grads(attention, q, k, v, dout)
+
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, key_edge:] = float("nan")
+    v_nan[:, :, key_edge:] = float("nan")
+    out, dq, _, _ = _out_and_grads(attention, q, k_nan, v_nan, dout)
+    assert torch.equal(out[:, :, :edge], clean[0][:, :, :edge])
+    assert torch.equal(dq[:, :, :edge], clean[1][:, :, :edge])
+    assert attention(q, k_nan, v_nan, causal=False)[:, :, :edge].isnan().all()  # it would show
+
+    q_nan, dout_nan = q.clone(), dout.clone()
+    q_nan[:, :, :edge] = float("nan")
+    dout_nan[:, :, :edge] = float("nan")
+    out, dq, dk, dv = _out_and_grads(attention, q_nan, k, v, dout_nan)
+    assert torch.equal(out[:, :, edge:], clean[0][:, :, edge:])
+    assert torch.equal(dq[:, :, edge:], clean[1][:, :, edge:])
+    assert torch.equal(dk[:, :, key_edge:], clean[2][:, :, key_edge:])
+    assert torch.equal(dv[:, :, key_edge:], clean[3][:, :, key_edge:])
+
+
 def test_backward_is_deterministic(device):
     q, k, v, dout = _inputs(2, 3, 33, 33, 16, torch.float32, device)
     first = _out_and_grads(attention, q, k, v, dout)
@@ -209,11 +283,10 @@ def test_empty_key_sequence_gives_zeros(device):
     assert out.shape == q.shape and torch.all(out == 0)
 
 
-def test_falls_back_to_reference_without_triton(device, monkeypatch):
-    # (`kernels.attention` as an attribute is the function, re-exported by kernels/__init__)
-    attention_module = importlib.import_module("kernels.attention")
-    monkeypatch.setattr(attention_module, "use_triton", lambda device: False)
-    q, k, v, _ = _inputs(1, 2, 17, 17, 16, torch.float32, device)
+def test_cpu_without_interpreter_falls_back(monkeypatch):
+    # TRITON_INTERPRET unset: CPU tensors take the PyTorch path
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, _ = _inputs(1, 2, 17, 17, 16, torch.float32, "cpu")
     assert torch.equal(attention(q, k, v), attention_reference(q, k, v, sm_scale=0.25))
 
 
@@ -276,8 +349,20 @@ def test_dropout_fp16_matches_reference(device):
 @pytest.mark.parametrize("head_dim", [4, 24, 100, 256])
 def test_unsupported_head_dim_names_the_supported_ones(device, head_dim):
     q, k, v, _ = _inputs(1, 1, 4, 4, head_dim, torch.float32, device)
-    with pytest.raises(ValueError, match=str(SUPPORTED_HEAD_DIMS[-1])):
+    supported = re.escape(str(SUPPORTED_HEAD_DIMS))
+    with pytest.raises(
+        ValueError, match=rf"head dim {head_dim} .*supported head dims: {supported}"
+    ):
         attention(q, k, v)
+
+
+def test_offsets_inside_one_head_past_int32_raise():
+    # Within-head offsets i·stride_t + d·stride_d are int32 in the kernels; `attention` refuses
+    # strides that would pass 2^31 (meta tensors: no memory behind them).
+    q = torch.empty(1, 1, 4, 16, device="meta")
+    far = torch.empty_strided((1, 1, 4, 16), (0, 0, 2**30, 1), device="meta")
+    with pytest.raises(ValueError, match=r"k: offsets inside one head reach 4294967312"):
+        attention(q, far, q)
 
 
 def test_bad_shapes_raise(device):
@@ -315,6 +400,71 @@ def test_bad_device_and_dropout_raise(device):
     long_q = torch.zeros(1, 1, 46341, 16, device=device)
     with pytest.raises(ValueError, match="2\\^31"):
         attention(long_q, long_q, long_q, dropout_p=0.1)
+
+
+# --- launch grids --------------------------------------------------------------------------
+
+
+class LaunchRecorder:
+    """Stands in for torch.library.wrap_triton: records each launch (kernel name, grid, args)
+    and runs it only while `run` is True."""
+
+    def __init__(self, wrap_triton):
+        self.calls: list[tuple[str, tuple, tuple]] = []
+        self.run = True
+        self._wrap_triton = wrap_triton
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    recorder.calls.append((kernel.__name__, tuple(grid), args))
+                    if recorder.run:
+                        recorder._wrap_triton(kernel)[grid](*args, **kwargs)
+
+                return launch
+
+        return Launcher()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    recorder = LaunchRecorder(torch.library.wrap_triton)
+    monkeypatch.setattr(torch.library, "wrap_triton", recorder)
+    return recorder
+
+
+def _assert_valid_cuda_grid(grid):
+    """CUDA allows 2^31 - 1 programs along grid axis 0 but only 65535 along axes 1 and 2."""
+    assert 1 <= grid[0] <= 2**31 - 1 and all(1 <= n <= 65535 for n in grid[1:]), grid
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_launch_grids_stay_valid_for_70000_heads(device, launches, monkeypatch, dropout_p):
+    # B·H = 70,000 > 65535 programs in a row: every launch (forward, the three backward kernels,
+    # the dropout mask) must keep the heads on grid axis 0. The kernels themselves are not run
+    # (70,000 programs are too many for the interpreter); test_more_than_65535_batch_heads_gpu
+    # runs them on a GPU.
+    launches.run = False
+    mask_grids = []
+
+    class MaskKernel:
+        def __getitem__(self, grid):
+            mask_grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(attention_module, "_attention_dropout_mask_kernel", MaskKernel())
+    batch, heads = 700, 100
+    q, k, v, dout = _inputs(batch, heads, 5, 7, 16, torch.float32, device)
+    q.requires_grad_()
+    attention(q, k, v, dropout_p=dropout_p, seed=1).backward(dout)
+    attention_dropout_mask(1, batch, heads, 5, 7, 0.1, device)
+    assert len(launches.calls) == 4 and len(mask_grids) == 1
+    for grid in [grid for _, grid, _ in launches.calls] + mask_grids:
+        _assert_valid_cuda_grid(grid)
+        assert math.prod(grid) >= batch * heads  # at least one program per head
 
 
 # --- the module and torch.compile --------------------------------------------------------
