@@ -7,8 +7,10 @@ x's last dimension (..., N), fused in one pass (the feed-forward layer's fc1 bia
 gradients for x and bias (dbias reduced in a fixed order: deterministic). Inputs fp32, fp16 or
 bf16; the math is fp32; outputs keep the input dtype (bias_gelu: the promoted dtype of x and
 bias, as `x + bias` would have). Special values behave as `F.gelu(x, approximate="tanh")`:
-gelu(+inf) = inf, gelu(-inf) = nan, gelu(nan) = nan, and the gradient is nan at ±inf and nan;
-large finite |x| (say 1e30 in fp32) gives x or -0 with gradient 1 or 0, never an overflow nan.
+gelu(+inf) = inf, gelu(-inf) = nan, gelu(nan) = nan, and the gradient is nan at ±inf and nan.
+For large finite |x| (say 1e30 in fp32) the kernels give x or -0 with gradient 1 or 0, never an
+overflow nan; the references (the book's formula, on CPU without the interpreter) give the same
+values but, like PyTorch's own fp32 gelu, a nan gradient there (x³ overflows to inf, then 0·inf).
 
 Where it runs (see `kernels/_dispatch.py`): CUDA tensors run the Triton kernels; CPU tensors
 run them through Triton's interpreter when TRITON_INTERPRET=1, and otherwise fall back to

@@ -95,6 +95,12 @@ def test_bias_gelu_matches_reference(shape, dtype, device, nan_outputs):
     check(bias_gelu, same, bias_gelu_reference, [x, bias], ["dx", "dbias"])
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (2, 3, 4, 5)], ids=str)
+def test_gelu_any_shape(shape, device, nan_outputs):
+    x, _ = inputs(shape or (1,), torch.float32, device, seed=4)
+    check(gelu, torch_gelu, gelu_reference, [x.reshape(shape)], ["dx"])
+
+
 def test_gelu_tail_of_the_last_block(device, nan_outputs):
     # 65536 is the interpreter's block (GPU: 1024): 70001 elements leave a ragged last block.
     x, _ = inputs((70001,), torch.float32, device, seed=3)
@@ -204,7 +210,8 @@ def test_module(device):
 
 
 def test_cpu_without_interpreter_falls_back(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # TRITON_INTERPRET unset: CPU tensors take the PyTorch path
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, bias = inputs((6, 40), torch.float32, "cpu")
     # The public functions use the references themselves ...
     assert torch.equal(gelu(x), gelu_reference(x))

@@ -17,7 +17,9 @@ from tests.tolerance import assert_close_to_reference
 # `kernels.layer_norm` the attribute is the function; the module holds MAX_BLOCK_N and _empty.
 ln_module = importlib.import_module("kernels.layer_norm")
 
-SHAPES = [(1, 1), (5, 1), (17, 97), (2, 1023), (1151, 768), (3, 7, 1600), (2, 3000)]
+# GPT-2's widths 768, 1024, 1280, 1600 among odd ones; width 1; a single row and 1151 rows.
+SHAPES = [(1, 1), (5, 1), (17, 97), (2, 1023), (1151, 768), (3, 1024), (4, 1280), (3, 7, 1600)]
+SHAPES += [(2, 3000)]
 DTYPES = [
     torch.float32,
     torch.float16,
@@ -79,8 +81,10 @@ def test_rows_wider_than_one_tile(shape, device, monkeypatch, nan_outputs):
     check_layer_norm(*make_inputs(shape, torch.float32, device))
 
 
-def test_width_16384(device, nan_outputs):
-    check_layer_norm(*make_inputs((2, 16384), torch.float32, device))
+@pytest.mark.parametrize("width", [16384, 16385])
+def test_widest_rows(width, device, nan_outputs):
+    # 16384 is the widest single tile (MAX_BLOCK_N); one more column takes the looping path.
+    check_layer_norm(*make_inputs((2, width), torch.float32, device))
 
 
 @pytest.mark.parametrize("layout", ["row_slice", "column_step", "transposed", "expanded"])
@@ -137,8 +141,13 @@ def test_fp16_input_with_fp32_parameters(device):
         assert_close_to_reference(a.grad, s.grad.to(dt), r.grad, dtype=dt, backward=True)
 
 
-def test_backward_is_deterministic(device):
-    x, weight, bias = make_inputs((1151, 768), torch.float32, device)
+@pytest.mark.parametrize(
+    ("shape", "max_block_n"), [((1151, 768), None), ((300, 97), 64)], ids=["one_tile", "chunks"]
+)
+def test_backward_is_deterministic(shape, max_block_n, device, monkeypatch):
+    if max_block_n is not None:  # rows wider than a tile: dweight/dbias accumulate per chunk
+        monkeypatch.setattr(ln_module, "MAX_BLOCK_N", max_block_n)
+    x, weight, bias = make_inputs(shape, torch.float32, device)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(device)
 
     def grads():
@@ -191,7 +200,8 @@ def test_module_state_dict_and_forward(device):
 
 
 def test_cpu_without_interpreter_falls_back(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # TRITON_INTERPRET unset: CPU tensors take the PyTorch path
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, weight, bias = make_inputs((6, 40), torch.float32, "cpu")
     # The public function uses the reference itself ...
     assert torch.equal(layer_norm(x, weight, bias), layer_norm_reference(x, weight, bias))
