@@ -678,17 +678,16 @@ class Trainer:
         rng = np.random.default_rng([self.config.seed, epoch])
         return rng.permutation(len(self.train_data))
 
-    def _rank_batches(self, epoch: int, first_step: int) -> list[list[int]]:
-        """This rank's micro-batch index lists for steps first_step.. of `epoch`."""
+    def _rank_batches(self, epoch: int, first_step: int) -> Iterator[list[int]]:
+        """This rank's micro-batch index lists for steps first_step.. of `epoch`, made as they
+        are needed (an epoch of a large corpus has millions of windows)."""
         cfg, world, rank = self.config, self.dist.world_size, self.dist.rank
         order = self.epoch_order(epoch)
         micro = cfg.batch_size * world  # examples per micro-batch over all ranks
-        result = []
         for step in range(first_step, self.steps_per_epoch):
             for k in range(cfg.grad_accum):
                 start = (step * cfg.grad_accum + k) * micro + rank * cfg.batch_size
-                result.append(order[start : start + cfg.batch_size].tolist())
-        return result
+                yield order[start : start + cfg.batch_size].tolist()
 
     def _train_batches(self) -> Iterator[list[Any]]:
         """Yields the micro-batches of each step, from the current data position on."""
