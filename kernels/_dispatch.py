@@ -39,6 +39,12 @@ def check_float(name: str, t: torch.Tensor | None) -> None:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for the kernels' outputs. Each kernel module imports it as `_empty`, which the
+    tests swap for a nan-filled allocator so that an element a kernel forgets to write shows."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether tensors on `device` run the Triton kernel (True) or the PyTorch reference."""
     if device.type == "cuda":

@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import nn
 
 from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
 # Head dims are padded to a power of two of at least 16 (tl.dot's smallest inner size), masked.
 # 8 is here for small test models (the "tiny" preset has 4 heads of 8).
@@ -625,8 +626,8 @@ def _flash_attention_forward(
     """Launch the forward kernel: (out (B, H, Tq, D) in q's dtype, lse (B, H, Tq) fp32)."""
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
-    out = torch.empty((batch, heads, tq, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
+    out = _empty((batch, heads, tq, head_dim), q.dtype, q.device)
+    lse = _empty((batch, heads, tq), torch.float32, q.device)
     cfg = _block_config(q.dtype, head_dim)["forward"]
     grid = (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
     torch.library.wrap_triton(_attention_forward_kernel)[grid](
@@ -659,10 +660,10 @@ def _flash_attention_backward(
     configs = _block_config(q.dtype, head_dim)
     precision = _dot_precision(q.dtype)
     dropout = dropout_p > 0.0
-    delta = torch.empty((batch, heads, tq), dtype=torch.float32, device=q.device)
-    dq = torch.empty((batch, heads, tq, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, heads, tk, head_dim), dtype=k.dtype, device=k.device)
-    dv = torch.empty((batch, heads, tk, head_dim), dtype=v.dtype, device=v.device)
+    delta = _empty((batch, heads, tq), torch.float32, q.device)
+    dq = _empty((batch, heads, tq, head_dim), q.dtype, q.device)
+    dk = _empty((batch, heads, tk, head_dim), k.dtype, k.device)
+    dv = _empty((batch, heads, tk, head_dim), v.dtype, v.device)
 
     pre_block_m = configs["dq"]["BLOCK_M"]
     torch.library.wrap_triton(_attention_backward_preprocess_kernel)[

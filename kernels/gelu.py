@@ -29,6 +29,7 @@ import triton.language as tl
 from torch import nn
 
 from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 KAPPA = 0.044715
@@ -171,12 +172,6 @@ def _bias_gelu_backward_kernel(
 
 
 # --- Launchers ---------------------------------------------------------------------------
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocates every kernel output (tests swap in a nan-filled one to catch unwritten
-    elements)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _flat_block() -> int:
     # The interpreter runs programs one by one: few, large blocks (one config, no autotuning).
     return 65536 if triton_interpreter_enabled() else 1024

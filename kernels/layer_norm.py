@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import nn
 
 from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
 # Widest row handled as one tile (elements); wider rows loop over column chunks of this size.
 # Module-level so tests can shrink it to exercise the looping path cheaply.
@@ -224,12 +225,6 @@ def _layer_norm_backward_kernel(
 
 
 # --- Launchers ---------------------------------------------------------------------------
-def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocates every kernel output (tests swap in a nan-filled one to catch unwritten
-    elements)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """t (..., n) as (M, n) with contiguous columns: a view when the strides allow it."""
     t2 = t.reshape(-1, n)

@@ -29,6 +29,18 @@ from tests.tolerance import assert_close_to_reference
 attention_module = importlib.import_module("kernels.attention")
 
 
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    """Every kernel output (out, lse, delta, dq, dk, dv) starts as nan in every test here, so an
+    element a kernel forgets to write shows (a fresh torch.empty is often 0, the very value a
+    row that sees no key must get)."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(attention_module, "_empty", nan_empty)
+
+
 def _inputs(batch, heads, tq, tk, head_dim, dtype, device, seed=0):
     """Leaf q (B, H, Tq, D), k and v (B, H, Tk, D) and an upstream gradient like the output."""
     gen = torch.Generator(device=device).manual_seed(seed)
