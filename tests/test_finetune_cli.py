@@ -34,7 +34,7 @@ def test_finetune_classify_learns_spam_then_classify(
     out = tmp_path / "spam"
     rc = run_cli(
         "finetune-classify", "--model", "tiny", "--data", data_dir / "SMSSpamCollection",
-        "--out", out, "--epochs", 1, "--batch-size", 32, "--lr", 3e-3, "--max-length", 64,
+        "--out", out, "--epochs", 1, "--batch-size", 32, "--lr", 3e-3, "--max-length", 32,
         "--trainable", "all", "--seed", 123,
     )  # fmt: skip
     assert rc == 0
@@ -45,7 +45,7 @@ def test_finetune_classify_learns_spam_then_classify(
     assert metrics["test"]["accuracy"] > 0.8, metrics
     labels = json.loads((out / "labels.json").read_text())
     assert labels["labels"] == ["ham", "spam"] and labels["label_to_id"] == {"ham": 0, "spam": 1}
-    assert json.loads((out / "classifier.json").read_text())["max_length"] == 64
+    assert json.loads((out / "classifier.json").read_text())["max_length"] == 32
 
     texts = ["WINNER!! You have won a free prize worth 1000 cash. Call 09061701461 now", "ok"]
     assert run_cli("classify", "--model", out, *texts) == 0
@@ -55,7 +55,7 @@ def test_finetune_classify_learns_spam_then_classify(
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
-    probs = classify_texts(GPTModel.load(out), texts, get_tokenizer(), 64)
+    probs = classify_texts(GPTModel.load(out), texts, get_tokenizer(), 32)
     for line, text, row in zip(lines, texts, probs.tolist(), strict=True):
         label, prob, shown = line.split("\t")
         assert shown == text
@@ -79,6 +79,76 @@ def test_finetune_classify_with_lora(tmp_path, spam_slice, tiktoken_available, c
     assert run_cli("classify", "--model", out, "free entry now") == 0
     label, prob, _ = capsys.readouterr().out.strip().split("\t")
     assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0
+    if merge:
+        return
+    # Fine-tuning further from this folder starts from the adapted model and its head (the
+    # adapters folded in): with a vanishing learning rate it classifies exactly as before.
+    further = tmp_path / "further"
+    rc = run_cli(
+        "finetune-classify", "--init", out, "--data", spam_slice, "--out", further,
+        "--max-steps", 1, "--batch-size", 8, "--max-length", 32, "--lr", 1e-12,
+        "--trainable", "head", "--no-checkpoint", "--no-progress",
+    )  # fmt: skip
+    assert rc == 0
+    assert f"keeping the classifier head of {out}" in capsys.readouterr().out
+    assert not (further / "lora.json").exists()
+    texts = ["free entry now", "see you at lunch"]
+    assert run_cli("classify", "--model", out, "--all-probs", *texts) == 0
+    before = capsys.readouterr().out
+    assert run_cli("classify", "--model", further, "--all-probs", *texts) == 0
+    assert capsys.readouterr().out == before
+
+
+@pytest.mark.parametrize("trainable", ["head", "last-1"])
+def test_finetune_classify_freezes_all_but_trainable(
+    tmp_path, spam_slice, tiktoken_available, trainable
+):
+    """Frozen parameters come out bitwise equal to the fresh model's (same --seed), the trained
+    ones changed: --trainable head trains only the new head, last-1 also the last block and
+    the final LayerNorm (the default, as the book)."""
+    from fastgpt.config import GPTConfig
+    from fastgpt.model import GPTModel
+
+    out = tmp_path / trainable
+    rc = run_cli(
+        "finetune-classify", "--model", "tiny", "--data", spam_slice, "--out", out,
+        "--max-steps", 2, "--batch-size", 8, "--max-length", 16, "--lr", 1e-2,
+        "--trainable", trainable, "--seed", 5, "--no-checkpoint", "--no-progress",
+    )  # fmt: skip
+    assert rc == 0
+    torch.manual_seed(5)  # what build_model_from_args does before building a fresh model
+    fresh = GPTModel(GPTConfig.from_name("tiny"), backend="torch").state_dict()
+    trained = GPTModel.load(out).state_dict()
+    expected = {"final_norm.", "trf_blocks.1."} if trainable == "last-1" else set()
+    for name, tensor in trained.items():
+        if name.startswith("out_head."):
+            assert tensor.shape[0] == 2  # the new classifier head
+        elif name.startswith(tuple(expected)) and not name.endswith("bias"):
+            assert not torch.equal(tensor, fresh[name]), f"{name} did not train"
+        elif not name.startswith(tuple(expected)):
+            assert torch.equal(tensor, fresh[name]), f"{name} changed but is frozen"
+
+
+def test_finetune_classify_resumes_exactly_and_rank_0_alone_writes(
+    tmp_path, spam_slice, tiktoken_available, monkeypatch
+):
+    args = [
+        "finetune-classify", "--model", "tiny", "--data", spam_slice, "--batch-size", 8,
+        "--max-length", 16, "--lr", 1e-2, "--no-progress", "--eval-every", 0,
+        "--warmup-steps", 1, "--lr-decay-steps", 4,  # one schedule for 2 + 2 and 4 steps
+    ]  # fmt: skip
+    assert run_cli(*args, "--out", tmp_path / "straight", "--max-steps", 4) == 0
+    assert run_cli(*args, "--out", tmp_path / "resumed", "--max-steps", 2) == 0
+    assert run_cli(*args, "--out", tmp_path / "resumed", "--max-steps", 4, "--resume") == 0
+    for name in ("metrics.json", "model.safetensors"):
+        straight = (tmp_path / "straight" / name).read_bytes()
+        assert (tmp_path / "resumed" / name).read_bytes() == straight, name
+
+    # Under torchrun every rank trains; only rank 0 evaluates and writes the results.
+    monkeypatch.setattr("fastgpt.engine.is_main_process", lambda: False)
+    other = tmp_path / "rank1"
+    assert run_cli(*args, "--out", other, "--max-steps", 1, "--no-checkpoint") == 0
+    assert not any((other / name).exists() for name in ("model.safetensors", "metrics.json"))
 
 
 def test_finetune_instruct_end_to_end(tmp_path, data_dir, tiktoken_available, capsys):

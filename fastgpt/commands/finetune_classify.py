@@ -89,13 +89,14 @@ def prepare_data(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.engine import is_main_process
+    from fastgpt.engine import is_main_process, train_config_from_args
     from fastgpt.lora import check_lora_arguments
 
     try:
         check_lora_arguments(args)
         if args.max_length is not None and args.max_length < 1:
             raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
+        config = train_config_from_args(args)
         train_texts, val_texts, test_texts = prepare_data(args)
     except (ValueError, FileNotFoundError) as exc:
         return fail(exc)
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             f"data: {len(train_texts)} train, {len(val_texts)} validation, "
             f"{len(test_texts)} test; labels {train_texts.label_names}"
         )
-    return _train(args, train_texts, val_texts, test_texts)
+    return _train(args, config, train_texts, val_texts, test_texts)
 
 
 def fail(message: object, code: int = 2) -> int:
@@ -112,7 +113,7 @@ def fail(message: object, code: int = 2) -> int:
     return code
 
 
-def _train(args, train_texts, val_texts, test_texts) -> int:
+def _train(args, config, train_texts, val_texts, test_texts) -> int:
     import torch
 
     from fastgpt.classification import (
@@ -127,7 +128,7 @@ def _train(args, train_texts, val_texts, test_texts) -> int:
         saved_label_names,
         set_trainable,
     )
-    from fastgpt.engine import NonFiniteLossError, Trainer, is_main_process, train_config_from_args
+    from fastgpt.engine import NonFiniteLossError, Trainer, is_main_process
     from fastgpt.lora import (
         apply_lora_from_args,
         build_model_merging_adapters,
@@ -171,7 +172,6 @@ def _train(args, train_texts, val_texts, test_texts) -> int:
         print(describe_parameters(model))
 
     collate = ClassificationCollate(pad_to=pad_to)
-    config = train_config_from_args(args)
     try:
         trainer = Trainer(
             model,

@@ -71,7 +71,7 @@ def prepare_data(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.engine import is_main_process
+    from fastgpt.engine import is_main_process, train_config_from_args
     from fastgpt.lora import check_lora_arguments
 
     try:
@@ -82,12 +82,13 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
         if args.num_responses is not None and args.num_responses < 0:
             raise ValueError(f"--num-responses must be >= 0, got {args.num_responses}")
+        config = train_config_from_args(args)
         train, test, val = prepare_data(args)
     except (ValueError, FileNotFoundError) as exc:
         return fail(exc)
     if is_main_process():
         print(f"data: {len(train)} train, {len(test)} test, {len(val)} validation records")
-    return _train(args, train, test, val)
+    return _train(args, config, train, test, val)
 
 
 def fail(message: object, code: int = 2) -> int:
@@ -95,16 +96,10 @@ def fail(message: object, code: int = 2) -> int:
     return code
 
 
-def _train(args, train_records, test_records, val_records) -> int:
+def _train(args, config, train_records, test_records, val_records) -> int:
     import torch
 
-    from fastgpt.engine import (
-        NonFiniteLossError,
-        Trainer,
-        evaluate_loss,
-        is_main_process,
-        train_config_from_args,
-    )
+    from fastgpt.engine import NonFiniteLossError, Trainer, evaluate_loss, is_main_process
     from fastgpt.instruction import (
         InstructionCollate,
         InstructionDataset,
@@ -147,7 +142,6 @@ def _train(args, train_records, test_records, val_records) -> int:
         print(describe_parameters(model))
 
     collate = InstructionCollate(max_length=max_length, mask_prompt=args.mask_prompt)
-    config = train_config_from_args(args)
     sample_record = val_records[0]
 
     def sample_fn(m) -> str:
