@@ -213,6 +213,29 @@ def test_bad_data_fails_before_loading_weights(tmp_path, capsys, command, name, 
     assert not out.exists()  # nothing half-written
 
 
+def test_max_length_errors(tmp_path, capsys, tiktoken_available):
+    records = [{"instruction": f"task {i}", "input": "", "output": "done"} for i in range(20)]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "out"
+    # Every prompt is longer than --max-length: found before any weights are loaded.
+    with pytest.warns(UserWarning, match="dropped 17 of 17 records"):
+        rc = run_cli("finetune-instruct", "--init", tmp_path / "no-such", "--data", data,
+                     "--out", out, "--max-length", 8)  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "no record fits max_length=8" in err and "no-such" not in err
+    # A --max-length beyond the model's context is an error, not silently cut.
+    rc = run_cli("finetune-instruct", "--model", "tiny", "--data", data, "--out", out,
+                 "--max-length", 65)  # fmt: skip
+    assert rc == 2 and "--max-length 65 > the model's context 64" in capsys.readouterr().err
+    sms = tmp_path / "sms.txt"
+    sms.write_text("".join(f"{'ham' if i % 2 else 'spam'}\ttext {i}\n" for i in range(20)))
+    rc = run_cli("finetune-classify", "--model", "tiny", "--data", sms, "--out", out,
+                 "--max-length", 65)  # fmt: skip
+    assert rc == 2 and "--max-length 65 > the model's context 64" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_missing_data_file_and_bad_options(tmp_path, capsys):
     out = tmp_path / "out"
     rc = run_cli(
@@ -221,6 +244,8 @@ def test_missing_data_file_and_bad_options(tmp_path, capsys):
     assert rc == 2 and "not found" in capsys.readouterr().err
     rc = run_cli("finetune-instruct", "--model", "tiny", "--out", out, "--merge")
     assert rc == 2 and "--merge needs --lora-rank" in capsys.readouterr().err
+    rc = run_cli("finetune-classify", "--model", "tiny", "--out", out, "--lr", 0)
+    assert rc == 2 and "lr must be > 0" in capsys.readouterr().err
     assert not out.exists()
     rc = run_cli("classify", "--model", tmp_path, "text")
     assert rc == 2 and "labels.json" in capsys.readouterr().err
