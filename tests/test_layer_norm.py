@@ -100,8 +100,18 @@ def test_strided_inputs(layout, device):
     else:  # one row repeated: row stride 0
         x = base(1, 768).expand(33, 768)
     assert not x.is_contiguous()
-    _, weight, bias = make_inputs((768,), torch.float32, device)
-    check_layer_norm(x, weight, bias)
+    _, weight, bias = make_inputs((2 * 768,), torch.float32, device)
+    check_layer_norm(x, weight[::2], bias[1::2])  # strided parameters too
+
+
+def test_eps_is_used(device):
+    # Rows of variance ~1e-2 with eps = 0.1: a kernel that ignored eps would be far off.
+    x, weight, bias = make_inputs((17, 97), torch.float32, device, scale=0.1)
+    check_layer_norm(x, weight, bias, eps=0.1)
+    norm = LayerNorm(97, eps=0.1).to(device)
+    expected = layer_norm_reference(x.double(), norm.weight.double(), norm.bias.double(), 0.1)
+    same = F.layer_norm(x, (97,), norm.weight, norm.bias, 0.1)
+    assert_close_to_reference(norm(x).detach(), same.detach(), expected, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
