@@ -114,18 +114,21 @@ def test_only_adapters_change_and_merge_gives_same_logits():
     assert model.out_head.weight is not model.tok_emb.weight
 
 
-def test_merged_model_saves_and_loads(tmp_path):
-    model = tiny_model()
-    model.out_head = nn.Linear(model.config.emb_dim, 3)
-    apply_lora(model, rank=2, alpha=2.0)
+def adapted_logits(model: GPTModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Give every adapter a nonzero B (as training would) and return the model's logits."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.normal_(std=0.1)
+        return model.eval()(tokens)
+
+
+def test_merged_model_saves_and_loads(tmp_path):
+    model = tiny_model()
+    model.out_head = nn.Linear(model.config.emb_dim, 3)
+    apply_lora(model, rank=2, alpha=2.0)
     tokens = torch.randint(0, 50257, (1, 9))
-    model.eval()
-    with torch.no_grad():
-        adapted = model(tokens)
+    adapted = adapted_logits(model, tokens)
     merge_lora(model)
     model.save_pretrained(tmp_path / "m")
     loaded = GPTModel.load(tmp_path / "m", backend="torch")
@@ -138,14 +141,8 @@ def test_unmerged_adapters_save_and_load(tmp_path):
 
     model = tiny_model()
     apply_lora(model, rank=3, alpha=6.0, include_head=True)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.lora_B.normal_(std=0.1)
     tokens = torch.randint(0, 50257, (2, 11))
-    model.eval()
-    with torch.no_grad():
-        adapted = model(tokens)
+    adapted = adapted_logits(model, tokens)
     save_pretrained_with_lora(model, tmp_path / "m")
     assert has_lora(model)  # the model itself keeps its adapters
     loaded = GPTModel.load(tmp_path / "m", backend="torch")  # the base alone loads
