@@ -125,10 +125,17 @@ def test_head_dims_fp32(device, head_dim):
 
 
 @pytest.mark.parametrize(
-    ("head_dim", "seq_len", "causal"), [(64, 33, True), (48, 17, False), (16, 40, True)]
+    ("head_dim", "tq", "tk", "causal"),
+    [
+        (64, 33, 33, True),
+        (48, 17, 17, False),
+        (16, 40, 40, True),
+        (16, 1, 129, True),
+        (16, 64, 17, True),
+    ],
 )
-def test_fp16(device, head_dim, seq_len, causal):
-    q, k, v, dout = _inputs(2, 1, seq_len, seq_len, head_dim, torch.float16, device)
+def test_fp16(device, head_dim, tq, tk, causal):
+    q, k, v, dout = _inputs(2, 1, tq, tk, head_dim, torch.float16, device)
     _check_against_reference(q, k, v, dout, causal)
 
 
