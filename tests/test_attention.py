@@ -2,7 +2,8 @@
 
 Every numerical comparison uses the tolerance rule of tests/tolerance.py: the kernel's error
 against a float64 reference may be at most 2x (outputs) or 3x (gradients) PyTorch's own error in
-the same dtype, plus a few ulps. On CPU the kernels run through Triton's interpreter, so the
+the same dtype, plus a few ulps. Every kernel output starts as nan (the `nan_outputs` fixture),
+so an unwritten element fails. On CPU the kernels run through Triton's interpreter, so the
 shapes here are tiny; long sequences, bf16 and the large-index cases run on a GPU only.
 """
 
@@ -39,6 +40,38 @@ def nan_outputs(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(attention_module, "_empty", nan_empty)
+
+
+class LaunchRecorder:
+    """Stands in for torch.library.wrap_triton: records each launch (kernel name, grid, args)
+    and runs it only while `run` is True."""
+
+    def __init__(self, wrap_triton):
+        self.calls: list[tuple[str, tuple, tuple]] = []
+        self.run = True
+        self._wrap_triton = wrap_triton
+
+    def __call__(self, kernel):
+        recorder = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    recorder.calls.append((kernel.__name__, tuple(grid), args))
+                    if recorder.run:
+                        recorder._wrap_triton(kernel)[grid](*args, **kwargs)
+
+                return launch
+
+        return Launcher()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The attention launchers' kernel launches, recorded (they all go through wrap_triton)."""
+    recorder = LaunchRecorder(torch.library.wrap_triton)
+    monkeypatch.setattr(torch.library, "wrap_triton", recorder)
+    return recorder
 
 
 def _inputs(batch, heads, tq, tk, head_dim, dtype, device, seed=0):
@@ -425,38 +458,7 @@ def test_bad_device_and_dropout_raise(device):
         attention(long_q, long_q, long_q, dropout_p=0.1)
 
 
-# --- launch grids --------------------------------------------------------------------------
-
-
-class LaunchRecorder:
-    """Stands in for torch.library.wrap_triton: records each launch (kernel name, grid, args)
-    and runs it only while `run` is True."""
-
-    def __init__(self, wrap_triton):
-        self.calls: list[tuple[str, tuple, tuple]] = []
-        self.run = True
-        self._wrap_triton = wrap_triton
-
-    def __call__(self, kernel):
-        recorder = self
-
-        class Launcher:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    recorder.calls.append((kernel.__name__, tuple(grid), args))
-                    if recorder.run:
-                        recorder._wrap_triton(kernel)[grid](*args, **kwargs)
-
-                return launch
-
-        return Launcher()
-
-
-@pytest.fixture
-def launches(monkeypatch):
-    recorder = LaunchRecorder(torch.library.wrap_triton)
-    monkeypatch.setattr(torch.library, "wrap_triton", recorder)
-    return recorder
+# --- launch grids ------------------------------------------------------------------------
 
 
 def _assert_valid_cuda_grid(grid):
