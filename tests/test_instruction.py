@@ -138,6 +138,7 @@ def test_dataset_drops_prompts_that_fill_max_length_with_a_warning():
     with pytest.warns(UserWarning, match=r"dropped 1 of 3 records .*max_length=.*indices 1\)"):
         dataset = InstructionDataset(records, ToyTokenizer(), max_length=max_length)
     assert dataset.kept == [0, 2]
+    assert dataset.longest_prompt == max(prompt_lengths[0], prompt_lengths[2])
     ids, prompt_length = dataset[0]
     assert ids == [ord(c) for c in format_example(records[0])]
     assert prompt_length == prompt_lengths[0]
@@ -177,6 +178,10 @@ def test_generate_responses_adds_model_response():
     records = [{"instruction": "a", "input": "", "output": "b", "id": 7}]
     out = generate_responses(model, records, ToyTokenizer(), max_new_tokens=3, progress=False)
     assert out[0]["id"] == 7 and out[0]["output"] == "b"
+    assert isinstance(out[0]["model_response"], str)
+    # a prompt longer than the model's context keeps its end (context 48 here)
+    long_record = {"instruction": "x" * 100, "input": "", "output": "b"}
+    out = generate_responses(model, [long_record], ToyTokenizer(), max_new_tokens=3, progress=False)
     assert isinstance(out[0]["model_response"], str)
     assert extract_response("### Response:\n  hi there \n") == "hi there"
     assert extract_response("  plain ") == "plain"

@@ -69,6 +69,25 @@ def test_from_pretrained_reads_pytorch_model_bin(tmp_path):
         torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_from_pretrained_by_hub_name(hf_dir, monkeypatch):
+    """A GPT-2 name goes to huggingface_hub (stubbed here: no network in tests)."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    requests = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        requests.append((repo_id, allow_patterns))
+        return str(hf_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    for name, repo_id in [
+        ("gpt2", "openai-community/gpt2"),
+        ("gpt2-medium", "openai-community/gpt2-medium"),
+    ]:
+        model = GPTModel.from_pretrained(name, backend="torch")
+        assert model.config.vocab_size == 999  # what the stub handed over
+        assert requests.pop() == (repo_id, ["config.json", "model.safetensors"])
+
+
 def test_from_pretrained_config_overrides(hf_dir):
     model = GPTModel.from_pretrained(hf_dir, backend="torch", drop_rate=0.0)
     assert model.config.drop_rate == 0.0
