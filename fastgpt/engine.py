@@ -1059,7 +1059,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=False,
         metavar="CHECKPOINT",
         help="continue from --out's checkpoint.pt (or the file given): model, "
-        "optimizer, schedule, data position and RNG states",
+        "optimizer, step, data position and RNG states; the LR schedule is this run's "
+        "options (the same ones continue exactly)",
     )
     logs.add_argument("--no-progress", action="store_true", help="no progress bar")
 
