@@ -57,6 +57,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -1063,6 +1064,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "options (the same ones continue exactly)",
     )
     logs.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def command_error(command: str, message: object, code: int = 2) -> int:
+    """Print "fastgpt COMMAND: error: MESSAGE" to stderr and return `code`, the exit status of
+    a training command's run(): 2 for bad options or data, 1 for a run that failed."""
+    print(f"fastgpt {command}: error: {message}", file=sys.stderr)
+    return code
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:

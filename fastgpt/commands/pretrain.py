@@ -17,7 +17,7 @@ checkpoint.pt.
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
 from pathlib import Path
 
 
@@ -93,15 +93,14 @@ def run(args: argparse.Namespace) -> int:
         NonFiniteLossError,
         Trainer,
         build_model_from_args,
+        command_error,
         is_main_process,
         next_token_loss,
         train_config_from_args,
     )
     from fastgpt.text_data import load_text_datasets
 
-    def fail(message: object, code: int = 2) -> int:
-        print(f"fastgpt pretrain: error: {message}", file=sys.stderr)
-        return code
+    fail = functools.partial(command_error, "pretrain")
 
     # Data first: a bad file fails before any weights are built, loaded or downloaded.
     try:
