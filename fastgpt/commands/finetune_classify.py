@@ -7,10 +7,12 @@ fastgpt classify --model runs/spam "You won a free cruise!"
 
 Steps: read and validate the data (before any weights are touched), balance the classes by
 undersampling, split 70/10/20 with --seed, build the model (--init weights or a fresh
---model), swap its output head for Linear(emb_dim, num_classes), freeze all but --trainable
-(or add LoRA adapters), train with the shared training engine, report loss and accuracy on
-train/validation/test, and save the model, labels.json, classifier.json and metrics.json in
---out.
+--model; adapters an --init folder holds unmerged are folded in), swap its output head for
+Linear(emb_dim, num_classes) (a classifier given as --init with the same labels keeps its
+head), freeze all but --trainable (or add LoRA adapters), train with the shared training
+engine, report loss and accuracy on train/validation/test, and save the model, labels.json,
+classifier.json and metrics.json in --out. Under torchrun every rank trains and rank 0 alone
+evaluates and writes.
 """
 
 from __future__ import annotations

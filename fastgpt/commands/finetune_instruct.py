@@ -6,9 +6,11 @@ fastgpt generate --model runs/instruct --prompt "Below is an instruction ..."
 
 Steps: read and validate the JSON records (before any weights are touched), split them in file
 order 85% train / 10% test / 5% validation, build the model (--init weights or a fresh
---model), optionally add LoRA adapters, train with the shared training engine, report the
-validation loss and perplexity, write the test split with each "model_response" (greedy) to
-test_responses.json, and save the model in --out.
+--model; adapters an --init folder holds unmerged are folded in), optionally add LoRA
+adapters, train with the shared training engine, report the validation loss and perplexity,
+save the model and metrics.json in --out, then write the test split with each
+"model_response" (greedy) to test_responses.json. Under torchrun every rank trains and rank 0
+alone evaluates, generates and writes.
 """
 
 from __future__ import annotations
