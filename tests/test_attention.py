@@ -199,7 +199,7 @@ def test_rows_that_see_no_key_give_zero_output_and_zero_grads(device):
     assert out[:, :, blind:].abs().sum() > 0  # the other rows do attend
 
 
-@pytest.mark.parametrize(("batch", "heads"), [(1, 9), (3, 3), (9, 1)])
+@pytest.mark.parametrize(("batch", "heads"), [(1, 9), (3, 3)])
 def test_odd_batch_and_head_counts(device, batch, heads):
     q, k, v, dout = _inputs(batch, heads, 17, 17, 16, torch.float32, device)
     _check_against_reference(q, k, v, dout, causal=True)
