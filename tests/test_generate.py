@@ -229,3 +229,29 @@ def test_generate_command_streams_text(tmp_path, monkeypatch, capsys, tiktoken_a
     assert main([*missing, "--top-p", "1.5"]) == 2
     err = capsys.readouterr().err
     assert "top_p must be in (0, 1]" in err and "cannot load" not in err
+
+
+def test_generate_command_uses_unmerged_lora_adapters(tmp_path, monkeypatch, tiktoken_available):
+    """A folder saved unmerged by a fine-tuning command generates with its adapters."""
+    from fastgpt.cli import main
+    from fastgpt.lora import apply_lora, save_pretrained_with_lora
+    from fastgpt.tokenizer import text_to_token_ids, token_ids_to_text
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_name("tiny"), backend="torch")
+    apply_lora(model, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # as if trained: the adapters change the output
+    save_pretrained_with_lora(model, tmp_path)
+    prompt = text_to_token_ids("Every effort moves you")
+    expected = token_ids_to_text(generate(model, prompt, 6))
+    base = generate(GPTModel.load(tmp_path, backend="torch"), prompt, 6)
+    assert token_ids_to_text(base) != expected  # the base alone would say something else
+    stdout = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "Every effort moves you"]
+    assert main([*argv, "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    monkeypatch.undo()
+    assert stdout.getvalue() == expected + "\n"
