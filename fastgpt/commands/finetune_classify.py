@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -111,8 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fail(message: object, code: int = 2) -> int:
-    print(f"fastgpt finetune-classify: error: {message}", file=sys.stderr)
-    return code
+    from fastgpt.engine import command_error
+
+    return command_error("finetune-classify", message, code)
 
 
 def _train(args, config, train_texts, val_texts, test_texts) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 RESPONSES_FILE = "test_responses.json"
@@ -94,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fail(message: object, code: int = 2) -> int:
-    print(f"fastgpt finetune-instruct: error: {message}", file=sys.stderr)
-    return code
+    from fastgpt.engine import command_error
+
+    return command_error("finetune-instruct", message, code)
 
 
 def _train(args, config, train_records, test_records, val_records) -> int:
