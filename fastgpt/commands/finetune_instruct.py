@@ -182,7 +182,9 @@ def _train(args, config, train_records, test_records, val_records) -> int:
     print(f"saved the model to {out}")
 
     records = test_records[: args.num_responses] if args.num_responses is not None else test_records
-    responses = generate_responses(model, records, tokenizer, args.max_new_tokens)
+    responses = generate_responses(
+        model, records, tokenizer, args.max_new_tokens, progress=not args.no_progress
+    )
     path = out / RESPONSES_FILE
     path.write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {len(responses)} test responses to {path}")
