@@ -24,6 +24,7 @@ Everything here validates its input and raises ValueError naming the file and li
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Sequence
@@ -46,6 +47,19 @@ CLASSIFIER_FILE = "classifier.json"
 
 
 # --- reading labelled texts --------------------------------------------------------------
+
+
+def read_utf8(path: Path) -> str:
+    """The text of `path`; ValueError "FILE:LINE: not UTF-8 ..." for bytes that are not UTF-8.
+    Line ends are kept as they are (no newline translation)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (Excel's CSVs) is not text
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 @dataclass
@@ -81,8 +95,7 @@ def read_spam_collection(
     label_ids = {name: i for i, name in enumerate(label_names)}
     texts, labels, sources = [], [], []
     # Split on "\n" only: iterating a text file would also break lines at a lone "\r".
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")
+    lines = read_utf8(path).split("\n")
     for lineno, line in enumerate(lines, start=1):
         line = line.removesuffix("\r")
         if not line.strip():
@@ -117,7 +130,7 @@ def read_labeled_table(
     path = Path(path)
     delimiter = TABLE_SUFFIXES.get(path.suffix.lower(), ",")
     rows: list[tuple[str, str, str]] = []  # (text, label, source)
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         for name, what in ((text_column, "text"), (label_column, "label")):
@@ -127,15 +140,22 @@ def read_labeled_table(
                     f"{', '.join(map(repr, columns)) or 'none'}); choose it with "
                     f"--{what}-column"
                 )
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
-            if None in row:
-                raise ValueError(f"{where}: row has more fields than the header ({len(columns)})")
-            if any(row[c] is None for c in columns):
-                raise ValueError(f"{where}: row has fewer fields than the header ({len(columns)})")
-            if not any((v or "").strip() for v in row.values()):
-                continue  # blank line
-            rows.append((row[text_column], row[label_column].strip(), where))
+        try:
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in row:
+                    raise ValueError(
+                        f"{where}: row has more fields than the header ({len(columns)})"
+                    )
+                if any(row[c] is None for c in columns):
+                    raise ValueError(
+                        f"{where}: row has fewer fields than the header ({len(columns)})"
+                    )
+                if not any((v or "").strip() for v in row.values()):
+                    continue  # blank line
+                rows.append((row[text_column], row[label_column].strip(), where))
+        except csv.Error as exc:  # e.g. a field longer than csv.field_size_limit()
+            raise ValueError(f"{path}:{reader.line_num}: malformed table: {exc}") from None
     if not rows:
         raise ValueError(f"{path}: no data rows after the header")
     if label_names is None:

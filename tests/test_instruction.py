@@ -82,6 +82,13 @@ def test_bad_instruction_files(tmp_path, content, message):
         load_instruction_data(path)
 
 
+def test_instruction_file_not_utf8(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_bytes(b'[\n{"instruction": "caf\xe9", "output": "b"}]')
+    with pytest.raises(ValueError, match=r"data.json:2: not UTF-8 text"):
+        load_instruction_data(path)
+
+
 def test_missing_input_means_empty(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}]), encoding="utf-8")
