@@ -555,7 +555,8 @@ def _attention_dropout_mask_kernel(
     BLOCK: tl.constexpr,
 ):
     # One program per BLOCK elements of one head; within a head the flat index of (i, j) in a
-    # contiguous (Tq, Tk) slice is the attention kernels' offset i·Tk + j.
+    # contiguous (Tq, Tk) slice is the attention kernels' offset i·Tk + j. Each head's Tq·Tk
+    # weights are the "rows" tiled here (H = 1: only bh = b·H + h is needed, not b and h).
     bh, _, _, start = _program_tile(n_per_head, 1, BLOCK, False)
     offsets = start + tl.arange(0, BLOCK)
     keep = _dropout_keep(tl.load(seed_ptr), bh, offsets, dropout_p)
