@@ -155,7 +155,8 @@ def read_labeled_table(
                     continue  # blank line
                 rows.append((row[text_column], row[label_column].strip(), where))
         except csv.Error as exc:  # e.g. a field longer than csv.field_size_limit()
-            raise ValueError(f"{path}:{reader.line_num}: malformed table: {exc}") from None
+            line = reader.reader.line_num  # DictReader.line_num lags a failed row
+            raise ValueError(f"{path}:{line}: malformed table: {exc}") from None
     if not rows:
         raise ValueError(f"{path}: no data rows after the header")
     if label_names is None:
