@@ -82,8 +82,21 @@ class GPTConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> GPTConfig:
+        """Read a config.json (ours or Hugging Face's); ValueError naming the file and line
+        for malformed JSON, or the file for a wrong field."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}"
+                ) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
     def to_json(self, path: str | Path) -> None:
         with open(path, "w", encoding="utf-8") as f:

@@ -58,6 +58,21 @@ def test_preset_aliases_and_overrides():
         GPTConfig.from_name("gpt3")
 
 
+def test_config_json_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"emb_dim": 32,\n "n_heads": }', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"config.json:2:13: malformed JSON"):
+        GPTConfig.from_json(path)
+    path.write_text('{"emb_dim": 30, "n_heads": 4}', encoding="utf-8")
+    with pytest.raises(
+        ValueError, match=r"config.json: GPTConfig.emb_dim \(30\) must be a multiple"
+    ):
+        GPTConfig.from_json(path)
+    path.write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        GPTConfig.from_json(path)
+
+
 def test_config_round_trips(tmp_path):
     config = tiny_config(qkv_bias=False, tie_embeddings=False)
     assert GPTConfig.from_dict(config.to_dict()) == config
