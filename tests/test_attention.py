@@ -131,6 +131,25 @@ def _check_against_reference(
 # --- accuracy ----------------------------------------------------------------------------
 
 
+def test_reference_is_the_books_causal_attention():
+    # The tolerance rule measures PyTorch's own error against the reference, so the reference
+    # itself must be right: here against the book's formulation in float64.
+    q, k, v, _ = _inputs(2, 3, 17, 17, 16, torch.float64, "cpu")
+    hidden = torch.triu(torch.ones(17, 17, dtype=torch.bool), diagonal=1)  # above the diagonal
+    scores = (q @ k.transpose(-2, -1)).masked_fill(hidden, -torch.inf)
+    book = torch.softmax(scores / 16**0.5, dim=-1) @ v
+    torch.testing.assert_close(attention_reference(q, k, v), book)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention_reference(q, k, v, causal=False), full)
+    # Tq < Tk, bottom-right: 5 new queries against a KV cache of 17 are the last 5 rows.
+    torch.testing.assert_close(attention_reference(q[:, :, -5:], k, v), book[:, :, -5:])
+    # Tq > Tk: query i sees keys j <= i - 12; the first 12 rows see none and give 0.
+    k5, v5 = k[:, :, :5], v[:, :, :5]
+    out = attention_reference(q, k5, v5)
+    torch.testing.assert_close(out[:, :, 12:], attention_reference(q[:, :, 12:], k5, v5))
+    assert torch.all(out[:, :, :12] == 0)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("seq_len", [1, 17, 33, 97])
 def test_matches_reference_square(device, seq_len, causal):

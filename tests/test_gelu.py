@@ -80,6 +80,16 @@ def inputs(shape, dtype, device, scale=3.0, seed=0):
     return x, bias
 
 
+def test_references_are_pytorchs_gelu():
+    # The tolerance rule measures PyTorch's own error against the references, so they must be
+    # right: in float64 they agree with F.gelu(approximate="tanh"), special values included.
+    x = torch.cat([torch.linspace(-12, 12, 1001, dtype=torch.float64), torch.tensor(SPECIAL)])
+    torch.testing.assert_close(gelu_reference(x), torch_gelu(x), equal_nan=True)
+    bias = torch.linspace(-1, 1, x.numel(), dtype=torch.float64)
+    expected = torch_gelu(x + bias)
+    torch.testing.assert_close(bias_gelu_reference(x[None], bias)[0], expected, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_gelu_matches_reference(shape, dtype, device, nan_outputs):

@@ -68,6 +68,14 @@ def make_inputs(shape, dtype, device, scale=1.0, offset=0.0, seed=0):
     return x, weight, bias
 
 
+def test_reference_is_pytorchs_layer_norm():
+    # The tolerance rule measures PyTorch's own error against the reference, so the reference
+    # itself must be right: in float64 it agrees with F.layer_norm to rounding.
+    x, weight, bias = make_inputs((17, 97), torch.float64, "cpu", scale=3.0, offset=5.0)
+    expected = F.layer_norm(x, (97,), weight, bias, 1e-3)
+    torch.testing.assert_close(layer_norm_reference(x, weight, bias, 1e-3), expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(shape, dtype, device, nan_outputs):
