@@ -71,13 +71,9 @@ def prepare_data(args: argparse.Namespace):
         read_labeled_texts,
         split_train_val_test,
     )
+    from fastgpt.download import data_file
 
-    if args.data:
-        path = Path(args.data)
-    else:
-        from fastgpt.download import fetch
-
-        path = fetch("SMSSpamCollection")
+    path = data_file(args.data, "SMSSpamCollection")
     label_names = [s.strip() for s in args.labels.split(",")] if args.labels else None
     if label_names is not None and (
         len(label_names) < 2 or len(set(label_names)) != len(label_names)

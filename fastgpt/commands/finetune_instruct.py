@@ -60,14 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def prepare_data(args: argparse.Namespace):
     """Read, validate and split the records: (train, test, validation) lists.
     Raises ValueError / FileNotFoundError; touches no weights and writes nothing."""
+    from fastgpt.download import data_file
     from fastgpt.instruction import load_instruction_data, split_instruction_data
 
-    if args.data:
-        path = Path(args.data)
-    else:
-        from fastgpt.download import fetch
-
-        path = fetch("instruction-data.json")
+    path = data_file(args.data, "instruction-data.json")
     return split_instruction_data(load_instruction_data(path))
 
 
