@@ -54,7 +54,7 @@ def test_train_step(timed, provider):
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("provider", list(GENERATE))
 def test_generate(timed, provider, batch, use_cache):
-    from fastgpt.generate import generate
+    from fastgpt.generation import generate
 
     config = GPTConfig.from_name(PRESET)
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32

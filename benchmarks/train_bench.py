@@ -15,7 +15,7 @@ peak, where flops_per_token = 6·N + 12·L·T·d (`fastgpt.model.flops_per_token
 parameters, L layers, d width) and the peak is the dense matmul TFLOP/s measured in the same
 run (bf16 on GPU, fp32 on CPU); and the peak allocated memory.
 
-Generation = `fastgpt.generate.generate` greedy from a random prompt, with and without the KV
+Generation = `fastgpt.generation.generate` greedy from a random prompt, with and without the KV
 cache, at batch 1 and 16: tokens/s = B·new tokens / wall time (prefill included).
 
 On CPU the models run in fp32 with the torch backend only (our kernels would run through the
@@ -231,7 +231,7 @@ def bench_train(
 def bench_generate(
     device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
 ) -> list[dict]:
-    from fastgpt.generate import generate
+    from fastgpt.generation import generate
 
     quick = options.quick
     grid = generate_grid(device, quick)

@@ -241,7 +241,7 @@ def generate_responses(
     <|endoftext|> (fastgpt.generate). Prompts longer than the context keep their last tokens."""
     from tqdm.auto import tqdm
 
-    from fastgpt.generate import generate
+    from fastgpt.generation import generate
 
     device = next(model.parameters()).device
     context = model.config.context_length

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastgpt.config import GPTConfig
-from fastgpt.generate import generate, sample_next_token
+from fastgpt.generation import generate, sample_next_token
 from fastgpt.model import GPTModel
 
 

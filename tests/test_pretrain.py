@@ -64,7 +64,7 @@ def test_tiny_model_memorizes_text_then_resumes(tmp_path, data_dir, tiktoken_ava
         assert (out / name).is_file(), name
 
     # The saved model has learned the text: greedy decoding continues it.
-    from fastgpt.generate import generate
+    from fastgpt.generation import generate
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 

@@ -55,7 +55,7 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.generate import check_generation_options, generate
+    from fastgpt.generation import check_generation_options, generate
     from fastgpt.lora import load_lora_adapters
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids

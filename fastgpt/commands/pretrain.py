@@ -167,7 +167,7 @@ def _make_sample_fn(prompt: str, max_new_tokens: int):
     """sample_fn for the Trainer: the greedy continuation of `prompt` as text."""
     import torch
 
-    from fastgpt.generate import generate
+    from fastgpt.generation import generate
     from fastgpt.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
