@@ -168,7 +168,7 @@ def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bo
     is saved via `save_pretrained` (config.json + model.safetensors) plus the adapters in
     lora.safetensors and their rank/alpha/modules in lora.json (see `load_lora_adapters`).
     A model without adapters is just `save_pretrained`-ed."""
-    from safetensors.torch import save_file
+    from fastgpt.weights import save_safetensors
 
     directory = Path(directory)
     if merge:
@@ -194,7 +194,7 @@ def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bo
     for name, module in wrapped.items():
         tensors[f"{name}.lora_A"] = module.lora_A.detach().contiguous().cpu()
         tensors[f"{name}.lora_B"] = module.lora_B.detach().contiguous().cpu()
-    save_file(tensors, str(directory / ADAPTERS_FILE))
+    save_safetensors(tensors, directory / ADAPTERS_FILE)
     info = {"rank": ranks.pop(), "alpha": alphas.pop(), "modules": sorted(wrapped)}
     (directory / ADAPTERS_CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return directory

@@ -16,6 +16,7 @@ Any missing, unexpected or mis-shaped tensor raises a ValueError that lists all 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -294,11 +295,20 @@ def _finish(model, device, dtype):
     return model.eval()
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with the file readable as any file this process writes
+    (safetensors 0.8 creates it with mode 0600, whatever the umask)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(model, directory: str | Path) -> Path:
     """Write `model.safetensors` (our tensor names; a tied head stored once) and
     `config.json` (our GPTConfig + format, out_head shape, parameter dtype) into `directory`."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tied = model.out_head.weight is model.tok_emb.weight
@@ -307,7 +317,7 @@ def save_pretrained(model, directory: str | Path) -> Path:
         for k, v in model.state_dict().items()
         if not (tied and k == "out_head.weight")
     }
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     config = model.config.to_dict()
     config["tie_embeddings"] = tied
     info = {

@@ -158,6 +158,9 @@ def test_save_and_load_round_trip(tmp_path):
     info = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert info["format"] == "fastgpt" and info["dtype"] == "float32"
     assert GPTConfig.from_json(tmp_path / "ckpt" / "config.json") == config
+    # readable like the config beside it (safetensors alone would make it 0600)
+    config_mode = (tmp_path / "ckpt" / "config.json").stat().st_mode & 0o777
+    assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777 == config_mode
     x = torch.randint(0, 97, (2, 9))
     for loaded in (
         GPTModel.load(tmp_path / "ckpt", backend="triton"),
