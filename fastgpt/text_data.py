@@ -14,6 +14,7 @@ edited file is tokenized again; it is written to a temporary name and renamed wh
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import math
@@ -92,8 +93,8 @@ def _text_chunks(path: Path, chunk_chars: int):
         while True:
             try:
                 block = f.read(chunk_chars)
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}: not UTF-8 text ({exc})") from exc
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{_first_non_utf8(path)}") from None
             if not block:
                 break
             pending += block
@@ -109,6 +110,26 @@ def _text_chunks(path: Path, chunk_chars: int):
                     break
     if pending:
         yield pending
+
+
+def _first_non_utf8(path: Path) -> str:
+    """ "LINE: not UTF-8 text (byte 0xNN at offset K)" for the first byte of `path` that is not
+    UTF-8, read in blocks (the text layer's error position is within its buffer, not the file)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1  # bytes and lines before `block`
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            pending = len(decoder.getstate()[0])  # a character's first bytes, from the last block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                bad = offset - pending + exc.start
+                line += block.count(b"\n", 0, max(0, bad - offset))
+                f.seek(bad)
+                return f"{line}: not UTF-8 text (byte 0x{f.read(1)[0]:02x} at offset {bad})"
+            offset += len(block)
+            line += block.count(b"\n")
+    return f"{line}: not UTF-8 text (the file ends inside a character, at offset {offset})"
 
 
 def tokenize_files(

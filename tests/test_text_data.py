@@ -18,6 +18,7 @@ import torch
 import fastgpt.tokenizer
 from fastgpt.text_data import (
     SlidingWindowDataset,
+    _text_chunks,
     load_text_datasets,
     resolve_text_files,
     split_train_val,
@@ -211,8 +212,18 @@ def test_empty_short_and_binary_files_are_clear_errors(tmp_path, tiktoken_availa
         load_text_datasets(short, 16, cache_dir=tmp_path / "c", progress=False)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(ValueError, match=r"binary\.txt: not UTF-8"):
+    with pytest.raises(ValueError, match=r"binary\.txt:1: not UTF-8 text \(byte 0xff at offset 0"):
         load_text_datasets(binary, 16, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_a_bad_byte_far_into_a_file_is_located_by_line_and_file_offset(tmp_path):
+    """The text layer reads in buffers: its error position is not the file's offset."""
+    path = tmp_path / "late.txt"
+    path.write_bytes("héllo\n".encode() * 3000 + b"bad \xe9 byte\n")  # 7 bytes a line
+    with pytest.raises(
+        ValueError, match=r"late\.txt:3001: not UTF-8 text \(byte 0xe9 at offset 21004\)"
+    ):
+        list(_text_chunks(path, chunk_chars=5000))
 
 
 def test_load_the_verdict_datasets(tmp_path, data_dir, tiktoken_available):
