@@ -132,7 +132,9 @@ def read_labeled_table(
     rows: list[tuple[str, str, str]] = []  # (text, label, source)
     with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
+        columns = reader.fieldnames
+        if not columns:
+            raise ValueError(f"{path}: empty file, no header row")
         for name, what in ((text_column, "text"), (label_column, "label")):
             if name not in columns:
                 raise ValueError(

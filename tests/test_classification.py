@@ -120,6 +120,9 @@ def test_table_errors(tmp_path):
     path.write_text("text,label\n", encoding="utf-8")
     with pytest.raises(ValueError, match="no data rows"):
         read_labeled_table(path)
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d.csv: empty file, no header row"):
+        read_labeled_table(path)
     path.write_bytes(b"text,label\nhello,a\ncaf\xe9,b\n")  # Latin-1, not UTF-8
     with pytest.raises(ValueError, match=r"d.csv:3: not UTF-8 text \(byte 0xe9 at offset 22\)"):
         read_labeled_table(path)
