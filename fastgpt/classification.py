@@ -132,8 +132,8 @@ def read_labeled_table(
     rows: list[tuple[str, str, str]] = []  # (text, label, source)
     with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames
-        if not columns:
+        columns = reader.fieldnames  # None for an empty file, [] for a blank first line
+        if columns is None:
             raise ValueError(f"{path}: empty file, no header row")
         for name, what in ((text_column, "text"), (label_column, "label")):
             if name not in columns:
