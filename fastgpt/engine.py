@@ -172,15 +172,39 @@ class TrainConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay and grad_clip must be >= 0")
+        for name in ("weight_decay", "grad_clip", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        resolve_device(self.device)  # an unknown or absent device fails before any work
         self.betas = tuple(self.betas)
+
+
+def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
+    """The device of a --device option: "auto" or None is cuda:local_rank when CUDA is
+    available, else cpu; otherwise cpu, cuda or cuda:N. ValueError for another name, or a CUDA
+    device this machine does not have."""
+    if spec in (None, "auto"):
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {spec!r} is not a device: use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA GPU is available (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    return device
 
 
 # --- distributed set-up ------------------------------------------------------------------
@@ -407,11 +431,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
 
         self.dist = init_distributed()
-        if config.device == "auto":
-            on_cuda = torch.cuda.is_available()
-            self.device = torch.device(f"cuda:{self.dist.local_rank}" if on_cuda else "cpu")
-        else:
-            self.device = torch.device(config.device)
+        self.device = resolve_device(config.device, self.dist.local_rank)
         use_bf16 = config.precision == "bf16" or (
             config.precision == "auto" and self.device.type == "cuda"
         )

@@ -180,6 +180,21 @@ def test_bad_config_values():
     with pytest.raises(ValueError, match="min_lr"):
         TrainConfig(lr=1e-3, min_lr=1e-2)
     assert TrainConfig().epochs == 1 and TrainConfig(max_steps=5).epochs is None
+    with pytest.raises(ValueError, match="lr must be > 0 and finite, got inf"):
+        TrainConfig(lr=float("inf"))
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ValueError, match="grad_clip must be >= 0, got -1"):
+        TrainConfig(grad_clip=-1)
+
+
+def test_device_is_checked_when_the_config_is_made(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1: no CUDA GPU is available"):
+        TrainConfig(device="cuda:1")
+    with pytest.raises(ValueError, match="--device 'tpu' is not a device: use cpu, cuda"):
+        TrainConfig(device="tpu")
+    assert TrainConfig(device="cpu").device == "cpu"
 
 
 # --- equivalences ------------------------------------------------------------------------

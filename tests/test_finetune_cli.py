@@ -249,3 +249,6 @@ def test_missing_data_file_and_bad_options(tmp_path, capsys):
     assert not out.exists()
     rc = run_cli("classify", "--model", tmp_path, "text")
     assert rc == 2 and "labels.json" in capsys.readouterr().err
+    rc = run_cli("classify", "--model", tmp_path, "--device", "tpu", "text")
+    err = capsys.readouterr().err
+    assert rc == 2 and "--device 'tpu' is not a device" in err and "cannot load" not in err

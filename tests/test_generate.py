@@ -229,6 +229,10 @@ def test_generate_command_streams_text(tmp_path, monkeypatch, capsys, tiktoken_a
     assert main([*missing, "--top-p", "1.5"]) == 2
     err = capsys.readouterr().err
     assert "top_p must be in (0, 1]" in err and "cannot load" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*missing, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: no CUDA GPU is available" in err and "cannot load" not in err
 
 
 def test_generate_command_uses_unmerged_lora_adapters(tmp_path, monkeypatch, tiktoken_available):

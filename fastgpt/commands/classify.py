@@ -31,7 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
-    device = device_from_args(args)
+    try:
+        device = device_from_args(args)
+    except ValueError as exc:
+        print(f"fastgpt classify: error: {exc}", file=sys.stderr)
+        return 2
     try:
         label_names, info = load_classifier_metadata(args.model)
         model = GPTModel.load(args.model, backend=args.backend, device=device)

@@ -50,8 +50,10 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
-    """--device, or CUDA when available, else CPU."""
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """--device, or CUDA when available, else CPU. ValueError for an unknown or absent device."""
+    from fastgpt.engine import resolve_device
+
+    return resolve_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
         return fail("error: the prompt is empty")
     try:
         check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        device = device_from_args(args)
     except ValueError as exc:
         return fail(f"error: {exc}")
-    device = device_from_args(args)
     try:
         model = GPTModel.from_pretrained(args.model, backend=args.backend, device=device)
         # A model fine-tuned with LoRA and saved unmerged: fold its adapters in.
