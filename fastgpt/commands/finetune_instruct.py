@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from pathlib import Path
 
 RESPONSES_FILE = "test_responses.json"
@@ -117,10 +119,19 @@ def _train(args, config, train_records, test_records, val_records) -> int:
     tokenizer = get_tokenizer()
 
     def datasets(max_length: int | None) -> tuple[InstructionDataset, InstructionDataset]:
-        return (
-            InstructionDataset(train_records, tokenizer, max_length),
-            InstructionDataset(val_records, tokenizer, max_length),
-        )
+        train_set = dataset(train_records, "training", max_length)
+        return train_set, dataset(val_records, "validation", max_length)
+
+    def dataset(records, split: str, max_length: int | None) -> InstructionDataset:
+        # Records dropped for their length: a plain line from rank 0, not a Python warning.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return InstructionDataset(records, tokenizer, max_length)
+            finally:
+                for warning in caught if main else ():
+                    message = f"warning: {split} split: {warning.message}"
+                    print(f"fastgpt finetune-instruct: {message}", file=sys.stderr)
 
     try:
         # With --max-length, records that cannot fit are found before any weights are loaded.
