@@ -918,9 +918,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 # --- command-line options shared by every training command -------------------------------
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+def add_training_arguments(parser: argparse.ArgumentParser, default_epochs: int = 1) -> None:
     """The options of pretrain, finetune-classify and finetune-instruct (argparse). Commands
-    change defaults with parser.set_defaults(...)."""
+    change defaults with parser.set_defaults(...), except the epochs: `default_epochs` is how
+    many a run without --epochs and --max-steps trains (--max-steps alone replaces it)."""
     command = parser.prog.split()[-1] if parser.prog else "train"
     data = parser.add_argument_group("data and model")
     data.add_argument(
@@ -968,9 +969,10 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--epochs",
         type=int,
         default=None,
-        help="passes over the training data (default 1 unless --max-steps is given; "
-        "with both, whichever ends first)",
+        help=f"passes over the training data (default {default_epochs} unless --max-steps is "
+        "given; with both, whichever ends first)",
     )
+    parser.set_defaults(default_epochs=default_epochs)
     loop.add_argument(
         "--max-steps", type=int, default=None, help="stop after this many optimizer steps"
     )
@@ -1097,7 +1099,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the options of `add_training_arguments`. Raises ValueError."""
     epochs, max_steps = args.epochs, args.max_steps
     if epochs is None and max_steps is None:
-        epochs = 1
+        epochs = getattr(args, "default_epochs", 1)
     return TrainConfig(
         out_dir=str(args.out),
         max_steps=max_steps,

@@ -502,6 +502,19 @@ def test_training_arguments_defaults_and_config():
     cfg = train_config_from_args(parse("--max-steps", 7, "--grad-accum", 2, "--resume"))
     assert cfg.max_steps == 7 and cfg.epochs is None and cfg.grad_accum == 2 and cfg.resume
     assert train_config_from_args(parse("--resume", "x.pt")).resume == "x.pt"
+
+
+def test_a_commands_default_epochs_yield_to_max_steps(capsys):
+    """finetune-classify trains 5 epochs by default, but --max-steps alone sets the length."""
+    parser = argparse.ArgumentParser(prog="fastgpt finetune-classify")
+    add_training_arguments(parser, default_epochs=5)
+    assert train_config_from_args(parser.parse_args([])).epochs == 5
+    cfg = train_config_from_args(parser.parse_args(["--max-steps", "1000"]))
+    assert cfg.max_steps == 1000 and cfg.epochs is None
+    cfg = train_config_from_args(parser.parse_args(["--max-steps", "9", "--epochs", "2"]))
+    assert (cfg.max_steps, cfg.epochs) == (9, 2)
+    parser.print_help()
+    assert "(default 5 unless" in capsys.readouterr().out
     assert train_config_from_args(parse("--no-checkpoint")).save_checkpoint is False
 
 

@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastgpt.engine import add_training_arguments
     from fastgpt.lora import add_lora_arguments
 
-    add_training_arguments(parser)
+    add_training_arguments(parser, default_epochs=5)
     # The book's chapter 6 settings (5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1).
-    parser.set_defaults(epochs=5, batch_size=8, lr=5e-5)
+    parser.set_defaults(batch_size=8, lr=5e-5)
     group = parser.add_argument_group("classification")
     group.add_argument(
         "--text-column", default="text", help="text column of a .csv/.tsv --data (default text)"

@@ -28,9 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastgpt.engine import add_training_arguments
     from fastgpt.lora import add_lora_arguments
 
-    add_training_arguments(parser)
+    add_training_arguments(parser, default_epochs=2)
     # The book's chapter 7 settings (2 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1).
-    parser.set_defaults(epochs=2, batch_size=8, lr=5e-5)
+    parser.set_defaults(batch_size=8, lr=5e-5)
     group = parser.add_argument_group("instruction fine-tuning")
     group.add_argument(
         "--max-length",
