@@ -54,6 +54,8 @@ def load_instruction_data(path: str | Path) -> list[dict[str, str]]:
     from fastgpt.classification import read_utf8
 
     text = read_utf8(path)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file, expected a JSON list of records")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

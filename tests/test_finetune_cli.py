@@ -192,6 +192,7 @@ INSTRUCT_ERRORS = [
     ("d.json", '[{"instruction": "a", "output": "b"}, {"instruction": "x"}]',
      "record 1 has no 'output'"),
     ("d.json", '[{"instruction": "a", "output": "b"}]', "split is empty"),
+    ("d.json", " \n", "d.json: empty file, expected a JSON list of records"),
 ]  # fmt: skip
 
 
