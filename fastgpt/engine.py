@@ -56,6 +56,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -626,12 +627,24 @@ class Trainer:
             raise FileNotFoundError(
                 f"cannot resume: no checkpoint at {path} (train once without --resume first)"
             )
-        # Our own file: it holds Python/NumPy RNG states, which weights_only would refuse.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT:
+        try:  # our own file: it holds Python/NumPy RNG states, which weights_only would refuse
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torn, or not torch's
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(
+                f"{path}: cannot read it as a training checkpoint ({first_line})"
+            ) from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not a fastgpt training checkpoint")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:  # shapes, names or parameter groups differ
+            raise ValueError(
+                f"{path} does not match this run's model "
+                f"(resume with the options the run started with: --model, --context-length, "
+                f"--lora-rank, ...): {' '.join(str(exc).split())}"
+            ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         # The schedule is this run's (--lr, --max-steps, --lr-decay-steps, ...) from the first

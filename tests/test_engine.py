@@ -273,6 +273,26 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         Trainer(tiny_model(), random_windows(), None, next_token_loss, cfg).fit()
 
 
+def test_resume_from_a_torn_or_foreign_checkpoint_names_the_file(tmp_path):
+    data = random_windows()
+    Trainer(tiny_model(), data, None, next_token_loss,
+            config(tmp_path, max_steps=1, save_checkpoint=True)).fit()  # fmt: skip
+    good = tmp_path / "run" / CHECKPOINT_NAME
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(good.read_bytes()[:1000])
+    text = tmp_path / "notes.pt"
+    text.write_text("{}")
+    for path, message in ((torn, "cannot read it"), (text, "cannot read it")):
+        cfg = config(tmp_path, max_steps=2, resume=str(path))
+        with pytest.raises(ValueError, match=rf"{path.name}: {message} as a training checkpoint"):
+            Trainer(tiny_model(), data, None, next_token_loss, cfg).fit()
+    # Another architecture (a longer context): a clear error, not torch's traceback.
+    other = GPTModel(GPTConfig.from_name("tiny", vocab_size=VOCAB, context_length=32))
+    cfg = config(tmp_path, max_steps=2, resume=str(good))
+    with pytest.raises(ValueError, match=r"checkpoint.pt does not match .*pos_emb"):
+        Trainer(other, data, None, next_token_loss, cfg).fit()
+
+
 # --- the non-finite guard ----------------------------------------------------------------
 
 
