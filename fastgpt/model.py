@@ -370,6 +370,18 @@ class GPTModel(nn.Module):
         return load_checkpoint(directory, backend=backend, model_cls=cls, **kwargs)
 
 
+def check_language_model(model: GPTModel, source: object) -> None:
+    """ValueError when `model` (loaded from `source`) has a classifier's head: next-token
+    training and generation need one output per token of the vocabulary."""
+    outputs, vocab_size = model.out_head.out_features, model.config.vocab_size
+    if outputs != vocab_size:
+        raise ValueError(
+            f"{source} is a classifier ({outputs} outputs, not one per token of the "
+            f"{vocab_size}-token vocabulary): run it with `fastgpt classify`, or start from a "
+            "language model"
+        )
+
+
 def count_parameters(config: GPTConfig, non_embedding: bool = False) -> int:
     """Parameter count of GPTModel(config) computed from the config alone."""
     d, v, c = config.emb_dim, config.vocab_size, config.context_length

@@ -255,3 +255,27 @@ def test_missing_data_file_and_bad_options(tmp_path, capsys):
     rc = run_cli("classify", "--model", tmp_path, "--device", "tpu", "text")
     err = capsys.readouterr().err
     assert rc == 2 and "--device 'tpu' is not a device" in err and "cannot load" not in err
+
+
+def test_language_model_commands_refuse_a_classifier(tmp_path, capsys, tiktoken_available):
+    """generate, pretrain --init and finetune-instruct --init given a classifier's folder: a
+    clear error (was: '!"!"' generated, or a cross-entropy traceback)."""
+    from fastgpt.classification import replace_head
+    from fastgpt.config import GPTConfig
+    from fastgpt.model import GPTModel
+
+    model = GPTModel(GPTConfig.from_name("tiny"), backend="torch")
+    replace_head(model, 2)
+    spam = tmp_path / "spam"
+    model.save_pretrained(spam)
+    story = tmp_path / "story.txt"
+    story.write_text("Once upon a time there was a model. " * 20, encoding="utf-8")
+    out = tmp_path / "out"
+    for argv in (
+        ["generate", "--model", spam, "--prompt", "Hello"],
+        ["pretrain", "--init", spam, "--data", story, "--context-length", 16, "--out", out],
+        ["finetune-instruct", "--init", spam, "--out", out],
+    ):
+        assert run_cli(*argv) == 2
+        assert f"{spam} is a classifier (2 outputs" in capsys.readouterr().err
+    assert not out.exists()

@@ -113,6 +113,7 @@ def _train(args, config, train_records, test_records, val_records) -> int:
         describe_parameters,
         save_pretrained_with_lora,
     )
+    from fastgpt.model import check_language_model
     from fastgpt.tokenizer import get_tokenizer
 
     main = is_main_process()
@@ -137,6 +138,7 @@ def _train(args, config, train_records, test_records, val_records) -> int:
         # With --max-length, records that cannot fit are found before any weights are loaded.
         train_set, val_set = datasets(args.max_length)
         model = build_model_merging_adapters(args)
+        check_language_model(model, args.init or args.model)
         context = model.config.context_length
         if args.max_length is not None and args.max_length > context:
             raise ValueError(f"--max-length {args.max_length} > the model's context {context}")

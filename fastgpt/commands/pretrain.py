@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         next_token_loss,
         train_config_from_args,
     )
+    from fastgpt.model import check_language_model
     from fastgpt.text_data import load_text_datasets
 
     fail = functools.partial(command_error, "pretrain")
@@ -124,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model = build_model_from_args(args)
+        check_language_model(model, args.init or args.model)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         return fail(exc)
     if args.context_length > model.config.context_length:
