@@ -106,11 +106,13 @@ def fetch(name: str) -> Path:
 def data_file(data: str | Path | None, default: str) -> Path:
     """The file a command's --data names or, with no --data, the book's data set `default`
     (see `fetch`). Raises FileNotFoundError naming the missing file, or saying how to pass one
-    when the default cannot be had offline."""
+    when the default cannot be had offline; ValueError for a folder."""
     if data:
         path = Path(data).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data file not found: {path}")
+        if path.is_dir():
+            raise ValueError(f"--data {path} is a folder: give one file")
         return path
     try:
         return fetch(default)

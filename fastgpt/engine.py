@@ -183,6 +183,8 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         resolve_device(self.device)  # an unknown or absent device fails before any work
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ValueError(f"--out {self.out_dir} is a file, not a folder")
         self.betas = tuple(self.betas)
 
 

@@ -245,6 +245,11 @@ def test_missing_data_file_and_bad_options(tmp_path, capsys):
         "finetune-classify", "--model", "tiny", "--data", tmp_path / "nope.txt", "--out", out
     )
     assert rc == 2 and "not found" in capsys.readouterr().err
+    rc = run_cli("finetune-instruct", "--model", "tiny", "--data", tmp_path, "--out", out)
+    assert rc == 2 and f"--data {tmp_path} is a folder: give one file" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("")
+    rc = run_cli("finetune-classify", "--model", "tiny", "--out", tmp_path / "taken")
+    assert rc == 2 and "taken is a file, not a folder" in capsys.readouterr().err
     rc = run_cli("finetune-instruct", "--model", "tiny", "--out", out, "--merge")
     assert rc == 2 and "--merge needs --lora-rank" in capsys.readouterr().err
     rc = run_cli("finetune-classify", "--model", "tiny", "--out", out, "--lr", 0)
