@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(args._module)
-    return module.run(args) or 0
+    from fastgpt.tokenizer import TokenizerUnavailableError  # torch is loaded by now
+
+    try:
+        return module.run(args) or 0
+    except TokenizerUnavailableError as exc:  # any command may need the BPE, at any point
+        print(f"fastgpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

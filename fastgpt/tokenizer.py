@@ -7,6 +7,7 @@ text = token_ids_to_text(ids)
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import torch
@@ -16,12 +17,25 @@ EOT_ID = 50256
 EOT_TEXT = "<|endoftext|>"
 
 
+class TokenizerUnavailableError(RuntimeError):
+    """The GPT-2 BPE files could be neither read from tiktoken's cache nor downloaded."""
+
+
 @functools.cache
 def get_tokenizer():
-    """The GPT-2 BPE as a tiktoken Encoding (cached; offline it needs TIKTOKEN_CACHE_DIR)."""
+    """The GPT-2 BPE as a tiktoken Encoding (cached; offline it needs TIKTOKEN_CACHE_DIR).
+    Raises TokenizerUnavailableError when its files can be neither read nor downloaded."""
     import tiktoken
 
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError) as exc:  # no network (requests' errors are OSErrors), bad hash
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR", "unset")
+        raise TokenizerUnavailableError(
+            f"cannot load the GPT-2 BPE (tiktoken 'gpt2': vocab.bpe and encoder.json): {exc}. "
+            f"Offline, point TIKTOKEN_CACHE_DIR (now {cache}) at a folder holding tiktoken's "
+            "cached copies of them"
+        ) from exc
 
 
 def encode(text: str, tokenizer=None) -> list[int]:

@@ -259,3 +259,26 @@ def test_generate_command_uses_unmerged_lora_adapters(tmp_path, monkeypatch, tik
     assert main([*argv, "--max-new-tokens", "6", "--device", "cpu"]) == 0
     monkeypatch.undo()
     assert stdout.getvalue() == expected + "\n"
+
+
+def test_commands_offline_without_the_bpe_say_what_to_do(tmp_path, monkeypatch, capsys):
+    """No cached GPT-2 BPE and no network: an error naming TIKTOKEN_CACHE_DIR (was a requests
+    ConnectionError traceback)."""
+    import tiktoken
+
+    from fastgpt.cli import main
+    from fastgpt.tokenizer import get_tokenizer
+
+    def offline(name):
+        raise ConnectionError(f"Failed to resolve 'openaipublic.blob.core.windows.net' ({name})")
+
+    GPTModel(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    get_tokenizer.cache_clear()
+    try:
+        assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
+    finally:
+        get_tokenizer.cache_clear()
+    err = capsys.readouterr().err
+    assert "fastgpt generate: error: cannot load the GPT-2 BPE" in err
+    assert "TIKTOKEN_CACHE_DIR" in err and "Failed to resolve" in err
