@@ -1,7 +1,7 @@
 """`fastgpt generate`: continue a prompt with a GPT-2 model, printing text as it is produced.
 
 fastgpt generate --model gpt2 --prompt "Every effort moves you" --max-new-tokens 50
-fastgpt generate --model runs/pretrain/final --prompt "..." --temperature 0.8 --top-k 50
+fastgpt generate --model runs/pretrain --prompt "..." --temperature 0.8 --top-k 50
 """
 
 from __future__ import annotations
