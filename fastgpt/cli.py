@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except TokenizerUnavailableError as exc:  # any command may need the BPE, at any point
         print(f"fastgpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (130 = 128 + SIGINT)
+        print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

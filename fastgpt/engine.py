@@ -536,6 +536,7 @@ class Trainer:
         new_sums = lambda: {"loss": 0.0, "steps": 0, "tokens": 0, "time": 0.0, "norm": 0.0}
         interval, since_eval = new_sums(), new_sums()
         batches = self._train_batches()
+        saved_step = None  # the step checkpoint.pt holds, once this run wrote one
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
@@ -574,9 +575,15 @@ class Trainer:
                     (cfg.save_every and self.step % cfg.save_every == 0) or last
                 ):
                     self.save_checkpoint()
-        except BaseException:
+                    saved_step = self.step
+        except BaseException as exc:
             if self.dist.created_group:  # leave no process group behind on an error
                 dist.destroy_process_group()
+            if isinstance(exc, KeyboardInterrupt) and self.is_main and saved_step is not None:
+                bar.close()
+                saved = f"{self.checkpoint_path} holds step {saved_step}"
+                hint = f"stopped at step {self.step}; {saved}: continue with --resume"
+                print(hint, file=sys.stderr)
             raise
         finally:
             bar.close()

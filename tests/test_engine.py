@@ -273,6 +273,23 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         Trainer(tiny_model(), random_windows(), None, next_token_loss, cfg).fit()
 
 
+def test_ctrl_c_says_which_step_the_checkpoint_holds(tmp_path, capsys):
+    calls = []
+
+    def loss_then_interrupt(model, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return next_token_loss(model, batch)
+
+    cfg = config(tmp_path, max_steps=9, save_checkpoint=True, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_model(), random_windows(), None, loss_then_interrupt, cfg).fit()
+    err = capsys.readouterr().err
+    assert f"stopped at step 3; {tmp_path / 'run' / CHECKPOINT_NAME} holds step 2" in err
+    assert "--resume" in err
+
+
 def test_resume_from_a_torn_or_foreign_checkpoint_names_the_file(tmp_path):
     data = random_windows()
     Trainer(tiny_model(), data, None, next_token_loss,

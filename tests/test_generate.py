@@ -282,3 +282,15 @@ def test_commands_offline_without_the_bpe_say_what_to_do(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "fastgpt generate: error: cannot load the GPT-2 BPE" in err
     assert "TIKTOKEN_CACHE_DIR" in err and "Failed to resolve" in err
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    import fastgpt.commands.generate
+    from fastgpt.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastgpt.commands.generate, "run", interrupted)
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 130
+    assert capsys.readouterr().err == "fastgpt generate: interrupted\n"
