@@ -268,18 +268,6 @@ def add_lora_arguments(parser) -> None:
     )
 
 
-def build_model_merging_adapters(args) -> nn.Module:
-    """`fastgpt.engine.build_model_from_args`, with the adapters of an --init folder that a
-    fine-tuning command saved unmerged (lora.json) folded into the weights, so that training
-    continues from the fine-tuned model rather than from its base."""
-    from fastgpt.engine import build_model_from_args
-
-    model = build_model_from_args(args)
-    if getattr(args, "init", None):
-        load_lora_adapters(model, args.init, merge=True)
-    return model
-
-
 def apply_lora_from_args(model: nn.Module, args) -> None:
     """`apply_lora` with --lora-rank, --lora-alpha (default 2·rank) and --lora-head, when
     --lora-rank is given; nothing otherwise."""

@@ -245,17 +245,22 @@ def from_pretrained(
     model_cls: type | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    merge_adapters: bool = True,
     **config_overrides: Any,
 ):
     """A GPTModel with weights from a Hugging Face GPT-2 folder, one of our checkpoints (see
-    `save_pretrained`), or a hub name. `config_overrides` replace config fields that do not
-    change tensor shapes (e.g. drop_rate=0.0). The model is in eval mode."""
+    `save_pretrained`; LoRA adapters saved beside it are folded in unless
+    merge_adapters=False, see `load_checkpoint`), or a hub name. `config_overrides` replace
+    config fields that do not change tensor shapes (e.g. drop_rate=0.0). The model is in eval
+    mode."""
     if model_cls is None:
         from fastgpt.model import GPTModel as model_cls
     directory = resolve_checkpoint_dir(name_or_path)
     config, _, is_hf = read_config(directory, **config_overrides)
     if not is_hf:
-        return load_checkpoint(directory, backend, model_cls, device, dtype, **config_overrides)
+        return load_checkpoint(
+            directory, backend, model_cls, device, dtype, merge_adapters, **config_overrides
+        )
     tensors = read_tensors(directory)
     state = hf_to_fastgpt(tensors, config)
     model = model_cls(config, backend=backend)
@@ -269,9 +274,13 @@ def load_checkpoint(
     model_cls: type | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    merge_adapters: bool = True,
     **config_overrides: Any,
 ):
-    """A GPTModel from a folder written by `save_pretrained`."""
+    """A GPTModel from a folder written by `save_pretrained`. A LoRA fine-tuning saved without
+    --merge leaves its adapters beside the base weights (lora.json, lora.safetensors): they are
+    folded into the weights here, so the folder loads as the fine-tuned model it is. With
+    merge_adapters=False the base alone loads (`fastgpt.lora.load_lora_adapters` adds them)."""
     if model_cls is None:
         from fastgpt.model import GPTModel as model_cls
     directory = Path(directory)
@@ -284,6 +293,10 @@ def load_checkpoint(
         # e.g. a classifier whose head was replaced by Linear(emb_dim, num_classes)
         model.out_head = torch.nn.Linear(config.emb_dim, head["out_features"], bias=head["bias"])
     load_state_strict(model, read_tensors(directory), f"checkpoint {directory}")
+    if merge_adapters:
+        from fastgpt.lora import load_lora_adapters
+
+        load_lora_adapters(model, directory, merge=True)
     return _finish(model, device, dtype)
 
 

@@ -145,7 +145,15 @@ def test_unmerged_adapters_save_and_load(tmp_path):
     adapted = adapted_logits(model, tokens)
     save_pretrained_with_lora(model, tmp_path / "m")
     assert has_lora(model)  # the model itself keeps its adapters
-    loaded = GPTModel.load(tmp_path / "m", backend="torch")  # the base alone loads
+    # loading the folder folds the adapters in: the fine-tuned model, not its base
+    with torch.no_grad():
+        for folded in (
+            GPTModel.load(tmp_path / "m", backend="torch"),
+            GPTModel.from_pretrained(tmp_path / "m", backend="torch"),
+        ):
+            assert not has_lora(folded)
+            torch.testing.assert_close(folded(tokens), adapted, rtol=1e-5, atol=1e-5)
+    loaded = GPTModel.load(tmp_path / "m", backend="torch", merge_adapters=False)  # the base
     with torch.no_grad():
         assert not torch.allclose(loaded(tokens), adapted)
     assert load_lora_adapters(loaded, tmp_path / "m")
@@ -155,7 +163,7 @@ def test_unmerged_adapters_save_and_load(tmp_path):
     assert not load_lora_adapters(tiny_model(), tmp_path / "nothing-here")
 
     # merge=True folds them into plain weights, trainable flags untouched (continuing from it)
-    merged = GPTModel.load(tmp_path / "m", backend="torch").train()
+    merged = GPTModel.load(tmp_path / "m", backend="torch", merge_adapters=False).train()
     assert load_lora_adapters(merged, tmp_path / "m" / "model.safetensors", merge=True)
     assert not has_lora(merged) and all(p.requires_grad for p in merged.parameters())
     with torch.no_grad():

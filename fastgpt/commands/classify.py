@@ -27,7 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastgpt.classification import classify_texts, load_classifier_metadata
-    from fastgpt.lora import load_lora_adapters
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
@@ -39,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         label_names, info = load_classifier_metadata(args.model)
         model = GPTModel.load(args.model, backend=args.backend, device=device)
-        load_lora_adapters(model, args.model, merge=True)  # saved unmerged: fold them in
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"fastgpt classify: cannot load {args.model!r}: {exc}", file=sys.stderr)
         return 2

@@ -126,10 +126,9 @@ def _train(args, config, train_texts, val_texts, test_texts) -> int:
         saved_label_names,
         set_trainable,
     )
-    from fastgpt.engine import NonFiniteLossError, Trainer, is_main_process
+    from fastgpt.engine import NonFiniteLossError, Trainer, build_model_from_args, is_main_process
     from fastgpt.lora import (
         apply_lora_from_args,
-        build_model_merging_adapters,
         describe_parameters,
         save_pretrained_with_lora,
     )
@@ -138,7 +137,7 @@ def _train(args, config, train_texts, val_texts, test_texts) -> int:
     main = is_main_process()
     label_names = train_texts.label_names
     try:
-        model = build_model_merging_adapters(args)
+        model = build_model_from_args(args)
         parse_trainable(args.trainable, len(model.trf_blocks))
         context = model.config.context_length
         if args.max_length is not None and args.max_length > context:

@@ -99,7 +99,13 @@ def fail(message: object, code: int = 2) -> int:
 def _train(args, config, train_records, test_records, val_records) -> int:
     import torch
 
-    from fastgpt.engine import NonFiniteLossError, Trainer, evaluate_loss, is_main_process
+    from fastgpt.engine import (
+        NonFiniteLossError,
+        Trainer,
+        build_model_from_args,
+        evaluate_loss,
+        is_main_process,
+    )
     from fastgpt.instruction import (
         InstructionCollate,
         InstructionDataset,
@@ -109,7 +115,6 @@ def _train(args, config, train_records, test_records, val_records) -> int:
     )
     from fastgpt.lora import (
         apply_lora_from_args,
-        build_model_merging_adapters,
         describe_parameters,
         save_pretrained_with_lora,
     )
@@ -137,7 +142,7 @@ def _train(args, config, train_records, test_records, val_records) -> int:
     try:
         # With --max-length, records that cannot fit are found before any weights are loaded.
         train_set, val_set = datasets(args.max_length)
-        model = build_model_merging_adapters(args)
+        model = build_model_from_args(args)
         check_language_model(model, args.init or args.model)
         context = model.config.context_length
         if args.max_length is not None and args.max_length > context:

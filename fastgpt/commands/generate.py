@@ -58,7 +58,6 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     from fastgpt.generation import check_generation_options, generate
-    from fastgpt.lora import load_lora_adapters
     from fastgpt.model import GPTModel, check_language_model
     from fastgpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
 
@@ -75,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"error: {exc}")
     try:
         model = GPTModel.from_pretrained(args.model, backend=args.backend, device=device)
-        # A model fine-tuned with LoRA and saved unmerged: fold its adapters in.
-        load_lora_adapters(model, args.model, merge=True)
         check_language_model(model, args.model)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return fail(f"cannot load {args.model!r}: {exc}")
