@@ -35,7 +35,7 @@ SUITE_ORDER = ("layernorm", "gelu", "attention", "train", "generate")
 # Columns of each suite's table after the case columns: (header, record key, format).
 _KERNEL_COLUMNS = [
     ("ms", "ms", "{:.4f}"),
-    ("GB/s", "gbps", "{:.0f}"),
+    ("GB/s", "gbps", "{:.4g}"),
     ("% copy BW", "pct_copy_bw", "{:.1f}"),
     ("peak MiB", "peak_mem_mb", "{:.0f}"),
 ]
@@ -216,8 +216,8 @@ def _hardware_line(hw: dict[str, Any]) -> str:
 
 # The unit shown for each suite in the headline table: (header, record key, format).
 _HEADLINE_UNIT = {
-    "layernorm": ("GB/s", "gbps", "{:.0f}"),
-    "gelu": ("GB/s", "gbps", "{:.0f}"),
+    "layernorm": ("GB/s", "gbps", "{:.4g}"),
+    "gelu": ("GB/s", "gbps", "{:.4g}"),
     "attention": ("TFLOP/s", "tflops", "{:.1f}"),
     "train": ("tokens/s", "tokens_per_s", "{:,.0f}"),
     "generate": ("tokens/s", "tokens_per_s", "{:,.1f}"),

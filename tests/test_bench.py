@@ -230,7 +230,7 @@ def test_report_writer_on_synthetic_records(tmp_path):
     # the headline: gelu fwd+bwd at the largest rows, every train case, with the baseline
     headline = summary.split("## Headline")[1].split("## gelu")[0]
     row = "| gelu | op=gelu, dtype=bf16, rows=4096, width=4096, mode=fwd+bwd | fastgpt: 1000 GB/s "
-    assert row + "| torch eager | 667 GB/s | 1.50× |" in headline
+    assert row + "| torch eager | 666.7 GB/s | 1.50× |" in headline
     assert "mode=fwd |" not in headline  # forward-only rows stay in the suite table
     assert "| train | model=gpt2-small" in headline and "1.20×" in headline
     payload = json.loads((tmp_path / "train.json").read_text())

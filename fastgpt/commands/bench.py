@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="DTYPE[,DTYPE...]",
         help="kernel benchmarks only in these dtypes: bf16, fp16, fp32 "
-        "(default: bf16,fp16 on GPU; fp32 on CPU)",
+        "(default: bf16 and fp16 on GPU, bf16 alone with --quick; fp32 on CPU)",
     )
     parser.add_argument(
         "--device",
