@@ -294,3 +294,35 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fastgpt.commands.generate, "run", interrupted)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 130
     assert capsys.readouterr().err == "fastgpt generate: interrupted\n"
+
+
+def test_generate_command_dtype(tmp_path, monkeypatch, tiktoken_available):
+    """--dtype sets the weights' dtype; auto is fp32 on CPU and bf16 on a bf16-capable GPU."""
+    import argparse
+
+    import fastgpt.generation
+    from fastgpt.cli import main
+    from fastgpt.commands.generate import dtype_from_args
+
+    torch.manual_seed(0)
+    GPTModel(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
+    ran_in = []
+    original = fastgpt.generation.generate
+
+    def recording_generate(model, *args, **kwargs):
+        ran_in.append(next(model.parameters()).dtype)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(fastgpt.generation, "generate", recording_generate)
+    monkeypatch.setattr(sys, "stdout", RecordingStdout())
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "Every effort", "--device", "cpu"]
+    argv += ["--backend", "torch", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    assert main([*argv, "--dtype", "bf16"]) == 0
+    assert ran_in == [torch.float32, torch.bfloat16]
+
+    auto = argparse.Namespace(dtype="auto")
+    assert dtype_from_args(auto, torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert dtype_from_args(auto, torch.device("cuda")) == torch.bfloat16
+    assert dtype_from_args(argparse.Namespace(dtype="fp16"), torch.device("cpu")) == torch.float16

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fastgpt.commands.generate import add_device_arguments, device_from_args
+from fastgpt.commands.generate import add_device_arguments, device_from_args, dtype_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         label_names, info = load_classifier_metadata(args.model)
-        model = GPTModel.load(args.model, backend=args.backend, device=device)
+        dtype = dtype_from_args(args, device)
+        model = GPTModel.load(args.model, backend=args.backend, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"fastgpt classify: cannot load {args.model!r}: {exc}", file=sys.stderr)
         return 2

@@ -47,6 +47,12 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="weights and activations (default auto: bf16 on a GPU that supports it, else fp32)",
+    )
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
@@ -54,6 +60,17 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
     from fastgpt.engine import resolve_device
 
     return resolve_device(args.device)
+
+
+def dtype_from_args(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """--dtype; auto is bf16 on CUDA (half the memory traffic of fp32 per decoded token) when
+    the GPU supports it, fp32 otherwise (CPU bf16 matmuls are slow)."""
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if args.dtype != "auto":
+        return named[args.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,7 +90,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(f"error: {exc}")
     try:
-        model = GPTModel.from_pretrained(args.model, backend=args.backend, device=device)
+        dtype = dtype_from_args(args, device)
+        model = GPTModel.from_pretrained(
+            args.model, backend=args.backend, device=device, dtype=dtype
+        )
         check_language_model(model, args.model)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         return fail(f"cannot load {args.model!r}: {exc}")
