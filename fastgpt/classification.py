@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fastgpt.text_data import read_utf8
 from fastgpt.tokenizer import EOT_ID
 
 SPAM_LABELS = ("ham", "spam")
@@ -47,19 +48,6 @@ CLASSIFIER_FILE = "classifier.json"
 
 
 # --- reading labelled texts --------------------------------------------------------------
-
-
-def read_utf8(path: Path) -> str:
-    """The text of `path`; ValueError "FILE:LINE: not UTF-8 ..." for bytes that are not UTF-8.
-    Line ends are kept as they are (no newline translation)."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")  # a byte-order mark (Excel's CSVs) is not text
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ValueError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
-        ) from None
 
 
 @dataclass

@@ -51,7 +51,7 @@ def load_instruction_data(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    from fastgpt.classification import read_utf8
+    from fastgpt.text_data import read_utf8
 
     text = read_utf8(path)
     if not text.strip():

@@ -112,6 +112,15 @@ def _text_chunks(path: Path, chunk_chars: int):
         yield pending
 
 
+def read_utf8(path: Path) -> str:
+    """The whole text of a (small) data file; a UTF-8 byte-order mark (Excel's CSVs) is
+    dropped and line ends are kept as they are. ValueError "FILE:LINE: not UTF-8 text ..."."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{_first_non_utf8(path)}") from None
+
+
 def _first_non_utf8(path: Path) -> str:
     """ "LINE: not UTF-8 text (byte 0xNN at offset K)" for the first byte of `path` that is not
     UTF-8, read in blocks (the text layer's error position is within its buffer, not the file)."""
