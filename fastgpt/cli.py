@@ -32,6 +32,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def command_error(command: str, message: object, code: int = 2) -> int:
+    """Print "fastgpt COMMAND: error: MESSAGE" to stderr and return `code`, the exit status of
+    a command's run(): 2 for bad options, data or files, 1 for a run that failed."""
+    print(f"fastgpt {command}: error: {message}", file=sys.stderr)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastgpt",
@@ -65,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.run(args) or 0
     except TokenizerUnavailableError as exc:  # any command may need the BPE, at any point
-        print(f"fastgpt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return command_error(args.command, exc)
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (130 = 128 + SIGINT)
         print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
         return 130

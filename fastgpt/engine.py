@@ -1110,13 +1110,6 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_epochs: int 
     logs.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def command_error(command: str, message: object, code: int = 2) -> int:
-    """Print "fastgpt COMMAND: error: MESSAGE" to stderr and return `code`, the exit status of
-    a training command's run(): 2 for bad options or data, 1 for a run that failed."""
-    print(f"fastgpt {command}: error: {message}", file=sys.stderr)
-    return code
-
-
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the options of `add_training_arguments`. Raises ValueError."""
     epochs, max_steps = args.epochs, args.max_steps

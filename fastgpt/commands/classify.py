@@ -9,8 +9,9 @@ One line per text: the predicted label, its probability, and the text (tab-separ
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
 
+from fastgpt.cli import command_error
 from fastgpt.commands.generate import add_device_arguments, device_from_args, dtype_from_args
 
 
@@ -30,26 +31,22 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
+    fail = functools.partial(command_error, "classify")
     try:
         device = device_from_args(args)
     except ValueError as exc:
-        print(f"fastgpt classify: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     try:
         label_names, info = load_classifier_metadata(args.model)
         dtype = dtype_from_args(args, device)
         model = GPTModel.load(args.model, backend=args.backend, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"fastgpt classify: cannot load {args.model!r}: {exc}", file=sys.stderr)
-        return 2
-    model.to(device).eval()
+        return fail(f"cannot load {args.model!r}: {exc}")
     if model.out_head.out_features != len(label_names):
-        print(
-            f"fastgpt classify: {args.model} has {model.out_head.out_features} outputs but "
-            f"{len(label_names)} labels in labels.json",
-            file=sys.stderr,
+        return fail(
+            f"{args.model} has {model.out_head.out_features} outputs but "
+            f"{len(label_names)} labels in labels.json"
         )
-        return 2
     probs = classify_texts(model, args.texts, get_tokenizer(), info.get("max_length"))  # (N, C)
     for text, row in zip(args.texts, probs.tolist(), strict=True):
         best = max(range(len(row)), key=row.__getitem__)

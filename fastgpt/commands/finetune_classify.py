@@ -18,8 +18,13 @@ evaluates and writes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
+
+from fastgpt.cli import command_error
+
+fail = functools.partial(command_error, "finetune-classify")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,12 +108,6 @@ def run(args: argparse.Namespace) -> int:
             f"{len(test_texts)} test; labels {train_texts.label_names}"
         )
     return _train(args, config, train_texts, val_texts, test_texts)
-
-
-def fail(message: object, code: int = 2) -> int:
-    from fastgpt.engine import command_error
-
-    return command_error("finetune-classify", message, code)
 
 
 def _train(args, config, train_texts, val_texts, test_texts) -> int:

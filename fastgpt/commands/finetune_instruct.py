@@ -16,10 +16,15 @@ alone evaluates, generates and writes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
 from pathlib import Path
+
+from fastgpt.cli import command_error
+
+fail = functools.partial(command_error, "finetune-instruct")
 
 RESPONSES_FILE = "test_responses.json"
 
@@ -88,12 +93,6 @@ def run(args: argparse.Namespace) -> int:
     if is_main_process():
         print(f"data: {len(train)} train, {len(test)} test, {len(val)} validation records")
     return _train(args, config, train, test, val)
-
-
-def fail(message: object, code: int = 2) -> int:
-    from fastgpt.engine import command_error
-
-    return command_error("finetune-instruct", message, code)
 
 
 def _train(args, config, train_records, test_records, val_records) -> int:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import functools
 import sys
 
 import torch
+
+from fastgpt.cli import command_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,17 +81,14 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.model import GPTModel, check_language_model
     from fastgpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
 
-    def fail(message: str) -> int:
-        print(f"fastgpt generate: {message}", file=sys.stderr)
-        return 2
-
+    fail = functools.partial(command_error, "generate")
     if not args.prompt:
-        return fail("error: the prompt is empty")
+        return fail("the prompt is empty")
     try:
         check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         device = device_from_args(args)
     except ValueError as exc:
-        return fail(f"error: {exc}")
+        return fail(exc)
     try:
         dtype = dtype_from_args(args, device)
         model = GPTModel.from_pretrained(

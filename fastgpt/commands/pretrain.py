@@ -20,6 +20,8 @@ import argparse
 import functools
 from pathlib import Path
 
+from fastgpt.cli import command_error
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastgpt.engine import add_training_arguments
@@ -93,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
         NonFiniteLossError,
         Trainer,
         build_model_from_args,
-        command_error,
         is_main_process,
         next_token_loss,
         train_config_from_args,
