@@ -6,9 +6,9 @@ shape (B, T), T = 1024 on GPU, in bf16 autocast (fp32 master weights). Providers
 - "fastgpt": `GPTModel(backend="triton")` (our LayerNorm, bias+GELU and attention kernels),
   fused AdamW;  "fastgpt + compile": the same under `torch.compile`;
 - "torch (book model)": `GPTModel(backend="torch")`, the book's plain-PyTorch layers, AdamW;
-- "torch SDPA + compile + fused AdamW": `pytorch_baseline.to_pytorch_fast` (F.layer_norm,
-  SDPA, F.gelu) under `torch.compile` with `AdamW(fused=True)`, the book's fastest recipe
-  (and, outside --quick, the same without compile).
+- "torch SDPA + compile + fused AdamW": `GPTModel(backend="sdpa")` (F.layer_norm, SDPA,
+  F.gelu) under `torch.compile` with `AdamW(fused=True)`, the book's fastest recipe (and,
+  outside --quick, the same without compile).
 
 Reported: ms per step, tokens/s = B·T / step time, MFU = tokens/s × flops_per_token / measured
 peak, where flops_per_token = 6·N + 12·L·T·d (`fastgpt.model.flops_per_token`: N non-embedding
@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from benchmarks import harness
 from benchmarks.kernels_bench import measured, short_error, skipped
-from benchmarks.pytorch_baseline import to_pytorch_fast
 from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel, flops_per_token
 
@@ -45,8 +44,7 @@ class Provider:
 
     name: str
     role: str  # "ours" or "baseline"
-    backend: str  # GPTModel backend: "triton" or "torch"
-    pytorch_fast: bool = False  # swap in F.layer_norm / SDPA / F.gelu modules
+    backend: str  # GPTModel backend: "triton", "torch" or "sdpa" (fastgpt/backends.py)
     compile: bool = False  # torch.compile the model
     fused_adamw: bool = False  # AdamW(fused=True) instead of the default (foreach)
 
@@ -60,20 +58,19 @@ def train_providers(device: torch.device, quick: bool) -> list[Provider]:
             Provider(
                 "torch SDPA + compile + fused AdamW",
                 "baseline",
-                "torch",
-                pytorch_fast=True,
+                "sdpa",
                 compile=True,
                 fused_adamw=True,
             ),
         ]
         if not quick:
             providers.append(
-                Provider("torch SDPA + fused AdamW", "baseline", "torch", True, fused_adamw=True)
+                Provider("torch SDPA + fused AdamW", "baseline", "sdpa", fused_adamw=True)
             )
         return providers
     return [
         Provider("fastgpt torch backend", "ours", "torch"),
-        Provider("torch SDPA + fused AdamW", "baseline", "torch", True, fused_adamw=True),
+        Provider("torch SDPA + fused AdamW", "baseline", "sdpa", fused_adamw=True),
     ]
 
 
@@ -82,11 +79,11 @@ def generate_providers(device: torch.device) -> list[Provider]:
         return [
             Provider("fastgpt", "ours", "triton"),
             Provider("torch (book model)", "baseline", "torch"),
-            Provider("torch SDPA", "baseline", "torch", pytorch_fast=True),
+            Provider("torch SDPA", "baseline", "sdpa"),
         ]
     return [
         Provider("fastgpt torch backend", "ours", "torch"),
-        Provider("torch SDPA", "baseline", "torch", pytorch_fast=True),
+        Provider("torch SDPA", "baseline", "sdpa"),
     ]
 
 
@@ -139,8 +136,6 @@ def build_model(config: GPTConfig, provider: Provider, device: torch.device) -> 
     with torch.device(device):  # initialise in place: fast for gpt2-medium on a GPU
         model = GPTModel(config, backend=provider.backend)
     model.check_inputs = False  # random ids are in range; skip the per-call host sync
-    if provider.pytorch_fast:
-        to_pytorch_fast(model)
     return model
 
 

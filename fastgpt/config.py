@@ -63,6 +63,20 @@ class GPTConfig:
             raise ValueError(f"unknown model preset {name!r}; known presets: {known}")
         return cls(**{**PRESETS[key], **overrides})
 
+    @classmethod
+    def from_spec(cls, spec: str | Path, **overrides: Any) -> GPTConfig:
+        """A preset name, a config.json path, or a folder holding one (a --model option),
+        with fields optionally overridden."""
+        path = Path(spec).expanduser()
+        if path.is_dir() and (path / "config.json").is_file():
+            path = path / "config.json"
+        if path.is_file():
+            config = cls.from_json(path)
+            return dataclasses.replace(config, **overrides) if overrides else config
+        if path.suffix == ".json":
+            raise FileNotFoundError(f"model config not found: {path}")
+        return cls.from_name(str(spec), **overrides)
+
     # --- serialization -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,9 +87,7 @@ class GPTConfig:
         """Build from a dict; keys that are not GPTConfig fields are ignored (so a config.json
         may carry extra information such as the format name). A Hugging Face GPT2Config dict
         ("n_embd", "n_layer", ...) is converted."""
-        if "n_embd" in data and data.get("format") != "fastgpt":
-            from fastgpt.weights import config_from_hf
-
+        if is_hf_config(data):
             return config_from_hf(data)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -132,3 +144,41 @@ _ALIASES: dict[str, str] = {
     "1558m": "gpt2-xl",
     "gpt2-1558m": "gpt2-xl",
 }
+
+
+# --- Hugging Face's GPT2Config ------------------------------------------------------------
+
+
+def is_hf_config(data: dict[str, Any]) -> bool:
+    """Whether a config.json dict is Hugging Face's GPT2Config (not one of ours)."""
+    return data.get("format") != "fastgpt" and ("n_embd" in data or "n_layer" in data)
+
+
+def config_from_hf(data: dict[str, Any], **overrides: Any) -> GPTConfig:
+    """Our GPTConfig from a Hugging Face GPT2Config dict; refuses variants we do not model."""
+    d = data["n_embd"]
+    unsupported = []
+    if data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        unsupported.append(f"activation_function={data['activation_function']!r}")
+    if data.get("n_inner") not in (None, 4 * d):
+        unsupported.append(f"n_inner={data['n_inner']} (we use 4·n_embd = {4 * d})")
+    if abs(data.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        unsupported.append(f"layer_norm_epsilon={data['layer_norm_epsilon']} (we use 1e-5)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if data.get(flag):
+            unsupported.append(f"{flag}=True")
+    if data.get("scale_attn_weights", True) is False:
+        unsupported.append("scale_attn_weights=False")
+    if unsupported:
+        raise ValueError("unsupported GPT-2 config: " + ", ".join(unsupported))
+    fields = dict(
+        vocab_size=data["vocab_size"],
+        context_length=data.get("n_positions", data.get("n_ctx", 1024)),
+        emb_dim=d,
+        n_heads=data["n_head"],
+        n_layers=data["n_layer"],
+        drop_rate=data.get("resid_pdrop", 0.1),
+        qkv_bias=True,
+        tie_embeddings=data.get("tie_word_embeddings", True),
+    )
+    return GPTConfig(**{**fields, **overrides})

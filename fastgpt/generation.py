@@ -20,22 +20,23 @@ from collections.abc import Callable
 
 import torch
 
+from fastgpt.errors import ConfigError
 from fastgpt.model import GPTModel
 
 
 def check_generation_options(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
-    """ValueError unless max_new_tokens >= 0, temperature >= 0, top_k >= 1 (or None) and
-    top_p in (0, 1] (or None)."""
+    """ConfigError (a ValueError) unless max_new_tokens >= 0, temperature >= 0, top_k >= 1 (or
+    None) and top_p in (0, 1] (or None)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise ConfigError("max_new_tokens", f"must be an int >= 0, got {max_new_tokens!r}")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigError("temperature", f"must be >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        raise ConfigError("top_k", f"must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise ConfigError("top_p", f"must be in (0, 1] or None, got {top_p!r}")
 
 
 def sample_next_token(

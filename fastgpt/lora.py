@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastgpt.errors import ConfigError
+from fastgpt.weights import save_safetensors
 
 LORA_TARGETS = ("att.qkv", "att.out_proj", "ff.fc1", "ff.fc2")
 """The Linear modules of each transformer block that `apply_lora` wraps."""
@@ -141,17 +145,11 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a shared (tied) parameter counts once."""
+def describe_parameters(model: nn.Module) -> str:
+    """ "trainable 1,234 of 124,439,808 parameters (0.00%)" (a tied parameter counts once)."""
     params = list(model.parameters())  # parameters() already yields each tensor once
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    return trainable, total
-
-
-def describe_parameters(model: nn.Module) -> str:
-    """ "trainable 1,234 of 124,439,808 parameters (0.00%)"."""
-    trainable, total = count_parameters(model)
     share = 100.0 * trainable / total if total else 0.0
     return f"trainable {trainable:,} of {total:,} parameters ({share:.2f}%)"
 
@@ -168,8 +166,6 @@ def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bo
     is saved via `save_pretrained` (config.json + model.safetensors) plus the adapters in
     lora.safetensors and their rank/alpha/modules in lora.json (see `load_lora_adapters`).
     A model without adapters is just `save_pretrained`-ed."""
-    from fastgpt.weights import save_safetensors
-
     directory = Path(directory)
     if merge:
         merge_lora(model)
@@ -245,46 +241,37 @@ def load_lora_adapters(model: nn.Module, directory: str | Path, merge: bool = Fa
     return True
 
 
-# --- command-line options shared by both fine-tuning commands ----------------------------
+# --- the options of both fine-tuning commands -------------------------------------------
 
 
-def add_lora_arguments(parser) -> None:
-    """--lora-rank, --lora-alpha, --lora-head, --merge (argparse)."""
-    group = parser.add_argument_group("LoRA (train low-rank adapters instead of the weights)")
-    group.add_argument(
-        "--lora-rank", type=int, default=None, metavar="R", help="adapter rank (off by default)"
-    )
-    group.add_argument(
-        "--lora-alpha", type=float, default=None, metavar="A", help="scale alpha/R (default 2R)"
-    )
-    group.add_argument(
-        "--lora-head", action="store_true", help="also put an adapter on the output head"
-    )
-    group.add_argument(
-        "--merge",
-        action="store_true",
-        help="fold the adapters into plain Linear weights when saving (default: save the base "
-        "model plus lora.safetensors)",
-    )
+@dataclass
+class LoRAOptions:
+    """LoRA as the fine-tuning commands take it (all off by default)."""
 
+    lora_rank: int | None = field(default=None, metadata={"metavar": "R"})
+    """Adapter rank (off by default)."""
+    lora_alpha: float | None = field(default=None, metadata={"metavar": "A"})
+    """Scale alpha/R of the update (default 2R)."""
+    lora_head: bool = False
+    """Also put an adapter on the output head."""
+    merge: bool = False
+    """Fold the adapters into plain Linear weights when saving (default: save the base model
+    plus lora.safetensors)."""
 
-def apply_lora_from_args(model: nn.Module, args) -> None:
-    """`apply_lora` with --lora-rank, --lora-alpha (default 2·rank) and --lora-head, when
-    --lora-rank is given; nothing otherwise."""
-    if args.lora_rank:
-        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        apply_lora(model, args.lora_rank, alpha, include_head=args.lora_head)
+    def __post_init__(self) -> None:
+        if self.lora_rank is None:
+            for name in ("lora_alpha", "lora_head", "merge"):
+                if getattr(self, name):
+                    raise ConfigError(name, "needs {lora_rank}")
+            return
+        if self.lora_rank < 1:
+            raise ConfigError("lora_rank", f"must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError("lora_alpha", f"must be > 0, got {self.lora_alpha}")
 
-
-def check_lora_arguments(args) -> None:
-    """ValueError for inconsistent LoRA options (call before loading anything)."""
-    rank = getattr(args, "lora_rank", None)
-    if rank is None:
-        for flag in ("lora_alpha", "lora_head", "merge"):
-            if getattr(args, flag, None):
-                raise ValueError(f"--{flag.replace('_', '-')} needs --lora-rank")
-        return
-    if rank < 1:
-        raise ValueError(f"--lora-rank must be >= 1, got {rank}")
-    if args.lora_alpha is not None and args.lora_alpha <= 0:
-        raise ValueError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    def apply(self, model: nn.Module) -> list[str]:
+        """`apply_lora` with these options (alpha defaults to 2·rank); nothing without a rank."""
+        if not self.lora_rank:
+            return []
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+        return apply_lora(model, self.lora_rank, alpha, include_head=self.lora_head)

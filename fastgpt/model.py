@@ -7,18 +7,13 @@
              x = x + drop(ff(norm2(x)))       d -> 4d -> GELU -> d
       -> final_norm -> out_head                              (B, T, vocab_size)
 
-`backend` picks how LayerNorm, GELU and attention run:
+`backend` picks how LayerNorm, GELU and attention run, in one place (`fastgpt/backends.py`):
+"triton" (our kernels), "torch" (the plain-PyTorch references beside them), "sdpa" (PyTorch's
+own fused ops, the benchmarks' baseline) or "auto" (triton on CUDA, else torch). Every backend
+holds the same parameters under the same names; `model.set_backend(...)` switches in place.
 
-- "triton": our kernels from `kernels/` (on CPU tensors they run through Triton's interpreter
-  when TRITON_INTERPRET=1, else they fall back to the references);
-- "torch":  the plain-PyTorch references beside each kernel (`layer_norm_reference`, ...);
-- "auto":   "triton" when CUDA is available, else "torch".
-
-Both backends hold exactly the same parameters under the same names, so a state dict moves
-freely between them (`model.set_backend(...)` switches in place).
-
-Loading and saving weights (OpenAI GPT-2 from Hugging Face, our own checkpoints) lives in
-`fastgpt/weights.py`; `GPTModel.from_pretrained`, `save_pretrained` and `load` forward there.
+Weights: `GPTModel.from_pretrained` loads OpenAI's GPT-2 (a Hugging Face folder or hub name)
+or a folder written by `save_pretrained` (the tensor formats are in `fastgpt/weights.py`).
 """
 
 from __future__ import annotations
@@ -28,35 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fastgpt import weights
+from fastgpt.backends import Ops, resolve_backend
 from fastgpt.config import GPTConfig
-from kernels import (
-    attention,
-    attention_reference,
-    bias_gelu,
-    gelu,
-    gelu_reference,
-    layer_norm,
-    layer_norm_reference,
-)
-from kernels.attention import CausalSelfAttention
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def resolve_backend(backend: str) -> str:
-    """Map "auto" to "triton" when CUDA is available, else "torch"; validate the name.
-
-    (A "triton" model whose tensors live on CPU still works: each kernel falls back to its
-    reference there unless the Triton interpreter is on.)"""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if torch.cuda.is_available() else "torch"
-    return backend
-
+from fastgpt.lora import load_lora_adapters
 
 # --- KV cache ----------------------------------------------------------------------------
 
@@ -138,26 +110,25 @@ class KVCache:
 class LayerNorm(nn.Module):
     """LayerNorm over the last dimension with learned `weight` (ones) and `bias` (zeros)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, backend: str = "triton"):
+    def __init__(self, dim: int, ops: Ops, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
-        self.backend = backend
+        self.ops = ops
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = layer_norm if self.backend == "triton" else layer_norm_reference
-        return norm(x, self.weight, self.bias, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-class MultiHeadAttention(CausalSelfAttention):
+class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with one fused q/k/v projection and an optional KV
     cache.
 
-    The parameters are those of `kernels.attention.CausalSelfAttention`: `qkv` maps
-    d_in -> 3·d_out laid out as [q | k | v], each split into heads of d_out // num_heads
-    columns (the layout of GPT-2's c_attn, so OpenAI weights load as is), and `out_proj`.
-    This subclass adds the backend switch and the KV cache used by generation.
+    `qkv` maps d_in -> 3·d_out laid out as [q | k | v], each split into num_heads heads of
+    d_out // num_heads columns (the layout of GPT-2's c_attn, so OpenAI weights load as is);
+    `out_proj` maps d_out -> d_out. The q/k/v head views of the fused projection are strided
+    (B, H, T, hd) views, passed to the attention op as they are, without copies.
     """
 
     def __init__(
@@ -165,24 +136,29 @@ class MultiHeadAttention(CausalSelfAttention):
         d_in: int,
         d_out: int,
         num_heads: int,
+        ops: Ops,
         dropout: float = 0.0,
         qkv_bias: bool = False,
-        backend: str = "triton",
     ):
-        super().__init__(d_in, d_out, num_heads, dropout, qkv_bias)
-        self.backend = backend
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be a multiple of num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.d_out = d_out
+        self.dropout = dropout
+        self.ops = ops
+        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
 
     def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, d_in)
         qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), strided views
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H, T_past + T, hd): queries see the past too
         dropout_p = self.dropout if self.training else 0.0
-        if self.backend == "triton":
-            ctx = attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
-        else:
-            ctx = attention_reference(q, k, v, causal=True, dropout_p=dropout_p)
+        ctx = self.ops.attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
         ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
         return self.out_proj(ctx)
 
@@ -190,42 +166,36 @@ class MultiHeadAttention(CausalSelfAttention):
 class FeedForward(nn.Module):
     """d -> 4d -> GELU (tanh approximation) -> d."""
 
-    def __init__(self, emb_dim: int, backend: str = "triton"):
+    def __init__(self, emb_dim: int, ops: Ops):
         super().__init__()
-        self.backend = backend
+        self.ops = ops
         self.fc1 = nn.Linear(emb_dim, 4 * emb_dim)
         self.fc2 = nn.Linear(4 * emb_dim, emb_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            if type(self.fc1) is nn.Linear:
-                # One kernel adds the bias and applies GELU, saving a pass over (B, T, 4d).
-                h = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)  # (B, T, 4d)
-            else:  # fc1 was replaced (e.g. wrapped by LoRA): call it as a module
-                h = gelu(self.fc1(x))
-        else:
-            h = gelu_reference(self.fc1(x))
+        h = self.ops.linear_gelu(self.fc1, x)  # (B, T, 4d)
         return self.fc2(h)  # (B, T, d)
 
 
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: attention then feed-forward, each added to the residual stream."""
 
-    def __init__(self, config: GPTConfig, backend: str = "triton"):
+    def __init__(self, config: GPTConfig, ops: Ops):
         super().__init__()
         d = config.emb_dim
-        self.norm1 = LayerNorm(d, backend=backend)
-        self.att = MultiHeadAttention(
-            d, d, config.n_heads, config.drop_rate, config.qkv_bias, backend=backend
-        )
-        self.norm2 = LayerNorm(d, backend=backend)
-        self.ff = FeedForward(d, backend=backend)
+        self.norm1 = LayerNorm(d, ops)
+        self.att = MultiHeadAttention(d, d, config.n_heads, ops, config.drop_rate, config.qkv_bias)
+        self.norm2 = LayerNorm(d, ops)
+        self.ff = FeedForward(d, ops)
         self.drop_shortcut = nn.Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache=kv_cache))  # (B, T, d)
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, d)
         return x
+
+
+_LAYERS_WITH_OPS = (LayerNorm, MultiHeadAttention, FeedForward)
 
 
 # --- The model ---------------------------------------------------------------------------
@@ -237,7 +207,7 @@ class GPTModel(nn.Module):
     def __init__(self, config: GPTConfig, backend: str = "auto"):
         super().__init__()
         self.config = config
-        self.backend = resolve_backend(backend)
+        ops = resolve_backend(backend)
         # Range-check token ids in forward. On CUDA that costs one device->host sync per call;
         # a training loop that trusts its data may set this to False.
         self.check_inputs = True
@@ -246,9 +216,9 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
         self.drop_emb = nn.Dropout(config.drop_rate)
         self.trf_blocks = nn.ModuleList(
-            TransformerBlock(config, backend=self.backend) for _ in range(config.n_layers)
+            TransformerBlock(config, ops) for _ in range(config.n_layers)
         )
-        self.final_norm = LayerNorm(config.emb_dim, backend=self.backend)
+        self.final_norm = LayerNorm(config.emb_dim, ops)
         self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
@@ -268,12 +238,17 @@ class GPTModel(nn.Module):
             nn.init.normal_(block.att.out_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.ff.fc2.weight, mean=0.0, std=residual_std)
 
+    @property
+    def backend(self) -> str:
+        """The backend the layers run on: "triton", "torch" or "sdpa"."""
+        return self.final_norm.ops.name
+
     def set_backend(self, backend: str) -> GPTModel:
         """Switch every layer to `backend` in place (parameters are unchanged)."""
-        self.backend = resolve_backend(backend)
+        ops = resolve_backend(backend)
         for module in self.modules():
-            if module is not self and hasattr(module, "backend"):
-                module.backend = self.backend
+            if isinstance(module, _LAYERS_WITH_OPS):
+                module.ops = ops
         return self
 
     def new_kv_cache(self) -> KVCache:
@@ -343,31 +318,59 @@ class GPTModel(nn.Module):
                 n -= self.tok_emb.weight.numel()
         return n
 
-    # --- weights (implemented in fastgpt/weights.py) ---------------------------------------
+    # --- weights ----------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, backend: str = "auto", **kwargs: Any
+        cls,
+        name_or_path: str | Path,
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        merge_adapters: bool = True,
+        **config_overrides: Any,
     ) -> GPTModel:
-        """Load GPT-2 weights: a folder in Hugging Face layout or saved by `save_pretrained`,
-        or a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"). See
-        `fastgpt.weights.from_pretrained` for the keyword arguments."""
-        from fastgpt.weights import from_pretrained
-
-        return from_pretrained(name_or_path, backend=backend, model_cls=cls, **kwargs)
+        """The one way to load a model: a folder in Hugging Face's GPT-2 layout, a folder
+        written by `save_pretrained` or a training command, or a hub name ("gpt2",
+        "gpt2-medium", "gpt2-large", "gpt2-xl"; downloaded once). LoRA adapters a fine-tuning
+        saved beside the base weights are folded in (merge_adapters=False loads the base
+        alone; `fastgpt.lora.load_lora_adapters` adds them). `config_overrides` replace config
+        fields that do not change tensor shapes (e.g. drop_rate=0.0). The model is in eval
+        mode, on `device`, in `dtype`."""
+        directory = weights.resolve_checkpoint_dir(name_or_path)
+        config, raw, is_hf = weights.read_config(directory, **config_overrides)
+        model = cls(config, backend=backend)
+        head = raw.get("out_head")
+        if head and (head["out_features"] != config.vocab_size or head["bias"] or not head["tied"]):
+            # e.g. a classifier whose head was replaced by Linear(emb_dim, num_classes)
+            model.out_head = nn.Linear(config.emb_dim, head["out_features"], bias=head["bias"])
+        tensors = weights.read_tensors(directory)
+        if is_hf:
+            tensors = weights.hf_to_fastgpt(tensors, config)
+        what = f"Hugging Face checkpoint {directory}" if is_hf else f"checkpoint {directory}"
+        weights.load_state_strict(model, tensors, what)
+        if merge_adapters and not is_hf:
+            load_lora_adapters(model, directory, merge=True)
+        if device is not None:
+            model.to(device)
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write model.safetensors and config.json into `directory` (created if needed)."""
-        from fastgpt.weights import save_pretrained
-
-        return save_pretrained(self, directory)
-
-    @classmethod
-    def load(cls, directory: str | Path, backend: str = "auto", **kwargs: Any) -> GPTModel:
-        """Load a checkpoint written by `save_pretrained`."""
-        from fastgpt.weights import load_checkpoint
-
-        return load_checkpoint(directory, backend=backend, model_cls=cls, **kwargs)
+        """Write model.safetensors (a tied head stored once) and config.json (our GPTConfig,
+        the output head's shape, the parameters' dtype) into `directory` (created)."""
+        tied = self.out_head.weight is self.tok_emb.weight
+        state = {
+            k: v for k, v in self.state_dict().items() if not (tied and k == "out_head.weight")
+        }
+        config = {**self.config.to_dict(), "tie_embeddings": tied}
+        head = {
+            "out_features": self.out_head.out_features,
+            "bias": self.out_head.bias is not None,
+            "tied": tied,
+        }
+        return weights.save_checkpoint(directory, state, config, head, self.num_parameters())
 
 
 def check_language_model(model: GPTModel, source: object) -> None:

@@ -7,10 +7,12 @@ Hugging Face, `pytorch_model.bin`):
   "n_layer", ...; tensors are named transformer.h.{i}.attn.c_attn.weight etc. and the linear
   layers are `Conv1D`s that store their weight as (in, out), so each one is transposed into our
   `nn.Linear` (out, in). c_attn stays fused as our `att.qkv` (same [q | k | v] layout).
-- Ours (`save_pretrained`): config.json is our `GPTConfig` plus "format": "fastgpt"; tensors
-  carry our own names (`trf_blocks.0.att.qkv.weight`, ...), a tied head is stored once.
+- Ours (`GPTModel.save_pretrained`, `save_checkpoint` here): config.json is our `GPTConfig`
+  plus "format": "fastgpt"; tensors carry our own names (`trf_blocks.0.att.qkv.weight`, ...),
+  a tied head is stored once.
 
-Any missing, unexpected or mis-shaped tensor raises a ValueError that lists all of them.
+Any missing, unexpected or mis-shaped tensor raises a ValueError that lists all of them. This
+module reads and writes tensors and configs only; `GPTModel.from_pretrained` builds the model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fastgpt.config import GPTConfig
+from fastgpt.config import GPTConfig, config_from_hf, is_hf_config
 
 FORMAT_NAME = "fastgpt"
 FORMAT_VERSION = 1
@@ -50,40 +52,6 @@ _HF_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
 # --- configs -----------------------------------------------------------------------------
-
-
-def is_hf_config(data: dict[str, Any]) -> bool:
-    return data.get("format") != FORMAT_NAME and ("n_embd" in data or "n_layer" in data)
-
-
-def config_from_hf(data: dict[str, Any], **overrides: Any) -> GPTConfig:
-    """Our GPTConfig from a Hugging Face GPT2Config dict; refuses variants we do not model."""
-    d = data["n_embd"]
-    unsupported = []
-    if data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        unsupported.append(f"activation_function={data['activation_function']!r}")
-    if data.get("n_inner") not in (None, 4 * d):
-        unsupported.append(f"n_inner={data['n_inner']} (we use 4·n_embd = {4 * d})")
-    if abs(data.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        unsupported.append(f"layer_norm_epsilon={data['layer_norm_epsilon']} (we use 1e-5)")
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        if data.get(flag):
-            unsupported.append(f"{flag}=True")
-    if data.get("scale_attn_weights", True) is False:
-        unsupported.append("scale_attn_weights=False")
-    if unsupported:
-        raise ValueError("unsupported GPT-2 config: " + ", ".join(unsupported))
-    fields = dict(
-        vocab_size=data["vocab_size"],
-        context_length=data.get("n_positions", data.get("n_ctx", 1024)),
-        emb_dim=d,
-        n_heads=data["n_head"],
-        n_layers=data["n_layer"],
-        drop_rate=data.get("resid_pdrop", 0.1),
-        qkv_bias=True,
-        tie_embeddings=data.get("tie_word_embeddings", True),
-    )
-    return GPTConfig(**{**fields, **overrides})
 
 
 def read_config(directory: Path, **overrides: Any) -> tuple[GPTConfig, dict[str, Any], bool]:
@@ -239,75 +207,6 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     return local
 
 
-def from_pretrained(
-    name_or_path: str | Path,
-    backend: str = "auto",
-    model_cls: type | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    merge_adapters: bool = True,
-    **config_overrides: Any,
-):
-    """A GPTModel with weights from a Hugging Face GPT-2 folder, one of our checkpoints (see
-    `save_pretrained`; LoRA adapters saved beside it are folded in unless
-    merge_adapters=False, see `load_checkpoint`), or a hub name. `config_overrides` replace
-    config fields that do not change tensor shapes (e.g. drop_rate=0.0). The model is in eval
-    mode."""
-    if model_cls is None:
-        from fastgpt.model import GPTModel as model_cls
-    directory = resolve_checkpoint_dir(name_or_path)
-    config, _, is_hf = read_config(directory, **config_overrides)
-    if not is_hf:
-        return load_checkpoint(
-            directory, backend, model_cls, device, dtype, merge_adapters, **config_overrides
-        )
-    tensors = read_tensors(directory)
-    state = hf_to_fastgpt(tensors, config)
-    model = model_cls(config, backend=backend)
-    load_state_strict(model, state, f"Hugging Face checkpoint {directory}")
-    return _finish(model, device, dtype)
-
-
-def load_checkpoint(
-    directory: str | Path,
-    backend: str = "auto",
-    model_cls: type | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    merge_adapters: bool = True,
-    **config_overrides: Any,
-):
-    """A GPTModel from a folder written by `save_pretrained`. A LoRA fine-tuning saved without
-    --merge leaves its adapters beside the base weights (lora.json, lora.safetensors): they are
-    folded into the weights here, so the folder loads as the fine-tuned model it is. With
-    merge_adapters=False the base alone loads (`fastgpt.lora.load_lora_adapters` adds them)."""
-    if model_cls is None:
-        from fastgpt.model import GPTModel as model_cls
-    directory = Path(directory)
-    config, raw, is_hf = read_config(directory, **config_overrides)
-    if is_hf:
-        raise ValueError(f"{directory} holds a Hugging Face checkpoint; use from_pretrained")
-    model = model_cls(config, backend=backend)
-    head = raw.get("out_head")
-    if head and (head["out_features"] != config.vocab_size or head["bias"] or not head["tied"]):
-        # e.g. a classifier whose head was replaced by Linear(emb_dim, num_classes)
-        model.out_head = torch.nn.Linear(config.emb_dim, head["out_features"], bias=head["bias"])
-    load_state_strict(model, read_tensors(directory), f"checkpoint {directory}")
-    if merge_adapters:
-        from fastgpt.lora import load_lora_adapters
-
-        load_lora_adapters(model, directory, merge=True)
-    return _finish(model, device, dtype)
-
-
-def _finish(model, device, dtype):
-    if device is not None:
-        model.to(device)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
-
-
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, with the file readable as any file this process writes
     (safetensors 0.8 creates it with mode 0600, whatever the umask)."""
@@ -319,31 +218,28 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     os.chmod(path, 0o666 & ~umask)
 
 
-def save_pretrained(model, directory: str | Path) -> Path:
-    """Write `model.safetensors` (our tensor names; a tied head stored once) and
-    `config.json` (our GPTConfig + format, out_head shape, parameter dtype) into `directory`."""
+def save_checkpoint(
+    directory: str | Path,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    out_head: dict[str, Any],
+    num_parameters: int,
+) -> Path:
+    """Write our format into `directory` (created): model.safetensors with `state` (our tensor
+    names) and config.json with `config` (GPTConfig fields), the format's name and version,
+    the output head's shape `out_head` and the parameters' dtype."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tied = model.out_head.weight is model.tok_emb.weight
-    state = {
-        k: v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-        if not (tied and k == "out_head.weight")
-    }
-    save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["tie_embeddings"] = tied
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     info = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **config,
-        "out_head": {
-            "out_features": model.out_head.out_features,
-            "bias": model.out_head.bias is not None,
-            "tied": tied,
-        },
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "out_head": out_head,
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_parameters": num_parameters,
     }
     with open(directory / CONFIG_NAME, "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)

@@ -38,7 +38,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
 from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
 from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
@@ -847,35 +846,3 @@ def attention_dropout_mask(
             keep, _seed_tensor(seed, device), tq * tk, dropout_p, BLOCK=block
         )
     return keep.bool()
-
-
-class CausalSelfAttention(nn.Module):
-    """Causal multi-head self-attention on the flash kernel.
-
-    `qkv` maps d_in -> 3·d_out laid out as [q | k | v], each split into num_heads heads of
-    d_out // num_heads columns; `out_proj` maps d_out -> d_out. The q/k/v head views of the fused
-    projection are strided (B, H, T, hd) views passed to `attention` as they are, without copies.
-    """
-
-    def __init__(
-        self, d_in: int, d_out: int, num_heads: int, dropout: float = 0.0, qkv_bias: bool = False
-    ):
-        super().__init__()
-        if d_out % num_heads != 0:
-            raise ValueError(f"d_out ({d_out}) must be a multiple of num_heads ({num_heads})")
-        self.num_heads = num_heads
-        self.head_dim = d_out // num_heads
-        self.d_out = d_out
-        self.dropout = dropout
-        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d_in) -> (B, T, d_out)."""
-        b, t, _ = x.shape
-        qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), strided views
-        dropout_p = self.dropout if self.training else 0.0
-        ctx = attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
-        ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
-        return self.out_proj(ctx)

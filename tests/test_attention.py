@@ -17,9 +17,10 @@ import re
 import pytest
 import torch
 
+from fastgpt.backends import BACKENDS
+from fastgpt.model import MultiHeadAttention
 from kernels.attention import (
     SUPPORTED_HEAD_DIMS,
-    CausalSelfAttention,
     attention,
     attention_dropout_mask,
     attention_reference,
@@ -246,7 +247,7 @@ def test_signature_and_default_scale(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_strided_views_of_a_fused_qkv_projection(device, dtype):
-    # q/k/v as CausalSelfAttention makes them: (B, T, 3, H, D).permute(2, 0, 3, 1, 4) views,
+    # q/k/v as the model's MultiHeadAttention makes them: (B, T, 3, H, D).permute(2, 0, 3, 1, 4),
     # neither contiguous nor with unit head stride; gradients flow back to the fused tensor.
     batch, seq_len, heads, head_dim = 2, 33, 3, 16
     gen = torch.Generator().manual_seed(1)
@@ -272,9 +273,9 @@ def test_strided_views_of_a_fused_qkv_projection(device, dtype):
 
 
 def test_strided_views_reach_the_kernels_without_copies(device, launches):
-    # CausalSelfAttention's q, k, v are views of one (B, T, 3·d_out) projection: the kernels must
-    # receive those views (one storage, q/k/v d_out elements apart, row stride 3·d_out).
-    module = CausalSelfAttention(d_in=24, d_out=48, num_heads=3).to(device)
+    # The model's q, k, v are views of one (B, T, 3·d_out) projection: the kernels must receive
+    # those views (one storage, q/k/v d_out elements apart, row stride 3·d_out).
+    module = MultiHeadAttention(24, 48, num_heads=3, ops=BACKENDS["triton"]).to(device)
     module(torch.randn(2, 17, 24, device=device)).sum().backward()
     kernels = [name for name, _, _ in launches.calls]
     assert kernels[0] == "_attention_forward_kernel" and len(kernels) == 4  # + 3 backward
@@ -511,58 +512,7 @@ def test_launch_grids_stay_valid_for_70000_heads(device, launches, monkeypatch, 
         assert math.prod(grid) >= batch * heads  # at least one program per head
 
 
-# --- the module and torch.compile --------------------------------------------------------
-
-
-def _module_reference(module: CausalSelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """The same computation as module(x), from its weights, through attention_reference."""
-    b, t, _ = x.shape
-    heads, head_dim = module.num_heads, module.head_dim
-    qkv = torch.nn.functional.linear(x, module.qkv.weight.to(x.dtype), _cast(module.qkv.bias, x))
-    q, k, v = qkv.view(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    ctx = attention_reference(q, k, v, causal=True, upcast=x.dtype == torch.float64)
-    ctx = ctx.transpose(1, 2).reshape(b, t, module.d_out)
-    return torch.nn.functional.linear(
-        ctx, module.out_proj.weight.to(x.dtype), _cast(module.out_proj.bias, x)
-    )
-
-
-def _cast(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
-    return None if bias is None else bias.to(x.dtype)
-
-
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_causal_self_attention_module(device, qkv_bias):
-    torch.manual_seed(0)
-    module = CausalSelfAttention(d_in=24, d_out=48, num_heads=3, qkv_bias=qkv_bias).to(device)
-    assert module.qkv.out_features == 3 * 48 and module.head_dim == 16
-    x = torch.randn(2, 17, 24, device=device)
-    dout = torch.randn(2, 17, 48, device=device)
-
-    def run(fn, x):
-        x = x.detach().clone().requires_grad_()
-        out = fn(x)
-        out.backward(dout.to(x.dtype))
-        return out.detach(), x.grad
-
-    kernel = run(module, x)
-    same = run(lambda x: _module_reference(module, x), x)
-    ref64 = run(lambda x: _module_reference(module, x), x.double())
-    assert_close_to_reference(kernel[0], same[0], ref64[0], dtype=torch.float32, name="out")
-    assert_close_to_reference(
-        kernel[1], same[1], ref64[1], dtype=torch.float32, backward=True, name="dx"
-    )
-    # training mode applies dropout; eval mode does not
-    module.dropout = 0.5
-    module.train()
-    assert not torch.equal(module(x), kernel[0])
-    module.eval()
-    assert torch.equal(module(x), kernel[0])
-
-
-def test_causal_self_attention_rejects_indivisible_heads():
-    with pytest.raises(ValueError, match="multiple"):
-        CausalSelfAttention(16, 50, num_heads=3)
+# --- torch.compile --------------------------------------------------------
 
 
 def test_torch_compile_fullgraph_traces_the_op(device):
@@ -650,7 +600,7 @@ def test_torch_compile_inductor_gpu(dtype):
     expected = _out_and_grads(attention, q, k, v, dout)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    module = CausalSelfAttention(128, 128, num_heads=2, dropout=0.1).to("cuda", dtype)
+    module = MultiHeadAttention(128, 128, 2, BACKENDS["triton"], dropout=0.1).to("cuda", dtype)
     x = torch.randn(2, 65, 128, device="cuda", dtype=dtype, requires_grad=True)
     torch.compile(module, fullgraph=True)(x).sum().backward()
     assert torch.isfinite(x.grad).all()

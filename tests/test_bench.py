@@ -251,8 +251,7 @@ def test_summary_merges_suites_written_by_separate_runs(tmp_path):
 # --- the PyTorch baseline model computes the same function ---------------------------------
 
 
-def test_pytorch_fast_baseline_matches_torch_backend():
-    from benchmarks.pytorch_baseline import to_pytorch_fast
+def test_sdpa_baseline_matches_torch_backend():
     from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
 
@@ -261,7 +260,8 @@ def test_pytorch_fast_baseline_matches_torch_backend():
     book = GPTModel(config, backend="torch").eval()
     fast = GPTModel(config, backend="torch").eval()
     fast.load_state_dict(book.state_dict())
-    to_pytorch_fast(fast)
+    fast.set_backend("sdpa")
+    assert fast.backend == "sdpa"
     assert set(fast.state_dict()) == set(book.state_dict())  # same parameters, same names
     ids = torch.randint(0, config.vocab_size, (2, 23))
     with torch.no_grad():
@@ -300,7 +300,7 @@ def test_gpu_grids_and_providers_are_the_issues():
         ("gpt2-medium", 1024),
     ]
     fastest = [p for p in train_bench.train_providers(cuda, quick=True) if p.role == "baseline"]
-    assert any(p.pytorch_fast and p.compile and p.fused_adamw for p in fastest)
+    assert any(p.backend == "sdpa" and p.compile and p.fused_adamw for p in fastest)
     assert any(p.backend == "triton" for p in train_bench.train_providers(cuda, quick=True))
     assert train_bench.generate_grid(cuda, quick=False)["batches"] == [1, 16]
 

@@ -55,7 +55,7 @@ def test_finetune_classify_learns_spam_then_classify(
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
-    probs = classify_texts(GPTModel.load(out), texts, get_tokenizer(), 32)
+    probs = classify_texts(GPTModel.from_pretrained(out), texts, get_tokenizer(), 32)
     for line, text, row in zip(lines, texts, probs.tolist(), strict=True):
         label, prob, shown = line.split("\t")
         assert shown == text
@@ -116,9 +116,9 @@ def test_finetune_classify_freezes_all_but_trainable(
         "--trainable", trainable, "--seed", 5, "--no-checkpoint", "--no-progress",
     )  # fmt: skip
     assert rc == 0
-    torch.manual_seed(5)  # what build_model_from_args does before building a fresh model
+    torch.manual_seed(5)  # what the runner (build_model) does before building a fresh model
     fresh = GPTModel(GPTConfig.from_name("tiny"), backend="torch").state_dict()
-    trained = GPTModel.load(out).state_dict()
+    trained = GPTModel.from_pretrained(out).state_dict()
     expected = {"final_norm.", "trf_blocks.1."} if trainable == "last-1" else set()
     for name, tensor in trained.items():
         if name.startswith("out_head."):
@@ -145,7 +145,7 @@ def test_finetune_classify_resumes_exactly_and_rank_0_alone_writes(
         assert (tmp_path / "resumed" / name).read_bytes() == straight, name
 
     # Under torchrun every rank trains; only rank 0 evaluates and writes the results.
-    monkeypatch.setattr("fastgpt.engine.is_main_process", lambda: False)
+    monkeypatch.setattr("fastgpt.train.runner.is_main_process", lambda: False)
     other = tmp_path / "rank1"
     assert run_cli(*args, "--out", other, "--max-steps", 1, "--no-checkpoint") == 0
     assert not any((other / name).exists() for name in ("model.safetensors", "metrics.json"))
@@ -176,7 +176,7 @@ def test_finetune_instruct_end_to_end(tmp_path, data_dir, tiktoken_available, ca
 
     from fastgpt.model import GPTModel
 
-    model = GPTModel.load(out)  # merged: a plain model
+    model = GPTModel.from_pretrained(out)  # merged: a plain model
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 50257)
 
 

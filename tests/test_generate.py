@@ -228,7 +228,7 @@ def test_generate_command_streams_text(tmp_path, monkeypatch, capsys, tiktoken_a
     missing = ["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]
     assert main([*missing, "--top-p", "1.5"]) == 2
     err = capsys.readouterr().err
-    assert "top_p must be in (0, 1]" in err and "cannot load" not in err
+    assert "--top-p must be in (0, 1]" in err and "cannot load" not in err  # the flag's name
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*missing, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
@@ -251,7 +251,9 @@ def test_generate_command_uses_unmerged_lora_adapters(tmp_path, monkeypatch, tik
     save_pretrained_with_lora(model, tmp_path)
     prompt = text_to_token_ids("Every effort moves you")
     expected = token_ids_to_text(generate(model, prompt, 6))
-    base = generate(GPTModel.load(tmp_path, backend="torch", merge_adapters=False), prompt, 6)
+    base = generate(
+        GPTModel.from_pretrained(tmp_path, backend="torch", merge_adapters=False), prompt, 6
+    )
     assert token_ids_to_text(base) != expected  # the base alone would say something else
     stdout = RecordingStdout()
     monkeypatch.setattr(sys, "stdout", stdout)
@@ -298,11 +300,9 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
 
 def test_generate_command_dtype(tmp_path, monkeypatch, tiktoken_available):
     """--dtype sets the weights' dtype; auto is fp32 on CPU and bf16 on a bf16-capable GPU."""
-    import argparse
-
     import fastgpt.generation
     from fastgpt.cli import main
-    from fastgpt.commands.generate import dtype_from_args
+    from fastgpt.devices import resolve_dtype
 
     torch.manual_seed(0)
     GPTModel(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
@@ -321,8 +321,7 @@ def test_generate_command_dtype(tmp_path, monkeypatch, tiktoken_available):
     assert main([*argv, "--dtype", "bf16"]) == 0
     assert ran_in == [torch.float32, torch.bfloat16]
 
-    auto = argparse.Namespace(dtype="auto")
-    assert dtype_from_args(auto, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert dtype_from_args(auto, torch.device("cuda")) == torch.bfloat16
-    assert dtype_from_args(argparse.Namespace(dtype="fp16"), torch.device("cpu")) == torch.float16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16

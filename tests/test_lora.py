@@ -12,7 +12,6 @@ from fastgpt.config import GPTConfig
 from fastgpt.lora import (
     LoRALinear,
     apply_lora,
-    count_parameters,
     describe_parameters,
     has_lora,
     merge_lora,
@@ -47,6 +46,12 @@ def test_lora_linear_rejects_bad_arguments():
         LoRALinear(nn.Linear(2, 2), rank=1, alpha=0.0)
     with pytest.raises(TypeError, match=r"nn\.Linear"):
         LoRALinear(nn.Conv1d(2, 2, 1), rank=1, alpha=1.0)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied parameter counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def tiny_model(**overrides) -> GPTModel:
@@ -131,7 +136,7 @@ def test_merged_model_saves_and_loads(tmp_path):
     adapted = adapted_logits(model, tokens)
     merge_lora(model)
     model.save_pretrained(tmp_path / "m")
-    loaded = GPTModel.load(tmp_path / "m", backend="torch")
+    loaded = GPTModel.from_pretrained(tmp_path / "m", backend="torch")
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), adapted, rtol=1e-5, atol=1e-5)
 
@@ -148,12 +153,14 @@ def test_unmerged_adapters_save_and_load(tmp_path):
     # loading the folder folds the adapters in: the fine-tuned model, not its base
     with torch.no_grad():
         for folded in (
-            GPTModel.load(tmp_path / "m", backend="torch"),
             GPTModel.from_pretrained(tmp_path / "m", backend="torch"),
+            GPTModel.from_pretrained(tmp_path / "m" / "model.safetensors", backend="torch"),
         ):
             assert not has_lora(folded)
             torch.testing.assert_close(folded(tokens), adapted, rtol=1e-5, atol=1e-5)
-    loaded = GPTModel.load(tmp_path / "m", backend="torch", merge_adapters=False)  # the base
+    loaded = GPTModel.from_pretrained(
+        tmp_path / "m", backend="torch", merge_adapters=False
+    )  # the base
     with torch.no_grad():
         assert not torch.allclose(loaded(tokens), adapted)
     assert load_lora_adapters(loaded, tmp_path / "m")
@@ -163,7 +170,7 @@ def test_unmerged_adapters_save_and_load(tmp_path):
     assert not load_lora_adapters(tiny_model(), tmp_path / "nothing-here")
 
     # merge=True folds them into plain weights, trainable flags untouched (continuing from it)
-    merged = GPTModel.load(tmp_path / "m", backend="torch", merge_adapters=False).train()
+    merged = GPTModel.from_pretrained(tmp_path / "m", backend="torch", merge_adapters=False).train()
     assert load_lora_adapters(merged, tmp_path / "m" / "model.safetensors", merge=True)
     assert not has_lora(merged) and all(p.requires_grad for p in merged.parameters())
     with torch.no_grad():
@@ -173,7 +180,7 @@ def test_unmerged_adapters_save_and_load(tmp_path):
     save_pretrained_with_lora(model, tmp_path / "m", merge=True)
     assert not has_lora(model) and not (tmp_path / "m" / "lora.json").exists()
     with torch.no_grad():
-        reloaded = GPTModel.load(tmp_path / "m", backend="torch")
+        reloaded = GPTModel.from_pretrained(tmp_path / "m", backend="torch")
         torch.testing.assert_close(reloaded(tokens), adapted, rtol=1e-5, atol=1e-5)
 
 

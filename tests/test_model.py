@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from fastgpt.backends import BACKENDS
 from fastgpt.config import GPTConfig
-from fastgpt.model import GPTModel, KVCache, count_parameters, flops_per_token
+from fastgpt.model import GPTModel, KVCache, MultiHeadAttention, count_parameters, flops_per_token
+from kernels import attention_reference
 from tests.tolerance import assert_close_to_reference
 
 
@@ -101,15 +103,13 @@ def test_config_rejects_bad_values(overrides, message):
 
 
 def test_forward_shapes_and_structure():
-    from kernels.attention import CausalSelfAttention
-
     model = tiny_model()
     logits = model(torch.randint(0, 97, (3, 17)))
     assert logits.shape == (3, 17, 97) and logits.dtype == torch.float32
     assert model.out_head.weight is model.tok_emb.weight
     assert len(model.trf_blocks) == 2
     block = model.trf_blocks[0]
-    assert isinstance(block.att, CausalSelfAttention)  # kernels' module, plus the KV cache
+    assert isinstance(block.att, MultiHeadAttention)
     assert [n for n, _ in block.named_parameters()] == [
         "norm1.weight", "norm1.bias", "att.qkv.weight", "att.qkv.bias", "att.out_proj.weight",
         "att.out_proj.bias", "norm2.weight", "norm2.bias", "ff.fc1.weight", "ff.fc1.bias",
@@ -201,8 +201,8 @@ def test_backend_resolution():
     with pytest.raises(ValueError, match="backend must be one of"):
         GPTModel(tiny_config(), backend="cuda")
     model = tiny_model(backend="torch").set_backend("triton")
-    assert model.trf_blocks[1].att.backend == "triton"
-    assert model.final_norm.backend == "triton"
+    assert model.trf_blocks[1].att.ops.name == "triton" and model.backend == "triton"
+    assert model.final_norm.ops.name == "triton"
 
 
 @pytest.mark.parametrize("batch, seq_len", [(1, 1), (2, 17), (3, 32)])
@@ -299,3 +299,57 @@ def test_bf16_on_gpu_close_to_fp32(backend):
         assert cache[0].k.dtype == torch.bfloat16
         cached = torch.cat(steps, dim=1).double()
         assert (cached - pure.double()).abs().max().item() <= 0.05 * scale + 1e-3
+
+
+# --- the attention layer on our kernel ------------------------------------------------------
+
+
+def _module_reference(module: MultiHeadAttention, x: torch.Tensor) -> torch.Tensor:
+    """The same computation as module(x), from its weights, through attention_reference."""
+    b, t, _ = x.shape
+    heads, head_dim = module.num_heads, module.head_dim
+    qkv = torch.nn.functional.linear(x, module.qkv.weight.to(x.dtype), _cast(module.qkv.bias, x))
+    q, k, v = qkv.view(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    ctx = attention_reference(q, k, v, causal=True, upcast=x.dtype == torch.float64)
+    ctx = ctx.transpose(1, 2).reshape(b, t, module.d_out)
+    return torch.nn.functional.linear(
+        ctx, module.out_proj.weight.to(x.dtype), _cast(module.out_proj.bias, x)
+    )
+
+
+def _cast(bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if bias is None else bias.to(x.dtype)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_attention_layer_on_the_flash_kernel(device, qkv_bias):
+    torch.manual_seed(0)
+    module = MultiHeadAttention(24, 48, 3, BACKENDS["triton"], qkv_bias=qkv_bias).to(device)
+    assert module.qkv.out_features == 3 * 48 and module.head_dim == 16
+    x = torch.randn(2, 17, 24, device=device)
+    dout = torch.randn(2, 17, 48, device=device)
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        out = fn(x)
+        out.backward(dout.to(x.dtype))
+        return out.detach(), x.grad
+
+    kernel = run(module, x)
+    same = run(lambda x: _module_reference(module, x), x)
+    ref64 = run(lambda x: _module_reference(module, x), x.double())
+    assert_close_to_reference(kernel[0], same[0], ref64[0], dtype=torch.float32, name="out")
+    assert_close_to_reference(
+        kernel[1], same[1], ref64[1], dtype=torch.float32, backward=True, name="dx"
+    )
+    # training mode applies dropout; eval mode does not
+    module.dropout = 0.5
+    module.train()
+    assert not torch.equal(module(x), kernel[0])
+    module.eval()
+    assert torch.equal(module(x), kernel[0])
+
+
+def test_attention_layer_rejects_indivisible_heads():
+    with pytest.raises(ValueError, match="multiple"):
+        MultiHeadAttention(16, 50, 3, BACKENDS["triton"])

@@ -12,7 +12,8 @@ import torch
 
 from fastgpt.cli import main
 from fastgpt.config import GPTConfig
-from fastgpt.engine import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, read_metrics
+from fastgpt.train.checkpoint import CHECKPOINT_NAME
+from fastgpt.train.metrics import METRICS_NAME, PLOT_NAME, read_metrics
 
 
 def run_cli(*argv) -> int:
@@ -68,7 +69,7 @@ def test_tiny_model_memorizes_text_then_resumes(tmp_path, data_dir, tiktoken_ava
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
-    model = GPTModel.load(out)
+    model = GPTModel.from_pretrained(out)
     ids = get_tokenizer().encode(text)[:24]
     prompt = torch.tensor([ids[:8]])
     continued = generate(model, prompt, 16)[0, 8:].tolist()
@@ -141,7 +142,7 @@ def test_bad_options_and_missing_files(tmp_path, tiktoken_available, capsys):
     assert run_cli("pretrain", "--val-fraction", 1.5, "--out", out) == 2
     assert "--val-fraction" in capsys.readouterr().err
     assert run_cli("pretrain", "--batch-size", 0, "--out", out) == 2
-    assert "batch_size must be >= 1" in capsys.readouterr().err
+    assert "--batch-size must be >= 1" in capsys.readouterr().err  # the flag, not the field
 
     data = tmp_path / "story.txt"
     data.write_text("Once upon a time there was a model. " * 40, encoding="utf-8")

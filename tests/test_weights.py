@@ -163,7 +163,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert (tmp_path / "ckpt" / "model.safetensors").stat().st_mode & 0o777 == config_mode
     x = torch.randint(0, 97, (2, 9))
     for loaded in (
-        GPTModel.load(tmp_path / "ckpt", backend="triton"),
+        GPTModel.from_pretrained(tmp_path / "ckpt", backend="triton"),
         GPTModel.from_pretrained(tmp_path / "ckpt", backend="torch"),  # detects our format
         GPTModel.from_pretrained(tmp_path / "ckpt" / "model.safetensors"),
     ):
@@ -180,14 +180,14 @@ def test_save_and_load_untied_and_replaced_head(tmp_path):
     )
     model = GPTModel(config, backend="torch").eval()
     model.save_pretrained(tmp_path / "untied")
-    loaded = GPTModel.load(tmp_path / "untied", backend="torch")
+    loaded = GPTModel.from_pretrained(tmp_path / "untied", backend="torch")
     torch.testing.assert_close(loaded.out_head.weight, model.out_head.weight)
     assert loaded.out_head.weight is not loaded.tok_emb.weight
 
     classifier = GPTModel(GPTConfig.from_dict({**config.to_dict(), "tie_embeddings": True}))
     classifier.out_head = nn.Linear(32, 2)  # as fine-tuning for classification does
     classifier.save_pretrained(tmp_path / "cls")
-    loaded = GPTModel.load(tmp_path / "cls", backend="torch")
+    loaded = GPTModel.from_pretrained(tmp_path / "cls", backend="torch")
     assert loaded.out_head.out_features == 2
     torch.testing.assert_close(loaded.out_head.bias, classifier.out_head.bias)
 
@@ -202,6 +202,6 @@ def test_load_lists_bad_tensors_in_our_format(tmp_path):
     tensors["trf_blocks.0.att.qkv.weight"] = torch.zeros(96, 33)
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError) as info:
-        GPTModel.load(tmp_path)
+        GPTModel.from_pretrained(tmp_path)
     assert "missing tensors (1): trf_blocks.1.norm2.bias" in str(info.value)
     assert "trf_blocks.0.att.qkv.weight (checkpoint (96, 33), model (96, 32))" in str(info.value)

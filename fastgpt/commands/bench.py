@@ -15,7 +15,8 @@ torch backend is measured on CPU: Triton kernels are never timed through the int
 from __future__ import annotations
 
 import argparse
-import sys
+
+from fastgpt.errors import UsageError
 
 SUITE_HELP = "layernorm, gelu, attention, train, generate"
 
@@ -77,9 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from benchmarks.run import run_benchmarks
+    from fastgpt.devices import resolve_device
 
     if args.report_only:
         from pathlib import Path
@@ -87,28 +87,12 @@ def run(args: argparse.Namespace) -> int:
         from benchmarks.report import load_results, write_all
 
         if args.out is None or not load_results(Path(args.out)):
-            print(
-                "fastgpt bench: --report-only needs --out DIR holding <suite>.json files",
-                file=sys.stderr,
-            )
-            return 2
+            raise UsageError("--report-only needs --out DIR holding <suite>.json files")
         written = write_all(Path(args.out))
         print(f"rebuilt {', '.join(sorted(p.name for p in written.values()))} in {args.out}")
         return 0
 
-    device = args.device
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except RuntimeError as exc:
-            print(f"fastgpt bench: bad --device {args.device!r}: {exc}", file=sys.stderr)
-            return 2
-        if device.type == "cuda" and not torch.cuda.is_available():
-            print("fastgpt bench: --device cuda, but no CUDA GPU is available", file=sys.stderr)
-            return 2
-        if device.type not in ("cuda", "cpu"):
-            print(f"fastgpt bench: unsupported device {args.device!r}", file=sys.stderr)
-            return 2
+    device = resolve_device(args.device)
     run_benchmarks(
         only=args.only, quick=args.quick, out_dir=args.out, device=device, dtypes=args.dtypes
     )

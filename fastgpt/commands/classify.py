@@ -9,10 +9,10 @@ One line per text: the predicted label, its probability, and the text (tab-separ
 from __future__ import annotations
 
 import argparse
-import functools
 
-from fastgpt.cli import command_error
-from fastgpt.commands.generate import add_device_arguments, device_from_args, dtype_from_args
+from fastgpt.devices import InferenceOptions
+from fastgpt.errors import UsageError
+from fastgpt.options import add_options, options_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="folder written by `fastgpt finetune-classify --out`"
     )
     parser.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to classify")
-    add_device_arguments(parser)
+    add_options(parser, InferenceOptions, "how the model runs")
     parser.add_argument(
         "--all-probs", action="store_true", help="also print every label's probability"
     )
@@ -31,19 +31,16 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
-    fail = functools.partial(command_error, "classify")
-    try:
-        device = device_from_args(args)
-    except ValueError as exc:
-        return fail(exc)
+    device, dtype = options_from_args(InferenceOptions, args).resolve()
     try:
         label_names, info = load_classifier_metadata(args.model)
-        dtype = dtype_from_args(args, device)
-        model = GPTModel.load(args.model, backend=args.backend, device=device, dtype=dtype)
+        model = GPTModel.from_pretrained(
+            args.model, backend=args.backend, device=device, dtype=dtype
+        )
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        return fail(f"cannot load {args.model!r}: {exc}")
+        raise UsageError(f"cannot load {args.model!r}: {exc}") from exc
     if model.out_head.out_features != len(label_names):
-        return fail(
+        raise UsageError(
             f"{args.model} has {model.out_head.out_features} outputs but "
             f"{len(label_names)} labels in labels.json"
         )

@@ -9,209 +9,177 @@ Steps: read and validate the data (before any weights are touched), balance the 
 undersampling, split 70/10/20 with --seed, build the model (--init weights or a fresh
 --model; adapters an --init folder holds unmerged are folded in), swap its output head for
 Linear(emb_dim, num_classes) (a classifier given as --init with the same labels keeps its
-head), freeze all but --trainable (or add LoRA adapters), train with the shared training
-engine, report loss and accuracy on train/validation/test, and save the model, labels.json,
-classifier.json and metrics.json in --out. Under torchrun every rank trains and rank 0 alone
-evaluates and writes.
+head), freeze all but --trainable (or add LoRA adapters), train with the shared runner, report
+loss and accuracy on train/validation/test, and save the model, labels.json, classifier.json
+and metrics.json in --out. Under torchrun every rank trains and rank 0 alone evaluates and
+writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
-from fastgpt.cli import command_error
+from fastgpt.errors import ConfigError, UsageError
+from fastgpt.train.runner import Task, add_task_arguments, run_task
 
-fail = functools.partial(command_error, "finetune-classify")
+
+@dataclass
+class ClassifyOptions:
+    """What to classify and what to train."""
+
+    data: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """Labelled texts: the UCI SMS file (label<TAB>text) or a .csv/.tsv with a header (default:
+    the book's SMS Spam Collection, downloaded once)."""
+    text_column: str = "text"
+    """Text column of a .csv/.tsv --data."""
+    label_column: str = "label"
+    """Label column of a .csv/.tsv --data."""
+    labels: str | None = None
+    """Comma-separated label names in id order; other labels are an error (default: ham,spam
+    for the SMS file, the sorted labels found for a table)."""
+    no_balance: bool = False
+    """Keep every example (default: undersample each class to the smallest's size)."""
+    max_length: int | None = None
+    """Pad/truncate to this many tokens (default: the longest training text, at most the
+    model's context length)."""
+    trainable: str = "last-1"
+    """What to train without LoRA: all, head, or last-N (N last blocks + final norm + head)."""
+
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError("max_length", f"must be >= 1, got {self.max_length}")
+        names = self.label_names
+        if names is not None and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ConfigError("labels", f"needs at least 2 distinct names, got {self.labels!r}")
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return [s.strip() for s in self.labels.split(",")] if self.labels else None
+
+
+class ClassifyTask(Task):
+    name = "finetune-classify"
+    Options = ClassifyOptions
+    # The book's chapter 6 settings (5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1).
+    defaults: ClassVar[dict[str, Any]] = {"epochs": 5, "lr": 5e-5}
+    uses_lora = True
+
+    def load_data(self) -> None:
+        """Read, validate, balance and split the data (touches no weights, writes nothing)."""
+        from fastgpt.classification import (
+            balance_by_undersampling,
+            read_labeled_texts,
+            split_train_val_test,
+        )
+        from fastgpt.download import data_file
+        from fastgpt.train.distributed import is_main_process
+
+        opts, seed = self.options, self.config.seed
+        path = data_file(opts.data, "SMSSpamCollection")
+        data = read_labeled_texts(path, opts.text_column, opts.label_column, opts.label_names)
+        if not opts.no_balance:
+            data = balance_by_undersampling(data, seed=seed)
+        splits = split_train_val_test(data, (0.7, 0.1, 0.2), seed=seed)
+        self.texts = dict(zip(("train", "validation", "test"), splits, strict=True))
+        if is_main_process():
+            n = {k: len(v) for k, v in self.texts.items()}
+            print(
+                f"data: {n['train']} train, {n['validation']} validation, {n['test']} test; "
+                f"labels {self.label_names}"
+            )
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.texts["train"].label_names
+
+    def prepare_model(self, model) -> None:
+        from fastgpt.classification import (
+            ClassificationCollate,
+            ClassificationDataset,
+            accuracy_metrics,
+            parse_trainable,
+            replace_head,
+            saved_label_names,
+            set_trainable,
+        )
+        from fastgpt.tokenizer import get_tokenizer
+        from fastgpt.train.distributed import is_main_process
+
+        opts, init = self.options, self.model_options.init
+        parse_trainable(opts.trainable, len(model.trf_blocks))
+        context = model.config.context_length
+        if opts.max_length is not None and opts.max_length > context:
+            raise UsageError(f"--max-length {opts.max_length} > the model's context {context}")
+        limit, tokenizer = opts.max_length or context, get_tokenizer()
+        self.datasets = {
+            k: ClassificationDataset(v, tokenizer, max_length=limit) for k, v in self.texts.items()
+        }
+        self.train_set, self.val_set = self.datasets["train"], self.datasets["validation"]
+        # The book pads everything to the longest training text; longer val/test texts are cut.
+        self.pad_to = limit if opts.max_length else self.train_set.longest
+        self.collate_fn = ClassificationCollate(pad_to=self.pad_to)
+        self.metrics_fn = accuracy_metrics
+        # A classifier given as --init keeps its trained head when it has the same labels.
+        keep_head = bool(init) and saved_label_names(init) == self.label_names
+        if not keep_head:
+            replace_head(model, len(self.label_names))
+        if self.lora.lora_rank:
+            self.lora.apply(model)
+            if not self.lora.lora_head:
+                model.out_head.requires_grad_(True)  # the new head must learn
+        else:
+            set_trainable(model, opts.trainable)
+        if is_main_process():
+            print(f"sequences padded/truncated to {self.pad_to} tokens")
+            if keep_head:
+                print(f"keeping the classifier head of {init} (labels {self.label_names})")
+
+    def loss(self, model, batch):
+        from fastgpt.classification import classification_loss
+
+        return classification_loss(model, batch)
+
+    def finish(self, model, out_dir: Path, final: dict[str, Any]) -> None:
+        import torch
+
+        from fastgpt.classification import evaluate_classifier, save_classifier_metadata
+        from fastgpt.lora import save_pretrained_with_lora
+        from fastgpt.tokenizer import EOT_ID
+
+        metrics = {}
+        for split, dataset in self.datasets.items():
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_size=self.config.batch_size, collate_fn=self.collate_fn
+            )
+            metrics[split] = evaluate_classifier(model, loader)
+            loss, accuracy = metrics[split]["loss"], 100 * metrics[split]["accuracy"]
+            print(f"{split:>10}: loss {loss:.4f}  accuracy {accuracy:.2f}%")
+        lora = self.lora
+        save_pretrained_with_lora(model, out_dir, merge=lora.merge)
+        info = {
+            "task": "classification",
+            "num_classes": len(self.label_names),
+            "max_length": self.pad_to,
+            "pad_id": EOT_ID,
+            "text_column": self.options.text_column,
+            "label_column": self.options.label_column,
+            "trainable": None if lora.lora_rank else self.options.trainable,
+            "lora": {"rank": lora.lora_rank, "alpha": lora.lora_alpha, "merged": lora.merge}
+            if lora.lora_rank
+            else None,
+        }
+        save_classifier_metadata(out_dir, self.label_names, info)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
+        print(f"saved the classifier to {out_dir}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastgpt.engine import add_training_arguments
-    from fastgpt.lora import add_lora_arguments
-
-    add_training_arguments(parser, default_epochs=5)
-    # The book's chapter 6 settings (5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1).
-    parser.set_defaults(batch_size=8, lr=5e-5)
-    group = parser.add_argument_group("classification")
-    group.add_argument(
-        "--text-column", default="text", help="text column of a .csv/.tsv --data (default text)"
-    )
-    group.add_argument(
-        "--label-column", default="label", help="label column of a .csv/.tsv --data (default label)"
-    )
-    group.add_argument(
-        "--labels",
-        default=None,
-        help="comma-separated label names in id order; other labels are an error (default: "
-        "ham,spam for the SMS file, the sorted labels found for a table)",
-    )
-    group.add_argument(
-        "--no-balance",
-        action="store_true",
-        help="keep every example (default: undersample each class to the smallest's size)",
-    )
-    group.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        help="pad/truncate to this many tokens (default: the longest training text, at most "
-        "the model's context length)",
-    )
-    group.add_argument(
-        "--trainable",
-        default="last-1",
-        help="what to train without LoRA: all, head, or last-N (N last blocks + final norm + "
-        "head; default last-1)",
-    )
-    add_lora_arguments(parser)
-
-
-def prepare_data(args: argparse.Namespace):
-    """Read, validate, balance and split the data: (train, val, test) LabeledTexts.
-    Raises ValueError / FileNotFoundError; touches no weights and writes nothing."""
-    from fastgpt.classification import (
-        balance_by_undersampling,
-        read_labeled_texts,
-        split_train_val_test,
-    )
-    from fastgpt.download import data_file
-
-    path = data_file(args.data, "SMSSpamCollection")
-    label_names = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    if label_names is not None and (
-        len(label_names) < 2 or len(set(label_names)) != len(label_names)
-    ):
-        raise ValueError(f"--labels needs at least 2 distinct names, got {args.labels!r}")
-    data = read_labeled_texts(path, args.text_column, args.label_column, label_names)
-    if not args.no_balance:
-        data = balance_by_undersampling(data, seed=args.seed)
-    return split_train_val_test(data, (0.7, 0.1, 0.2), seed=args.seed)
+    add_task_arguments(parser, ClassifyTask)
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.engine import is_main_process, train_config_from_args
-    from fastgpt.lora import check_lora_arguments
-
-    try:
-        check_lora_arguments(args)
-        if args.max_length is not None and args.max_length < 1:
-            raise ValueError(f"--max-length must be >= 1, got {args.max_length}")
-        config = train_config_from_args(args)
-        train_texts, val_texts, test_texts = prepare_data(args)
-    except (ValueError, FileNotFoundError) as exc:
-        return fail(exc)
-    if is_main_process():
-        print(
-            f"data: {len(train_texts)} train, {len(val_texts)} validation, "
-            f"{len(test_texts)} test; labels {train_texts.label_names}"
-        )
-    return _train(args, config, train_texts, val_texts, test_texts)
-
-
-def _train(args, config, train_texts, val_texts, test_texts) -> int:
-    import torch
-
-    from fastgpt.classification import (
-        ClassificationCollate,
-        ClassificationDataset,
-        accuracy_metrics,
-        classification_loss,
-        evaluate_classifier,
-        parse_trainable,
-        replace_head,
-        save_classifier_metadata,
-        saved_label_names,
-        set_trainable,
-    )
-    from fastgpt.engine import NonFiniteLossError, Trainer, build_model_from_args, is_main_process
-    from fastgpt.lora import (
-        apply_lora_from_args,
-        describe_parameters,
-        save_pretrained_with_lora,
-    )
-    from fastgpt.tokenizer import EOT_ID, get_tokenizer
-
-    main = is_main_process()
-    label_names = train_texts.label_names
-    try:
-        model = build_model_from_args(args)
-        parse_trainable(args.trainable, len(model.trf_blocks))
-        context = model.config.context_length
-        if args.max_length is not None and args.max_length > context:
-            raise ValueError(f"--max-length {args.max_length} > the model's context {context}")
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        return fail(exc)
-    limit = args.max_length or context
-    tokenizer = get_tokenizer()
-    train_set = ClassificationDataset(train_texts, tokenizer, max_length=limit)
-    val_set = ClassificationDataset(val_texts, tokenizer, max_length=limit)
-    test_set = ClassificationDataset(test_texts, tokenizer, max_length=limit)
-    # The book pads everything to the longest training text; longer val/test texts are cut.
-    pad_to = limit if args.max_length else train_set.longest
-
-    # A classifier given as --init keeps its trained head when it has the same labels.
-    keep_head = bool(args.init) and saved_label_names(args.init) == label_names
-    if not keep_head:
-        replace_head(model, len(label_names))
-    if args.lora_rank:
-        apply_lora_from_args(model, args)
-        if not args.lora_head:
-            model.out_head.requires_grad_(True)  # the new head must learn
-    else:
-        set_trainable(model, args.trainable)
-    if main:
-        print(f"sequences padded/truncated to {pad_to} tokens")
-        if keep_head:
-            print(f"keeping the classifier head of {args.init} (labels {label_names})")
-        print(describe_parameters(model))
-
-    collate = ClassificationCollate(pad_to=pad_to)
-    try:
-        trainer = Trainer(
-            model,
-            train_set,
-            val_set,
-            classification_loss,
-            config,
-            collate_fn=collate,
-            metrics_fn=accuracy_metrics,
-        )
-        trainer.fit()
-    except (ValueError, FileNotFoundError) as exc:
-        return fail(exc)
-    except NonFiniteLossError as exc:
-        return fail(exc, code=1)
-    if not main:  # rank 0 alone evaluates and writes; the process group is gone by now
-        return 0
-
-    metrics = {}
-    for name, dataset in (("train", train_set), ("validation", val_set), ("test", test_set)):
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=config.batch_size, collate_fn=collate
-        )
-        metrics[name] = evaluate_classifier(model, loader)
-        print(
-            f"{name:>10}: loss {metrics[name]['loss']:.4f}  "
-            f"accuracy {100 * metrics[name]['accuracy']:.2f}%"
-        )
-
-    out = Path(config.out_dir)
-    save_pretrained_with_lora(model, out, merge=args.merge)
-    info = {
-        "task": "classification",
-        "num_classes": len(label_names),
-        "max_length": pad_to,
-        "pad_id": EOT_ID,
-        "text_column": args.text_column,
-        "label_column": args.label_column,
-        "trainable": None if args.lora_rank else args.trainable,
-        "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "merged": bool(args.merge)}
-        if args.lora_rank
-        else None,
-    }
-    save_classifier_metadata(out, label_names, info)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    print(f"saved the classifier to {out}")
-    return 0
+    return run_task(ClassifyTask, args)

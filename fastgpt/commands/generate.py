@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import functools
 import sys
 
 import torch
 
-from fastgpt.cli import command_error
+from fastgpt.devices import InferenceOptions
+from fastgpt.errors import UsageError
+from fastgpt.options import add_options, options_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=None, help="sample from the smallest set with mass p"
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    add_device_arguments(parser)
+    add_options(parser, InferenceOptions, "how the model runs")
     parser.add_argument(
         "--no-cache", action="store_true", help="rerun the whole sequence at each step"
     )
@@ -42,61 +43,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """--backend and --device, for the commands that run a saved model (generate, classify)."""
-    parser.add_argument(
-        "--backend", choices=("auto", "triton", "torch"), default="auto", help="kernels to use"
-    )
-    parser.add_argument(
-        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "fp32", "bf16", "fp16"),
-        default="auto",
-        help="weights and activations (default auto: bf16 on a GPU that supports it, else fp32)",
-    )
-
-
-def device_from_args(args: argparse.Namespace) -> torch.device:
-    """--device, or CUDA when available, else CPU. ValueError for an unknown or absent device."""
-    from fastgpt.engine import resolve_device
-
-    return resolve_device(args.device)
-
-
-def dtype_from_args(args: argparse.Namespace, device: torch.device) -> torch.dtype:
-    """--dtype; auto is bf16 on CUDA (half the memory traffic of fp32 per decoded token) when
-    the GPU supports it, fp32 otherwise (CPU bf16 matmuls are slow)."""
-    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if args.dtype != "auto":
-        return named[args.dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def run(args: argparse.Namespace) -> int:
     from fastgpt.generation import check_generation_options, generate
     from fastgpt.model import GPTModel, check_language_model
     from fastgpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
 
-    fail = functools.partial(command_error, "generate")
     if not args.prompt:
-        return fail("the prompt is empty")
+        raise UsageError("the prompt is empty")
+    check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    device, dtype = options_from_args(InferenceOptions, args).resolve()
     try:
-        check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        device = device_from_args(args)
-    except ValueError as exc:
-        return fail(exc)
-    try:
-        dtype = dtype_from_args(args, device)
         model = GPTModel.from_pretrained(
             args.model, backend=args.backend, device=device, dtype=dtype
         )
         check_language_model(model, args.model)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        return fail(f"cannot load {args.model!r}: {exc}")
+        raise UsageError(f"cannot load {args.model!r}: {exc}") from exc
     tokenizer = get_tokenizer()
     prompt = text_to_token_ids(args.prompt, tokenizer).to(device)  # (1, T)
     if prompt.shape[1] > model.config.context_length:

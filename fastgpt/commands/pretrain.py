@@ -9,7 +9,7 @@ fastgpt pretrain --out runs/gpt2 --resume --max-steps 20000             # contin
 Steps: tokenize --data (a file or a folder of .txt; default the-verdict.txt) once into a cached
 uint16 file, cut it into windows of --context-length tokens every --stride tokens, split off the
 last --val-fraction as validation, build the model (--init weights or a fresh --model), train
-with the shared engine (fastgpt.engine), and save the model (config.json + model.safetensors,
+with the shared runner (fastgpt.train), and save the model (config.json + model.safetensors,
 loadable by `fastgpt generate --model DIR`) in --out beside metrics.jsonl, loss.png and
 checkpoint.pt.
 """
@@ -17,156 +17,117 @@ checkpoint.pt.
 from __future__ import annotations
 
 import argparse
-import functools
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
-from fastgpt.cli import command_error
+from fastgpt.errors import ConfigError, UsageError
+from fastgpt.train.runner import Task, add_task_arguments, run_task
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastgpt.engine import add_training_arguments
+@dataclass
+class PretrainOptions:
+    """What to pretrain on."""
 
-    add_training_arguments(parser)
-    for action in parser._actions:
-        if action.dest == "data":
-            action.help = (
-                "text to train on: a file, a folder (every .txt below it) or a quoted glob "
-                "pattern; files are joined with <|endoftext|> (default: the book's "
-                "the-verdict.txt, downloaded once)"
+    data: str | None = field(default=None, metadata={"metavar": "PATH"})
+    """Text to train on: a file, a folder (every .txt below it) or a quoted glob pattern; files
+    are joined with <|endoftext|> (default: the book's the-verdict.txt, downloaded once)."""
+    context_length: int = 256
+    """Tokens per training window; a fresh model gets this context length (the book's
+    pretraining setting)."""
+    stride: int | None = None
+    """Tokens between the starts of consecutive windows (default: context_length, no
+    overlap)."""
+    val_fraction: float = 0.1
+    """Share of the tokens (the end of the text) held out for validation; 0 = none."""
+    token_cache: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Where tokenized data is cached (default: $FASTGPT_CACHE_DIR/tokens,
+    ~/.cache/fastgpt/tokens)."""
+    sample_prompt: str = "Every effort moves you"
+    """Prompt of the greedy sample printed at each evaluation ('' = none)."""
+    sample_tokens: int = 30
+    """Tokens generated for that sample."""
+
+    def __post_init__(self) -> None:
+        if self.context_length < 1:
+            raise ConfigError("context_length", f"must be >= 1, got {self.context_length}")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError("stride", f"must be >= 1, got {self.stride}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.sample_tokens < 0:
+            raise ConfigError("sample_tokens", f"must be >= 0, got {self.sample_tokens}")
+
+
+class PretrainTask(Task):
+    name = "pretrain"
+    Options = PretrainOptions
+    defaults: ClassVar[dict[str, Any]] = {
+        "epochs": 1
+    }  # the book's chapter 5: AdamW, lr 4e-4, weight decay 0.1, batch 8
+
+    def load_data(self) -> None:
+        from fastgpt.text_data import load_text_datasets
+        from fastgpt.train.distributed import is_main_process
+
+        opts, main = self.options, is_main_process()
+        self.train_set, self.val_set = load_text_datasets(
+            opts.data,
+            opts.context_length,
+            opts.stride,
+            opts.val_fraction,
+            cache_dir=opts.token_cache,
+            progress=main and self.config.progress,
+        )
+        if main:
+            n_val = len(self.val_set) if self.val_set else 0
+            print(
+                f"data: {len(self.train_set)} training and {n_val} validation windows of "
+                f"{opts.context_length} tokens"
             )
-    # The book's chapter 5 optimizer settings (AdamW, lr 4e-4, weight decay 0.1).
-    parser.set_defaults(lr=4e-4, batch_size=8)
-    group = parser.add_argument_group("pretraining data")
-    group.add_argument(
-        "--context-length",
-        type=int,
-        default=256,
-        help="tokens per training window; a fresh model gets this context length (default "
-        "%(default)s, the book's pretraining setting)",
-    )
-    group.add_argument(
-        "--stride",
-        type=int,
-        default=None,
-        help="tokens between the starts of consecutive windows (default: --context-length, "
-        "no overlap)",
-    )
-    group.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="share of the tokens (the end of the text) held out for validation; 0 = none "
-        "(default %(default)s)",
-    )
-    group.add_argument(
-        "--token-cache",
-        metavar="DIR",
-        default=None,
-        help="where tokenized data is cached (default: $FASTGPT_CACHE_DIR/tokens, "
-        "~/.cache/fastgpt/tokens)",
-    )
-    group.add_argument(
-        "--sample-prompt",
-        default="Every effort moves you",
-        help="prompt of the greedy sample printed at each evaluation ('' = none; default "
-        "%(default)r)",
-    )
-    group.add_argument(
-        "--sample-tokens",
-        type=int,
-        default=30,
-        help="tokens generated for that sample (default %(default)s)",
-    )
 
+    def model_overrides(self) -> dict[str, Any]:
+        return {"context_length": self.options.context_length}
 
-def _check_args(args: argparse.Namespace) -> None:
-    if args.context_length < 1:
-        raise ValueError(f"--context-length must be >= 1, got {args.context_length}")
-    if args.stride is not None and args.stride < 1:
-        raise ValueError(f"--stride must be >= 1, got {args.stride}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.sample_tokens < 0:
-        raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+    def prepare_model(self, model) -> None:
+        from fastgpt.model import check_language_model
 
+        check_language_model(model, self.model_options.init or self.model_options.model)
+        context = self.options.context_length
+        if context > model.config.context_length:
+            raise UsageError(
+                f"--context-length {context} is longer than the model's context length "
+                f"{model.config.context_length}"
+            )
+        # Check every token id once here, so the model need not range-check each batch (on
+        # CUDA that check costs a device-to-host sync per forward).
+        sets = (self.train_set, self.val_set)
+        largest = max(int(d.token_ids.max()) for d in sets if d is not None)
+        if largest >= model.config.vocab_size:
+            raise UsageError(
+                f"the data holds token id {largest}, but the model's vocab_size is "
+                f"{model.config.vocab_size} (GPT-2 BPE needs 50257)"
+            )
+        model.check_inputs = False
+        if self.options.sample_prompt and self.options.sample_tokens > 0:
+            self.sample_fn = greedy_sample_fn(
+                self.options.sample_prompt, self.options.sample_tokens
+            )
 
-def run(args: argparse.Namespace) -> int:
-    from fastgpt.engine import (
-        NonFiniteLossError,
-        Trainer,
-        build_model_from_args,
-        is_main_process,
-        next_token_loss,
-        train_config_from_args,
-    )
-    from fastgpt.model import check_language_model
-    from fastgpt.text_data import load_text_datasets
+    def loss(self, model, batch):
+        from fastgpt.losses import next_token_loss
 
-    fail = functools.partial(command_error, "pretrain")
+        return next_token_loss(model, batch)
 
-    # Data first: a bad file fails before any weights are built, loaded or downloaded.
-    try:
-        _check_args(args)
-        config = train_config_from_args(args)
-        train_set, val_set = load_text_datasets(
-            args.data,
-            args.context_length,
-            args.stride,
-            args.val_fraction,
-            cache_dir=args.token_cache,
-            progress=is_main_process() and not args.no_progress,
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        return fail(exc)
-    if is_main_process():
-        print(
-            f"data: {len(train_set)} training and {len(val_set) if val_set else 0} validation "
-            f"windows of {args.context_length} tokens"
-        )
-
-    try:
-        model = build_model_from_args(args)
-        check_language_model(model, args.init or args.model)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        return fail(exc)
-    if args.context_length > model.config.context_length:
-        return fail(
-            f"--context-length {args.context_length} is longer than the model's context "
-            f"length {model.config.context_length}"
-        )
-    # Check every token id once here, so the model need not range-check each batch (on CUDA
-    # that check costs a device-to-host sync per forward).
-    largest = max(int(d.token_ids.max()) for d in (train_set, val_set) if d is not None)
-    if largest >= model.config.vocab_size:
-        return fail(
-            f"the data holds token id {largest}, but the model's vocab_size is "
-            f"{model.config.vocab_size} (GPT-2 BPE needs 50257)"
-        )
-    model.check_inputs = False
-
-    sample_fn = None
-    if args.sample_prompt and args.sample_tokens > 0:
-        sample_fn = _make_sample_fn(args.sample_prompt, args.sample_tokens)
-
-    try:
-        trainer = Trainer(model, train_set, val_set, next_token_loss, config, sample_fn=sample_fn)
-        final = trainer.fit()
-    except (ValueError, FileNotFoundError) as exc:
-        return fail(exc)
-    except NonFiniteLossError as exc:
-        return fail(exc, code=1)
-
-    if is_main_process():
-        out = Path(config.out_dir)
-        model.save_pretrained(out)
+    def finish(self, model, out_dir: Path, final: dict[str, Any]) -> None:
+        model.save_pretrained(out_dir)
         summary = f"done: {final['step']} steps, {final['tokens_seen']:,} tokens"
         if final.get("val_loss") is not None:
             summary += f", validation loss {final['val_loss']:.4f}"
-        print(f"{summary}; model saved to {out}")
-    return 0
+        print(f"{summary}; model saved to {out_dir}")
 
 
-def _make_sample_fn(prompt: str, max_new_tokens: int):
+def greedy_sample_fn(prompt: str, max_new_tokens: int):
     """sample_fn for the Trainer: the greedy continuation of `prompt` as text."""
     import torch
 
@@ -184,3 +145,11 @@ def _make_sample_fn(prompt: str, max_new_tokens: int):
         return tokenizer.decode(out[0, ids.shape[1] :].tolist())
 
     return sample_fn
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_task_arguments(parser, PretrainTask)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_task(PretrainTask, args)

@@ -1,10 +1,11 @@
-"""The training engine on a tiny model and random tokens (no tokenizer, fast on CPU):
-LR schedule, optimizer groups, gradient accumulation, exact resume, the non-finite guard,
-written files, two-process DDP (gloo) against one process, and the shared CLI helpers."""
+"""The training loop (fastgpt/train/) on a tiny model and random tokens (no tokenizer, fast on
+CPU): LR schedule, optimizer groups, gradient accumulation, exact resume, the non-finite guard,
+written files, two-process DDP (gloo) against one process, and the runner's options."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import os
@@ -16,24 +17,21 @@ import torch
 import torch.multiprocessing as mp
 
 from fastgpt.config import GPTConfig
-from fastgpt.engine import (
-    CHECKPOINT_NAME,
-    METRICS_NAME,
-    PLOT_NAME,
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    add_training_arguments,
-    build_model_from_args,
-    evaluate_loss,
-    lr_multiplier,
-    make_optimizer,
-    next_token_loss,
-    read_metrics,
+from fastgpt.losses import next_token_loss
+from fastgpt.model import GPTModel
+from fastgpt.options import resolve_defaults
+from fastgpt.text_data import SlidingWindowDataset
+from fastgpt.train import NonFiniteLossError, TrainConfig, Trainer, evaluate_loss
+from fastgpt.train.checkpoint import CHECKPOINT_NAME
+from fastgpt.train.metrics import METRICS_NAME, PLOT_NAME, read_metrics
+from fastgpt.train.optim import lr_multiplier, make_optimizer
+from fastgpt.train.runner import (
+    ModelOptions,
+    Task,
+    add_task_arguments,
+    build_model,
     train_config_from_args,
 )
-from fastgpt.model import GPTModel
-from fastgpt.text_data import SlidingWindowDataset
 
 VOCAB = 97  # a small vocabulary keeps the output head cheap
 
@@ -190,9 +188,9 @@ def test_bad_config_values():
 
 def test_device_is_checked_when_the_config_is_made(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="--device cuda:1: no CUDA GPU is available"):
+    with pytest.raises(ValueError, match="device cuda:1: no CUDA GPU is available"):
         TrainConfig(device="cuda:1")
-    with pytest.raises(ValueError, match="--device 'tpu' is not a device: use cpu, cuda"):
+    with pytest.raises(ValueError, match="device 'tpu' is not a device: use cpu, cuda"):
         TrainConfig(device="tpu")
     assert TrainConfig(device="cpu").device == "cpu"
 
@@ -237,7 +235,9 @@ def test_resume_continues_exactly(tmp_path):
     cfg = config(tmp_path, "resumed", max_steps=2 * n, resume=True, **common)
     trainer = Trainer(resumed, data, data, next_token_loss, cfg)
     trainer.fit()
-    assert trainer.step == 2 * n and trainer.epoch == 2 and trainer.step_in_epoch == 2
+    assert (
+        trainer.step == 2 * n and trainer.batches.epoch == 2 and trainer.batches.step_in_epoch == 2
+    )
 
     straight_losses = train_losses(tmp_path / "straight")
     assert len(straight_losses) == 2 * n
@@ -452,11 +452,11 @@ def test_cuda_uses_fused_adamw_and_bf16_autocast(tmp_path):
 def test_epochs_set_the_number_of_steps(tmp_path):
     trainer = Trainer(tiny_model(), random_windows(), None, next_token_loss,
                       config(tmp_path, epochs=2, batch_size=3))  # fmt: skip
-    assert trainer.steps_per_epoch == 20 // 3 and trainer.total_steps == 12
+    assert trainer.batches.steps_per_epoch == 20 // 3 and trainer.total_steps == 12
     trainer = Trainer(tiny_model(), random_windows(), None, next_token_loss,
                       config(tmp_path, epochs=2, max_steps=5, batch_size=3))  # fmt: skip
     assert trainer.total_steps == 5  # whichever comes first
-    order = [trainer.epoch_order(e) for e in (0, 1, 0)]
+    order = [trainer.batches.epoch_order(e) for e in (0, 1, 0)]
     assert np.array_equal(order[0], order[2]) and not np.array_equal(order[0], order[1])
     assert sorted(order[1].tolist()) == list(range(20))
 
@@ -522,18 +522,32 @@ def test_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 
-# --- command-line helpers ----------------------------------------------------------------
+# --- command-line options (fastgpt/train/runner.py) -------------------------------------
 
 
-def parse(*argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fastgpt pretrain")
-    add_training_arguments(parser)
-    return parser.parse_args([str(a) for a in argv])
+@dataclasses.dataclass
+class _Options:  # a task's own options: none
+    pass
+
+
+def _task(name: str, **defaults) -> type[Task]:
+    return type("T", (Task,), {"name": name, "Options": _Options, "defaults": defaults})
+
+
+def parse(*argv, task=None) -> argparse.Namespace:
+    task = task or _task("pretrain", epochs=1)
+    parser = argparse.ArgumentParser(prog=f"fastgpt {task.name}")
+    add_task_arguments(parser, task)
+    return resolve_defaults(parser.parse_args([str(a) for a in argv]))
+
+
+def model_options(args: argparse.Namespace) -> ModelOptions:
+    return ModelOptions(args.init, args.model, args.dropout, args.backend)
 
 
 def test_training_arguments_defaults_and_config():
     args = parse()
-    assert args.out == "runs/pretrain" and args.resume is False and args.seed == 123
+    assert args.out_dir == "runs/pretrain" and args.resume is False and args.seed == 123
     cfg = train_config_from_args(args)
     assert cfg.epochs == 1 and cfg.max_steps is None
     cfg = train_config_from_args(parse("--max-steps", 7, "--grad-accum", 2, "--resume"))
@@ -543,54 +557,70 @@ def test_training_arguments_defaults_and_config():
 
 def test_a_commands_default_epochs_yield_to_max_steps(capsys):
     """finetune-classify trains 5 epochs by default, but --max-steps alone sets the length."""
+    task = _task("finetune-classify", epochs=5)
     parser = argparse.ArgumentParser(prog="fastgpt finetune-classify")
-    add_training_arguments(parser, default_epochs=5)
-    assert train_config_from_args(parser.parse_args([])).epochs == 5
-    cfg = train_config_from_args(parser.parse_args(["--max-steps", "1000"]))
+    add_task_arguments(parser, task)
+    assert train_config_from_args(parse(task=task)).epochs == 5
+    cfg = train_config_from_args(parse("--max-steps", "1000", task=task))
     assert cfg.max_steps == 1000 and cfg.epochs is None
-    cfg = train_config_from_args(parser.parse_args(["--max-steps", "9", "--epochs", "2"]))
+    cfg = train_config_from_args(parse("--max-steps", "9", "--epochs", "2", task=task))
     assert (cfg.max_steps, cfg.epochs) == (9, 2)
     parser.print_help()
     assert "(default 5 unless" in capsys.readouterr().out
     assert train_config_from_args(parse("--no-checkpoint")).save_checkpoint is False
 
 
-def test_build_model_from_args(tmp_path):
-    model = build_model_from_args(parse("--model", "tiny", "--dropout", 0.2))
+def test_every_option_is_a_field_with_its_docstring(capsys):
+    """The help of each training option is the docstring of its TrainConfig field."""
+    from fastgpt.options import field_docs
+
+    parser = argparse.ArgumentParser(prog="fastgpt pretrain")
+    add_task_arguments(parser, _task("pretrain"))
+    parser.print_help()
+    text = " ".join(capsys.readouterr().out.split())
+    docs = field_docs(TrainConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert docs["grad_accum"].split(" (")[0] in text
+    assert "--grad-accum GRAD_ACCUM" in text and "(default 1)" in text
+    assert "--no-checkpoint" in text and "--resume [CHECKPOINT]" in text
+
+
+def test_build_model(tmp_path):
+    model = build_model(model_options(parse("--model", "tiny", "--dropout", 0.2)), seed=123)
     assert model.config.emb_dim == 32 and model.config.drop_rate == 0.2
-    again = build_model_from_args(parse("--model", "tiny", "--dropout", 0.2))
+    again = build_model(model_options(parse("--model", "tiny", "--dropout", 0.2)), seed=123)
     assert_same_weights(model, again, exact=True)  # seeded with --seed
 
     config_path = tmp_path / "config.json"
     GPTConfig.from_name("tiny", n_layers=1).to_json(config_path)
-    assert len(build_model_from_args(parse("--model", config_path)).trf_blocks) == 1
+    assert len(build_model(model_options(parse("--model", config_path))).trf_blocks) == 1
 
     model.save_pretrained(tmp_path / "ckpt")
-    loaded = build_model_from_args(parse("--init", tmp_path / "ckpt"))
+    loaded = build_model(model_options(parse("--init", tmp_path / "ckpt")))
     assert loaded.training
     assert_same_weights(loaded, model, exact=True)
 
     with pytest.raises(ValueError, match="unknown model preset"):
-        build_model_from_args(parse("--model", "gpt5"))
+        build_model(model_options(parse("--model", "gpt5")))
     with pytest.raises(FileNotFoundError):
-        build_model_from_args(parse("--model", tmp_path / "missing.json"))
+        build_model(model_options(parse("--model", tmp_path / "missing.json")))
 
 
 def test_mfu_formula_and_peak_table(tmp_path, monkeypatch):
-    from fastgpt.engine import peak_flops
+    from fastgpt.devices import peak_flops
     from fastgpt.model import flops_per_token
 
     assert peak_flops(torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert peak_flops(torch.device("cuda", 0)) == 756e12  # the longest matching name wins
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    assert peak_flops(torch.device("cuda", 0)) == 989e12
+    assert peak_flops(torch.device("cuda", 0)) == 989.4e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some New GPU")
     assert peak_flops(torch.device("cuda", 0)) is None
 
     model = tiny_model()
     trainer = Trainer(model, random_windows(), None, next_token_loss, config(tmp_path))
-    assert trainer._throughput(1000, 2.0, 16) == (500.0, None)  # no peak known on CPU
-    trainer.peak_flops = 1e9
-    _, mfu = trainer._throughput(1000, 2.0, 16)
+    assert trainer.throughput(1000, 2.0, 16) == (500.0, None)  # no peak known on CPU
+    trainer.throughput.peak_flops = 1e9
+    _, mfu = trainer.throughput(1000, 2.0, 16)
     assert mfu == pytest.approx(500.0 * flops_per_token(model.config, 16) / 1e9)

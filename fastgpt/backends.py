@@ -1,0 +1,100 @@
+"""The one place where a model's LayerNorm, feed-forward GELU and attention get their
+implementation.
+
+| backend | LayerNorm | linear + GELU | attention |
+| --- | --- | --- | --- |
+| "triton" | our kernel | our fused bias+GELU kernel after the bias-free matmul | our flash kernel |
+| "torch" | the plain-PyTorch references beside each kernel (the book's math) | | |
+| "sdpa" | `F.layer_norm` | `F.gelu(approximate="tanh")` | `F.scaled_dot_product_attention` |
+| "auto" | "triton" when CUDA is available, else "torch" | | |
+
+"sdpa" is PyTorch's own fastest ops, the baseline the benchmarks compare against. Every
+backend computes the same function with the same parameters, so `GPTModel.set_backend` switches
+one in place. (The kernels themselves also run on CPU tensors: through Triton's interpreter
+when TRITON_INTERPRET=1, else as their references; see `kernels/_dispatch.py`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import (
+    attention,
+    attention_reference,
+    bias_gelu,
+    gelu,
+    gelu_reference,
+    layer_norm,
+    layer_norm_reference,
+)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The implementations one backend gives the model's layers."""
+
+    name: str
+    layer_norm: Callable[..., torch.Tensor]
+    """(x (..., d), weight (d,), bias (d,), eps) -> normalized x."""
+    linear_gelu: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    """(linear layer d -> 4d, x (..., d)) -> GELU(linear(x)) (..., 4d), tanh form."""
+    attention: Callable[..., torch.Tensor]
+    """(q (B, H, Tq, hd), k, v (B, H, Tk, hd), causal, dropout_p) -> (B, H, Tq, hd); causal is
+    aligned bottom-right (query i sees keys up to Tk - Tq + i), as a KV cache needs."""
+
+
+def _triton_linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(linear, nn.Linear) and linear.bias is not None:
+        # One kernel adds the bias and applies GELU, saving a pass over (B, T, 4d).
+        return bias_gelu(F.linear(x, linear.weight), linear.bias)
+    return gelu(linear(x))  # a wrapped layer (e.g. LoRA) computes its own output
+
+
+def _sdpa_layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _sdpa_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0) -> torch.Tensor:
+    tq, tk = q.shape[-2], k.shape[-2]
+    if not causal or tq == 1:  # one new query sees every cached key: no mask
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    # SDPA's is_causal aligns the mask top-left; queries that continue a cache need it
+    # bottom-right (query i sees keys up to Tk - Tq + i).
+    i = torch.arange(tq, device=q.device)[:, None]
+    j = torch.arange(tk, device=q.device)[None, :]
+    allowed = j <= i + (tk - tq)  # (Tq, Tk)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+BACKENDS: dict[str, Ops] = {
+    "triton": Ops("triton", layer_norm, _triton_linear_gelu, attention),
+    "torch": Ops(
+        "torch",
+        layer_norm_reference,
+        lambda linear, x: gelu_reference(linear(x)),
+        attention_reference,
+    ),
+    "sdpa": Ops(
+        "sdpa",
+        _sdpa_layer_norm,
+        lambda linear, x: F.gelu(linear(x), approximate="tanh"),
+        _sdpa_attention,
+    ),
+}
+
+
+def resolve_backend(backend: str) -> Ops:
+    """The Ops of a backend name; "auto" is "triton" when CUDA is available, else "torch"."""
+    if backend == "auto":
+        backend = "triton" if torch.cuda.is_available() else "torch"
+    if backend not in BACKENDS:
+        names = ("auto", *BACKENDS)
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    return BACKENDS[backend]

@@ -1,0 +1,37 @@
+"""The errors a user can cause, which `fastgpt` prints as one line and exit status 2.
+
+Library code raises them with the names of Python parameters ("batch_size must be >= 1"); the
+command line reports a `ConfigError` with the flags instead ("--batch-size must be >= 1"). Both
+are ValueErrors, so code that catches ValueError keeps working.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+_PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
+
+
+class UsageError(ValueError):
+    """Bad input: an option, a file, data. The message says what is wrong and where."""
+
+
+class ConfigError(UsageError):
+    """A bad value of one configuration field, named by `field`; `problem` is the rest of the
+    message, where "{other_field}" names another field (so the CLI can show its flag too)."""
+
+    def __init__(self, field: str, problem: str):
+        self.field = field
+        self.problem = problem
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with every field name passed through `name_of` (e.g. to a flag)."""
+        problem = _PLACEHOLDER.sub(lambda m: name_of(m.group(1)), self.problem)
+        return f"{name_of(self.field)} {problem}"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss or gradient norm was NaN or infinite; no parameter was updated (the
+    CLI prints it as one line, exit status 1)."""

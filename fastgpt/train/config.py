@@ -1,0 +1,107 @@
+"""TrainConfig: every option of the training loop, with its unit and default, written once.
+
+The training commands turn these fields into their command-line options (`fastgpt.options`):
+`batch_size` is `--batch-size`, `out_dir` is `--out`, `save_checkpoint` is `--no-checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fastgpt.devices import resolve_device
+from fastgpt.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Everything the Trainer needs besides the model, data and loss."""
+
+    out_dir: str = field(default="runs/train", metadata={"flag": "--out", "metavar": "DIR"})
+    """Output folder: the model, metrics.jsonl, loss.png, checkpoint.pt (created)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    epochs: int | None = field(
+        default=None, metadata={"default_note": "unless --max-steps is given"}
+    )
+    """Passes over the training data; given max_steps alone, only that counts, and with both,
+    whichever ends first (neither: 1 epoch)."""
+    batch_size: int = 8
+    """Sequences per micro-batch and rank (GPU)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (each loss scaled by 1/grad_accum)."""
+    lr: float = 4e-4
+    """Peak learning rate of AdamW."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine decay (default lr/10)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (default 5% of the decay steps)."""
+    lr_decay_steps: int | None = None
+    """Step at which the cosine reaches min_lr (default: the last step of this run)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on weight matrices and embeddings only."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this, 0 = off (the norm is still checked)."""
+    eval_every: int = 50
+    """Validate (and sample) every N steps and at the last step; 0 = only at the last."""
+    eval_batches: int | None = 10
+    """Validation batches per evaluation."""
+    log_every: int = 10
+    """Log the training loss, tokens/s and MFU to metrics.jsonl every N steps."""
+    save_every: int = 500
+    """Write checkpoint.pt every N steps (and at the end); 0 = only at the end."""
+    save_checkpoint: bool = field(default=True, metadata={"flag": "--no-checkpoint"})
+    """Write checkpoint.pt at all; it holds the optimizer state too."""
+    seed: int = 123
+    """Seed of the data order, splits, initialization and every RNG at the start."""
+    resume: bool | str = field(
+        default=False, metadata={"nargs": "?", "const": True, "metavar": "CHECKPOINT"}
+    )
+    """Continue from out_dir's checkpoint.pt (or the file given): model, optimizer, step,
+    data position and RNG states; the LR schedule is this run's options (the same ones continue
+    exactly: keep lr, warmup and lr_decay_steps, or max_steps when that is unset)."""
+    num_workers: int = 0
+    """DataLoader worker processes for the training batches."""
+    device: str = "auto"
+    """cuda, cuda:1, cpu, or auto (cuda:LOCAL_RANK when CUDA is available, else cpu)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    progress: bool = True
+    """Show a progress bar."""
+    plot: bool = True
+    """Save loss.png at the end."""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "log_every"):
+            _require(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("max_steps", "epochs", "eval_batches", "lr_decay_steps"):
+            value = getattr(self, name)
+            _require(self, name, value is None or value >= 1, ">= 1 (or None)")
+        for name in ("eval_every", "save_every", "num_workers", "warmup_steps"):
+            value = getattr(self, name)
+            _require(self, name, value is None or value >= 0, ">= 0")
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1
+        _require(self, "lr", 0 < self.lr < math.inf, "> 0 and finite")
+        if self.min_lr is not None:
+            _require(self, "min_lr", 0 <= self.min_lr <= self.lr, f"in [0, lr={self.lr}]")
+        for name in ("weight_decay", "grad_clip", "seed"):
+            _require(self, name, getattr(self, name) >= 0, ">= 0")
+        resolve_device(self.device)  # an unknown or absent device fails before any work
+        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
+            raise ConfigError("out_dir", f"{self.out_dir} is a file, not a folder")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _require(config: TrainConfig, name: str, ok: bool, what: str) -> None:
+    """ConfigError "NAME must be WHAT, got VALUE" unless ok."""
+    if not ok:
+        raise ConfigError(name, f"must be {what}, got {getattr(config, name)}")

@@ -1,0 +1,370 @@
+"""The training loop shared by pretraining, classification and instruction fine-tuning.
+
+    trainer = Trainer(model, train_set, val_set, loss_fn, TrainConfig(out_dir="runs/x"))
+    final_metrics = trainer.fit()
+
+One optimizer step, in order:
+
+    for each of grad_accum micro-batches (DDP gradient sync only on the last one):
+        loss = loss_fn(model, batch)           bf16 autocast on CUDA, fp32 on CPU
+        (loss / grad_accum).backward()         gradients of the mean over the whole step
+    loss averaged over ranks; gradient norm clipped to grad_clip
+    loss or norm not finite -> NonFiniteLossError naming the step, BEFORE optimizer.step()
+    AdamW step (weight decay on matrices and embeddings only); LR schedule step
+
+The loop itself only sequences the components it delegates to: the data order
+(`batches.BatchOrder`), the optimizer and schedule (`optim`), evaluation (`evaluation.Evaluator`),
+metrics and throughput (`metrics`), checkpoints (`checkpoint.Checkpointer`) and torchrun's process
+group (`distributed`). Rank 0 writes into out_dir: metrics.jsonl, checkpoint.pt, loss.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from fastgpt.devices import peak_flops, resolve_device
+from fastgpt.errors import NonFiniteLossError, UsageError
+from fastgpt.train.batches import BatchOrder
+from fastgpt.train.checkpoint import Checkpointer, seed_everything
+from fastgpt.train.config import TrainConfig
+from fastgpt.train.distributed import init_distributed
+from fastgpt.train.evaluation import Evaluator, LossFn, autocast_context
+from fastgpt.train.metrics import PLOT_NAME, Interval, MetricsLog, Throughput, save_loss_plot
+from fastgpt.train.optim import Schedule, make_optimizer
+
+
+def batch_token_count(batch) -> tuple[int, int]:
+    """(input tokens, sequence length) of a batch: its "input_ids", its first element, or
+    itself when it is a tensor."""
+    if isinstance(batch, dict):
+        tensor = batch.get("input_ids", next(iter(batch.values())))
+    elif isinstance(batch, (list, tuple)):
+        tensor = batch[0]
+    else:
+        tensor = batch
+    if not isinstance(tensor, torch.Tensor):
+        return 0, 0
+    return tensor.numel(), tensor.shape[-1] if tensor.dim() else 1
+
+
+class Trainer:
+    """Trains `model` on `train_data` with `loss_fn`; see the module docstring.
+
+    train_data / val_data: map-style datasets (val_data may be None). collate_fn turns a list
+    of items into a batch (default: torch's default_collate). loss_fn(model, batch) -> scalar
+    mean loss. metrics_fn(model, val_loader) -> dict of extra evaluation metrics.
+    sample_fn(model) -> str, a text sample shown and logged at each evaluation. params: the
+    parameters to optimize (default: those with requires_grad; only they get an optimizer
+    state).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: Dataset,
+        val_data: Dataset | None,
+        loss_fn: LossFn,
+        config: TrainConfig,
+        collate_fn: Callable | None = None,
+        metrics_fn: Callable[[nn.Module, Iterable], dict[str, float]] | None = None,
+        sample_fn: Callable[[nn.Module], str] | None = None,
+        params: Iterable[nn.Parameter] | None = None,
+    ):
+        self.config, self.loss_fn = config, loss_fn
+        self.collate_fn = collate_fn or default_collate
+        self.out_dir = Path(config.out_dir)
+        self.dist = init_distributed()
+        self.is_main = self.dist.is_main
+        self.device = resolve_device(config.device, self.dist.local_rank)
+        bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda"
+        )
+        self.amp_dtype = torch.bfloat16 if bf16 else None
+        self.model = model.to(self.device)
+        self.params = list(params) if params is not None else None
+        if self.params is None:
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UsageError("no parameters to train: every parameter has requires_grad=False")
+        self.train_model = self._wrap_for_ranks(self.model)
+
+        world, rank = self.dist.world_size, self.dist.rank
+        self.batches = BatchOrder(
+            train_data, config.batch_size, config.grad_accum, world, rank, config.seed
+        )
+        limits = [config.max_steps] if config.max_steps else []
+        if config.epochs:
+            limits.append(config.epochs * self.batches.steps_per_epoch)
+        self.total_steps = min(limits)
+        fused = self.device.type == "cuda" and all(p.is_cuda for p in self.params)
+        self.optimizer = make_optimizer(
+            self.params, config.lr, config.weight_decay, config.betas, fused=fused
+        )
+        self.schedule = Schedule.of(config, self.total_steps)
+        # A plain function, not the Schedule object: LambdaLR would save an object's fields in
+        # its state dict, and a resumed run would take the checkpoint's schedule, not its own.
+        schedule = self.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: schedule(s))
+
+        self.step = 0  # optimizer steps done
+        self.tokens_seen = 0  # input tokens of all ranks trained on so far
+        self.evaluate = Evaluator(
+            val_data, loss_fn, config.batch_size, self.collate_fn, config.seed,
+            config.eval_batches, self.amp_dtype, metrics_fn, sample_fn,
+        )  # fmt: skip
+        self.metrics = MetricsLog(self.out_dir, enabled=self.is_main)
+        self.checkpointer = Checkpointer(
+            self.out_dir, config.save_checkpoint, config.save_every, self.dist
+        )
+        model_config = getattr(self.model, "config", None)
+        flops = None
+        if model_config is not None and hasattr(model_config, "n_layers"):
+            from fastgpt.model import flops_per_token
+
+            flops = lambda seq_len: flops_per_token(model_config, seq_len)
+        self.throughput = Throughput(peak_flops(self.device), flops, world)
+
+    def _wrap_for_ranks(self, model: nn.Module) -> nn.Module:
+        if self.dist.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.checkpointer.path
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """This run's metric records."""
+        return self.metrics.history
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train until max_steps / epochs; returns the last metrics (step, tokens_seen,
+        train_loss, val_loss and the metrics_fn extras). Raises NonFiniteLossError."""
+        from tqdm.auto import tqdm
+
+        self._start()
+        show = self.config.progress and self.is_main
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not show, dynamic_ncols=True)  # fmt: skip
+        final: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen}
+        since_log, since_eval = Interval(), Interval()
+        steps = self.batches.steps(self.collate_fn, self.config.num_workers,
+                                   pin_memory=self.device.type == "cuda")  # fmt: skip
+        try:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
+                loss, grad_norm, tokens, seq_len = self._train_step(next(steps))
+                elapsed = time.perf_counter() - started
+                self.tokens_seen += tokens
+                for interval in (since_log, since_eval):
+                    interval.add(loss, tokens, elapsed, grad_norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+
+                last = self.step == self.total_steps
+                if self.step % self.config.log_every == 0 or last:
+                    final.update(self._log_train(since_log, seq_len, lr))
+                    since_log = Interval()
+                if (self.config.eval_every and self.step % self.config.eval_every == 0) or last:
+                    final.update(self._log_eval(since_eval, seq_len, bar))
+                    since_eval = Interval()
+                if self.checkpointer.due(self.step, last):
+                    self.save_checkpoint()
+        except BaseException as exc:
+            self.dist.close()  # leave no process group behind on an error
+            if isinstance(exc, KeyboardInterrupt):
+                self._say_where_it_stopped(bar)
+            raise
+        finally:
+            bar.close()
+            self.metrics.close()
+        if self.is_main and self.config.plot:
+            save_loss_plot(self.metrics.path, self.out_dir / PLOT_NAME)
+        final.update(step=self.step, tokens_seen=self.tokens_seen, epoch=self.batches.epoch)
+        if self.dist.created_group:
+            dist.barrier()
+        self.dist.close()
+        return final
+
+    def _start(self) -> None:
+        """Resume from a checkpoint or seed every RNG; open metrics.jsonl; print the plan."""
+        cfg = self.config
+        if cfg.resume:
+            path = self.checkpoint_path if cfg.resume is True else Path(cfg.resume)
+            self.load_state_dict(Checkpointer.read(path), path)
+        else:
+            seed_everything(cfg.seed + self.dist.rank)  # dropout differs between ranks
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.metrics.open(keep_up_to=self.step if cfg.resume else None)
+            print(self._plan())
+
+    def _train_step(self, micro_batches: list[Any]) -> tuple[float, float, int, int]:
+        """Forward/backward over the micro-batches, the finiteness check and the optimizer
+        step. Returns (mean loss over all ranks, gradient norm before clipping, tokens of all
+        ranks, sequence length)."""
+        model = self.train_model
+        model.train()
+        accum = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        tokens, seq_len = 0, 0
+        for k, batch in enumerate(micro_batches):
+            # Under DDP, all-reduce the gradients only once, on the cycle's last backward.
+            sync = k == accum - 1 or self.dist.world_size == 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast_context(self.device, self.amp_dtype):
+                    loss = self.loss_fn(model, batch)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+            n_tokens, seq_len = batch_token_count(batch)
+            tokens += n_tokens
+        mean_loss = loss_sum / accum
+        if self.dist.world_size > 1:
+            dist.all_reduce(mean_loss)  # SUM (gloo has no AVG)
+            mean_loss /= self.dist.world_size
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        loss_value, norm_value = torch.stack([mean_loss, grad_norm.double()]).tolist()  # 1 sync
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self._non_finite_message(loss_value, norm_value))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.batches.advance()
+        return loss_value, norm_value, tokens * self.dist.world_size, seq_len
+
+    # --- reporting -------------------------------------------------------------------------
+
+    def _log_train(self, interval: Interval, seq_len: int, lr: float) -> dict[str, Any]:
+        """A "train" record for the steps of `interval`; returns its loss, tokens/s, MFU."""
+        tokens_per_s, mfu = self.throughput(interval.tokens, interval.time, seq_len)
+        self.metrics.log({
+            "kind": "train", "step": self.step, "epoch": self.batches.epoch,
+            "tokens_seen": self.tokens_seen, "loss": interval.mean_loss, "lr": lr,
+            "grad_norm": interval.norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+        })  # fmt: skip
+        return {"train_loss": interval.mean_loss, "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+    def _log_eval(self, interval: Interval, seq_len: int, bar) -> dict[str, Any]:
+        """Rank 0: evaluate, print a line above the bar, log an "eval" record; returns it
+        without "kind" and "sample". Other ranks return {}."""
+        if not self.is_main:
+            return {}
+        measured = self.evaluate(self.model)
+        record = {"kind": "eval", "step": self.step, "epoch": self.batches.epoch,
+                  "tokens_seen": self.tokens_seen, "train_loss": interval.mean_loss,
+                  **measured}  # fmt: skip
+        line = f"step {self.step}/{self.total_steps}  train loss {interval.mean_loss:.4f}"
+        if record["val_loss"] is not None:
+            line += f"  val loss {record['val_loss']:.4f}"
+        extras = {k: v for k, v in measured.items() if k not in ("val_loss", "sample")}
+        line += "".join(f"  val {k} {v:.4f}" for k, v in extras.items())
+        tokens_per_s, mfu = self.throughput(interval.tokens, interval.time, seq_len)
+        line += f"  {tokens_per_s:,.0f} tok/s" + (f"  MFU {100 * mfu:.1f}%" if mfu else "")
+        bar.write(line)
+        if "sample" in record:
+            bar.write(f"  sample: {record['sample']!r}")
+        self.metrics.log(record)
+        return {k: v for k, v in record.items() if k not in ("kind", "sample")}
+
+    def _plan(self) -> str:
+        cfg = self.config
+        trainable = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for p in self.model.parameters())
+        ranks = f" × {self.dist.world_size} ranks" if self.dist.world_size > 1 else ""
+        precision = "bf16 autocast" if self.amp_dtype is not None else "fp32"
+        resumed = f", resuming at step {self.step}" if self.step else ""
+        return (
+            f"training {trainable:,} of {total:,} parameters on {self.device}{ranks} "
+            f"({precision}): {self.total_steps} steps of {self.batches.examples_per_step} "
+            f"examples ({self.batches.steps_per_epoch} steps per epoch){resumed}; lr "
+            f"{cfg.lr:g}, warmup {self.schedule.warmup_steps}, cosine to step "
+            f"{self.schedule.decay_steps}; output in {self.out_dir}"
+        )
+
+    def _non_finite_message(self, loss: float, norm: float) -> str:
+        saved = self.checkpointer.saved_step
+        where = (
+            f"resume from the checkpoint of step {saved}" if saved is not None else "start again"
+        )
+        return (
+            f"step {self.step + 1}: non-finite training loss {loss} or gradient norm {norm}; "
+            f"stopped before the optimizer step, parameters are unchanged (try a lower --lr or "
+            f"a smaller --grad-clip; {where})"
+        )
+
+    def _say_where_it_stopped(self, bar) -> None:
+        saved = self.checkpointer.saved_step
+        if self.is_main and saved is not None:
+            bar.close()
+            print(
+                f"stopped at step {self.step}; {self.checkpoint_path} holds step {saved}: "
+                "continue with --resume",
+                file=sys.stderr,
+            )
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What checkpoint.pt holds (the Checkpointer adds every rank's RNG states)."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            **self.batches.state_dict(),
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.dist.world_size,
+            "train_config": self.config.to_dict(),
+        }
+        model_config = getattr(self.model, "config", None)
+        if model_config is not None and hasattr(model_config, "to_dict"):
+            state["model_config"] = model_config.to_dict()
+        return state
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path:
+        """Write checkpoint.pt (or `path`) atomically. Under DDP every rank must call it."""
+        return self.checkpointer.save(self.state_dict(), path)
+
+    def load_state_dict(self, state: dict[str, Any], path: Path | str = "checkpoint") -> None:
+        """Continue from a checkpoint's state (`path` names it in errors). The LR schedule is
+        this run's (--lr, --max-steps, --lr-decay-steps, ...) from the first resumed step on;
+        with unchanged options that is exactly the checkpoint's."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:  # shapes, names or parameter groups differ
+            raise UsageError(
+                f"{path} does not match this run's model "
+                f"(resume with the options the run started with: --model, --context-length, "
+                f"--lora-rank, ...): {' '.join(str(exc).split())}"
+            ) from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.config.lr
+            group["lr"] = self.config.lr * self.schedule(self.step)
+        self.tokens_seen = state["tokens_seen"]
+        self.batches.load_state_dict(state)
+        self.checkpointer.restore_rng(state, self.config.seed + 1000 * self.step)

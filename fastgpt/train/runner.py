@@ -1,0 +1,171 @@
+"""The one runner behind `fastgpt pretrain`, `finetune-classify` and `finetune-instruct`.
+
+A training command is a `Task`: its own options (a dataclass), its defaults for the loop's
+options, and what only it knows (data, how the model is adapted, loss, collate, metrics, sample,
+what to save). The runner does the rest, in this order:
+
+    options -> TrainConfig -> task.load_data()        (a bad file fails before any weights)
+      -> the model (--init weights or a fresh --model, seeded) -> task.prepare_model(model)
+      -> Trainer.fit() -> rank 0: task.finish(model, out_dir, final metrics)
+
+Bad input raises `UsageError` (the CLI prints one line, exit status 2); a non-finite loss is
+`NonFiniteLossError` (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from fastgpt.errors import UsageError
+from fastgpt.lora import LoRAOptions
+from fastgpt.options import add_options, explicit_options, options_from_args
+from fastgpt.train.config import TrainConfig
+from fastgpt.train.distributed import is_main_process
+from fastgpt.train.loop import Trainer
+
+
+@dataclass
+class ModelOptions:
+    """Which model a training command starts from."""
+
+    init: str | None = field(default=None, metadata={"metavar": "gpt2|PATH"})
+    """Start from these weights: a GPT-2 name (gpt2, gpt2-medium, ...) or a folder a command
+    wrote (default: a freshly initialized --model)."""
+    model: str | None = field(default=None, metadata={"metavar": "PRESET|config.json"})
+    """Architecture of a fresh model: a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl,
+    tiny) or a config.json (default gpt2-small; ignored with --init)."""
+    dropout: float | None = None
+    """Dropout rate (default: the model's, 0.1 for GPT-2)."""
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    """Kernels: triton (ours), torch (the references), auto (triton on CUDA)."""
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """Report the ValueError / FileNotFoundError of a step the user's input can fail as a
+    UsageError (one line, exit status 2)."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any):
+    """The model to train: --init weights (`GPTModel.from_pretrained`) or a fresh --model (a
+    preset or config.json, default gpt2-small) built after seeding torch with `seed`. `overrides`
+    (e.g. context_length) shape a fresh model only; --dropout applies to both."""
+    import torch
+
+    from fastgpt.config import GPTConfig
+    from fastgpt.model import GPTModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    if options.dropout is not None:
+        overrides["drop_rate"] = options.dropout
+    if options.init:
+        drop = {k: v for k, v in overrides.items() if k == "drop_rate"}
+        return GPTModel.from_pretrained(options.init, backend=options.backend, **drop).train()
+    config = GPTConfig.from_spec(options.model or "gpt2-small", **overrides)
+    return GPTModel(config, backend=options.backend)
+
+
+class Task:
+    """A training command; subclasses set the class attributes and override the hooks."""
+
+    name: ClassVar[str]
+    """The command, e.g. "pretrain"."""
+    Options: ClassVar[type]
+    """The dataclass of the command's own options."""
+    defaults: ClassVar[dict[str, Any]] = {}
+    """The command's defaults for TrainConfig fields, e.g. {"lr": 5e-5, "epochs": 5}."""
+    uses_lora: ClassVar[bool] = False
+    """Whether --lora-rank and friends apply."""
+
+    def __init__(self, options, config: TrainConfig, model_options: ModelOptions, lora=None):
+        self.options, self.config = options, config
+        self.model_options, self.lora = model_options, lora
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.collate_fn: Callable | None = None
+        self.metrics_fn: Callable[[nn.Module, Iterable], dict[str, float]] | None = None
+        self.sample_fn: Callable[[nn.Module], str] | None = None
+
+    def load_data(self) -> None:
+        """Read and validate the data, set train_set / val_set; print what was read."""
+        raise NotImplementedError
+
+    def model_overrides(self) -> dict[str, Any]:
+        """Config fields a fresh model gets from this task's options (e.g. context_length)."""
+        return {}
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Check the model against the data, adapt it (a new head, LoRA adapters from
+        `self.lora`, frozen layers), set the collate/metrics/sample functions."""
+
+    def loss(self, model: nn.Module, batch) -> Any:
+        raise NotImplementedError
+
+    def finish(self, model: nn.Module, out_dir: Path, final: dict[str, Any]) -> None:
+        """Rank 0, after training: evaluate and save into out_dir."""
+        raise NotImplementedError
+
+
+def add_task_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> None:
+    """Every option of a training command: the model, the task's own, the loop's, LoRA's."""
+    add_options(parser, ModelOptions, "model")
+    add_options(parser, task.Options, task.name.replace("-", " "))
+    add_options(
+        parser, TrainConfig, "training", defaults={"out_dir": f"runs/{task.name}", **task.defaults}
+    )
+    if task.uses_lora:
+        add_options(parser, LoRAOptions, "LoRA (train low-rank adapters instead of the weights)")
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from the options; --max-steps given alone sets the run's length (the
+    command's default epochs then do not count)."""
+    given = explicit_options(args)
+    if "max_steps" in given and "epochs" not in given:
+        return options_from_args(TrainConfig, args, epochs=None)
+    return options_from_args(TrainConfig, args)
+
+
+def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
+    """Run a training command from its parsed options (see the module docstring)."""
+    main = is_main_process()
+    with usage_errors():
+        lora = options_from_args(LoRAOptions, args) if task_cls.uses_lora else None
+        task = task_cls(
+            options_from_args(task_cls.Options, args),
+            train_config_from_args(args),
+            options_from_args(ModelOptions, args),
+            lora,
+        )
+        task.load_data()  # a bad file fails before any weights are built, loaded or downloaded
+    with usage_errors():
+        model = build_model(task.model_options, task.config.seed, **task.model_overrides())
+        task.prepare_model(model)
+    if main and task.uses_lora:
+        from fastgpt.lora import describe_parameters
+
+        print(describe_parameters(model))
+    with usage_errors():
+        trainer = Trainer(
+            model, task.train_set, task.val_set, task.loss, task.config,
+            collate_fn=task.collate_fn, metrics_fn=task.metrics_fn, sample_fn=task.sample_fn,
+        )  # fmt: skip
+        final = trainer.fit()
+    if main:  # rank 0 alone evaluates and writes; the process group is gone by now
+        task.finish(model, Path(task.config.out_dir), final)
+    return 0
