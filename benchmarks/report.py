@@ -283,9 +283,10 @@ def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
     )
     if env.get("spec_sheet_reference"):
         spec = env["spec_sheet_reference"]
+        bandwidth = f", {spec['hbm_gbps']} GB/s" if spec.get("hbm_gbps") else ""
         out.append(
             f"Spec-sheet reference ({spec['board']}, not used in any ratio): "
-            f"{spec['bf16_tflops']} bf16 TFLOP/s dense, {spec['hbm_gbps']} GB/s."
+            f"{spec['bf16_tflops']} bf16 TFLOP/s dense{bandwidth}."
         )
     out += [
         "",

@@ -165,20 +165,16 @@ def read_labeled_table(
     )
 
 
-def read_labeled_texts(
-    path: str | Path,
-    text_column: str = "text",
-    label_column: str = "label",
-    label_names: Sequence[str] | None = None,
-) -> LabeledTexts:
-    """A .csv/.tsv table with a header (see `read_labeled_table`), else the raw UCI spam
-    format (see `read_spam_collection`)."""
+def read_labeled_texts(path: str | Path, **table_columns: Any) -> LabeledTexts:
+    """A .csv/.tsv table with a header (`read_labeled_table`, which takes the keyword arguments
+    text_column, label_column and label_names), else the raw UCI spam format
+    (`read_spam_collection`; label_names default ham, spam)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix.lower() in TABLE_SUFFIXES:
-        return read_labeled_table(path, text_column, label_column, label_names)
-    return read_spam_collection(path, label_names or SPAM_LABELS)
+        return read_labeled_table(path, **table_columns)
+    return read_spam_collection(path, table_columns.get("label_names") or SPAM_LABELS)
 
 
 # --- balancing and splitting -------------------------------------------------------------

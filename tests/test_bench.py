@@ -69,7 +69,8 @@ def test_slug_and_spec_sheet():
     assert harness.slugify("  ??  ") == "unknown"
     assert harness.spec_sheet("NVIDIA H100 80GB HBM3")["board"] == "H100 SXM"
     assert harness.spec_sheet("NVIDIA H100 PCIe")["board"] == "H100 PCIe"
-    assert harness.spec_sheet("NVIDIA GeForce RTX 4090") is None
+    assert harness.spec_sheet("NVIDIA GeForce RTX 4090")["hbm_gbps"] is None  # bf16 peak only
+    assert harness.spec_sheet("Some Future GPU") is None
     assert harness.results_slug("cpu").startswith("cpu-")
 
 

@@ -531,7 +531,10 @@ class _Options:  # a task's own options: none
 
 
 def _task(name: str, **defaults) -> type[Task]:
-    return type("T", (Task,), {"name": name, "Options": _Options, "defaults": defaults})
+    class T(Task, name=name, options=_Options, defaults=defaults):
+        pass
+
+    return T
 
 
 def parse(*argv, task=None) -> argparse.Namespace:

@@ -21,9 +21,11 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
+from fastgpt.train.distributed import is_main_process
 from fastgpt.train.runner import Task, add_task_arguments, run_task
 
 
@@ -61,12 +63,12 @@ class ClassifyOptions:
         return [s.strip() for s in self.labels.split(",")] if self.labels else None
 
 
-class ClassifyTask(Task):
-    name = "finetune-classify"
-    Options = ClassifyOptions
-    # The book's chapter 6 settings (5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1).
-    defaults: ClassVar[dict[str, Any]] = {"epochs": 5, "lr": 5e-5}
-    uses_lora = True
+# The book's chapter 6 settings: 5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1.
+class ClassifyTask(
+    Task, name="finetune-classify", options=ClassifyOptions, defaults={"epochs": 5, "lr": 5e-5},
+    uses_lora=True,
+):  # fmt: skip
+    """The book's chapter 6: a classifier head on GPT-2, trained on labelled texts."""
 
     def load_data(self) -> None:
         """Read, validate, balance and split the data (touches no weights, writes nothing)."""
@@ -75,12 +77,15 @@ class ClassifyTask(Task):
             read_labeled_texts,
             split_train_val_test,
         )
-        from fastgpt.download import data_file
-        from fastgpt.train.distributed import is_main_process
 
         opts, seed = self.options, self.config.seed
         path = data_file(opts.data, "SMSSpamCollection")
-        data = read_labeled_texts(path, opts.text_column, opts.label_column, opts.label_names)
+        data = read_labeled_texts(
+            path,
+            text_column=opts.text_column,
+            label_column=opts.label_column,
+            label_names=opts.label_names,
+        )
         if not opts.no_balance:
             data = balance_by_undersampling(data, seed=seed)
         splits = split_train_val_test(data, (0.7, 0.1, 0.2), seed=seed)
@@ -107,7 +112,6 @@ class ClassifyTask(Task):
             set_trainable,
         )
         from fastgpt.tokenizer import get_tokenizer
-        from fastgpt.train.distributed import is_main_process
 
         opts, init = self.options, self.model_options.init
         parse_trainable(opts.trainable, len(model.trf_blocks))

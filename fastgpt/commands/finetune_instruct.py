@@ -21,9 +21,11 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
+from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
+from fastgpt.train.distributed import is_main_process
 from fastgpt.train.runner import Task, add_task_arguments, run_task
 
 RESPONSES_FILE = "test_responses.json"
@@ -55,20 +57,18 @@ class InstructOptions:
             raise ConfigError("num_responses", f"must be >= 0, got {self.num_responses}")
 
 
-class InstructTask(Task):
-    name = "finetune-instruct"
-    Options = InstructOptions
-    # The book's chapter 7 settings (2 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1).
-    defaults: ClassVar[dict[str, Any]] = {"epochs": 2, "lr": 5e-5}
-    uses_lora = True
+# The book's chapter 7 settings: 2 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1.
+class InstructTask(
+    Task, name="finetune-instruct", options=InstructOptions, defaults={"epochs": 2, "lr": 5e-5},
+    uses_lora=True,
+):  # fmt: skip
+    """The book's chapter 7: GPT-2 fine-tuned on instruction/response records."""
 
     def load_data(self) -> None:
         """Read, validate and split the records; with --max-length, records that cannot fit
         are found here, before any weights are loaded."""
-        from fastgpt.download import data_file
         from fastgpt.instruction import load_instruction_data, split_instruction_data
         from fastgpt.tokenizer import get_tokenizer
-        from fastgpt.train.distributed import is_main_process
 
         path = data_file(self.options.data, "instruction-data.json")
         self.train, self.test, self.val = split_instruction_data(load_instruction_data(path))
@@ -86,7 +86,6 @@ class InstructTask(Task):
 
     def _dataset(self, records, split: str, max_length: int | None):
         from fastgpt.instruction import InstructionDataset
-        from fastgpt.train.distributed import is_main_process
 
         # Records dropped for their length: a plain line from rank 0, not a Python warning.
         with warnings.catch_warnings(record=True) as caught:

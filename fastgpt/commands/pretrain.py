@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from fastgpt.errors import ConfigError, UsageError
+from fastgpt.train.distributed import is_main_process
 from fastgpt.train.runner import Task, add_task_arguments, run_task
 
 
@@ -59,16 +60,12 @@ class PretrainOptions:
             raise ConfigError("sample_tokens", f"must be >= 0, got {self.sample_tokens}")
 
 
-class PretrainTask(Task):
-    name = "pretrain"
-    Options = PretrainOptions
-    defaults: ClassVar[dict[str, Any]] = {
-        "epochs": 1
-    }  # the book's chapter 5: AdamW, lr 4e-4, weight decay 0.1, batch 8
+# The book's chapter 5 settings: AdamW, lr 4e-4, weight decay 0.1, batch 8, 1 epoch.
+class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"epochs": 1}):
+    """The book's chapter 5: next-token prediction on plain text."""
 
     def load_data(self) -> None:
         from fastgpt.text_data import load_text_datasets
-        from fastgpt.train.distributed import is_main_process
 
         opts, main = self.options, is_main_process()
         self.train_set, self.val_set = load_text_datasets(

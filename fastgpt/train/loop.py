@@ -58,6 +58,20 @@ def batch_token_count(batch) -> tuple[int, int]:
     return tensor.numel(), tensor.shape[-1] if tensor.dim() else 1
 
 
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _flops_of(model: nn.Module) -> Callable[[int], float] | None:
+    """Training FLOPs per token as a function of the sequence length, for a GPTModel."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "n_layers"):
+        return None
+    from fastgpt.model import flops_per_token
+
+    return lambda seq_len: flops_per_token(config, seq_len)
+
+
 class Trainer:
     """Trains `model` on `train_data` with `loss_fn`; see the module docstring.
 
@@ -92,9 +106,7 @@ class Trainer:
         )
         self.amp_dtype = torch.bfloat16 if bf16 else None
         self.model = model.to(self.device)
-        self.params = list(params) if params is not None else None
-        if self.params is None:
-            self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = list(params if params is not None else trainable_parameters(self.model))
         if not self.params:
             raise UsageError("no parameters to train: every parameter has requires_grad=False")
         self.train_model = self._wrap_for_ranks(self.model)
@@ -127,13 +139,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.out_dir, config.save_checkpoint, config.save_every, self.dist
         )
-        model_config = getattr(self.model, "config", None)
-        flops = None
-        if model_config is not None and hasattr(model_config, "n_layers"):
-            from fastgpt.model import flops_per_token
-
-            flops = lambda seq_len: flops_per_token(model_config, seq_len)
-        self.throughput = Throughput(peak_flops(self.device), flops, world)
+        self.throughput = Throughput(peak_flops(self.device), _flops_of(self.model), world)
 
     def _wrap_for_ranks(self, model: nn.Module) -> nn.Module:
         if self.dist.world_size == 1:

@@ -81,16 +81,28 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
 
 
 class Task:
-    """A training command; subclasses set the class attributes and override the hooks."""
+    """A training command. A subclass declares itself in its class line and overrides the
+    hooks below:
+
+        class InstructTask(Task, name="finetune-instruct", options=InstructOptions,
+                           defaults={"epochs": 2, "lr": 5e-5}, uses_lora=True): ...
+
+    name: the command; options: the dataclass of its own options; defaults: its defaults for
+    TrainConfig fields; uses_lora: whether --lora-rank and friends apply.
+    """
 
     name: ClassVar[str]
-    """The command, e.g. "pretrain"."""
     Options: ClassVar[type]
-    """The dataclass of the command's own options."""
-    defaults: ClassVar[dict[str, Any]] = {}
-    """The command's defaults for TrainConfig fields, e.g. {"lr": 5e-5, "epochs": 5}."""
-    uses_lora: ClassVar[bool] = False
-    """Whether --lora-rank and friends apply."""
+    defaults: ClassVar[dict[str, Any]]
+    uses_lora: ClassVar[bool]
+
+    def __init_subclass__(
+        cls, name: str, options: type, defaults: dict[str, Any] | None = None,
+        uses_lora: bool = False, **kwargs: Any,
+    ):  # fmt: skip
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.Options, cls.uses_lora = name, options, uses_lora
+        cls.defaults = dict(defaults or {})
 
     def __init__(self, options, config: TrainConfig, model_options: ModelOptions, lora=None):
         self.options, self.config = options, config
