@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import re
 import textwrap
 import types
 import typing
@@ -70,6 +71,18 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _docs_with_flags(cls: type) -> dict[str, str]:
+    """field_docs with every other field named in them (one with an underscore, so that prose
+    is never mistaken for a name) shown as its flag: "max_steps" -> "--max-steps"."""
+    flags = {f.name: _flag(f) for f in dataclasses.fields(cls) if "_" in f.name}
+    if not flags:
+        return dict(field_docs(cls))
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, flags)) + r")\b")
+    return {
+        name: pattern.sub(lambda m: flags[m.group(1)], doc) for name, doc in field_docs(cls).items()
+    }
+
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(the type without None, whether None is allowed) of a field annotation."""
     origin = typing.get_origin(annotation)
@@ -99,7 +112,7 @@ def add_options(
     """Add an option for every field of dataclass `cls` (in a group called `title`), with the
     field's docstring as help and `defaults` replacing the dataclass's defaults."""
     hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
+    docs = _docs_with_flags(cls)
     defaults = defaults or {}
     group = parser.add_argument_group(title) if title else parser
     for field in dataclasses.fields(cls):
@@ -116,8 +129,9 @@ def add_options(
         kwargs: dict[str, Any] = {"dest": field.name, "default": _Default(default)}
         flag = _flag(field)
         if kind is bool and "nargs" not in field.metadata:
-            if default:
+            if default:  # the flag turns it off: "Show a bar." -> "Don't show a bar."
                 flag = field.metadata.get("flag", "--no-" + field.name.replace("_", "-"))
+                help_text = "Don't " + help_text[:1].lower() + help_text[1:]
             kwargs["action"] = "store_false" if default else "store_true"
         else:
             if typing.get_origin(kind) is Literal:
