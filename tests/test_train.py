@@ -293,7 +293,8 @@ def test_ctrl_c_says_which_step_the_checkpoint_holds(tmp_path, capsys):
 def test_resume_from_a_torn_or_foreign_checkpoint_names_the_file(tmp_path):
     data = random_windows()
     Trainer(tiny_model(), data, None, next_token_loss,
-            config(tmp_path, max_steps=1, save_checkpoint=True)).fit()  # fmt: skip
+            config(tmp_path, max_steps=1, save_checkpoint=True),
+            run_info={"task": "pretrain"}).fit()  # fmt: skip
     good = tmp_path / "run" / CHECKPOINT_NAME
     torn = tmp_path / "torn.pt"
     torn.write_bytes(good.read_bytes()[:1000])
@@ -303,11 +304,26 @@ def test_resume_from_a_torn_or_foreign_checkpoint_names_the_file(tmp_path):
         cfg = config(tmp_path, max_steps=2, resume=str(path))
         with pytest.raises(ValueError, match=rf"{path.name}: {message} as a training checkpoint"):
             Trainer(tiny_model(), data, None, next_token_loss, cfg).fit()
-    # Another architecture (a longer context): a clear error, not torch's traceback.
+    # Another architecture (a longer context): one short message naming what differs.
     other = GPTModel(GPTConfig.from_name("tiny", vocab_size=VOCAB, context_length=32))
     cfg = config(tmp_path, max_steps=2, resume=str(good))
-    with pytest.raises(ValueError, match=r"checkpoint.pt does not match .*pos_emb"):
+    with pytest.raises(
+        ValueError, match=r"checkpoint.pt is of another run: context_length 16 vs 32"
+    ):
         Trainer(other, data, None, next_token_loss, cfg).fit()
+    # The same config but other tensors (LoRA adapters): still one short line, not every key.
+    from fastgpt.lora import apply_lora
+
+    adapted = tiny_model()
+    apply_lora(adapted, rank=2, alpha=4)
+    with pytest.raises(ValueError, match=r"checkpoint.pt does not match .*lora") as info:
+        Trainer(adapted, data, None, next_token_loss, cfg).fit()
+    assert len(str(info.value).replace(str(good), "")) < 300
+    # Another task or data: named too.
+    cfg = config(tmp_path, max_steps=2, resume=str(good))
+    with pytest.raises(ValueError, match=r"task pretrain vs finetune-classify"):
+        Trainer(tiny_model(), data, None, next_token_loss, cfg,
+                run_info={"task": "finetune-classify"}).fit()  # fmt: skip
 
 
 # --- the non-finite guard ----------------------------------------------------------------

@@ -65,9 +65,16 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
     """The book's chapter 5: next-token prediction on plain text."""
 
     def load_data(self) -> None:
+        from fastgpt.config import GPTConfig
         from fastgpt.text_data import load_text_datasets
 
         opts, main = self.options, is_main_process()
+        spec = self.model_options.model
+        user_config = spec is not None and Path(spec).expanduser().exists()  # not a preset
+        if "context_length" not in self.explicit and user_config and not self.model_options.init:
+            # A context length the user wrote in a config.json stands unless the flag is given.
+            context = GPTConfig.from_spec(spec).context_length
+            opts.context_length = context
         self.train_set, self.val_set = load_text_datasets(
             opts.data,
             opts.context_length,

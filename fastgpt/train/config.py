@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,6 +61,9 @@ class TrainConfig:
     """Write checkpoint.pt at all; it holds the optimizer state too."""
     seed: int = 123
     """Seed of the data order, splits, initialization and every RNG at the start."""
+    overwrite: bool = False
+    """Replace the run out_dir holds: its files stay as they are until this run has written
+    their replacements (a run that fails or is stopped leaves them untouched)."""
     resume: bool | str = field(
         default=False, metadata={"nargs": "?", "const": True, "metavar": "CHECKPOINT"}
     )
@@ -93,12 +98,54 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "seed"):
             _require(self, name, getattr(self, name) >= 0, ">= 0")
         resolve_device(self.device)  # an unknown or absent device fails before any work
-        if Path(self.out_dir).exists() and not Path(self.out_dir).is_dir():
-            raise ConfigError("out_dir", f"{self.out_dir} is a file, not a folder")
+        check_writable_folder(Path(self.out_dir))
+        if self.overwrite and self.resume:
+            raise ConfigError("overwrite", "and {resume} exclude each other: continue or replace")
         self.betas = tuple(self.betas)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# What a training command leaves in its output folder (see the README's table).
+RUN_FILES = (
+    "checkpoint.pt", "metrics.jsonl", "loss.png", "model.safetensors", "config.json",
+    "lora.safetensors", "lora.json", "adapter_model.safetensors", "adapter_config.json",
+    "labels.json", "classifier.json", "metrics.json", "test_responses.json",
+)  # fmt: skip
+
+
+def check_writable_folder(path: Path) -> None:
+    """ConfigError naming `path` unless it is, or can be made, a folder this process can
+    write in (checked without creating anything)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError("out_dir", f"{path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError("out_dir", f"{path}: {existing} is a file, not a folder")
+    try:  # a probe folder, removed at once: the only sure test (read-only mounts, /proc, ...)
+        os.rmdir(tempfile.mkdtemp(prefix=".fastgpt-probe-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(
+            "out_dir", f"{path}: cannot write in {existing} ({exc.strerror})"
+        ) from None
+
+
+def check_out_dir_is_free(config: TrainConfig) -> None:
+    """ConfigError when out_dir holds another run's files and this run neither resumes nor
+    overwrites it: nothing a user already has is replaced without being asked."""
+    if config.resume or config.overwrite:
+        return
+    out = Path(config.out_dir)
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if held:
+        raise ConfigError(
+            "out_dir",
+            f"{out} holds another run ({', '.join(held)}): continue it with {{resume}}, replace "
+            "it with {overwrite}, or choose another {out_dir}",
+        )
 
 
 def _require(config: TrainConfig, name: str, ok: bool, what: str) -> None:

@@ -37,10 +37,17 @@ from fastgpt.devices import peak_flops, resolve_device
 from fastgpt.errors import NonFiniteLossError, UsageError
 from fastgpt.train.batches import BatchOrder
 from fastgpt.train.checkpoint import Checkpointer, seed_everything
-from fastgpt.train.config import TrainConfig
+from fastgpt.train.config import TrainConfig, check_out_dir_is_free
 from fastgpt.train.distributed import init_distributed
 from fastgpt.train.evaluation import Evaluator, LossFn, autocast_context
-from fastgpt.train.metrics import PLOT_NAME, Interval, MetricsLog, Throughput, save_loss_plot
+from fastgpt.train.metrics import (
+    PLOT_NAME,
+    DivergenceWatch,
+    Interval,
+    MetricsLog,
+    Throughput,
+    save_loss_plot,
+)
 from fastgpt.train.optim import Schedule, make_optimizer
 
 
@@ -80,7 +87,8 @@ class Trainer:
     mean loss. metrics_fn(model, val_loader) -> dict of extra evaluation metrics.
     sample_fn(model) -> str, a text sample shown and logged at each evaluation. params: the
     parameters to optimize (default: those with requires_grad; only they get an optimizer
-    state).
+    state). run_info: what defines the run besides the model (e.g. {"task": "pretrain", "data":
+    "corpus/"}), stored in checkpoints; --resume refuses a checkpoint of another run.
     """
 
     def __init__(
@@ -94,8 +102,10 @@ class Trainer:
         metrics_fn: Callable[[nn.Module, Iterable], dict[str, float]] | None = None,
         sample_fn: Callable[[nn.Module], str] | None = None,
         params: Iterable[nn.Parameter] | None = None,
+        run_info: dict[str, Any] | None = None,
     ):
         self.config, self.loss_fn = config, loss_fn
+        self.run_info = {**(run_info or {}), "training examples": len(train_data)}
         self.collate_fn = collate_fn or default_collate
         self.out_dir = Path(config.out_dir)
         self.dist = init_distributed()
@@ -140,6 +150,7 @@ class Trainer:
             self.out_dir, config.save_checkpoint, config.save_every, self.dist
         )
         self.throughput = Throughput(peak_flops(self.device), _flops_of(self.model), world)
+        self.divergence = DivergenceWatch(self.schedule.warmup_steps)
 
     def _wrap_for_ranks(self, model: nn.Module) -> nn.Module:
         if self.dist.world_size == 1:
@@ -169,8 +180,8 @@ class Trainer:
         show = self.config.progress and self.is_main
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not show, dynamic_ncols=True)  # fmt: skip
-        final: dict[str, Any] = {"step": self.step, "tokens_seen": self.tokens_seen}
-        since_log, since_eval = Interval(), Interval()
+        self._final = {"step": self.step, "tokens_seen": self.tokens_seen}
+        self._since_log, self._since_eval = Interval(), Interval()
         steps = self.batches.steps(self.collate_fn, self.config.num_workers,
                                    pin_memory=self.device.type == "cuda")  # fmt: skip
         try:
@@ -179,43 +190,56 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
                 loss, grad_norm, tokens, seq_len = self._train_step(next(steps))
                 elapsed = time.perf_counter() - started
-                self.tokens_seen += tokens
-                for interval in (since_log, since_eval):
-                    interval.add(loss, tokens, elapsed, grad_norm)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-
-                last = self.step == self.total_steps
-                if self.step % self.config.log_every == 0 or last:
-                    final.update(self._log_train(since_log, seq_len, lr))
-                    since_log = Interval()
-                if (self.config.eval_every and self.step % self.config.eval_every == 0) or last:
-                    final.update(self._log_eval(since_eval, seq_len, bar))
-                    since_eval = Interval()
-                if self.checkpointer.due(self.step, last):
-                    self.save_checkpoint()
+                self._after_step(loss, grad_norm, tokens, seq_len, lr, elapsed, bar)
         except BaseException as exc:
+            self.metrics.close(completed=False)  # an earlier run's metrics stay as they were
             self.dist.close()  # leave no process group behind on an error
             if isinstance(exc, KeyboardInterrupt):
                 self._say_where_it_stopped(bar)
             raise
         finally:
             bar.close()
-            self.metrics.close()
+        self.metrics.close()
         if self.is_main and self.config.plot:
             save_loss_plot(self.metrics.path, self.out_dir / PLOT_NAME)
-        final.update(step=self.step, tokens_seen=self.tokens_seen, epoch=self.batches.epoch)
+        final = {**self._final, "step": self.step, "tokens_seen": self.tokens_seen,
+                 "epoch": self.batches.epoch}  # fmt: skip
         if self.dist.created_group:
             dist.barrier()
         self.dist.close()
         return final
 
+    def _after_step(self, loss, grad_norm, tokens, seq_len, lr, elapsed, bar) -> None:
+        """Count the step, and log, evaluate, warn and checkpoint when they are due."""
+        self.tokens_seen += tokens
+        for interval in (self._since_log, self._since_eval):
+            interval.add(loss, tokens, elapsed, grad_norm)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
+        self.divergence.check(self.step, loss, self.metrics, bar)
+        last = self.step == self.total_steps
+        if self.step % self.config.log_every == 0 or last:
+            self._final.update(self._log_train(self._since_log, seq_len, lr))
+            self._since_log = Interval()
+        if (self.config.eval_every and self.step % self.config.eval_every == 0) or last:
+            self._final.update(self._log_eval(self._since_eval, seq_len, bar))
+            self._since_eval = Interval()
+        if self.checkpointer.due(self.step, last):
+            self.save_checkpoint()
+
     def _start(self) -> None:
-        """Resume from a checkpoint or seed every RNG; open metrics.jsonl; print the plan."""
+        """Refuse to overwrite another run unasked; resume from a checkpoint or seed every
+        RNG; open metrics.jsonl; print the plan."""
         cfg = self.config
+        check_out_dir_is_free(cfg)
         if cfg.resume:
             path = self.checkpoint_path if cfg.resume is True else Path(cfg.resume)
             self.load_state_dict(Checkpointer.read(path), path)
+            if self.step >= self.total_steps:
+                raise UsageError(
+                    f"{path} holds step {self.step}, and this run ends at step "
+                    f"{self.total_steps}: give a larger --max-steps (or --epochs) to continue"
+                )
         else:
             seed_everything(cfg.seed + self.dist.rank)  # dropout differs between ranks
         if self.is_main:
@@ -342,28 +366,55 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "world_size": self.dist.world_size,
             "train_config": self.config.to_dict(),
+            "run": self.run_info,
         }
         model_config = getattr(self.model, "config", None)
         if model_config is not None and hasattr(model_config, "to_dict"):
             state["model_config"] = model_config.to_dict()
         return state
 
+    def _differences(self, state: dict[str, Any]) -> list[str]:
+        """What differs between a checkpoint's run and this one: "task pretrain vs
+        finetune-classify", "emb_dim 64 vs 32", ... ([] when nothing is recorded)."""
+        ours: dict[str, Any] = dict(self.run_info)
+        theirs: dict[str, Any] = dict(state.get("run") or {})
+        model_config = getattr(self.model, "config", None)
+        if "model_config" in state and hasattr(model_config, "to_dict"):
+            ours.update(model_config.to_dict())
+            theirs.update(state["model_config"])
+        return [
+            f"{key} {theirs[key]} vs {ours[key]}"
+            for key in ours
+            if key in theirs and theirs[key] != ours[key] and key != "drop_rate"
+        ]
+
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write checkpoint.pt (or `path`) atomically. Under DDP every rank must call it."""
-        return self.checkpointer.save(self.state_dict(), path)
+        """Write checkpoint.pt (or `path`) atomically, and put this run's metrics.jsonl in
+        place of an earlier run's. Under DDP every rank must call it."""
+        saved = self.checkpointer.save(self.state_dict(), path)
+        self.metrics.commit()
+        return saved
 
     def load_state_dict(self, state: dict[str, Any], path: Path | str = "checkpoint") -> None:
         """Continue from a checkpoint's state (`path` names it in errors). The LR schedule is
         this run's (--lr, --max-steps, --lr-decay-steps, ...) from the first resumed step on;
         with unchanged options that is exactly the checkpoint's."""
+        differences = self._differences(state)
+        if differences:
+            raise UsageError(
+                f"{path} is of another run: {'; '.join(differences)} (checkpoint vs this run); "
+                "resume with the options that run started with"
+            )
+        mismatch = _tensor_mismatch(state["model"], self.model.state_dict())
         try:
+            if mismatch:
+                raise ValueError(mismatch)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as exc:  # shapes, names or parameter groups differ
+        except (RuntimeError, ValueError) as exc:  # names, shapes or parameter groups differ
             raise UsageError(
-                f"{path} does not match this run's model "
-                f"(resume with the options the run started with: --model, --context-length, "
-                f"--lora-rank, ...): {' '.join(str(exc).split())}"
+                f"{path} does not match this run's model (resume with the options the run "
+                f"started with: --model, --context-length, --lora-rank, ...): {exc}"
             ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
@@ -374,3 +425,20 @@ class Trainer:
         self.tokens_seen = state["tokens_seen"]
         self.batches.load_state_dict(state)
         self.checkpointer.restore_rng(state, self.config.seed + 1000 * self.step)
+
+
+def _tensor_mismatch(saved: dict[str, Any], ours: dict[str, Any]) -> str:
+    """One short line on how two state dicts differ ("" when names and shapes agree)."""
+    missing = [k for k in ours if k not in saved]
+    unexpected = [k for k in saved if k not in ours]
+    misshaped = [k for k in ours if k in saved and saved[k].shape != ours[k].shape]
+    parts = [
+        f"{len(keys)} {what} (e.g. {keys[0]})"
+        for keys, what in (
+            (missing, "missing"),
+            (unexpected, "unexpected"),
+            (misshaped, "mis-shaped"),
+        )
+        if keys
+    ]
+    return ", ".join(parts) + " tensors" if parts else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +36,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 class MetricsLog:
     """metrics.jsonl of one run, written by rank 0 only (`enabled`); `history` keeps this
-    run's records on every rank."""
+    run's records on every rank.
+
+    A metrics.jsonl of an earlier run (resumed or overwritten) is never truncated before this
+    run has something to put in its place: the new file grows beside it as
+    metrics.jsonl.partial and replaces it at `commit()` (the trainer commits with every
+    checkpoint and at the end); a run that fails first leaves it byte-identical."""
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.path = Path(out_dir) / METRICS_NAME
+        self.partial = self.path.with_name(METRICS_NAME + ".partial")
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
         self._file = None
+        self._pending = False  # writing to the partial file
 
     def open(self, keep_up_to: int | None) -> None:
         """Start the file; when resuming, keep the records up to step `keep_up_to` (those
@@ -51,10 +59,12 @@ class MetricsLog:
         kept = []
         if keep_up_to is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_up_to]
-        with open(self.path, "w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        self._pending = self.path.exists()
+        target = self.partial if self._pending else self.path
+        self._file = open(target, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        for record in kept:
+            self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -62,10 +72,25 @@ class MetricsLog:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+    def commit(self) -> None:
+        """Put this run's file in the place of the earlier one (it is written to from then on
+        as it is: the open file moves with the rename)."""
+        if self._pending and self._file is not None:
+            os.replace(self.partial, self.path)
+            self._pending = False
+
+    def close(self, completed: bool = True) -> None:
+        """Close the file; a run that did not complete drops its partial file (the earlier
+        run's metrics.jsonl stays as it was)."""
+        if self._file is None:
+            return
+        if completed:
+            self.commit()
+        self._file.close()
+        self._file = None
+        if self._pending:
+            self.partial.unlink(missing_ok=True)
+            self._pending = False
 
 
 @dataclass
@@ -101,6 +126,34 @@ class Interval:
     @property
     def mean_loss(self) -> float:
         return self.loss / max(1, self.steps)
+
+
+class DivergenceWatch:
+    """Warns once (stderr and a "warning" record in metrics.jsonl) when, after warmup, the
+    training loss has grown far above where it started: a learning rate too high for the model
+    trains on silently otherwise, to a validation loss of 1e18."""
+
+    FACTOR = 2.0  # "far above": twice the first step's loss
+
+    def __init__(self, warmup_steps: int):
+        self.warmup_steps = warmup_steps
+        self.first_loss: float | None = None
+        self.warned = False
+
+    def check(self, step: int, loss: float, metrics: MetricsLog, bar) -> None:
+        if self.first_loss is None:
+            self.first_loss = loss
+            return
+        if self.warned or step <= self.warmup_steps or loss <= self.FACTOR * self.first_loss:
+            return
+        self.warned = True
+        message = (
+            f"step {step}: the training loss {loss:.4g} is over {self.FACTOR:g}x its first "
+            f"value {self.first_loss:.4g}: the run is diverging (try a lower --lr)"
+        )
+        metrics.log({"kind": "warning", "step": step, "message": message})
+        if metrics.enabled:
+            bar.write(f"warning: {message}", file=sys.stderr)
 
 
 def save_loss_plot(metrics_path: Path, path: Path) -> Path | None:

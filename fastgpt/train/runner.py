@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from fastgpt.errors import UsageError
 from fastgpt.lora import LoRAOptions
 from fastgpt.options import add_options, explicit_options, options_from_args
-from fastgpt.train.config import TrainConfig
+from fastgpt.train.config import TrainConfig, check_out_dir_is_free
 from fastgpt.train.distributed import is_main_process
 from fastgpt.train.loop import Trainer
 
@@ -104,9 +104,17 @@ class Task:
         cls.name, cls.Options, cls.uses_lora = name, options, uses_lora
         cls.defaults = dict(defaults or {})
 
-    def __init__(self, options, config: TrainConfig, model_options: ModelOptions, lora=None):
+    def __init__(
+        self,
+        options,
+        config: TrainConfig,
+        model_options: ModelOptions,
+        lora=None,
+        explicit: frozenset[str] = frozenset(),
+    ):
         self.options, self.config = options, config
         self.model_options, self.lora = model_options, lora
+        self.explicit = explicit  # the options given on the command line
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.collate_fn: Callable | None = None
@@ -124,6 +132,11 @@ class Task:
     def prepare_model(self, model: nn.Module) -> None:
         """Check the model against the data, adapt it (a new head, LoRA adapters from
         `self.lora`, frozen layers), set the collate/metrics/sample functions."""
+
+    def run_info(self) -> dict[str, Any]:
+        """What defines this run besides the model, kept in checkpoints so that --resume
+        refuses another run's: the task and its data."""
+        return {"task": self.name, "data": getattr(self.options, "data", None) or "default"}
 
     def loss(self, model: nn.Module, batch) -> Any:
         raise NotImplementedError
@@ -163,7 +176,9 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
             train_config_from_args(args),
             options_from_args(ModelOptions, args),
             lora,
+            frozenset(explicit_options(args)),
         )
+        check_out_dir_is_free(task.config)  # before any work: another run's files stay
         task.load_data()  # a bad file fails before any weights are built, loaded or downloaded
     with usage_errors():
         model = build_model(task.model_options, task.config.seed, **task.model_overrides())
@@ -176,6 +191,7 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
         trainer = Trainer(
             model, task.train_set, task.val_set, task.loss, task.config,
             collate_fn=task.collate_fn, metrics_fn=task.metrics_fn, sample_fn=task.sample_fn,
+            run_info=task.run_info(),
         )  # fmt: skip
         final = trainer.fit()
     if main:  # rank 0 alone evaluates and writes; the process group is gone by now

@@ -1,0 +1,124 @@
+"""A run never destroys another: an --out holding a run is refused unless resumed or
+overwritten; an overwriting or resumed run that fails or is stopped leaves the earlier run's
+files byte-identical; --resume that cannot continue says why; an --out that cannot be written
+is one line before any work. On the tiny model and a short text, through the CLI."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import fastgpt.losses
+from fastgpt.cli import main
+from fastgpt.train.checkpoint import CHECKPOINT_NAME
+from fastgpt.train.metrics import METRICS_NAME, read_metrics
+
+TINY = ("--model", "tiny", "--context-length", 16, "--batch-size", 2, "--no-progress",
+        "--sample-prompt", "", "--eval-every", 0, "--log-every", 1)  # fmt: skip
+
+
+def run_cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def story(tmp_path, tiktoken_available, monkeypatch):
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "story.txt"
+    path.write_text("Once upon a time there was a small model that learned. " * 30, "utf-8")
+    return path
+
+
+@pytest.fixture
+def earlier_run(tmp_path, story):
+    """A finished pretraining run in tmp_path/run and the bytes of each of its files."""
+    out = tmp_path / "run"
+    assert run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 3) == 0
+    return out, snapshot(out)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_another_runs_folder_is_refused_before_any_work(earlier_run, capsys):
+    out, before = earlier_run
+    capsys.readouterr()
+    rc = run_cli("finetune-classify", "--model", "tiny", "--out", out, "--data", "missing.tsv")
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--out {out} holds another run" in err
+    assert "--resume" in err and "--overwrite" in err and "checkpoint.pt" in err
+    assert "missing.tsv" not in err  # refused before the data was even looked at
+    assert snapshot(out) == before
+
+
+def test_a_failing_overwrite_leaves_the_earlier_run_byte_identical(earlier_run, story, capsys):
+    out, before = earlier_run
+    # A learning rate of 1e30 blows the weights up at the first step: step 2 is non-finite.
+    rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 5,
+                 "--overwrite", "--lr", 1e30, "--grad-clip", 0, "--warmup-steps", 0)  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 1 and "non-finite" in err and "start again" in err  # no checkpoint to resume
+    assert snapshot(out) == before
+
+
+def test_an_interrupted_run_leaves_the_earlier_run_byte_identical(
+    earlier_run, story, capsys, monkeypatch
+):
+    out, before = earlier_run
+    real_loss, calls = fastgpt.losses.next_token_loss, []
+
+    def loss_then_ctrl_c(model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(fastgpt.losses, "next_token_loss", loss_then_ctrl_c)
+    for extra in (("--overwrite",), ("--resume", "--max-steps", 50)):
+        calls.clear()
+        assert run_cli("pretrain", "--data", story, *TINY, "--out", out, *extra) == 130
+        assert snapshot(out) == before, extra
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_the_run_once_it_has_its_own_files(earlier_run, story):
+    out, before = earlier_run
+    assert run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 2,
+                   "--overwrite") == 0  # fmt: skip
+    records = read_metrics(out / METRICS_NAME)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert snapshot(out)[CHECKPOINT_NAME] != before[CHECKPOINT_NAME]
+    assert not (out / (METRICS_NAME + ".partial")).exists()
+
+
+def test_resume_that_cannot_continue_says_why(earlier_run, story, capsys):
+    out, before = earlier_run
+    capsys.readouterr()
+    rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 2, "--resume")
+    err = capsys.readouterr().err
+    assert rc == 2 and "holds step 3, and this run ends at step 2" in err
+    rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 9, "--resume",
+                 "--context-length", 8)  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "is of another run" in err and len(err) < 400
+    assert snapshot(out) == before
+    rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--resume", "--overwrite")
+    assert rc == 2 and "exclude each other" in capsys.readouterr().err
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, story, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    rc = run_cli("pretrain", "--data", story, *TINY, "--out", blocker / "run")
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a file, not a folder" in err and "Traceback" not in err
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        rc = run_cli("pretrain", "--data", story, *TINY, "--out", locked / "run")
+        assert rc == 2 and "cannot write in" in capsys.readouterr().err
+    rc = run_cli("pretrain", "--data", story, *TINY, "--out", "/proc/fastgpt-run")
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write in /proc" in err
