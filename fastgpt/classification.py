@@ -187,7 +187,11 @@ def balance_by_undersampling(data: LabeledTexts, seed: int = 123) -> LabeledText
     for i, label in enumerate(data.labels):
         by_class.setdefault(label, []).append(i)
     if len(by_class) < 2:
-        raise ValueError(f"cannot balance: only one class present ({data.label_names})")
+        present = [data.label_names[label] for label in by_class]
+        raise ValueError(
+            f"cannot balance: only one class present ({present[0] if present else 'no texts'}; "
+            f"labels {data.label_names})"
+        )
     n_min = min(len(v) for v in by_class.values())
     rng = random.Random(seed)
     keep: list[int] = []
@@ -415,10 +419,23 @@ def load_classifier_metadata(directory: str | Path) -> tuple[list[str], dict[str
             f"{labels_path} not found: {directory} is not a classifier saved by "
             "`fastgpt finetune-classify`"
         )
-    labels = json.loads(labels_path.read_text(encoding="utf-8"))["labels"]
+    labels = _read_json(labels_path).get("labels")
+    if not isinstance(labels, list) or not labels:
+        raise ValueError(f"{labels_path}: no \"labels\" list")
     info_path = directory / CLASSIFIER_FILE
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    info = _read_json(info_path) if info_path.is_file() else {}
     return labels, info
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; ValueError naming the file (and line) otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
 
 
 def saved_label_names(directory: str | Path) -> list[str] | None:

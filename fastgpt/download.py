@@ -18,6 +18,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastgpt.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DataFile:
@@ -87,8 +89,8 @@ def fetch(name: str) -> Path:
             payload = response.read()
     except OSError as exc:
         raise FileNotFoundError(
-            f"could not download {name} from {spec.url} ({exc}). Pass the file with --data PATH, "
-            f"or put it in FASTGPT_DATA_DIR or {cache_dir()}."
+            f"could not download {name} from {spec.url} ({exc}); put a copy in FASTGPT_DATA_DIR "
+            f"or {cache_dir()}"
         ) from exc
     if spec.member is not None:
         with zipfile.ZipFile(io.BytesIO(payload)) as archive:
@@ -106,18 +108,20 @@ def fetch(name: str) -> Path:
 def data_file(data: str | Path | None, default: str) -> Path:
     """The file a command's --data names or, with no --data, the book's data set `default`
     (see `fetch`). Raises FileNotFoundError naming the missing file, or saying how to pass one
-    when the default cannot be had offline; ValueError for a folder."""
+    when the default cannot be had offline (ConfigError: the CLI names --data); ConfigError
+    for a folder."""
     if data:
         path = Path(data).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"data file not found: {path}")
         if path.is_dir():
-            raise ValueError(f"--data {path} is a folder: give one file")
+            raise ConfigError("data", f"{path} is a folder: give one file")
         return path
     try:
         return fetch(default)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"no --data given and the default data set {default} is not available offline "
-            f"({exc}). Pass your own data with --data PATH."
+        raise ConfigError(
+            "data",
+            f"not given, and the default data set {default} is not available offline ({exc}); "
+            "pass your own data with {data}",
         ) from exc

@@ -85,8 +85,11 @@ def generate(
     """The prompts (B, T) followed by up to max_new_tokens generated tokens: (B, T + new).
 
     token_ids: (B, T) prompts of one length (a batch of prompts is generated together, each
-    row exactly as it would be alone). Stops after max_new_tokens steps, or when every
-    sequence has produced `eos_id` (a finished sequence then gets `eos_id` at each later step).
+    row exactly as it would be alone). A prompt longer than the model's context_length is
+    conditioned on its last context_length tokens only (the earlier ones are dropped, silently
+    here; `fastgpt generate` says how many); it is still returned whole. Stops after
+    max_new_tokens steps, or when every sequence has produced `eos_id` (a finished sequence
+    then gets `eos_id` at each later step).
     `generator` (on the model's device) makes sampling reproducible. `on_step(new_ids)` is
     called with each step's tokens, (B, 1) long on the model's device, as they are produced
     (`fastgpt generate` streams text this way). The model runs in eval mode (its previous mode

@@ -39,7 +39,10 @@ def get_tokenizer():
 
 
 def encode(text: str, tokenizer=None) -> list[int]:
-    """Token ids of `text`; "<|endoftext|>" is allowed and becomes EOT_ID."""
+    """Token ids of `text`; "<|endoftext|>" is allowed and becomes EOT_ID. TypeError for
+    anything but a str."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     tokenizer = tokenizer or get_tokenizer()
     return tokenizer.encode(text, allowed_special={EOT_TEXT})
 
@@ -50,7 +53,8 @@ def text_to_token_ids(text: str, tokenizer=None) -> torch.Tensor:
 
 
 def token_ids_to_text(ids: torch.Tensor | Sequence[int], tokenizer=None) -> str:
-    """Token ids ((T,) or (1, T) tensor, or a list) -> text."""
+    """Token ids ((T,) or (1, T) tensor, or a list) -> text. ValueError naming an id outside
+    the vocabulary, TypeError for one that is not an integer."""
     tokenizer = tokenizer or get_tokenizer()
     if isinstance(ids, torch.Tensor):
         if ids.dim() == 2:
@@ -63,4 +67,12 @@ def token_ids_to_text(ids: torch.Tensor | Sequence[int], tokenizer=None) -> str:
         elif ids.dim() != 1:
             raise ValueError(f"expected token ids of shape (T,) or (1, T), got {tuple(ids.shape)}")
         ids = ids.tolist()
-    return tokenizer.decode(list(ids))
+    ids = list(ids)
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise TypeError(f"token id at index {i} is not an int: {token!r}")
+        if not 0 <= token < tokenizer.n_vocab:
+            raise ValueError(
+                f"token id {token} at index {i} is out of range [0, {tokenizer.n_vocab})"
+            )
+    return tokenizer.decode(ids)

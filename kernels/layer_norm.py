@@ -381,6 +381,11 @@ def layer_norm(
     """LayerNorm of x over its last dimension. x: (..., N) fp32/fp16/bf16, weight/bias: (N,)
     -> (..., N) in x's dtype (contiguous), differentiable in x, weight and bias.
 
+    Mixed dtypes are promoted, not refused: the math is fp32 whatever the inputs, y and dx
+    come in x's dtype and dweight/dbias in the parameters' (an fp32 model fed fp16
+    activations, or fp16 parameters given fp32 inputs, both work as with F.layer_norm under
+    autocast).
+
     CUDA: Triton kernels. CPU: the same kernels through Triton's interpreter when
     TRITON_INTERPRET=1, else `layer_norm_reference`. Empty x goes to the reference too.
     Raises TypeError for non-float tensors, ValueError for mixed devices or weight/bias shapes

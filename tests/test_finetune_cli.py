@@ -284,3 +284,21 @@ def test_language_model_commands_refuse_a_classifier(tmp_path, capsys, tiktoken_
         assert run_cli(*argv) == 2
         assert f"{spam} is a classifier (2 outputs" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_one_class_data_warns_or_says_which_class(tmp_path, capsys, tiktoken_available):
+    data = tmp_path / "SMSSpamCollection"  # the SMS format: labels ham and spam, only ham here
+    data.write_text("".join(f"ham\tmessage number {i}\n" for i in range(40)), "utf-8")
+    common = ["finetune-classify", "--model", "tiny", "--data", data, "--no-progress"]
+    rc = run_cli(*common, "--out", tmp_path / "balanced")
+    err = capsys.readouterr().err
+    assert rc == 2 and "only one class present (ham; labels ['ham', 'spam'])" in err
+    rc = run_cli(*common, "--no-balance", "--max-steps", 1, "--out", tmp_path / "unbalanced")
+    assert rc == 0
+    assert "the training split holds one class only (ham)" in capsys.readouterr().err
+
+
+def test_corrupt_labels_file_is_named(tmp_path, capsys):
+    (tmp_path / "labels.json").write_text('{"labels": ["ham",}')
+    assert run_cli("classify", "--model", tmp_path, "text") == 2
+    assert f"{tmp_path / 'labels.json'}:1: malformed JSON" in capsys.readouterr().err

@@ -298,6 +298,40 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == "fastgpt generate: interrupted\n"
 
 
+def test_ctrl_c_while_generating_ends_the_line_first(tmp_path, monkeypatch, tiktoken_available):
+    """The streamed text's line is ended before "interrupted" is printed (not glued to it)."""
+    import fastgpt.generation
+    from fastgpt.cli import main
+
+    GPTModel(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastgpt.generation, "generate", interrupted)
+    stdout = RecordingStdout()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = ["generate", "--model", str(tmp_path), "--prompt", "Hi", "--backend", "torch"]
+    assert main(argv) == 130
+    assert stdout.getvalue() == "Hi\n"
+
+
+def test_a_prompt_longer_than_the_context_says_what_is_dropped(
+    tmp_path, monkeypatch, capsys, tiktoken_available
+):
+    from fastgpt.cli import main
+
+    GPTModel(GPTConfig.from_name("tiny", context_length=8)).save_pretrained(tmp_path)
+    monkeypatch.setattr(sys, "stdout", RecordingStdout())
+    prompt = "one two three four five six seven eight nine ten"  # 10 tokens
+    argv = ["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "2"]
+    assert main([*argv, "--backend", "torch"]) == 0
+    assert (
+        "the prompt has 10 tokens, more than the model's context of 8: its first 2 tokens"
+        " are dropped" in capsys.readouterr().err
+    )
+
+
 def test_generate_command_dtype(tmp_path, monkeypatch, tiktoken_available):
     """--dtype sets the weights' dtype; auto is fp32 on CPU and bf16 on a bf16-capable GPU."""
     import fastgpt.generation

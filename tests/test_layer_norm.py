@@ -136,25 +136,29 @@ def test_fp16_large_magnitude(offset, device):
     check_layer_norm(*make_inputs((64, 768), torch.float16, device, scale, offset))
 
 
-def test_fp16_input_with_fp32_parameters(device):
-    # A model kept in fp32 fed fp16 activations: y and dx in fp16, dweight/dbias in fp32.
-    x, _, _ = make_inputs((33, 97), torch.float16, device)
-    _, weight, bias = make_inputs((33, 97), torch.float32, device, seed=1)
+@pytest.mark.parametrize(
+    "x_dtype, param_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)]
+)
+def test_mixed_input_and_parameter_dtypes(x_dtype, param_dtype, device):
+    # The documented promotion: math in fp32, y and dx in x's dtype, dweight/dbias in the
+    # parameters' (an fp32 model fed fp16 activations, or fp16 weights given fp32 inputs).
+    x, _, _ = make_inputs((33, 97), x_dtype, device)
+    _, weight, bias = make_inputs((33, 97), param_dtype, device, seed=1)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(device, x.dtype)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     y = layer_norm(*leaves)
     y.backward(dy)
-    assert y.dtype == leaves[0].grad.dtype == torch.float16
-    assert leaves[1].grad.dtype == leaves[2].grad.dtype == torch.float32
-    # PyTorch's way to do the same: normalize in fp32, round the output and dx to fp16
+    assert y.dtype == leaves[0].grad.dtype == x_dtype
+    assert leaves[1].grad.dtype == leaves[2].grad.dtype == param_dtype
+    # PyTorch's way to do the same: normalize in fp32, round each result to its tensor's dtype
     same = [t.clone().float().requires_grad_() for t in (x, weight, bias)]
     y_same = F.layer_norm(same[0], (97,), same[1], same[2])
     y_same.backward(dy.float())
     ref = [t.double().requires_grad_() for t in (x, weight, bias)]
     y_ref = layer_norm_reference(*ref)
     y_ref.backward(dy.double())
-    assert_close_to_reference(y, y_same.half(), y_ref, dtype=torch.float16)
-    dtypes = (torch.float16, torch.float32, torch.float32)
+    assert_close_to_reference(y, y_same.to(x_dtype), y_ref, dtype=x_dtype)
+    dtypes = (x_dtype, param_dtype, param_dtype)
     for a, s, r, dt in zip(leaves, same, ref, dtypes, strict=True):
         assert_close_to_reference(a.grad, s.grad.to(dt), r.grad, dtype=dt, backward=True)
 

@@ -33,3 +33,14 @@ def test_empty_and_bad_shapes():
         token_ids_to_text(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
         token_ids_to_text(torch.zeros(1, 1, 3, dtype=torch.long))
+
+
+def test_bad_ids_and_text_are_clear_errors():
+    with pytest.raises(ValueError, match=r"token id 50257 at index 1 is out of range \[0, 50257\)"):
+        token_ids_to_text([1, 50257])
+    with pytest.raises(ValueError, match="token id -1 at index 0"):
+        token_ids_to_text(torch.tensor([-1, 5]))
+    with pytest.raises(TypeError, match="not an int: 1.5"):
+        token_ids_to_text([1.5])
+    with pytest.raises(TypeError, match="text must be a str, got int"):
+        text_to_token_ids(123)

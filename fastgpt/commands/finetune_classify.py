@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,11 +91,20 @@ class ClassifyTask(
             data = balance_by_undersampling(data, seed=seed)
         splits = split_train_val_test(data, (0.7, 0.1, 0.2), seed=seed)
         self.texts = dict(zip(("train", "validation", "test"), splits, strict=True))
-        if is_main_process():
-            n = {k: len(v) for k, v in self.texts.items()}
+        if not is_main_process():
+            return
+        n = {k: len(v) for k, v in self.texts.items()}
+        print(
+            f"data: {n['train']} train, {n['validation']} validation, {n['test']} test; "
+            f"labels {self.label_names}"
+        )
+        present = sorted({self.label_names[i] for i in self.texts["train"].labels})
+        if len(present) < 2:
             print(
-                f"data: {n['train']} train, {n['validation']} validation, {n['test']} test; "
-                f"labels {self.label_names}"
+                f"fastgpt finetune-classify: warning: the training split holds one class only "
+                f"({', '.join(present)}): the classifier cannot learn to tell classes apart "
+                "(check the data and --label-column)",
+                file=sys.stderr,
             )
 
     @property

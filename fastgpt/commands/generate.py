@@ -61,8 +61,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot load {args.model!r}: {exc}") from exc
     tokenizer = get_tokenizer()
     prompt = text_to_token_ids(args.prompt, tokenizer).to(device)  # (1, T)
-    if prompt.shape[1] > model.config.context_length:
-        prompt = prompt[:, -model.config.context_length :]  # keep the end of a long prompt
+    context = model.config.context_length
+    if prompt.shape[1] > context:
+        dropped = prompt.shape[1] - context
+        print(
+            f"fastgpt generate: warning: the prompt has {prompt.shape[1]} tokens, more than the "
+            f"model's context of {context}: its first {dropped} tokens are dropped",
+            file=sys.stderr,
+        )
+        prompt = prompt[:, -context:]  # keep the end of a long prompt
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -79,18 +86,20 @@ def run(args: argparse.Namespace) -> int:
 
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    generate(
-        model,
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_id=EOT_ID if args.stop_at_eos else None,
-        use_cache=not args.no_cache,
-        generator=generator,
-        on_step=print_token,
-    )
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-    sys.stdout.flush()
+    try:
+        generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=EOT_ID if args.stop_at_eos else None,
+            use_cache=not args.no_cache,
+            generator=generator,
+            on_step=print_token,
+        )
+    finally:  # also on Ctrl-C: end the text's line, so "interrupted" is not glued to it
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        sys.stdout.flush()
     return 0
