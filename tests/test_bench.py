@@ -426,7 +426,7 @@ def test_bench_only_one_suite(tmp_path, capsys):
 
 def test_bench_report_only_rebuilds_summary(tmp_path, capsys):
     assert cli.main(["bench", "--report-only", "--out", str(tmp_path)]) == 2  # no JSON there
-    assert "--report-only needs" in capsys.readouterr().err
+    assert "holds no <suite>.json files" in capsys.readouterr().err
     records = report.add_ratios(_synthetic_suites()["train"])
     report.write_suite_json(tmp_path, "train", records, ENV, HARDWARE)
     assert cli.main(["bench", "--report-only", "--out", str(tmp_path)]) == 0
@@ -439,3 +439,16 @@ def test_bench_rejects_cuda_without_gpu(tmp_path, capsys):
         pytest.skip("a CUDA GPU is present")
     assert cli.main(["bench", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_report_only_defaults_to_the_devices_folder_and_out_must_be_writable(
+    tmp_path, capsys, monkeypatch
+):
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "default_out_dir", lambda device: tmp_path / "cpu-folder")
+    assert cli.main(["bench", "--report-only", "--device", "cpu"]) == 2
+    assert f"{tmp_path / 'cpu-folder'} holds no <suite>.json files" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["bench", "--device", "cpu", "--out", str(tmp_path / "a-file" / "x")]) == 2
+    assert "--out" in (err := capsys.readouterr().err) and "is a file, not a folder" in err

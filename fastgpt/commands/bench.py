@@ -15,6 +15,7 @@ torch backend is measured on CPU: Triton kernels are never timed through the int
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fastgpt.errors import UsageError
 
@@ -78,22 +79,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.run import run_benchmarks
+    from benchmarks.run import default_out_dir, run_benchmarks
     from fastgpt.devices import resolve_device
-
-    if args.report_only:
-        from pathlib import Path
-
-        from benchmarks.report import load_results, write_all
-
-        if args.out is None or not load_results(Path(args.out)):
-            raise UsageError("--report-only needs --out DIR holding <suite>.json files")
-        written = write_all(Path(args.out))
-        print(f"rebuilt {', '.join(sorted(p.name for p in written.values()))} in {args.out}")
-        return 0
+    from fastgpt.files import check_writable_folder
 
     device = resolve_device(args.device)
-    run_benchmarks(
-        only=args.only, quick=args.quick, out_dir=args.out, device=device, dtypes=args.dtypes
-    )
+    out = Path(args.out) if args.out is not None else default_out_dir(device)
+    if args.report_only:
+        from benchmarks.report import load_results, write_all
+
+        if not load_results(out):
+            raise UsageError(f"--report-only: {out} holds no <suite>.json files (see --out)")
+        written = write_all(out)
+        print(f"rebuilt {', '.join(sorted(p.name for p in written.values()))} in {out}")
+        return 0
+    check_writable_folder(out, "out")
+    run_benchmarks(only=args.only, quick=args.quick, out_dir=out, device=device, dtypes=args.dtypes)
     return 0

@@ -142,6 +142,11 @@ class InstructTask(
         print(f"saved the model to {out_dir}")
         count = self.options.num_responses
         records = self.test[:count] if count is not None else self.test
+        print(
+            f"generating {len(records)} test responses of up to {self.options.max_new_tokens} "
+            "tokens each (--num-responses N limits them)",
+            flush=True,
+        )
         responses = generate_responses(
             model, records, self.tokenizer, self.options.max_new_tokens,
             progress=self.config.progress,

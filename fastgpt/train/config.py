@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from fastgpt.devices import resolve_device
 from fastgpt.errors import ConfigError
+from fastgpt.files import check_writable_folder
 
 
 @dataclass
@@ -98,7 +97,7 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "seed"):
             _require(self, name, getattr(self, name) >= 0, ">= 0")
         resolve_device(self.device)  # an unknown or absent device fails before any work
-        check_writable_folder(Path(self.out_dir))
+        check_writable_folder(Path(self.out_dir), "out_dir")
         if self.overwrite and self.resume:
             raise ConfigError("overwrite", "and {resume} exclude each other: continue or replace")
         self.betas = tuple(self.betas)
@@ -113,24 +112,6 @@ RUN_FILES = (
     "lora.safetensors", "lora.json", "adapter_model.safetensors", "adapter_config.json",
     "labels.json", "classifier.json", "metrics.json", "test_responses.json",
 )  # fmt: skip
-
-
-def check_writable_folder(path: Path) -> None:
-    """ConfigError naming `path` unless it is, or can be made, a folder this process can
-    write in (checked without creating anything)."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError("out_dir", f"{path} is a file, not a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError("out_dir", f"{path}: {existing} is a file, not a folder")
-    try:  # a probe folder, removed at once: the only sure test (read-only mounts, /proc, ...)
-        os.rmdir(tempfile.mkdtemp(prefix=".fastgpt-probe-", dir=existing))
-    except OSError as exc:
-        raise ConfigError(
-            "out_dir", f"{path}: cannot write in {existing} ({exc.strerror})"
-        ) from None
 
 
 def check_out_dir_is_free(config: TrainConfig) -> None:

@@ -170,9 +170,9 @@ def save_loss_plot(metrics_path: Path, path: Path) -> Path | None:
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
-    if train:  # the mean of each log interval
+    if train:  # the mean of each log interval; a lone point needs a marker to be seen
         ax.plot([r["tokens_seen"] for r in train], [r["loss"] for r in train],
-                label="training loss")  # fmt: skip
+                marker="o" if len(train) == 1 else None, label="training loss")  # fmt: skip
     else:  # log_every longer than the run: the means between evaluations
         ax.plot([r["tokens_seen"] for r in evals], [r["train_loss"] for r in evals],
                 marker="o", label="training loss")  # fmt: skip
