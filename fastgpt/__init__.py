@@ -21,6 +21,7 @@ _LAZY_NAMES = {
     "GPTConfig": "fastgpt.config",
     "GPTModel": "fastgpt.model",
     "generate": "fastgpt.generation",
+    "patch_hf_gpt2": "fastgpt.hf_patch",
     "get_tokenizer": "fastgpt.tokenizer",
     "text_to_token_ids": "fastgpt.tokenizer",
     "token_ids_to_text": "fastgpt.tokenizer",

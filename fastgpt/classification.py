@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fastgpt.errors import ConfigError
 from fastgpt.text_data import read_utf8
 from fastgpt.tokenizer import EOT_ID
 
@@ -365,8 +366,8 @@ def parse_trainable(spec: str, n_layers: int) -> int | None:
             n = -1
         if 0 <= n <= n_layers:
             return n
-    raise ValueError(
-        f"--trainable must be all, head or last-N with 0 <= N <= {n_layers}, got {spec!r}"
+    raise ConfigError(
+        "trainable", f"must be all, head or last-N with 0 <= N <= {n_layers}, got {spec!r}"
     )
 
 
@@ -421,7 +422,7 @@ def load_classifier_metadata(directory: str | Path) -> tuple[list[str], dict[str
         )
     labels = _read_json(labels_path).get("labels")
     if not isinstance(labels, list) or not labels:
-        raise ValueError(f"{labels_path}: no \"labels\" list")
+        raise ValueError(f'{labels_path}: no "labels" list')
     info_path = directory / CLASSIFIER_FILE
     info = _read_json(info_path) if info_path.is_file() else {}
     return labels, info

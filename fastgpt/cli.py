@@ -4,7 +4,9 @@
     run(args: argparse.Namespace) -> int | None
 
 and is listed in SUBCOMMANDS below. Modules are imported only when their subcommand runs,
-so `fastgpt --help` stays fast.
+so `fastgpt --help` stays fast. A command reports bad input by raising `UsageError`
+(`fastgpt.errors`): printed here as one line, exit status 2, with a `ConfigError`'s field
+shown as its flag; a training run whose loss turned non-finite exits with status 1.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "fastgpt.commands.finetune_instruct",
         "Fine-tune a GPT model to follow instructions (Alpaca format).",
     ),
+    "evaluate": (
+        "fastgpt.commands.evaluate",
+        "Score instruction responses with a judge model (Ollama or OpenAI-compatible).",
+    ),
     "bench": ("fastgpt.commands.bench", "Benchmark kernels, training and generation."),
+    "selftest": ("fastgpt.commands.selftest", "Check the GPU path: kernels compiled, ops, model."),
 }
 
 
@@ -58,21 +65,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Find the subcommand first, then let its module add the arguments and parse again.
     command = next((a for a in argv if not a.startswith("-")), None)
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if command in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[command][0])
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         module.add_arguments(subparsers.choices[command])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    from fastgpt.options import resolve_defaults
+
+    resolve_defaults(args)
     module = importlib.import_module(args._module)
+    return _run(module, args, subparsers.choices[args.command])
+
+
+def _run(module, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """module.run(args), with the errors a user can cause turned into one line each."""
+    from fastgpt.errors import NonFiniteLossError, UsageError
+    from fastgpt.options import flag_of
     from fastgpt.tokenizer import TokenizerUnavailableError  # torch is loaded by now
 
     try:
         return module.run(args) or 0
-    except TokenizerUnavailableError as exc:  # any command may need the BPE, at any point
+    except UsageError as exc:  # name the flags, not the Python fields
+        return command_error(args.command, exc.render(lambda f: flag_of(parser, f) or f))
+    except TokenizerUnavailableError as exc:  # the BPE: any command may need it, any time
         return command_error(args.command, exc)
+    except NonFiniteLossError as exc:
+        return command_error(args.command, exc, code=1)
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (130 = 128 + SIGINT)
         print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
         return 130

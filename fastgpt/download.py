@@ -123,5 +123,5 @@ def data_file(data: str | Path | None, default: str) -> Path:
         raise ConfigError(
             "data",
             f"not given, and the default data set {default} is not available offline ({exc}); "
-            "pass your own data with {data}",
+            "pass a file of your own as {data}",
         ) from exc

@@ -14,22 +14,26 @@ _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
 class UsageError(ValueError):
-    """Bad input: an option, a file, data. The message says what is wrong and where."""
+    """Bad input: an option, a file, data. The message says what is wrong and where; a
+    "{field_name}" in it names an option (the library shows "field_name", the CLI its flag)."""
+
+    def __init__(self, message: str):
+        self.template = message
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        """The message with every "{field}" passed through `name_of` (e.g. to a flag)."""
+        return _PLACEHOLDER.sub(lambda m: name_of(m.group(1)), self.template)
 
 
 class ConfigError(UsageError):
     """A bad value of one configuration field, named by `field`; `problem` is the rest of the
-    message, where "{other_field}" names another field (so the CLI can show its flag too)."""
+    message ("{other_field}" names another field)."""
 
     def __init__(self, field: str, problem: str):
         self.field = field
         self.problem = problem
-        super().__init__(self.render(lambda name: name))
-
-    def render(self, name_of: Callable[[str], str]) -> str:
-        """The message with every field name passed through `name_of` (e.g. to a flag)."""
-        problem = _PLACEHOLDER.sub(lambda m: name_of(m.group(1)), self.problem)
-        return f"{name_of(self.field)} {problem}"
+        super().__init__(f"{{{field}}} {problem}")
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from fastgpt.errors import ConfigError
 from fastgpt.tokenizer import EOT_ID
 
 IGNORE_INDEX = -100
@@ -152,9 +153,8 @@ class InstructionDataset(Dataset):
             )
         self.longest_prompt = max((n for _, n in self.items), default=0)
         if not self.items:
-            raise ValueError(
-                f"no record fits max_length={max_length}: every prompt is longer; raise "
-                "--max-length"
+            raise ConfigError(
+                "max_length", f"{max_length}: no record fits, every prompt is longer; raise it"
             )
 
     def __len__(self) -> int:

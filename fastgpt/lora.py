@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastgpt import hf_format
 from fastgpt.errors import ConfigError
 from fastgpt.weights import save_safetensors
 
@@ -156,16 +157,29 @@ def describe_parameters(model: nn.Module) -> str:
 
 # --- saving and loading adapters ---------------------------------------------------------
 
+PEFT_ADAPTERS_FILE = "adapter_model.safetensors"
+PEFT_ADAPTERS_CONFIG = "adapter_config.json"
+# The layout of fastgpt before PEFT's: still read, no longer written.
 ADAPTERS_FILE = "lora.safetensors"
 ADAPTERS_CONFIG = "lora.json"
+_ADAPTER_FILES = (PEFT_ADAPTERS_FILE, PEFT_ADAPTERS_CONFIG, ADAPTERS_FILE, ADAPTERS_CONFIG)
+
+
+def _lora_candidates(model: nn.Module) -> list[str]:
+    """Every module name `apply_lora` can wrap (with include_head)."""
+    blocks = range(len(model.trf_blocks))
+    return [*(f"trf_blocks.{i}.{t}" for i in blocks for t in LORA_TARGETS), "out_head"]
 
 
 def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bool = False) -> Path:
     """Save a LoRA-adapted model. merge=True folds the adapters into plain weights first (the
     model is changed in place) and saves one plain checkpoint. Otherwise the frozen base model
-    is saved via `save_pretrained` (config.json + model.safetensors) plus the adapters in
-    lora.safetensors and their rank/alpha/modules in lora.json (see `load_lora_adapters`).
-    A model without adapters is just `save_pretrained`-ed."""
+    is saved via `save_pretrained` (config.json + model.safetensors, transformers' GPT-2
+    layout) plus the adapters in PEFT's layout: adapter_model.safetensors (names such as
+    base_model.model.transformer.h.0.attn.c_attn.lora_A.weight) and adapter_config.json (r,
+    lora_alpha, target_modules c_attn/c_proj/c_fc, fan_in_fan_out), so that
+    `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(d), d)` loads them (see
+    `load_lora_adapters`). A model without adapters is just `save_pretrained`-ed."""
     directory = Path(directory)
     if merge:
         merge_lora(model)
@@ -181,40 +195,83 @@ def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bo
     finally:
         for name, module in wrapped.items():
             _set(model, name, module)
-    stale = [directory / ADAPTERS_FILE, directory / ADAPTERS_CONFIG]
-    if not wrapped:  # adapters of an earlier save into this folder would be loaded with it
-        for path in stale:
-            path.unlink(missing_ok=True)
+    for stale in _ADAPTER_FILES:  # adapters of an earlier save would be loaded with this one
+        (directory / stale).unlink(missing_ok=True)
+    if not wrapped:
         return directory
+    classifier = model.out_head.out_features != model.config.vocab_size
+    hf_names = {name: hf_format.hf_module_name(name, classifier) for name in wrapped}
     tensors = {}
     for name, module in wrapped.items():
-        tensors[f"{name}.lora_A"] = module.lora_A.detach().contiguous().cpu()
-        tensors[f"{name}.lora_B"] = module.lora_B.detach().contiguous().cpu()
-    save_safetensors(tensors, directory / ADAPTERS_FILE)
-    info = {"rank": ranks.pop(), "alpha": alphas.pop(), "modules": sorted(wrapped)}
-    (directory / ADAPTERS_CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        for part in ("lora_A", "lora_B"):
+            tensor = getattr(module, part).detach().contiguous().cpu()
+            tensors[hf_format.peft_tensor_name(hf_names[name], part)] = tensor
+    save_safetensors(tensors, directory / PEFT_ADAPTERS_FILE, metadata={"format": "pt"})
+    candidates = [hf_format.hf_module_name(n, classifier) for n in _lora_candidates(model)]
+    targets = hf_format.peft_target_modules(list(hf_names.values()), candidates)
+    info = hf_format.peft_adapter_config(ranks.pop(), alphas.pop(), targets, not classifier)
+    text = json.dumps(info, indent=2) + "\n"
+    (directory / PEFT_ADAPTERS_CONFIG).write_text(text, encoding="utf-8")
     return directory
 
 
-def load_lora_adapters(model: nn.Module, directory: str | Path, merge: bool = False) -> bool:
-    """If the checkpoint folder `directory` (or the folder of a file in it) holds lora.json,
-    wrap the modules it names and load their adapters, leaving the model frozen but for them;
-    with merge=True fold them straight into plain weights instead (requires_grad flags kept).
-    Returns whether adapters were found; ValueError for a malformed or mismatched file."""
+def _read_adapters(directory: Path) -> tuple[Path, int, float, dict[str, torch.Tensor]] | None:
+    """(config path, rank, alpha, {"<our module>.lora_A"/".lora_B": tensor}) of the adapters
+    in `directory`: PEFT's adapter_config.json, else fastgpt's older lora.json; None when
+    there are none. ValueError for a malformed config or adapters fastgpt cannot hold."""
     from safetensors.torch import load_file
 
+    peft = (directory / PEFT_ADAPTERS_CONFIG).is_file()
+    config_path = directory / (PEFT_ADAPTERS_CONFIG if peft else ADAPTERS_CONFIG)
+    if not config_path.is_file():
+        return None
+    if peft and (directory / ADAPTERS_CONFIG).is_file():
+        raise ValueError(
+            f"{directory} holds both {PEFT_ADAPTERS_CONFIG} and {ADAPTERS_CONFIG} (fastgpt's "
+            "older layout): remove the one that does not belong to model.safetensors"
+        )
+    try:
+        info = json.loads(config_path.read_text(encoding="utf-8"))
+        if peft:
+            rank, alpha = hf_format.read_peft_adapter_config(info)
+        else:
+            rank, alpha, names = int(info["rank"]), float(info["alpha"]), list(info["modules"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path}: malformed LoRA config ({exc!r})") from exc
+    tensors_path = directory / (PEFT_ADAPTERS_FILE if peft else ADAPTERS_FILE)
+    if not tensors_path.is_file():
+        raise ValueError(f"{config_path}: {tensors_path.name} is missing beside it")
+    tensors = load_file(str(tensors_path))
+    if not peft:  # our names already; only the modules lora.json lists
+        return config_path, rank, alpha, {f"{n}.{p}": tensors.get(f"{n}.{p}") for n in names
+                                          for p in ("lora_A", "lora_B")}  # fmt: skip
+    ours = {}
+    for key, tensor in tensors.items():
+        module, lora, part = key.removeprefix(hf_format.PEFT_PREFIX).rpartition(".lora_")
+        try:
+            if not lora or part not in ("A.weight", "B.weight"):
+                raise ValueError(f"{key} is not a LoRA matrix fastgpt reads")
+            ours[f"{hf_format.our_module_name(module)}.lora_{part[0]}"] = tensor
+        except ValueError as exc:
+            raise ValueError(f"{tensors_path}: {exc}") from None
+    return config_path, rank, alpha, ours
+
+
+def load_lora_adapters(model: nn.Module, directory: str | Path, merge: bool = False) -> bool:
+    """If the checkpoint folder `directory` (or the folder of a file in it) holds adapters
+    (PEFT's adapter_config.json and adapter_model.safetensors, or fastgpt's older lora.json
+    and lora.safetensors), wrap the modules they name and load them, leaving the model frozen
+    but for them; with merge=True fold them straight into plain weights instead (requires_grad
+    flags kept). Returns whether adapters were found; ValueError for a malformed or
+    mismatched file."""
     directory = Path(directory)
     if directory.is_file():
         directory = directory.parent
-    config_path = directory / ADAPTERS_CONFIG
-    if not config_path.is_file():
+    found = _read_adapters(directory)
+    if found is None:
         return False
-    try:
-        info = json.loads(config_path.read_text(encoding="utf-8"))
-        rank, alpha, names = int(info["rank"]), float(info["alpha"]), list(info["modules"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{config_path}: malformed LoRA config ({exc!r})") from exc
-    tensors = load_file(str(directory / ADAPTERS_FILE))
+    config_path, rank, alpha, tensors = found
+    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
     bases = {}  # every adapter is checked before the model is touched
     for name in names:
         try:
@@ -224,8 +281,8 @@ def load_lora_adapters(model: nn.Module, directory: str | Path, merge: bool = Fa
         shapes = {"lora_A": (rank, base.in_features), "lora_B": (base.out_features, rank)}
         for part, shape in shapes.items():
             key = f"{name}.{part}"
-            if key not in tensors or tuple(tensors[key].shape) != shape:
-                raise ValueError(f"{directory / ADAPTERS_FILE}: missing or mis-shaped {key}")
+            if tensors.get(key) is None or tuple(tensors[key].shape) != shape:
+                raise ValueError(f"{config_path}: missing or mis-shaped adapter {key}")
     if not merge:
         model.requires_grad_(False)
     for name, base in bases.items():

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastgpt import weights
+from fastgpt import hf_format, weights
 from fastgpt.backends import Ops, resolve_backend
 from fastgpt.config import GPTConfig
 from fastgpt.lora import load_lora_adapters
@@ -330,23 +330,25 @@ class GPTModel(nn.Module):
         merge_adapters: bool = True,
         **config_overrides: Any,
     ) -> GPTModel:
-        """The one way to load a model: a folder in Hugging Face's GPT-2 layout, a folder
-        written by `save_pretrained` or a training command, or a hub name ("gpt2",
-        "gpt2-medium", "gpt2-large", "gpt2-xl"; downloaded once). LoRA adapters a fine-tuning
-        saved beside the base weights are folded in (merge_adapters=False loads the base
-        alone; `fastgpt.lora.load_lora_adapters` adds them). `config_overrides` replace config
+        """The one way to load a model: a folder in Hugging Face's GPT-2 layout (a
+        GPT2LMHeadModel, or a GPT2ForSequenceClassification as a classifier), a folder written
+        by `save_pretrained` or a training command (also those of earlier fastgpt versions), or
+        a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"; downloaded once). LoRA
+        adapters a fine-tuning saved beside the base weights (PEFT's adapter_config.json, or
+        the older lora.json) are folded in (merge_adapters=False loads the base alone;
+        `fastgpt.lora.load_lora_adapters` adds them). `config_overrides` replace config
         fields that do not change tensor shapes (e.g. drop_rate=0.0). The model is in eval
         mode, on `device`, in `dtype`."""
         directory = weights.resolve_checkpoint_dir(name_or_path)
         config, raw, is_hf = weights.read_config(directory, **config_overrides)
-        model = cls(config, backend=backend)
-        head = raw.get("out_head")
-        if head and (head["out_features"] != config.vocab_size or head["bias"] or not head["tied"]):
-            # e.g. a classifier whose head was replaced by Linear(emb_dim, num_classes)
-            model.out_head = nn.Linear(config.emb_dim, head["out_features"], bias=head["bias"])
         tensors = weights.read_tensors(directory)
-        if is_hf:
+        if weights.uses_hf_names(raw, is_hf):
             tensors = weights.hf_to_fastgpt(tensors, config)
+            config = hf_format.drop_zero_qkv_bias(tensors, config)
+        model = cls(config, backend=backend)
+        head = weights.replaced_head(tensors, config.vocab_size)
+        if head:  # e.g. a classifier whose head was replaced by Linear(emb_dim, num_classes)
+            model.out_head = nn.Linear(config.emb_dim, head[0], bias=head[1])
         what = f"Hugging Face checkpoint {directory}" if is_hf else f"checkpoint {directory}"
         weights.load_state_strict(model, tensors, what)
         if merge_adapters and not is_hf:
@@ -358,19 +360,24 @@ class GPTModel(nn.Module):
         return model.eval()
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write model.safetensors (a tied head stored once) and config.json (our GPTConfig,
-        the output head's shape, the parameters' dtype) into `directory` (created)."""
+        """Write model.safetensors and config.json into `directory` (created), in Hugging
+        Face's GPT-2 layout (`fastgpt/hf_format.py`: transformers' GPT2LMHeadModel, or for a
+        classifier GPT2ForSequenceClassification where its bias-free head fits, loads the
+        folder) with our GPTConfig, the output head's shape and the parameters' dtype beside;
+        a tied head is stored once."""
         tied = self.out_head.weight is self.tok_emb.weight
         state = {
             k: v for k, v in self.state_dict().items() if not (tied and k == "out_head.weight")
         }
         config = {**self.config.to_dict(), "tie_embeddings": tied}
-        head = {
-            "out_features": self.out_head.out_features,
-            "bias": self.out_head.bias is not None,
-            "tied": tied,
-        }
-        return weights.save_checkpoint(directory, state, config, head, self.num_parameters())
+        out_features, bias = self.out_head.out_features, self.out_head.bias is not None
+        head = {"out_features": out_features, "bias": bias, "tied": tied}
+        kind = hf_format.head_kind(self.config, out_features, bias)
+        tensors = hf_format.fastgpt_to_hf(state, self.config, kind)
+        hf_fields = hf_format.hf_config(self.config, out_features, bias, tied)
+        return weights.save_checkpoint(
+            directory, tensors, config, head, self.num_parameters(), hf_config=hf_fields
+        )
 
 
 def check_language_model(model: GPTModel, source: object) -> None:

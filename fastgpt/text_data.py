@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fastgpt.errors import UsageError
 from fastgpt.tokenizer import EOT_ID, EOT_TEXT
 
 DEFAULT_CORPUS = "the-verdict.txt"
@@ -247,25 +248,25 @@ def split_train_val(
     n = len(token_ids)
     need = context_length + 1
     if n < need:
-        raise ValueError(
+        raise UsageError(
             f"{name} has {n} tokens, fewer than one training window of context_length + 1 = "
-            f"{need}; use more text or a smaller --context-length"
+            f"{need}; use more text or a smaller {{context_length}}"
         )
     split = round(n * (1.0 - val_fraction)) if val_fraction > 0 else n
     train = SlidingWindowDataset(token_ids[:split], context_length, stride)
     if len(train) == 0:
-        raise ValueError(
+        raise UsageError(
             f"{name}: its training part has {split} tokens, fewer than one window of {need}; "
-            f"use more text, a smaller --context-length or a smaller --val-fraction"
+            "use more text, a smaller {context_length} or a smaller {val_fraction}"
         )
     if val_fraction == 0:
         return train, None
     val = SlidingWindowDataset(token_ids[split:], context_length, stride)
     if len(val) == 0:
-        raise ValueError(
+        raise UsageError(
             f"{name}: its validation part ({val_fraction:g} of {n} tokens = {n - split}) is "
             f"shorter than one window of {need} tokens; use more text, a smaller "
-            f"--context-length or a larger --val-fraction (0 for none)"
+            "{context_length} or a larger {val_fraction} (0 for none)"
         )
     return train, val
 

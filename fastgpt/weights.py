@@ -1,15 +1,18 @@
-"""Loading and saving GPT-2 weights.
+"""Loading and saving GPT-2 weights: plain tensor and config I/O.
 
-Two folder formats are understood, both a `config.json` beside `model.safetensors` (or, for
+Three folder layouts are read, each a `config.json` beside `model.safetensors` (or, for
 Hugging Face, `pytorch_model.bin`):
 
 - Hugging Face `GPT2LMHeadModel` (OpenAI's GPT-2 on the hub): config.json has "n_embd",
   "n_layer", ...; tensors are named transformer.h.{i}.attn.c_attn.weight etc. and the linear
   layers are `Conv1D`s that store their weight as (in, out), so each one is transposed into our
   `nn.Linear` (out, in). c_attn stays fused as our `att.qkv` (same [q | k | v] layout).
-- Ours (`GPTModel.save_pretrained`, `save_checkpoint` here): config.json is our `GPTConfig`
-  plus "format": "fastgpt"; tensors carry our own names (`trf_blocks.0.att.qkv.weight`, ...),
-  a tied head is stored once.
+- Ours, format_version 2 (what `GPTModel.save_pretrained` writes now): the Hugging Face layout
+  above, with our GPTConfig fields and "format": "fastgpt" beside GPT2Config's in config.json
+  (see `fastgpt/hf_format.py`), so that transformers loads it too.
+- Ours, format_version 1 (written before): config.json is our `GPTConfig` plus "format":
+  "fastgpt"; tensors carry our own names (`trf_blocks.0.att.qkv.weight`, ...), a tied head is
+  stored once.
 
 Any missing, unexpected or mis-shaped tensor raises a ValueError that lists all of them. This
 module reads and writes tensors and configs only; `GPTModel.from_pretrained` builds the model.
@@ -26,27 +29,13 @@ from typing import Any
 import torch
 
 from fastgpt.config import GPTConfig, config_from_hf, is_hf_config
+from fastgpt.hf_format import HF_BLOCK_NAMES
 
 FORMAT_NAME = "fastgpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: our own tensor names; 2: Hugging Face's GPT-2 layout (hf_format.py)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# Tensors of transformer block i: Hugging Face "h.{i}.<key>" -> ours "trf_blocks.{i}.<value>".
-_HF_BLOCK_NAMES = {
-    "ln_1.weight": "norm1.weight",
-    "ln_1.bias": "norm1.bias",
-    "attn.c_attn.weight": "att.qkv.weight",  # fused [q | k | v], kept fused
-    "attn.c_attn.bias": "att.qkv.bias",
-    "attn.c_proj.weight": "att.out_proj.weight",
-    "attn.c_proj.bias": "att.out_proj.bias",
-    "ln_2.weight": "norm2.weight",
-    "ln_2.bias": "norm2.bias",
-    "mlp.c_fc.weight": "ff.fc1.weight",
-    "mlp.c_fc.bias": "ff.fc1.bias",
-    "mlp.c_proj.weight": "ff.fc2.weight",
-    "mlp.c_proj.bias": "ff.fc2.bias",
-}
 # Buffers some Hugging Face GPT-2 checkpoints carry (the causal mask); not parameters.
 _HF_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
@@ -93,7 +82,9 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_to_fastgpt(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Rename (and transpose) Hugging Face GPT-2 tensors into our state-dict names.
+    """Rename (and transpose) Hugging Face GPT-2 tensors into our state-dict names. The head is
+    lm_head.weight (untied), or score.weight (and score.bias) for a classifier; with
+    config.qkv_bias False, c_attn biases may be absent (then `drop_zero_qkv_bias` applies).
 
     Raises ValueError listing tensors that are missing from `hf` or not used."""
     # Hub checkpoints come both with and without the "transformer." prefix.
@@ -104,7 +95,8 @@ def hf_to_fastgpt(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
 
     def take(hf_name: str, our_name: str, transpose: bool = False) -> None:
         if hf_name not in src:
-            missing.append(hf_name)
+            if not (hf_name.endswith("attn.c_attn.bias") and not config.qkv_bias):
+                missing.append(hf_name)
             return
         used.add(hf_name)
         t = src[hf_name]
@@ -114,23 +106,59 @@ def hf_to_fastgpt(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, t
     take("wte.weight", "tok_emb.weight")
     take("wpe.weight", "pos_emb.weight")
     for i in range(config.n_layers):
-        for hf_name, our_name in _HF_BLOCK_NAMES.items():
+        for hf_name, our_name in HF_BLOCK_NAMES.items():
             # Conv1D weights (every 2-D tensor of a block) are transposed.
             take(f"h.{i}.{hf_name}", f"trf_blocks.{i}.{our_name}", transpose=True)
     take("ln_f.weight", "final_norm.weight")
     take("ln_f.bias", "final_norm.bias")
-    if "lm_head.weight" in src:
-        used.add("lm_head.weight")
-        if not config.tie_embeddings:
-            out["out_head.weight"] = src["lm_head.weight"]
-        elif "wte.weight" in src and not torch.equal(src["lm_head.weight"], src["wte.weight"]):
-            raise ValueError("lm_head.weight differs from wte.weight but the config ties them")
-    elif not config.tie_embeddings:
-        missing.append("lm_head.weight")
+    _take_head(src, config, out, missing, used)
     unexpected = sorted(set(src) - used)
     if missing or unexpected:
         raise ValueError(_listing("Hugging Face GPT-2 checkpoint", missing, unexpected, []))
     return out
+
+
+def _take_head(src: dict, config: GPTConfig, out: dict, missing: list, used: set) -> None:
+    """The output head of `hf_to_fastgpt`: a classifier's score.*, or lm_head.*."""
+    prefix = "score" if "score.weight" in src else "lm_head"
+    for part in ("weight", "bias"):
+        name = f"{prefix}.{part}"
+        if name in src:
+            used.add(name)
+            out[f"out_head.{part}"] = src[name]
+    if prefix == "score" or "lm_head.bias" in src:
+        return
+    if "lm_head.weight" not in src:
+        if not config.tie_embeddings:
+            missing.append("lm_head.weight")
+    elif config.tie_embeddings:
+        del out["out_head.weight"]  # the tied copy
+        if "wte.weight" in src and not torch.equal(src["lm_head.weight"], src["wte.weight"]):
+            raise ValueError("lm_head.weight differs from wte.weight but the config ties them")
+
+
+def uses_hf_names(raw: dict[str, Any], is_hf: bool) -> bool:
+    """Whether the folder whose config.json is `raw` stores Hugging Face's tensor names (a
+    Hugging Face folder, or ours from format_version 2 on) rather than ours (version 1)."""
+    if is_hf:
+        return True
+    version = raw.get("format_version", 1)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint format_version {version!r} is not one this fastgpt reads (1 to "
+            f"{FORMAT_VERSION}); it was written by a newer fastgpt"
+        )
+    return version >= 2
+
+
+def replaced_head(tensors: dict[str, torch.Tensor], vocab_size: int) -> tuple[int, bool] | None:
+    """(out_features, bias) of the output head the tensors (our names) hold when it is not
+    GPTModel's own Linear(emb_dim, vocab_size, bias=False), e.g. a classifier's; else None."""
+    weight = tensors.get("out_head.weight")
+    has_bias = "out_head.bias" in tensors
+    if weight is None or (weight.shape[0] == vocab_size and not has_bias):
+        return None
+    return weight.shape[0], has_bias
 
 
 def _listing(what: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
@@ -224,16 +252,19 @@ def save_checkpoint(
     config: dict[str, Any],
     out_head: dict[str, Any],
     num_parameters: int,
+    hf_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write our format into `directory` (created): model.safetensors with `state` (our tensor
-    names) and config.json with `config` (GPTConfig fields), the format's name and version,
-    the output head's shape `out_head` and the parameters' dtype."""
+    """Write our format into `directory` (created): model.safetensors with `state` (tensor
+    names as given: Hugging Face's from `GPTModel.save_pretrained`) and config.json with the
+    GPT2Config fields `hf_config`, then `config` (GPTConfig fields), the format's name and
+    version, the output head's shape `out_head` and the parameters' dtype."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_safetensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     info = {
+        **(hf_config or {}),
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         **config,

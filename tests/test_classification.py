@@ -247,7 +247,7 @@ def test_replace_head_and_trainable_sets():
     set_trainable(model, "all")
     assert trainable_names() == {n for n, _ in model.named_parameters()}
     for bad in ("last-3", "last-x", "everything", "last--1"):
-        with pytest.raises(ValueError, match="--trainable"):
+        with pytest.raises(ValueError, match="trainable must be all, head or last-N"):
             parse_trainable(bad, 2)
     with pytest.raises(ValueError, match="num_classes"):
         replace_head(model, 1)

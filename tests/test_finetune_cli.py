@@ -75,7 +75,7 @@ def test_finetune_classify_with_lora(tmp_path, spam_slice, tiktoken_available, c
     printed = capsys.readouterr().out
     d = 32  # tiny emb_dim: adapters 2 layers × 16·d·r, plus the new head d·2 + 2
     assert f"trainable {2 * 16 * d * 2 + d * 2 + 2:,} of" in printed
-    assert (out / "lora.json").exists() != merge
+    assert (out / "adapter_config.json").exists() != merge  # PEFT's layout
     assert run_cli("classify", "--model", out, "free entry now") == 0
     label, prob, _ = capsys.readouterr().out.strip().split("\t")
     assert label in ("ham", "spam") and 0.5 <= float(prob) <= 1.0
@@ -91,7 +91,7 @@ def test_finetune_classify_with_lora(tmp_path, spam_slice, tiktoken_available, c
     )  # fmt: skip
     assert rc == 0
     assert f"keeping the classifier head of {out}" in capsys.readouterr().out
-    assert not (further / "lora.json").exists()
+    assert not (further / "lora.json").exists() and not (further / "adapter_config.json").exists()
     texts = ["free entry now", "see you at lunch"]
     assert run_cli("classify", "--model", out, "--all-probs", *texts) == 0
     before = capsys.readouterr().out
@@ -223,7 +223,7 @@ def test_max_length_errors(tmp_path, capsys, tiktoken_available):
     rc = run_cli("finetune-instruct", "--init", tmp_path / "no-such", "--data", data,
                  "--out", out, "--max-length", 8)  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and "no record fits max_length=8" in err and "no-such" not in err
+    assert rc == 2 and "--max-length 8: no record fits" in err and "no-such" not in err
     # A plain line naming the split, not a Python warning quoting our source.
     assert "fastgpt finetune-instruct: warning: training split: dropped 17 of 17 records" in err
     assert "UserWarning" not in err

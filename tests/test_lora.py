@@ -195,6 +195,94 @@ def test_bad_adapter_files(tmp_path):
         load_lora_adapters(smaller, tmp_path)
     assert not has_lora(smaller)  # checked before any module was wrapped or frozen
     assert all(p.requires_grad for p in smaller.parameters())
-    (tmp_path / "lora.json").write_text('{"rank": 2}', encoding="utf-8")
+    (tmp_path / "lora.json").write_text('{"rank": 2}', encoding="utf-8")  # the older layout
+    with pytest.raises(ValueError, match=r"both adapter_config\.json and lora\.json"):
+        load_lora_adapters(tiny_model(), tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(ValueError, match=r"lora\.json: malformed LoRA config"):
+        load_lora_adapters(tiny_model(), tmp_path)
+
+
+def test_adapters_are_saved_in_peft_layout(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from fastgpt.lora import save_pretrained_with_lora
+
+    model = tiny_model()
+    apply_lora(model, rank=2, alpha=4.0)
+    save_pretrained_with_lora(model, tmp_path)
+    assert not (tmp_path / "lora.json").exists() and not (tmp_path / "lora.safetensors").exists()
+    info = json.loads((tmp_path / "adapter_config.json").read_text(encoding="utf-8"))
+    assert info["peft_type"] == "LORA" and info["task_type"] == "CAUSAL_LM"
+    assert (info["r"], info["lora_alpha"], info["fan_in_fan_out"]) == (2, 4.0, True)
+    assert info["target_modules"] == ["c_attn", "c_fc", "c_proj"]
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 4 * model.config.n_layers
+    qkv = model.trf_blocks[0].att.qkv
+    a = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
+    b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert torch.equal(a, qkv.lora_A.detach()) and torch.equal(b, qkv.lora_B.detach())
+    assert "base_model.model.transformer.h.1.mlp.c_proj.lora_B.weight" in tensors
+
+    # a classifier's head adapter is on transformers' `score`; a subset gets full names
+    classifier = tiny_model()
+    classifier.out_head = nn.Linear(classifier.config.emb_dim, 2)
+    apply_lora(classifier, rank=2, alpha=4.0, include_head=True)
+    merge_lora(classifier.trf_blocks[1])
+    save_pretrained_with_lora(classifier, tmp_path / "cls")
+    info = json.loads((tmp_path / "cls" / "adapter_config.json").read_text(encoding="utf-8"))
+    assert info["task_type"] is None and "score" in info["target_modules"]
+    assert "transformer.h.0.attn.c_attn" in info["target_modules"]
+    assert not any(t.startswith("transformer.h.1.") for t in info["target_modules"])
+
+
+def test_adapters_saved_before_peft_layout_still_load(tmp_path):
+    """fastgpt's older layout, written by hand: lora.json and lora.safetensors (our names)
+    beside a plain checkpoint."""
+    import json
+
+    from fastgpt.lora import load_lora_adapters
+    from fastgpt.weights import save_safetensors
+
+    model = tiny_model()
+    names = apply_lora(model, rank=2, alpha=3.0)
+    tokens = torch.randint(0, 50257, (2, 7))
+    adapted = adapted_logits(model, tokens)
+    base = tiny_model()  # the same seed: the same base weights
+    base.save_pretrained(tmp_path)
+    tensors = {}
+    for name in names:
+        module = model.get_submodule(name)
+        tensors[f"{name}.lora_A"] = module.lora_A.detach().clone()
+        tensors[f"{name}.lora_B"] = module.lora_B.detach().clone()
+    save_safetensors(tensors, tmp_path / "lora.safetensors")
+    info = {"rank": 2, "alpha": 3.0, "modules": names}
+    (tmp_path / "lora.json").write_text(json.dumps(info), encoding="utf-8")
+    with torch.no_grad():
+        folded = GPTModel.from_pretrained(tmp_path, backend="torch")
+        torch.testing.assert_close(folded(tokens), adapted, rtol=1e-5, atol=1e-5)
+    unmerged = GPTModel.from_pretrained(tmp_path, backend="torch", merge_adapters=False)
+    assert load_lora_adapters(unmerged, tmp_path) and has_lora(unmerged)
+
+
+def test_bad_peft_adapter_files(tmp_path):
+    import json
+
+    from fastgpt.lora import load_lora_adapters, save_pretrained_with_lora
+
+    model = tiny_model()
+    apply_lora(model, rank=2, alpha=4.0)
+    save_pretrained_with_lora(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    info = json.loads(path.read_text(encoding="utf-8"))
+    path.write_text(json.dumps({**info, "use_dora": True}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"adapter_config\.json: malformed LoRA config.*use_dora"):
+        load_lora_adapters(tiny_model(), tmp_path)
+    path.write_text(json.dumps({**info, "r": 3}), encoding="utf-8")
+    with pytest.raises(ValueError, match="missing or mis-shaped adapter"):
+        load_lora_adapters(tiny_model(), tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors is missing"):
         load_lora_adapters(tiny_model(), tmp_path)

@@ -92,7 +92,8 @@ def test_resolve_files_and_folders(tmp_path):
 
 
 def test_default_corpus_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
-    """No FASTGPT_DATA_DIR, nothing cached, no network: the error says to use --data."""
+    """No FASTGPT_DATA_DIR, nothing cached, no network: the error says to pass a file as the
+    `data` parameter (the CLI says --data: tests/test_pretrain.py)."""
     monkeypatch.delenv("FASTGPT_DATA_DIR", raising=False)
     monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path))
 
@@ -100,7 +101,7 @@ def test_default_corpus_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(FileNotFoundError, match=r"the-verdict\.txt .*--data PATH"):
+    with pytest.raises(ValueError, match=r"the-verdict\.txt .*pass a file of your own as data$"):
         resolve_text_files(None)
 
 

@@ -192,11 +192,29 @@ def test_save_and_load_untied_and_replaced_head(tmp_path):
     torch.testing.assert_close(loaded.out_head.bias, classifier.out_head.bias)
 
 
+def save_v1(model: GPTModel, directory) -> None:
+    """A folder as fastgpt wrote it before the Hugging Face layout (format_version 1): our own
+    tensor names (a tied head stored once) and our GPTConfig fields only."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tied = model.out_head.weight is model.tok_emb.weight
+    state = model.state_dict()
+    state = {k: v.contiguous() for k, v in state.items() if not (tied and k == "out_head.weight")}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    head = {"out_features": model.out_head.out_features, "bias": model.out_head.bias is not None,
+            "tied": tied}  # fmt: skip
+    info = {"format": "fastgpt", "format_version": 1, **model.config.to_dict(),
+            "tie_embeddings": tied, "out_head": head, "dtype": "float32",
+            "num_parameters": model.num_parameters()}  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def test_load_lists_bad_tensors_in_our_format(tmp_path):
     from safetensors.torch import load_file, save_file
 
     config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
-    GPTModel(config).save_pretrained(tmp_path)
+    save_v1(GPTModel(config), tmp_path)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     del tensors["trf_blocks.1.norm2.bias"]
     tensors["trf_blocks.0.att.qkv.weight"] = torch.zeros(96, 33)
@@ -205,3 +223,86 @@ def test_load_lists_bad_tensors_in_our_format(tmp_path):
         GPTModel.from_pretrained(tmp_path)
     assert "missing tensors (1): trf_blocks.1.norm2.bias" in str(info.value)
     assert "trf_blocks.0.att.qkv.weight (checkpoint (96, 33), model (96, 32))" in str(info.value)
+
+
+def test_load_lists_bad_tensors_in_the_hf_layout(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+    GPTModel(config).save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    missing = {k: v for k, v in tensors.items() if k != "transformer.h.1.ln_2.bias"}
+    save_file(missing, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing tensors \(1\): h\.1\.ln_2\.bias"):
+        GPTModel.from_pretrained(tmp_path)
+    save_file({**tensors, "transformer.h.0.attn.c_attn.weight": torch.zeros(33, 96)},
+              str(tmp_path / "model.safetensors"))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"qkv\.weight \(checkpoint \(96, 33\), model \(96, 32\)\)"
+    ):
+        GPTModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("variant", ["lm", "untied", "no-qkv-bias", "classifier"])
+def test_folders_written_before_the_hf_layout_still_load(tmp_path, variant):
+    torch.manual_seed(0)
+    overrides = {"untied": {"tie_embeddings": False}, "no-qkv-bias": {"qkv_bias": False}}
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                       **overrides.get(variant, {}))  # fmt: skip
+    model = GPTModel(config, backend="torch").eval()
+    if variant == "classifier":
+        model.out_head = nn.Linear(32, 2)
+    save_v1(model, tmp_path)
+    loaded = GPTModel.from_pretrained(tmp_path, backend="torch")
+    assert loaded.config.qkv_bias == (variant != "no-qkv-bias")
+    tied = variant not in ("untied", "classifier")
+    assert (loaded.out_head.weight is loaded.tok_emb.weight) == tied
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "v2")  # and re-saved, in the new layout
+    assert json.loads((tmp_path / "v2" / "config.json").read_text())["format_version"] == 2
+    with torch.no_grad():
+        reloaded = GPTModel.from_pretrained(tmp_path / "v2", backend="torch")
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+
+
+def test_saved_tensors_have_hf_names_and_conv1d_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2,
+                       qkv_bias=False)  # fmt: skip
+    model = GPTModel(config)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    assert "lm_head.weight" not in tensors  # tied: stored once, as transformers does
+    assert set(tensors) == {
+        "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        *(f"transformer.h.{i}.{n}" for i in range(2) for n in (
+            "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+            "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+            "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")),
+    }  # fmt: skip
+    fc1 = model.trf_blocks[1].ff.fc1.weight  # (4d, d)
+    assert torch.equal(tensors["transformer.h.1.mlp.c_fc.weight"], fc1.detach().T)  # (d, 4d)
+    assert torch.count_nonzero(tensors["transformer.h.0.attn.c_attn.bias"]) == 0  # no qkv bias
+    info = json.loads((tmp_path / "config.json").read_text())
+    assert info["qkv_bias"] is False and info["n_embd"] == 32 and info["model_type"] == "gpt2"
+
+
+def test_refuses_newer_format_and_unsaveable_models(tmp_path):
+    from fastgpt.lora import apply_lora
+
+    config = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2)
+    model = GPTModel(config)
+    model.save_pretrained(tmp_path)
+    info = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**info, "format_version": 3}))
+    with pytest.raises(ValueError, match=r"format_version 3 .* newer fastgpt"):
+        GPTModel.from_pretrained(tmp_path)
+    apply_lora(model, rank=2, alpha=2.0)
+    with pytest.raises(
+        ValueError, match=r"without a GPT-2 name: .*lora_A.*save_pretrained_with_lora"
+    ):
+        model.save_pretrained(tmp_path / "lora")

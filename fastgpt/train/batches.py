@@ -40,9 +40,9 @@ class BatchOrder:
         if self.steps_per_epoch == 0:
             raise UsageError(
                 f"the training set has {len(dataset)} examples, fewer than one optimizer step "
-                f"needs (batch_size {batch_size} × grad_accum {grad_accum} × {world_size} "
-                f"ranks = {self.examples_per_step}); lower --batch-size or --grad-accum, or "
-                "use more data"
+                f"needs ({{batch_size}} {batch_size} × {{grad_accum}} {grad_accum} × "
+                f"{world_size} ranks = {self.examples_per_step}); lower {{batch_size}} or "
+                "{grad_accum}, or use more data"
             )
         self.epoch = 0  # the epoch and step within it of the NEXT step
         self.step_in_epoch = 0
