@@ -7,18 +7,21 @@ measured in the same run:
   (CUDA events, warm-up, L2 cache flushed before each run); on CPU with `time.perf_counter`.
 - `peak_memory_mb(fn)`: the highest `torch.cuda.max_memory_allocated` while `fn()` runs once,
   inputs included (None on CPU, where PyTorch keeps no such counter).
+- `cpu_peak_bytes(fn)`: on CPU, the peak of live tensor bytes allocated while `fn()` runs once,
+  from the profiler's allocation records.
 - `measure_hardware_limits(device)`: device-to-device copy bandwidth (GB/s, bytes read plus
   bytes written) and dense matmul throughput (TFLOP/s; bf16 on CUDA, fp32 on CPU). These are the
   denominators of "% of copy bandwidth", "% of matmul TFLOP/s" and MFU.
 - `environment(device)`: GPU (or CPU) name, torch/triton/python versions, git commit, UTC date.
 - The formulas: `memory_bound_bytes`, `attention_flops`, `mfu`.
 
-Spec-sheet numbers (`SPEC_SHEET`) are kept only as clearly labelled references next to the
-measured ones; nothing is computed against them unless the report says "spec".
+Spec-sheet numbers (`fastgpt.devices.GPU_SPECS`) are kept only as clearly labelled references
+next to the measured ones; nothing is computed against them unless the report says "spec".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import platform
 import re
@@ -32,28 +35,15 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+from fastgpt.devices import gpu_spec
 
-# Vendor spec-sheet peaks, dense (no sparsity), for reference only. The benchmarks divide by the
-# limits they measure themselves; these appear in the environment record labelled "spec sheet".
-# Sources: NVIDIA H100 / H200 / A100 datasheets.
-SPEC_SHEET: dict[str, dict[str, float]] = {
-    "H100 SXM": {"bf16_tflops": 989.4, "hbm_gbps": 3350.0},
-    "H100 NVL": {"bf16_tflops": 835.0, "hbm_gbps": 3900.0},
-    "H100 PCIe": {"bf16_tflops": 756.0, "hbm_gbps": 2000.0},
-    "H200": {"bf16_tflops": 989.4, "hbm_gbps": 4800.0},
-    "A100 SXM 80GB": {"bf16_tflops": 312.0, "hbm_gbps": 2039.0},
-}
-# How each board names itself in torch.cuda.get_device_name: all substrings must appear.
-_SPEC_NAME_PATTERNS: list[tuple[tuple[str, ...], str]] = [
-    (("H100", "PCIE"), "H100 PCIe"),
-    (("H100", "NVL"), "H100 NVL"),
-    (("H100", "HBM3"), "H100 SXM"),  # "NVIDIA H100 80GB HBM3"
-    (("H100", "SXM"), "H100 SXM"),
-    (("H200",), "H200"),
-    (("A100", "SXM", "80GB"), "A100 SXM 80GB"),
-]
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when run from one
+
+
+def results_root() -> Path:
+    """Where `fastgpt bench` writes by default: ./benchmarks/results under the current folder
+    (never inside the installed package)."""
+    return Path.cwd() / "benchmarks" / "results"
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -220,6 +210,32 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device | str) -> float |
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of CPU tensor memory live at one time while `fn()` runs once, counted from
+    what was live when it began (tensors made before are not counted; freeing one of them
+    lowers the count).
+
+    Counted from the profiler's memory records (`torch.profiler`, `profile_memory=True`): every
+    allocation and free of PyTorch's CPU allocator in order. That sees every tensor, also those
+    made inside a custom op, a compiled graph (inductor allocates outside the dispatcher) or the
+    Triton interpreter, which a TorchDispatchMode watching op outputs would miss."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
+    events.sort(key=lambda e: e.start_ns())  # stable: records of one instant keep their order
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for CUDA (or CPU allocator) out-of-memory errors."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -293,13 +309,19 @@ def measure_hardware_limits(device: torch.device | str, quick: bool = False) -> 
 
 
 def git_commit(path: Path = REPO_ROOT) -> str:
-    """The checked-out commit hash (with "-dirty" when tracked files changed), else "unknown"."""
+    """The checked-out commit hash (with "-dirty" when tracked files changed) when the code runs
+    from a git checkout, else the installed package's version ("fastgpt 0.1.0")."""
+    from fastgpt import __version__
+
+    unknown = f"fastgpt {__version__}"
+    if not (path / ".git").exists():
+        return unknown
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
         )
         if commit.returncode != 0:
-            return "unknown"
+            return unknown
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=path,
@@ -310,7 +332,7 @@ def git_commit(path: Path = REPO_ROOT) -> str:
         dirty = "-dirty" if status.returncode == 0 and status.stdout.strip() else ""
         return commit.stdout.strip() + dirty
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return unknown
 
 
 def cpu_name() -> str:
@@ -345,12 +367,13 @@ def results_slug(device: torch.device | str) -> str:
 
 
 def spec_sheet(gpu_name: str) -> dict[str, Any] | None:
-    """The spec-sheet reference for a GPU name (labelled with the board it matched), or None."""
-    name = gpu_name.upper()
-    for substrings, key in _SPEC_NAME_PATTERNS:
-        if all(part in name for part in substrings):
-            return {"board": key, "source": "vendor spec sheet, dense", **SPEC_SHEET[key]}
-    return None
+    """The spec-sheet reference for a GPU name (`fastgpt.devices.GPU_SPECS`, the one table of
+    vendor peaks; labelled with the board it matched), or None. For reference only: the
+    benchmarks divide by the limits they measure themselves."""
+    spec = gpu_spec(gpu_name)
+    if spec is None:
+        return None
+    return {"source": "vendor spec sheet, dense", **dataclasses.asdict(spec)}
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:

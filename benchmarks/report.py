@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SUITE_ORDER = ("layernorm", "gelu", "attention", "train", "generate")
+SUITE_ORDER = ("layernorm", "gelu", "attention", "loss", "train", "generate")
 
 # Columns of each suite's table after the case columns: (header, record key, format).
 _KERNEL_COLUMNS = [
@@ -44,9 +44,15 @@ METRIC_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "gelu": _KERNEL_COLUMNS,
     "attention": [
         ("ms", "ms", "{:.3f}"),
-        ("TFLOP/s", "tflops", "{:.1f}"),
+        ("TFLOP/s", "tflops", "{:.3g}"),  # significant figures: CPU rows are far below 1
         ("% matmul", "pct_matmul", "{:.1f}"),
         ("peak MiB", "peak_mem_mb", "{:.0f}"),
+    ],
+    "loss": [
+        ("ms", "ms", "{:.1f}"),
+        ("tokens/s", "tokens_per_s", "{:,.0f}"),
+        ("peak MiB", "peak_mem_mb", "{:.0f}"),
+        ("peak % of eager", "peak_pct_of_eager", "{:.1f}"),
     ],
     "train": [
         ("ms/step", "ms", "{:.1f}"),
@@ -219,6 +225,7 @@ _HEADLINE_UNIT = {
     "layernorm": ("GB/s", "gbps", "{:.4g}"),
     "gelu": ("GB/s", "gbps", "{:.4g}"),
     "attention": ("TFLOP/s", "tflops", "{:.1f}"),
+    "loss": ("MiB peak", "peak_mem_mb", "{:.0f}"),
     "train": ("tokens/s", "tokens_per_s", "{:,.0f}"),
     "generate": ("tokens/s", "tokens_per_s", "{:,.1f}"),
 }
@@ -420,7 +427,8 @@ def plot_suite(suite: str, payload: dict[str, Any], out_dir: Path) -> Path | Non
             ax.bar(xs, ys, width, label=provider)
         ax.set_xticks([g + width * (len(providers) - 1) / 2 for g in range(len(groups))])
         ax.set_xticklabels(list(groups), fontsize=7)
-        ax.set_ylabel("tokens/s")
+        ax.set_ylabel("tokens/s (log scale)")
+        ax.set_yscale("log")  # gpt2-small's bars next to tiny's stay visible
         ax.legend(fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"fastgpt bench: {suite} on {device}", fontsize=10)

@@ -3,9 +3,10 @@
     from benchmarks.run import run_benchmarks
     run_benchmarks(only=["layernorm"], quick=True, out_dir=None)   # `fastgpt bench` calls this
 
-Suites: layernorm, gelu (GELU and bias+GELU), attention, train, generate. The hardware limits
-(copy bandwidth, matmul TFLOP/s) are measured once at the start of every run and stored with
-each suite's results, so every percentage is relative to the same run.
+Suites: layernorm, gelu (GELU and bias+GELU), attention, loss (fused linear + cross-entropy),
+train, generate. The hardware limits (copy bandwidth, matmul TFLOP/s) are measured once at the
+start of every run and stored with each suite's results, so every percentage is relative to the
+same run.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ SuiteFunction = Callable[[torch.device, dict[str, Any], harness.RunOptions], lis
 
 
 def suite_functions() -> dict[str, SuiteFunction]:
-    from benchmarks import kernels_bench, train_bench
+    from benchmarks import kernels_bench, loss_bench, train_bench
 
     return {
         "layernorm": kernels_bench.bench_layernorm,
         "gelu": kernels_bench.bench_gelu,
         "attention": kernels_bench.bench_attention,
+        "loss": loss_bench.bench_loss,
         "train": train_bench.bench_train,
         "generate": train_bench.bench_generate,
     }
@@ -63,8 +65,9 @@ def parse_only(value: str | None) -> list[str]:
 
 
 def default_out_dir(device: torch.device) -> Path:
-    """benchmarks/results/<gpu-name-slug>/ or benchmarks/results/cpu-<cpu-name-slug>/."""
-    return harness.RESULTS_ROOT / harness.results_slug(device)
+    """./benchmarks/results/<gpu-name-slug>/ or ./benchmarks/results/cpu-<cpu-name-slug>/
+    under the current folder."""
+    return harness.results_root() / harness.results_slug(device)
 
 
 def suite_notes(suite: str, device: torch.device, quick: bool) -> list[str]:
@@ -95,6 +98,22 @@ def suite_notes(suite: str, device: torch.device, quick: bool) -> list[str]:
             "FLOPs: 4·B·H·T²·D forward, halved for causal, ×2.5 for backward, ×3.5 for "
             "forward+backward; % is of the measured dense matmul TFLOP/s."
         )
+    if suite == "loss":
+        notes.append(
+            "Forward+backward of gpt2-small's head loss (d = 768, V = 50,257) into hidden and "
+            "weight. fastgpt: kernels.fused_linear_cross_entropy (chunks of rows, the N × V "
+            "logits never exist); baselines: F.cross_entropy((hidden @ weight.T).float(), "
+            "targets) eager and compiled. Peak memory includes inputs and gradients; "
+            "`peak % of eager` is the row's peak over torch eager's."
+        )
+        if device.type != "cuda":
+            notes.append(
+                "On CPU the fastgpt row is the same chunked algorithm with PyTorch math per "
+                "chunk (chunked_linear_cross_entropy_torch, no Triton): its peak memory is the "
+                "algorithm's, its time not the kernel's. CPU peak memory = the profiler's "
+                "allocation records over one call (harness.cpu_peak_bytes) + the inputs' "
+                "bytes; full shapes are timed with one repetition."
+            )
     if suite == "train":
         notes.append(
             "MFU = tokens/s × (6·N + 12·L·T·d) / measured dense matmul FLOP/s "
@@ -167,6 +186,7 @@ def run_benchmarks(
         written[f"{suite}.json"] = report.write_suite_json(
             out, suite, records, env, hardware, notes
         )
+        written.update(report.write_all(out))  # summary.md and plots current after each suite
         print_fn(report.markdown_table(suite, records))
         head = report.headline(records)
         if head:

@@ -9,6 +9,10 @@ Depends on torch and triton only. Each op has a plain-PyTorch reference beside i
 """
 
 from kernels.attention import attention, attention_reference
+from kernels.cross_entropy import (
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
 from kernels.gelu import GELU, bias_gelu, bias_gelu_reference, gelu, gelu_reference
 from kernels.layer_norm import LayerNorm, layer_norm, layer_norm_reference
 
@@ -19,6 +23,8 @@ __all__ = [
     "attention_reference",
     "bias_gelu",
     "bias_gelu_reference",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
     "gelu",
     "gelu_reference",
     "layer_norm",

@@ -452,3 +452,14 @@ def test_bench_report_only_defaults_to_the_devices_folder_and_out_must_be_writab
     (tmp_path / "a-file").write_text("")
     assert cli.main(["bench", "--device", "cpu", "--out", str(tmp_path / "a-file" / "x")]) == 2
     assert "--out" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+
+
+def test_results_go_under_the_current_folder_and_name_the_code(tmp_path, monkeypatch):
+    """Installed or not, bench writes to ./benchmarks/results (never into the package) and
+    records the commit of a checkout, the package version otherwise."""
+    from benchmarks import run
+
+    monkeypatch.chdir(tmp_path)
+    assert run.default_out_dir(torch.device("cpu")).parent == tmp_path / "benchmarks" / "results"
+    assert harness.git_commit(tmp_path).startswith("fastgpt ")  # not a checkout
+    assert harness.git_commit() != harness.git_commit(tmp_path)  # this checkout: a commit

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastgpt.errors import UsageError
 
-SUITE_HELP = "layernorm, gelu, attention, train, generate"
+SUITE_HELP = "layernorm, gelu, attention, loss, train, generate"
 
 
 def suites_arg(value: str) -> list[str]:
@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         default=None,
         metavar="DIR",
-        help="results folder (default: benchmarks/results/<gpu-name>/, or cpu-<cpu-name>/)",
+        help="results folder (default: ./benchmarks/results/<gpu-name>/ under the current "
+        "folder, or cpu-<cpu-name>/)",
     )
     parser.add_argument(
         "--dtypes",

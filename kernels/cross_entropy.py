@@ -1,0 +1,584 @@
+"""Fused linear + cross-entropy: the loss of a linear head whose (N × V) logits never exist.
+
+    loss = cross_entropy(hidden @ weight.T + bias, targets)
+
+`fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100,
+reduction="mean")` takes hidden (N, d), weight (V, d) (an `nn.Linear(d, V)`'s weight, e.g. GPT-2's
+output head), optional bias (V,) and targets (N,) int64, and returns the fp32 loss: a scalar for
+"mean" (over the targets that are not `ignore_index`, nan when all are, as `F.cross_entropy`) and
+"sum", (N,) for "none" (0 at ignored targets). It is differentiable in hidden, weight and bias.
+hidden, weight and bias share one dtype, fp32, fp16 or bf16; every sum and the log-sum-exp are
+fp32, so logits of ±1e4 do not overflow; the gradients are deterministic (no atomics: the
+chunks are visited in order and each reduction has a fixed order).
+
+Memory: the rows are processed in chunks of C rows (`_chunk_rows`), so besides the inputs and
+the gradients (O(N·d + V·d)) only one (C × V) block of logits is alive at a time, never (N × V).
+Per chunk, Liger-Kernel's way:
+
+    logits  = hidden[chunk] @ weight.T + bias                 (C, V), one matmul, input dtype
+    kernel  : loss per row and, in place of the logits, dz = softmax(logits) - onehot(target)
+    grad_hidden[chunk] = dz @ weight;   grad_weight += dz.T @ hidden[chunk] (fp32);
+    grad_bias += Σ_rows dz (fp32)
+
+For "mean" and "sum" the gradients are computed during the forward pass and kept for backward,
+which only scales them by the upstream gradient (÷ the number of counted targets for "mean"):
+three matmuls in all instead of the unfused four. For "none" the upstream gradient differs per
+row, so the forward computes the losses only and the backward recomputes each chunk's logits
+with dz scaled per row.
+
+Where it runs (see `kernels/_dispatch.py`): on CUDA the per-chunk loss/gradient step is the
+Triton kernel below; on CPU it runs through Triton's interpreter when TRITON_INTERPRET=1, and
+otherwise the same step in PyTorch (`chunked_linear_cross_entropy_torch` always takes that
+path). The matmuls are PyTorch's (cuBLAS on CUDA). The chunk loop is the `torch.library` op
+`fastgpt::fused_linear_cross_entropy_forward` (and `..._backward` for "none") with an autograd
+formula, so a model calling it compiles with `torch.compile(fullgraph=True)`.
+`fused_linear_cross_entropy_reference` is the unfused loss, for the tests.
+
+Bad inputs raise before any kernel runs: TypeError for dtypes (non-float hidden/weight/bias,
+mixed dtypes, targets not int64), ValueError for shapes, devices, `reduction`, and a target
+outside [0, V) that is not `ignore_index` (checked on the values, never a device-side assert).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# Widest vocabulary tile of the kernel (columns); wider rows loop over tiles of this size (GPT-2's
+# 50,257 = two tiles on a GPU). The interpreter, slow per operation, takes 50,257 in one tile.
+# Module-level so tests can shrink it to exercise the looping path cheaply.
+MAX_BLOCK_V = 65536 if triton_interpreter_enabled() else 32768
+# Rows per chunk (see `_chunk_rows`). None: the rule below; an int forces it (tests).
+CHUNK_ROWS: int | None = None
+# Lower bound on the logits of one chunk (elements), so a narrow d does not make many tiny
+# matmuls; 4M elements are 16 MiB in fp32.
+MIN_CHUNK_ELEMENTS = 1 << 22
+MAX_CHUNK_ROWS = 16384
+
+
+def fused_linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The unfused loss: `F.cross_entropy(hidden @ weight.T + bias, targets, ...)` on the whole
+    (N, V) logits, in fp32 (fp64 inputs stay fp64). hidden (N, d), weight (V, d), bias (V,),
+    targets (N,) int64 -> scalar ("mean", "sum") or (N,) ("none")."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = hidden.to(dtype) @ weight.to(dtype).T  # (N, V)
+    if bias is not None:
+        logits = logits + bias.to(dtype)
+    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+# --- Triton kernel -----------------------------------------------------------------------
+#
+# One chunk of M rows of logits z (M, V) in the input dtype. A program handles BLOCK_M rows and
+# walks the vocabulary in tiles of BLOCK_V columns, twice:
+#
+# Pass 1, an online log-sum-exp in fp32 (the running maximum m and the sum s of exp(z - m)):
+#     m' = max(m, max(tile)),   s = s · exp(m - m') + Σ exp(tile - m'),   m = m'
+#     log-sum-exp = m + log(s)
+# Every exponent is ≤ 0, so logits of ±1e4 neither overflow nor lose the row's largest terms.
+# Then the target's logit z_t is read and loss = (m - z_t) + log(s) (0 where target ==
+# ignore_index). m and log(s) are kept apart: their sum, rounded at |m| ~ 1e4, would carry an
+# absolute error of ~1e-3 into every exp(z - m - log(s)) below.
+#
+# Pass 2 (COMPUTE_GRAD), the gradient of the row's loss with respect to its logits, written over
+# the logits in place (they are not needed any more):
+#     dz = (exp((z - m) - log(s)) - [column == target]) · scale        (0 on ignored rows)
+# with `scale` the row's upstream gradient: 1 for "mean"/"sum" (scaled later, in fp32, by the
+# autograd backward) and the per-row upstream gradient for "none". A stride of 0 lets one
+# scale serve every row.
+#
+# When the row fits one tile (SINGLE_TILE: V <= BLOCK_V) it is read once: e = exp(z - max) is
+# kept and softmax = e / Σ e. Rows past M (in the last program of a chunk) are masked:
+# exponents there are taken against 0 and nothing becomes nan.
+
+
+@triton.jit
+def _cross_entropy_forward_kernel(
+    logits_ptr,  # (M, V), rows logits_row_stride apart, columns contiguous; dz on exit
+    targets_ptr,  # (M,) int64
+    scale_ptr,  # (M,) fp32, scale_stride apart (0: one scale for every row)
+    loss_ptr,  # (M,) fp32
+    logits_row_stride,
+    scale_stride,
+    M,
+    V,
+    ignore_index,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
+    row_mask = rows < M
+    z_rows = logits_ptr + rows * logits_row_stride  # (BLOCK_M,) pointers to each row's start
+    cols = tl.arange(0, BLOCK_V)  # (BLOCK_V,)
+    target = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)  # (BLOCK_M,)
+    counted = row_mask & (target != ignore_index)
+
+    if SINGLE_TILE:  # the whole row in one tile: read once, keep exp(z - m) for the gradient
+        mask = row_mask[:, None] & (cols[None, :] < V)  # (BLOCK_M, BLOCK_V)
+        ptrs = z_rows[:, None] + cols[None, :]
+        z = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.where(row_mask, tl.max(z, axis=1), 0.0)  # (BLOCK_M,)
+        e = tl.exp(z - m[:, None])  # 0 where masked
+        s = tl.where(row_mask, tl.sum(e, axis=1), 1.0)  # >= 1: the maximum contributes 1
+        log_s = tl.log(s)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        s = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            c = start + cols
+            mask = row_mask[:, None] & (c[None, :] < V)  # (BLOCK_M, BLOCK_V)
+            z = tl.load(z_rows[:, None] + c[None, :], mask=mask, other=float("-inf"))
+            z = z.to(tl.float32)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked rows only
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+            m = m_new
+        m = tl.where(row_mask, m, 0.0)
+        log_s = tl.log(tl.where(row_mask, s, 1.0))
+    z_target = tl.load(z_rows + tl.where(counted, target, 0), mask=counted, other=0.0)
+    loss = tl.where(counted, (m - z_target.to(tl.float32)) + log_s, 0.0)  # (BLOCK_M,)
+    tl.store(loss_ptr + rows, loss, mask=row_mask)
+
+    if COMPUTE_GRAD:
+        scale = tl.load(scale_ptr + rows * scale_stride, mask=row_mask, other=0.0)
+        scale = tl.where(counted, scale.to(tl.float32), 0.0)  # (BLOCK_M,)
+        if SINGLE_TILE:
+            p = e * (1.0 / s)[:, None]
+            dz = tl.where(cols[None, :] == target[:, None], p - 1.0, p) * scale[:, None]
+            tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=mask)
+        else:
+            for start in range(0, V, BLOCK_V):
+                c = start + cols
+                mask = row_mask[:, None] & (c[None, :] < V)
+                ptrs = z_rows[:, None] + c[None, :]
+                z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+                p = tl.exp((z - m[:, None]) - log_s[:, None])
+                dz = tl.where(c[None, :] == target[:, None], p - 1.0, p) * scale[:, None]
+                tl.store(ptrs, dz.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+# --- Launchers ---------------------------------------------------------------------------
+
+
+def _chunk_rows(n: int, v: int, d: int) -> int:
+    """Rows per chunk. Liger-Kernel's rule, C = next_pow2(N / ceil(V / d)), makes a chunk's
+    logits (C × V) about as large as hidden (N × d); raised to MIN_CHUNK_ELEMENTS logits for a
+    narrow d, capped at MAX_CHUNK_ROWS (`CHUNK_ROWS` replaces the rule). The N rows are then
+    split into that many chunks of equal size (the last at most one row shorter), so no small
+    tail chunk is left over: a matmul of a few rows is slow on a GPU and, in CPU BLAS, takes a
+    less accurate path (up to 10x the rounding error over a 50k-long sum)."""
+    if n == 0:
+        return 1
+    if CHUNK_ROWS is not None:
+        rows = max(1, CHUNK_ROWS)
+    else:
+        rows = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, d)))
+        rows = max(rows, triton.next_power_of_2(triton.cdiv(MIN_CHUNK_ELEMENTS, v)))
+        rows = min(rows, MAX_CHUNK_ROWS)
+    return triton.cdiv(n, triton.cdiv(n, rows))
+
+
+def _tile(m: int, v: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_V, SINGLE_TILE, num_warps) for a chunk of M rows of V logits. On a GPU
+    one row per program (a chunk has hundreds of rows), the vocabulary in tiles of up to
+    MAX_BLOCK_V (SINGLE_TILE when one tile holds it); the interpreter runs programs one by one,
+    so there several rows share a program."""
+    block_v = min(triton.next_power_of_2(v), MAX_BLOCK_V)
+    if triton_interpreter_enabled():
+        block_m = max(1, min((1 << 18) // block_v, triton.next_power_of_2(m)))
+    else:
+        block_m = 1
+    num_warps = min(32, max(4, block_v // 1024))
+    return block_m, block_v, block_v >= v, num_warps
+
+
+def _cross_entropy_chunk_torch(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    loss: torch.Tensor,
+    ignore_index: int,
+    compute_grad: bool,
+) -> None:
+    """The kernel's step in PyTorch (CPU without the interpreter), same math and in place:
+    z (M, V) logits -> loss (M,) fp32 and, with compute_grad, dz written over z."""
+    zf = z.float()  # z itself when fp32 (then overwritten in place: it is ours)
+    counted = targets != ignore_index
+    safe = torch.where(counted, targets, 0)
+    m = zf.amax(dim=1, keepdim=True)  # (M, 1)
+    z_target = zf.gather(1, safe[:, None])  # (M, 1)
+    shifted = zf.sub_(m)  # z - max, in place
+    log_s = torch.logsumexp(shifted, dim=1, keepdim=True)  # (M, 1), log Σ exp(z - max)
+    loss.copy_(torch.where(counted, ((m - z_target) + log_s).squeeze(1), 0.0))
+    if compute_grad:
+        p = shifted.sub_(log_s).exp_()  # (M, V) softmax, in place
+        p[torch.arange(p.shape[0], device=p.device), safe] -= 1.0
+        p.mul_(torch.where(counted, scale.float(), 0.0)[:, None])
+        if p is not z:
+            z.copy_(p)
+
+
+def _cross_entropy_chunk(
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    loss: torch.Tensor,
+    ignore_index: int,
+    compute_grad: bool,
+    use_kernel: bool,
+) -> None:
+    """Loss per row of the chunk z (M, V) into loss (M,) fp32; with compute_grad, dz over z.
+    scale: (M,) fp32 or (1,) for every row."""
+    if not use_kernel:
+        _cross_entropy_chunk_torch(z, targets, scale, loss, ignore_index, compute_grad)
+        return
+    m, v = z.shape
+    block_m, block_v, single, num_warps = _tile(m, v)
+    scale_stride = 0 if scale.numel() == 1 else scale.stride(0)
+    _cross_entropy_forward_kernel[(triton.cdiv(m, block_m),)](
+        z, targets, scale, loss,
+        z.stride(0), scale_stride, m, v, ignore_index,
+        BLOCK_M=block_m, BLOCK_V=block_v, SINGLE_TILE=single, COMPUTE_GRAD=compute_grad,
+        num_warps=num_warps,
+    )  # fmt: skip
+
+
+_FP32_OUT_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(fp32, half, half, out_dtype=torch.float32)` (cuBLAS accumulating
+    into fp32 in one call) runs and is right on this device; probed once per device and dtype."""
+    key = (str(device), dtype)
+    if key not in _FP32_OUT_ADDMM:
+        ok = False
+        if device.type == "cuda":
+            try:
+                g = torch.Generator(device="cpu").manual_seed(0)
+                a, b = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
+                c = torch.randn(16, 8, generator=g)
+                a2, b2 = a.to(device, dtype), b.to(device, dtype)
+                got = torch.addmm(c.to(device), a2, b2, out_dtype=torch.float32)
+                want = c + a2.float().cpu() @ b2.float().cpu()
+                ok = got.dtype == torch.float32 and torch.allclose(got.cpu(), want, atol=1e-3)
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        _FP32_OUT_ADDMM[key] = ok
+    return _FP32_OUT_ADDMM[key]
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b with acc fp32 and a, b in the input dtype: in place for fp32; for fp16/bf16
+    one cuBLAS call accumulating in fp32 where available, else the product rounded to the
+    input dtype and added in fp32. Returns the new accumulator."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    if _fp32_out_addmm_works(acc.device, a.dtype):
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.add_(torch.mm(a, b))
+
+
+def _check_target_values(targets: torch.Tensor, v: int, ignore_index: int) -> None:
+    """ValueError naming the first target outside [0, V) that is not ignore_index."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"fused_linear_cross_entropy: targets[{i}] = {int(targets[i])} is outside the "
+            f"classes [0, {v}) and is not ignore_index ({ignore_index})"
+        )
+
+
+def _chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    scale: torch.Tensor,
+    compute_grad: bool,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The chunk loop. hidden (N, d), weight (V, d), bias (V,) | None, targets (N,) int64,
+    scale (N,) or (1,) fp32 (the upstream gradient of each row's loss) -> loss (N,) fp32 and,
+    with compute_grad, grad_hidden (N, d) in hidden's dtype, grad_weight (V, d) and
+    grad_bias (V,) | None in fp32, for the upstream gradient `scale`."""
+    _check_target_values(targets, weight.shape[0], ignore_index)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    device = hidden.device
+    targets = targets.contiguous()
+    scale = scale.contiguous()
+    loss = _empty((n,), torch.float32, device)
+    grad_hidden = grad_weight = grad_bias = None
+    if compute_grad:
+        grad_hidden = _empty((n, d), hidden.dtype, device)
+        grad_weight = torch.zeros((v, d), dtype=torch.float32, device=device)
+        if bias is not None:
+            grad_bias = torch.zeros(v, dtype=torch.float32, device=device)
+    rows = _chunk_rows(n, v, d)
+    buffer = _empty((min(rows, n), v), hidden.dtype, device)  # the one block of logits
+    weight_t = weight.t()  # (d, V) view
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h = hidden[start:end]  # (C, d)
+        z = buffer[: end - start]  # (C, V)
+        if bias is None:
+            torch.mm(h, weight_t, out=z)
+        else:
+            torch.addmm(bias, h, weight_t, out=z)
+        s = scale if scale.numel() == 1 else scale[start:end]
+        chunk_targets = targets[start:end]
+        _cross_entropy_chunk(
+            z, chunk_targets, s, loss[start:end], ignore_index, compute_grad, use_kernel
+        )
+        if compute_grad:  # z now holds dz (C, V)
+            torch.mm(z, weight, out=grad_hidden[start:end])
+            grad_weight = _addmm_fp32(grad_weight, z.t(), h)
+            if grad_bias is not None:
+                grad_bias += torch.sum(z, dim=0, dtype=torch.float32)
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+def _fused_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss, grad_hidden, grad_weight, grad_bias). The gradients are those of the summed
+    loss (upstream gradient 1 per row, before "mean"'s division), computed only for "mean"/"sum"
+    with compute_grad; otherwise, like an absent bias's, empty (0,) placeholders."""
+    grad = compute_grad and reduction != "none"
+    one = torch.ones(1, dtype=torch.float32, device=hidden.device)
+    rows, gh, gw, gb = _chunked(hidden, weight, bias, targets, ignore_index, one, grad, use_kernel)
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:  # 0 / 0 = nan when every target is ignored, as F.cross_entropy
+        loss = rows.sum() / (targets != ignore_index).sum()
+    f32 = torch.float32
+    return (  # placeholders must not alias each other: a fresh empty tensor each
+        loss,
+        gh if gh is not None else hidden.new_empty((0,)),
+        gw if gw is not None else hidden.new_empty((0,), dtype=f32),
+        gb if gb is not None else hidden.new_empty((0,), dtype=f32),
+    )
+
+
+# --- torch.library ops -------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgpt::fused_linear_cross_entropy_forward", mutates_args=())
+def _fused_forward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fused_forward(
+        hidden, weight, bias, targets, ignore_index, reduction, compute_grad, use_kernel
+    )
+
+
+@_fused_forward_op.register_fake
+def _(hidden, weight, bias, targets, ignore_index, reduction, compute_grad, use_kernel):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    grad = compute_grad and reduction != "none"
+    f32 = torch.float32
+    return (
+        hidden.new_empty((n,) if reduction == "none" else (), dtype=f32),
+        hidden.new_empty((n, d) if grad else (0,)),
+        hidden.new_empty((v, d) if grad else (0,), dtype=f32),
+        hidden.new_empty((v,) if grad and bias is not None else (0,), dtype=f32),
+    )
+
+
+@torch.library.custom_op("fastgpt::fused_linear_cross_entropy_backward", mutates_args=())
+def _fused_backward_op(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    use_kernel: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduction="none": grad_loss (N,) fp32 -> grad_hidden (N, d) in hidden's dtype,
+    grad_weight (V, d) and grad_bias (V,) (or (0,) without bias) in fp32."""
+    _, gh, gw, gb = _chunked(
+        hidden, weight, bias, targets, ignore_index, grad_loss, True, use_kernel
+    )
+    return gh, gw, gb if gb is not None else grad_loss.new_empty((0,))
+
+
+@_fused_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, targets, ignore_index, use_kernel):
+    v, d = weight.shape
+    f32 = torch.float32
+    return (
+        hidden.new_empty(hidden.shape),
+        hidden.new_empty((v, d), dtype=f32),
+        hidden.new_empty((v,) if bias is not None else (0,), dtype=f32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, ignore_index, reduction, _, use_kernel = inputs
+    _, gh, gw, gb = output
+    ctx.reduction, ctx.ignore_index, ctx.use_kernel = reduction, ignore_index, use_kernel
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    if reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, targets)
+    else:
+        ctx.save_for_backward(gh, gw, gb, targets)
+    ctx.mark_non_differentiable(gh, gw, gb)
+
+
+def _backward(ctx, grad_loss, _dgh, _dgw, _dgb):
+    hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    if ctx.reduction == "none":
+        hidden, weight, bias, targets = ctx.saved_tensors
+        gh, gw, gb = _fused_backward_op(
+            grad_loss.float().contiguous(), hidden, weight, bias, targets,
+            ctx.ignore_index, ctx.use_kernel,
+        )  # fmt: skip
+        gh = gh.to(hidden_dtype)
+    else:
+        gh, gw, gb, targets = ctx.saved_tensors
+        scale = grad_loss.float()  # () fp32
+        if ctx.reduction == "mean":  # nothing counted: the gradients are 0, not 0 / 0
+            scale = scale / (targets != ctx.ignore_index).sum().clamp(min=1)
+        gh = (gh.float() * scale).to(hidden_dtype)
+        gw = gw * scale
+        gb = gb * scale
+    grad_bias = None if bias_dtype is None else gb.to(bias_dtype)
+    return gh, gw.to(weight_dtype), grad_bias, None, None, None, None, None
+
+
+_fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- Public API --------------------------------------------------------------------------
+
+
+def _check_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    reduction: str,
+) -> torch.device:
+    """TypeError/ValueError naming the bad argument; returns the common device."""
+    name = "fused_linear_cross_entropy"
+    device = check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    for arg, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        check_float(arg, t)
+    for arg, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name}: {arg} must have hidden's dtype {hidden.dtype}, got {t.dtype} "
+                "(cast them to one dtype)"
+            )
+    if targets.dtype != torch.int64:
+        raise TypeError(
+            f"{name}: targets must be int64 (torch.long) class ids, got {targets.dtype}"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"{name}: hidden must be 2-D (N, d), got shape {tuple(hidden.shape)} "
+            "(flatten the leading dimensions, e.g. hidden.flatten(0, 1))"
+        )
+    n, d = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != d or weight.shape[0] == 0:
+        raise ValueError(
+            f"{name}: weight must have shape (V, {d}) with V >= 1 to match hidden "
+            f"{tuple(hidden.shape)}, got {tuple(weight.shape)}"
+        )
+    v = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(
+            f"{name}: bias must have shape ({v},) to match weight {tuple(weight.shape)}, "
+            f"got {tuple(bias.shape)}"
+        )
+    if tuple(targets.shape) != (n,):
+        raise ValueError(
+            f"{name}: targets must have shape ({n},) to match hidden {tuple(hidden.shape)}, "
+            f"got {tuple(targets.shape)}"
+        )
+    return device
+
+
+def _apply(hidden, weight, targets, bias, ignore_index, reduction, use_kernel) -> torch.Tensor:
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    loss, _, _, _ = torch.ops.fastgpt.fused_linear_cross_entropy_forward(
+        hidden, weight, bias, targets, int(ignore_index), reduction, compute_grad, use_kernel
+    )
+    return loss
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of the logits `hidden @ weight.T + bias` against `targets`, computed in
+    chunks of rows so that the (N, V) logits never exist.
+
+    hidden (N, d), weight (V, d), bias (V,) or None: one dtype, fp32/fp16/bf16, one device;
+    targets (N,) int64 class ids in [0, V) or `ignore_index`. Returns fp32: a scalar for
+    "mean" (over counted targets; nan when none is) and "sum", (N,) for "none" (0 where
+    ignored). Differentiable in hidden, weight and bias; the gradients have their dtypes.
+
+    CUDA: the Triton kernel per chunk. CPU: the kernel through Triton's interpreter when
+    TRITON_INTERPRET=1, else the same chunks in PyTorch. Raises TypeError/ValueError for bad
+    inputs (see the module docstring) before any kernel runs."""
+    device = _check_inputs(hidden, weight, targets, bias, reduction)
+    return _apply(hidden, weight, targets, bias, ignore_index, reduction, use_triton(device))
+
+
+def chunked_linear_cross_entropy_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """`fused_linear_cross_entropy` with the per-chunk step always in PyTorch (never Triton):
+    the same chunks and memory bound on any device. The CPU benchmarks time this."""
+    _check_inputs(hidden, weight, targets, bias, reduction)
+    return _apply(hidden, weight, targets, bias, ignore_index, reduction, False)

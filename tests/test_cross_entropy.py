@@ -1,0 +1,376 @@
+"""kernels.cross_entropy: the fused linear + cross-entropy loss and its gradients in hidden, weight
+and bias against the float64 reference, by tests/tolerance.py's rule.
+
+Without a GPU the Triton kernel runs through the interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), at about half a microsecond per logit: GPT-2's vocabulary (50,257) goes
+through the kernel with a few rows here and with 1023 and 4097 rows on a GPU only (`gpu`
+mark); many rows on CPU use smaller vocabularies. The PyTorch step per chunk
+(`chunked_linear_cross_entropy_torch`, what CPUs run without the interpreter) is tested beside
+the kernel. bf16 only on a GPU (the interpreter's bf16 arithmetic is wrong).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import cpu_peak_bytes
+from kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from tests.tolerance import assert_close_to_reference
+
+ce = importlib.import_module("kernels.cross_entropy")
+chunked_torch = ce.chunked_linear_cross_entropy_torch
+
+GPU = pytest.mark.gpu
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU)]
+REDUCTIONS = ["mean", "sum", "none"]
+GPT2_VOCAB = 50257
+
+
+def nan_filled_empty(shape, dtype, device):
+    """Stand-in for the launchers' allocator: an element the code forgets to write stays nan."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    monkeypatch.setattr(ce, "_empty", nan_filled_empty)
+
+
+def make_inputs(n, v, d, dtype, device, bias=True, logit_std=2.0, ignore_index=-100, seed=0):
+    """hidden (n, d), weight (v, d), bias (v,) | None, targets (n,): logits of std ~logit_std;
+    targets hit the last class (row 0) and class 0 (row 2); every 7th from row 1 is ignored."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g) * logit_std).to(device, dtype)
+    weight = (torch.randn(v, d, generator=g) / d**0.5).to(device, dtype)
+    b = (0.5 * torch.randn(v, generator=g)).to(device, dtype) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[0] = v - 1
+    targets[2:3] = 0
+    targets[1::7] = ignore_index
+    return hidden, weight, b, targets.to(device)
+
+
+def upstream(reduction, n, seed=1):
+    """The gradient fed to backward: not 1 (so scaling is tested), exact in fp16."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (n,) if reduction == "none" else ()
+    return torch.randint(1, 16, shape, generator=g).float() / 8
+
+
+def run(loss_fn, dy, *tensors):
+    """[loss, grad of each tensor that is not None] of loss_fn(*leaves).backward(dy)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+    loss = loss_fn(*leaves)
+    loss.backward(dy.to(loss.device, loss.dtype))
+    return [loss.detach(), *(t.grad for t in leaves if t is not None)]
+
+
+def unfused_loss(hidden, weight, targets, bias=None, **kw):
+    """PyTorch's loss in the inputs' dtype, as fastgpt's engine computes it: the logits in that
+    dtype, the softmax of them upcast to fp32 (an fp16 loss would overflow past 65504)."""
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, **kw)
+
+
+def check_loss(
+    hidden,
+    weight,
+    bias,
+    targets,
+    ignore_index=-100,
+    reduction="mean",
+    fn=fused_linear_cross_entropy,
+):
+    """Loss and gradients of `fn` against PyTorch's unfused loss in the same dtype
+    (`unfused_loss`: its own error) and the reference in float64.
+    Returns ours: [loss, dhidden, dweight(, dbias)]."""
+    dtype = hidden.dtype
+    dy = upstream(reduction, targets.shape[0])
+    kw = {"ignore_index": ignore_index, "reduction": reduction}
+    ours = run(lambda h, w, b: fn(h, w, targets, b, **kw), dy, hidden, weight, bias)
+    same = run(lambda h, w, b: unfused_loss(h, w, targets, b, **kw), dy, hidden, weight, bias)
+    b64 = None if bias is None else bias.double()
+    ref = run(lambda h, w, b: fused_linear_cross_entropy_reference(h, w, targets, b, **kw), dy,
+              hidden.double(), weight.double(), b64)  # fmt: skip
+    assert ours[0].dtype == torch.float32
+    names = ("loss", "dhidden", "dweight", "dbias")
+    for name, a, s, r in zip(names, ours, same, ref, strict=False):
+        assert a.shape == r.shape, name
+        if name != "loss":
+            assert a.dtype == dtype, name
+        assert_close_to_reference(a, s, r, dtype=dtype, backward=name != "loss", name=name)
+    return ours
+
+
+# --- against the reference --------------------------------------------------------------------
+
+# (N, V, d, bias, MAX_BLOCK_V): V = 97 (odd, one tile), V = 1000 in tiles of 256 and V = 300 in
+# tiles of 128 (the last one ragged), GPT-2's vocabulary in one tile (interpreter; two on a GPU).
+KERNEL_CASES = [
+    (1, 97, 32, True, None),
+    (17, 97, 32, False, None),
+    (1023, 97, 32, True, None),
+    (4097, 97, 16, False, None),
+    (17, 1000, 32, True, 256),
+    (1023, 1000, 16, False, 256),
+    (4097, 300, 8, True, 128),
+    (1, GPT2_VOCAB, 16, False, None),
+    (17, GPT2_VOCAB, 16, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "v", "d", "bias", "max_block_v"), KERNEL_CASES, ids=str)
+def test_matches_reference(n, v, d, bias, max_block_v, dtype, device, monkeypatch, nan_outputs):
+    if max_block_v is not None:
+        monkeypatch.setattr(ce, "MAX_BLOCK_V", max_block_v)
+    if n >= 64:  # several chunks (smaller ones: CPU BLAS's few-row matmul is less accurate)
+        monkeypatch.setattr(ce, "CHUNK_ROWS", n // 3)
+    check_loss(*make_inputs(n, v, d, dtype, device, bias=bias))
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1023, 4097])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpt2_vocabulary_many_rows_kernel(n, dtype, bias, device):
+    # Through the interpreter these would take minutes (~0.5 µs a logit); on CPU the many-row
+    # chunk loop is tested at V = 97, 300, 1000 above and for memory at 8192 rows below.
+    check_loss(*make_inputs(n, GPT2_VOCAB, 768, dtype, device, bias=bias))
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_reduction(reduction, dtype, path, device, monkeypatch, nan_outputs):
+    monkeypatch.setattr(ce, "MAX_BLOCK_V", 256)
+    monkeypatch.setattr(ce, "CHUNK_ROWS", 100)
+    fn = fused_linear_cross_entropy if path == "kernel" else chunked_torch
+    inputs = make_inputs(257, 1000, 16, dtype, device, ignore_index=3)
+    check_loss(*inputs, ignore_index=3, reduction=reduction, fn=fn)
+
+
+def test_reference_is_the_textbook_loss():
+    # The rule measures PyTorch's own error against the reference, so the reference must be
+    # right: -log softmax(hidden @ weight.T + bias)[target], averaged over counted targets.
+    hidden, weight, bias, targets = make_inputs(33, 97, 8, torch.float64, "cpu")
+    logits = hidden @ weight.T + bias
+    counted = targets != -100
+    nll = -(logits - logits.logsumexp(1, keepdim=True))[counted, targets[counted]]
+    loss = fused_linear_cross_entropy_reference(hidden, weight, targets, bias)
+    torch.testing.assert_close(loss, nll.mean(), rtol=1e-12, atol=0)
+    rows = fused_linear_cross_entropy_reference(hidden, weight, targets, bias, reduction="none")
+    assert rows.shape == (33,) and torch.equal(rows[~counted], torch.zeros_like(rows[~counted]))
+
+
+# --- edge cases --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["tiles", "one_tile", "torch"])
+def test_huge_logits(path, dtype, device, monkeypatch):
+    # Logits of ±1e4: exp of them overflows even in fp32; the log-sum-exp must not, nor lose
+    # the softmax's precision (a rounded m + log(s) would be off by ~1e-3 at 1e4).
+    v, fn = 300, chunked_torch if path == "torch" else fused_linear_cross_entropy
+    if path == "tiles":
+        monkeypatch.setattr(ce, "MAX_BLOCK_V", 128)
+    hidden, weight, bias, targets = make_inputs(33, v, 16, dtype, device, logit_std=6000.0)
+    logits = F.linear(hidden.float(), weight.float(), bias.float())
+    assert logits.abs().max() > 1e4 and torch.isinf(logits.exp()).any()
+    for reduction in REDUCTIONS:
+        ours = check_loss(hidden, weight, bias, targets, reduction=reduction, fn=fn)
+        assert torch.isfinite(ours[0]).all()
+
+
+@pytest.mark.parametrize("max_block_v", [None, 256])
+def test_targets_at_the_last_class(max_block_v, device, monkeypatch):
+    # Every target is class V - 1: the last column of the last (ragged) tile.
+    if max_block_v is not None:
+        monkeypatch.setattr(ce, "MAX_BLOCK_V", max_block_v)
+    for v in (97, 1000):
+        hidden, weight, bias, targets = make_inputs(40, v, 16, torch.float32, device)
+        check_loss(hidden, weight, bias, torch.full_like(targets, v - 1))
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_all_targets_ignored(reduction, path, device):
+    # As F.cross_entropy: "mean" is 0 / 0 = nan, "sum" 0, "none" zeros; gradients all zero.
+    fn = fused_linear_cross_entropy if path == "kernel" else chunked_torch
+    hidden, weight, bias, targets = make_inputs(9, 97, 8, torch.float32, device)
+    targets = torch.full_like(targets, -100)
+    ours = check_loss(hidden, weight, bias, targets, reduction=reduction, fn=fn)
+    if reduction == "mean":
+        assert torch.isnan(ours[0])
+    else:
+        assert torch.equal(ours[0], torch.zeros_like(ours[0]))
+    for grad in ours[1:]:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_ignore_index_inside_the_classes(device):
+    # ignore_index may be a real class id (e.g. a padding token): those targets do not count.
+    hidden, weight, bias, targets = make_inputs(50, 97, 8, torch.float32, device, ignore_index=5)
+    assert (targets == 5).sum() > 1
+    check_loss(hidden, weight, bias, targets, ignore_index=5)
+
+
+@pytest.mark.parametrize("layout", ["row_slice", "column_step", "transposed"])
+def test_strided_inputs(layout, device):
+    # hidden, weight and targets read in place from views; the gradients land in the bases.
+    g = torch.Generator().manual_seed(3)
+    n, v, d = 37, 97, 24
+    if layout == "row_slice":  # rows 40 apart
+        base_h = torch.randn(n, 40, generator=g)
+        view_h = lambda h: h[:, 5 : 5 + d]
+    elif layout == "column_step":  # every other column
+        base_h = torch.randn(n, 2 * d, generator=g)
+        view_h = lambda h: h[:, ::2]
+    else:
+        base_h = torch.randn(d, n, generator=g)
+        view_h = lambda h: h.t()
+    base_w = torch.randn(d, v, generator=g) / d**0.5  # weight = its transpose, (V, d)
+    targets = torch.randint(0, v, (2 * n,), generator=g)[::2]  # stride 2
+    targets[3] = -100
+    base_h, base_w, targets = base_h.to(device), base_w.to(device), targets.to(device)
+    assert not view_h(base_h).is_contiguous() and not targets.is_contiguous()
+    dy = upstream("mean", n)
+
+    def loss_of(fn):
+        return lambda h, w: fn(view_h(h), w.t(), targets)
+
+    ours = run(loss_of(fused_linear_cross_entropy), dy, base_h, base_w)
+    same = run(loss_of(unfused_loss), dy, base_h, base_w)
+    ref = run(loss_of(fused_linear_cross_entropy_reference), dy, base_h.double(), base_w.double())
+    for name, a, s, r in zip(("loss", "dhidden", "dweight"), ours, same, ref, strict=True):
+        assert_close_to_reference(a, s, r, dtype=torch.float32, backward=name != "loss", name=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradients_are_deterministic(reduction, device, monkeypatch):
+    monkeypatch.setattr(ce, "CHUNK_ROWS", 50)  # grad_weight/grad_bias summed over 4 chunks
+    monkeypatch.setattr(ce, "MAX_BLOCK_V", 128)
+    hidden, weight, bias, targets = make_inputs(200, 300, 16, torch.float32, device)
+    dy = upstream(reduction, 200)
+    loss_fn = lambda h, w, b: fused_linear_cross_entropy(h, w, targets, b, reduction=reduction)
+    first = run(loss_fn, dy, hidden, weight, bias)
+    second = run(loss_fn, dy, hidden, weight, bias)
+    for name, a, b in zip(("loss", "dhidden", "dweight", "dbias"), first, second, strict=True):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def test_without_gradients(device):
+    # No input requires grad (or grad mode is off): the loss alone, equal to the one with.
+    hidden, weight, bias, targets = make_inputs(40, 97, 8, torch.float32, device)
+    plain = fused_linear_cross_entropy(hidden, weight, targets, bias)
+    assert not plain.requires_grad
+    with torch.no_grad():
+        leaf = weight.clone().requires_grad_()
+        no_grad = fused_linear_cross_entropy(hidden, leaf, targets, bias)
+    with_grad = fused_linear_cross_entropy(hidden, weight.clone().requires_grad_(), targets, bias)
+    assert torch.equal(plain, no_grad) and torch.equal(plain, with_grad.detach())
+
+
+def test_empty_batch(device):
+    hidden = torch.randn(0, 8, device=device, requires_grad=True)
+    weight = torch.randn(97, 8, device=device, requires_grad=True)
+    targets = torch.zeros(0, dtype=torch.long, device=device)
+    assert torch.isnan(fused_linear_cross_entropy(hidden, weight, targets))  # as torch: 0 / 0
+    loss = fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(weight.grad, torch.zeros_like(weight))
+    assert fused_linear_cross_entropy(hidden, weight, targets, reduction="none").shape == (0,)
+
+
+def test_torch_compile_fullgraph(device):
+    # The op, its fake and its autograd formula trace into one graph (aot_eager: no inductor).
+    hidden, weight, bias, targets = make_inputs(20, 97, 8, torch.float32, device)
+    dy = upstream("mean", 20)
+    loss_fn = lambda h, w, b: fused_linear_cross_entropy(h, w, targets, b)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    eager = run(loss_fn, dy, hidden, weight, bias)
+    for a, b in zip(run(compiled, dy, hidden, weight, bias), eager, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_chunk_rule_at_gpt2_shapes():
+    # Liger's rule: C x V about N x d. gpt2-small at 16k tokens: 16384 / ceil(50257 / 768) ->
+    # 256 rows; a narrow d is raised to MIN_CHUNK_ELEMENTS logits; the rows are then shared
+    # equally between the chunks; never more rows than N.
+    assert ce._chunk_rows(16384, GPT2_VOCAB, 768) == 256
+    assert ce._chunk_rows(8192, GPT2_VOCAB, 768) == 128
+    assert ce._chunk_rows(4096, GPT2_VOCAB, 8) == 128  # 2**22 / 50257 -> 84 -> 128
+    assert ce._chunk_rows(4097, GPT2_VOCAB, 8) == 125  # 33 chunks of 125 or 124 rows
+    assert ce._chunk_rows(17, 97, 32) == 17
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+def test_peak_memory_is_one_chunk_not_all_logits(path, monkeypatch):
+    # Count every CPU allocation while forward+backward runs: the fused loss's peak must stay
+    # far below the (N, V) fp32 logits (which the unfused loss holds several of), and at least
+    # one chunk's logits (else the counter did not see inside the op and proves nothing).
+    n, v, d = (8192, 4096, 16) if path == "torch" else (2048, 2048, 16)
+    fn = chunked_torch if path == "torch" else fused_linear_cross_entropy
+    if path == "kernel":
+        monkeypatch.setattr(ce, "CHUNK_ROWS", 256)
+    rows = ce._chunk_rows(n, v, d)
+    hidden, weight, _, targets = make_inputs(n, v, d, torch.float32, "cpu", bias=False)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    logits_bytes = n * v * 4
+    chunk_bytes = rows * v * 4
+    assert n // rows >= 8
+
+    def fused():
+        fn(hidden, weight, targets).backward()
+
+    def unfused():
+        fused_linear_cross_entropy_reference(hidden, weight, targets).backward()
+
+    fused_peak, unfused_peak = cpu_peak_bytes(fused), cpu_peak_bytes(unfused)
+    assert unfused_peak >= 2 * logits_bytes
+    assert chunk_bytes <= fused_peak < logits_bytes / 2, (fused_peak, chunk_bytes, logits_bytes)
+    assert fused_peak < 4 * chunk_bytes + 4 * (n + v) * d * 4  # the chunk, gradients, copies
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_inputs(device):
+    h = torch.randn(4, 8, device=device)
+    w = torch.randn(10, 8, device=device)
+    t = torch.tensor([0, 9, -100, 3], device=device)
+    f = fused_linear_cross_entropy
+    with pytest.raises(TypeError, match="hidden must be float32"):
+        f(h.long(), w, t)
+    with pytest.raises(TypeError, match=r"weight must have hidden's dtype torch\.float32"):
+        f(h, w.half(), t)
+    with pytest.raises(TypeError, match="bias must have hidden's dtype"):
+        f(h, w, t, torch.zeros(10, dtype=torch.float16, device=device))
+    with pytest.raises(TypeError, match="targets must be int64"):
+        f(h, w, t.int())
+    with pytest.raises(ValueError, match=r"one device.*targets on meta"):
+        f(h, w, torch.zeros(4, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"hidden must be 2-D \(N, d\), got shape \(2, 2, 8\)"):
+        f(h.reshape(2, 2, 8), w, t)
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, 8\).*got \(10, 7\)"):
+        f(h, w[:, :7], t)
+    with pytest.raises(ValueError, match=r"bias must have shape \(10,\).*got \(9,\)"):
+        f(h, w, t, torch.zeros(9, device=device))
+    with pytest.raises(ValueError, match=r"targets must have shape \(4,\).*got \(3,\)"):
+        f(h, w, t[:3])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        f(h, w, t, reduction="avg")
+    for bad, where in ((10, 1), (-1, 2), (2**40, 3)):
+        t_bad = t.clone()
+        t_bad[where] = bad
+        with pytest.raises(ValueError, match=rf"targets\[{where}\] = {bad} is outside .*\[0, 10\)"):
+            f(h, w, t_bad)
+        with pytest.raises(ValueError, match=r"is outside"):
+            chunked_torch(h, w, t_bad)
