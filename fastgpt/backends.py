@@ -27,6 +27,7 @@ from kernels import (
     attention,
     attention_reference,
     bias_gelu,
+    fused_linear_cross_entropy,
     gelu,
     gelu_reference,
     layer_norm,
@@ -46,6 +47,35 @@ class Ops:
     attention: Callable[..., torch.Tensor]
     """(q (B, H, Tq, hd), k, v (B, H, Tk, hd), causal, dropout_p) -> (B, H, Tq, hd); causal is
     aligned bottom-right (query i sees keys up to Tk - Tq + i), as a KV cache needs."""
+    head_loss: Callable[..., torch.Tensor]
+    """(x (B, T, d), head (Linear d -> V'), vocab_size V <= V', targets (B, T) long,
+    ignore_index) -> the mean cross-entropy of the logits' first V columns over the targets
+    that are not ignore_index, fp32."""
+
+
+def _logits_loss(head, x, vocab_size, targets, ignore_index=-100):
+    """The loss from the full (B, T, V) logits, upcast to fp32 (a softmax over 50k classes
+    wants fp32), as the book computes it."""
+    logits = head(x)[..., :vocab_size]  # (B, T, V)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index
+    )
+
+
+def _fused_head_loss(head, x, vocab_size, targets, ignore_index=-100):
+    """The loss without the (B·T, V) logits: our chunked fused linear + cross-entropy on the
+    head's first vocab_size rows (a padded vocabulary's extra rows get no probability)."""
+    if not isinstance(head, nn.Linear):  # a wrapped head (LoRA) computes its own logits
+        return _logits_loss(head, x, vocab_size, targets, ignore_index)
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):  # the head's matmul as autocast would run it
+        dtype = torch.get_autocast_dtype(x.device.type)
+    weight = head.weight[:vocab_size].to(dtype)  # (V, d), a contiguous view of the first rows
+    bias = head.bias[:vocab_size].to(dtype) if head.bias is not None else None
+    hidden = x.flatten(0, 1).to(dtype)  # (B·T, d)
+    return fused_linear_cross_entropy(
+        hidden, weight, targets.flatten(), bias=bias, ignore_index=ignore_index
+    )
 
 
 def _triton_linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -74,18 +104,20 @@ def _sdpa_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0) -> tor
 
 
 BACKENDS: dict[str, Ops] = {
-    "triton": Ops("triton", layer_norm, _triton_linear_gelu, attention),
+    "triton": Ops("triton", layer_norm, _triton_linear_gelu, attention, _fused_head_loss),
     "torch": Ops(
         "torch",
         layer_norm_reference,
         lambda linear, x: gelu_reference(linear(x)),
         attention_reference,
+        _logits_loss,
     ),
     "sdpa": Ops(
         "sdpa",
         _sdpa_layer_norm,
         lambda linear, x: F.gelu(linear(x), approximate="tanh"),
         _sdpa_attention,
+        _logits_loss,
     ),
 }
 

@@ -33,9 +33,20 @@ class GPTConfig:
     """Whether the query/key/value projection has a bias (OpenAI's weights have one)."""
     tie_embeddings: bool = True
     """Whether the output head shares its weight with the token embedding (as in GPT-2)."""
+    vocab_multiple: int = 1
+    """Pad the embedding and output head to a multiple of this many rows (128: 50257 -> 50304,
+    tensor-core friendly). The extra rows never receive probability: logits, losses,
+    generation and saved weights are the unpadded model's."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+        for name in (
+            "vocab_size",
+            "context_length",
+            "emb_dim",
+            "n_heads",
+            "n_layers",
+            "vocab_multiple",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
@@ -45,6 +56,12 @@ class GPTConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and output head: vocab_size rounded up to
+        vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def head_dim(self) -> int:

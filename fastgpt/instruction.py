@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -203,13 +202,11 @@ def instruction_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
 
     A batch without any target gives 0 (connected to the graph) instead of NaN."""
     device = next(model.parameters()).device
-    logits = model(batch["input_ids"].to(device))  # (B, T, V)
+    inputs = batch["input_ids"].to(device)  # (B, T)
     targets = batch["targets"].to(device)  # (B, T)
     if not bool((targets != IGNORE_INDEX).any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+        return model(inputs).sum() * 0.0
+    return model(inputs, targets=targets, ignore_index=IGNORE_INDEX)  # fused on triton
 
 
 def perplexity(loss: float) -> float:

@@ -212,14 +212,15 @@ class GPTModel(nn.Module):
         # a training loop that trusts its data may set this to False.
         self.check_inputs = True
 
-        self.tok_emb = nn.Embedding(config.vocab_size, config.emb_dim)
+        rows = config.padded_vocab_size  # vocab_size, or more rows that never get probability
+        self.tok_emb = nn.Embedding(rows, config.emb_dim)
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
         self.drop_emb = nn.Dropout(config.drop_rate)
         self.trf_blocks = nn.ModuleList(
             TransformerBlock(config, ops) for _ in range(config.n_layers)
         )
         self.final_norm = LayerNorm(config.emb_dim, ops)
-        self.out_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.out_head = nn.Linear(config.emb_dim, rows, bias=False)
         if config.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
         self._init_weights()
@@ -284,8 +285,17 @@ class GPTModel(nn.Module):
                 f"range [0, {vocab})"
             )
 
-    def forward(self, token_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """token_ids (B, T) integer -> logits (B, T, vocab_size).
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> torch.Tensor:
+        """token_ids (B, T) integer -> logits (B, T, vocab_size); with `targets` (B, T) long,
+        the mean next-token cross-entropy instead (fp32 scalar, targets equal to
+        ignore_index left out), which the triton backend computes without ever forming the
+        (B·T, vocab_size) logits (`kernels.fused_linear_cross_entropy`).
 
         With `kv_cache`, the tokens continue the cached sequence: they get positions
         cache.length ... cache.length + T - 1 and attend to the cached keys as well."""
@@ -302,8 +312,15 @@ class GPTModel(nn.Module):
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):
             x = block(x, kv_cache=kv_cache[i] if kv_cache is not None else None)  # (B, T, d)
-        x = self.final_norm(x)
-        return self.out_head(x)  # (B, T, vocab_size)
+        x = self.final_norm(x)  # (B, T, d)
+        vocab = self.config.vocab_size
+        language_head = self.out_head.out_features == self.config.padded_vocab_size
+        if targets is not None:
+            if not language_head:
+                raise ValueError("targets need a language-model head (this is a classifier)")
+            return self.final_norm.ops.head_loss(self.out_head, x, vocab, targets, ignore_index)
+        logits = self.out_head(x)  # (B, T, padded vocab) or (B, T, classes) for a classifier
+        return logits[..., :vocab] if language_head else logits  # (B, T, vocab_size)
 
     # --- sizes and cost --------------------------------------------------------------------
 
@@ -349,6 +366,7 @@ class GPTModel(nn.Module):
         head = weights.replaced_head(tensors, config.vocab_size)
         if head:  # e.g. a classifier whose head was replaced by Linear(emb_dim, num_classes)
             model.out_head = nn.Linear(config.emb_dim, head[0], bias=head[1])
+        tensors = _vocab_rows(tensors, config.vocab_size, config.padded_vocab_size)
         what = f"Hugging Face checkpoint {directory}" if is_hf else f"checkpoint {directory}"
         weights.load_state_strict(model, tensors, what)
         if merge_adapters and not is_hf:
@@ -369,8 +387,11 @@ class GPTModel(nn.Module):
         state = {
             k: v for k, v in self.state_dict().items() if not (tied and k == "out_head.weight")
         }
+        vocab, rows = self.config.vocab_size, self.config.padded_vocab_size
+        state = _vocab_rows(state, rows, vocab)  # a padded vocabulary is saved unpadded
         config = {**self.config.to_dict(), "tie_embeddings": tied}
         out_features, bias = self.out_head.out_features, self.out_head.bias is not None
+        out_features = vocab if out_features == rows else out_features
         head = {"out_features": out_features, "bias": bias, "tied": tied}
         kind = hf_format.head_kind(self.config, out_features, bias)
         tensors = hf_format.fastgpt_to_hf(state, self.config, kind)
@@ -380,11 +401,29 @@ class GPTModel(nn.Module):
         )
 
 
+def _vocab_rows(tensors: dict[str, torch.Tensor], rows: int, to: int) -> dict[str, torch.Tensor]:
+    """The token embedding and a language head (tensors of `rows` rows) cut or zero-padded to
+    `to` rows; other tensors as they are. How a padded vocabulary is saved unpadded and
+    loaded padded again."""
+    if rows == to:
+        return tensors
+    out = dict(tensors)
+    for name in ("tok_emb.weight", "out_head.weight"):
+        t = out.get(name)
+        if t is None or t.shape[0] != rows:
+            continue  # absent (tied) or a classifier's head
+        if to < rows:
+            out[name] = t[:to]
+        else:
+            out[name] = torch.cat([t, t.new_zeros(to - rows, *t.shape[1:])])
+    return out
+
+
 def check_language_model(model: GPTModel, source: object) -> None:
     """ValueError when `model` (loaded from `source`) has a classifier's head: next-token
     training and generation need one output per token of the vocabulary."""
     outputs, vocab_size = model.out_head.out_features, model.config.vocab_size
-    if outputs != vocab_size:
+    if outputs != model.config.padded_vocab_size:
         raise ValueError(
             f"{source} is a classifier ({outputs} outputs, not one per token of the "
             f"{vocab_size}-token vocabulary): run it with `fastgpt classify`, or start from a "
@@ -394,7 +433,7 @@ def check_language_model(model: GPTModel, source: object) -> None:
 
 def count_parameters(config: GPTConfig, non_embedding: bool = False) -> int:
     """Parameter count of GPTModel(config) computed from the config alone."""
-    d, v, c = config.emb_dim, config.vocab_size, config.context_length
+    d, v, c = config.emb_dim, config.padded_vocab_size, config.context_length
     qkv = d * 3 * d + (3 * d if config.qkv_bias else 0)
     out_proj = d * d + d
     fc1 = d * 4 * d + 4 * d

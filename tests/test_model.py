@@ -353,3 +353,79 @@ def test_attention_layer_on_the_flash_kernel(device, qkv_bias):
 def test_attention_layer_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="multiple"):
         MultiHeadAttention(16, 50, 3, BACKENDS["triton"])
+
+
+# --- the padded vocabulary and the fused loss ---------------------------------------------
+
+
+def test_padded_vocabulary_is_the_unpadded_model(tmp_path):
+    """vocab_multiple pads the embedding and head rows; logits, losses, generation and the
+    saved tensors are those of the unpadded model with the same weights."""
+    from safetensors.torch import load_file
+
+    from fastgpt.generation import generate
+
+    model = tiny_model()
+    padded = GPTModel(tiny_config(vocab_multiple=128), backend="torch").eval()
+    assert padded.tok_emb.weight.shape == (128, 32) and padded.config.padded_vocab_size == 128
+    garbage = torch.randn(128 - 97, 32)  # the extra rows: it must never show
+    padded.load_state_dict(
+        {
+            k: torch.cat([v, garbage]) if k in ("tok_emb.weight", "out_head.weight") else v
+            for k, v in model.state_dict().items()
+        }
+    )
+    ids, targets = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(padded(ids), model(ids)) and padded(ids).shape == (2, 9, 97)
+        assert torch.equal(padded(ids, targets=targets), model(ids, targets=targets))
+    assert torch.equal(generate(padded, ids, 5), generate(model, ids, 5))
+    model.save_pretrained(tmp_path / "plain")
+    padded.save_pretrained(tmp_path / "padded")
+    plain, cut = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("plain", "padded"))
+    assert plain.keys() == cut.keys() and all(torch.equal(plain[k], cut[k]) for k in plain)
+    # weights of an unpadded model (OpenAI's, say) are padded on load
+    again = GPTModel.from_pretrained(tmp_path / "plain", backend="torch", vocab_multiple=128)
+    assert again.tok_emb.weight.shape == (128, 32)
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    with pytest.raises(ValueError, match="vocab_multiple must be a positive int"):
+        tiny_config(vocab_multiple=0)
+
+
+def test_fused_loss_trains_like_the_logits_loss():
+    """50 AdamW steps of a tiny model with the triton backend's fused head loss (our kernel,
+    through the interpreter on CPU) give the losses of the logits loss, by the tolerance rule
+    against the same training in float64."""
+    from fastgpt.backends import BACKENDS, Ops
+
+    torch_ops = BACKENDS["torch"]
+    fused_ops = Ops("torch+fused loss", torch_ops.layer_norm, torch_ops.linear_gelu,
+                    torch_ops.attention, BACKENDS["triton"].head_loss)  # fmt: skip
+    # one batch, 50 times: the model memorizes it, so the loss falls far
+    data = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(1)).expand(
+        50, 4, 17
+    )
+
+    def train(ops: Ops, dtype: torch.dtype) -> torch.Tensor:
+        model = tiny_model().to(dtype).train()
+        for module in model.modules():
+            if hasattr(module, "ops"):
+                module.ops = ops
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses = []
+        for batch in data:
+            loss = model(batch[:, :-1], targets=batch[:, 1:])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach().double())
+        return torch.stack(losses)
+
+    fused, logits, ref64 = (
+        train(fused_ops, torch.float32),
+        train(torch_ops, torch.float32),
+        train(torch_ops, torch.float64),
+    )
+    assert logits[-1] < logits[0] - 0.5  # it learns
+    assert_close_to_reference(fused, logits, ref64, dtype=torch.float32, name="50 losses")
