@@ -21,6 +21,10 @@ from fastgpt import __version__
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("fastgpt.commands.generate", "Generate text from a model, streaming tokens."),
     "pretrain": ("fastgpt.commands.pretrain", "Pretrain a GPT model on text files."),
+    "prepare-data": (
+        "fastgpt.commands.prepare_data",
+        "Tokenize a corpus once, in parallel, into shards for pretrain --data.",
+    ),
     "finetune-classify": (
         "fastgpt.commands.finetune_classify",
         "Fine-tune a GPT model as a text classifier (spam by default).",

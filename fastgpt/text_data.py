@@ -1,24 +1,25 @@
 """Text corpora for pretraining: files -> GPT-2 token ids cached on disk -> sliding windows.
 
-    text file(s), or a folder of .txt files
-      -> tiktoken GPT-2 ids, written once to a cache file of uint16 (read back as a NumPy memmap,
-         so a corpus larger than memory works; GPT-2's 50257 ids fit in 16 bits)
+    text file(s), a folder of them, .jsonl / .parquet documents (`fastgpt.corpus`)
+      -> tiktoken GPT-2 ids, tokenized once (in worker processes) into uint16 shard files of a
+         cache folder, read back by memory map, so a corpus larger than memory works
       -> split by position: the first (1 - val_fraction) of the tokens train, the rest validate
       -> SlidingWindowDataset: window i: inputs ids[s : s + L], targets ids[s + 1 : s + L + 1]
          with s = i · stride and L = context_length (the book's GPTDatasetV1)
 
-Several files are joined with one <|endoftext|> between them (GPT-2's document separator).
-A cache file is named by a hash of each file's absolute path, size and modification time, so an
-edited file is tokenized again; it is written to a temporary name and renamed when complete.
+    or a folder written by `fastgpt prepare-data`: its train and val splits (whole documents,
+    drawn when it was prepared) -> SlidingWindowDataset each
+
+Documents (files, JSON lines, Parquet rows) are joined with one <|endoftext|> between them
+(GPT-2's document separator). The cache folder is named by a hash of each file's absolute path,
+size and modification time, so an edited file is tokenized again. Windows run over a split's
+whole token stream, across shard boundaries: the shards are only how the stream is stored.
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
-import hashlib
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,15 +27,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fastgpt.corpus.manifest import is_corpus_dir
+from fastgpt.corpus.prepare import CHUNK_CHARS, CorpusOptions, cached_corpus
+from fastgpt.corpus.sources import first_non_utf8 as _first_non_utf8
+from fastgpt.corpus.sources import read_utf8, resolve_inputs
+from fastgpt.corpus.sources import text_chunks as _text_chunks
+from fastgpt.corpus.tokens import ShardedTokens, open_split
 from fastgpt.errors import UsageError
-from fastgpt.tokenizer import EOT_ID, EOT_TEXT
 
 DEFAULT_CORPUS = "the-verdict.txt"
 """The book's short story, used when no --data is given."""
-CACHE_FORMAT = "gpt2-uint16-v1"
-"""Part of every cache key: bump it when the way ids are produced changes."""
-CHUNK_CHARS = 1 << 22
-"""Characters read and tokenized at a time (4 Mi), so a huge file never sits in memory whole."""
+__all__ = [
+    "CHUNK_CHARS", "DEFAULT_CORPUS", "ShardedTokens", "SlidingWindowDataset", "_first_non_utf8",
+    "_text_chunks", "cached_tokens", "load_text_datasets", "read_utf8", "resolve_text_files",
+    "split_train_val", "tokenize_files",
+]  # fmt: skip
 
 
 # --- finding the files -------------------------------------------------------------------
@@ -71,75 +78,7 @@ def resolve_text_files(data: str | Path | Sequence[str | Path] | None) -> list[P
     return files
 
 
-# --- tokenizing with an on-disk cache ----------------------------------------------------
-
-
-def _cache_key(files: Sequence[Path]) -> str:
-    digest = hashlib.sha256(CACHE_FORMAT.encode())
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:32]
-
-
-def _text_chunks(path: Path, chunk_chars: int):
-    """Yield the text of `path` in pieces that tokenize exactly as the whole file would.
-
-    GPT-2's pre-tokenizer makes a lone newline between two non-space characters a piece of its
-    own (a letter, digit or punctuation after it starts a new piece; a longer whitespace run
-    would be split differently at the end of a chunk), so cutting right after such a newline
-    keeps every token intact. A chunk without such a cut point grows until one appears."""
-    pending = ""
-    with open(path, encoding="utf-8", newline="") as f:
-        while True:
-            try:
-                block = f.read(chunk_chars)
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{_first_non_utf8(path)}") from None
-            if not block:
-                break
-            pending += block
-            cut = len(pending) - 1
-            while cut > 0:
-                cut = pending.rfind("\n", 0, cut)
-                if cut < 0:
-                    break
-                lone = cut > 0 and not pending[cut - 1].isspace()
-                if lone and cut + 1 < len(pending) and not pending[cut + 1].isspace():
-                    yield pending[: cut + 1]
-                    pending = pending[cut + 1 :]
-                    break
-    if pending:
-        yield pending
-
-
-def read_utf8(path: Path) -> str:
-    """The whole text of a (small) data file; a UTF-8 byte-order mark (Excel's CSVs) is
-    dropped and line ends are kept as they are. ValueError "FILE:LINE: not UTF-8 text ..."."""
-    try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}:{_first_non_utf8(path)}") from None
-
-
-def _first_non_utf8(path: Path) -> str:
-    """ "LINE: not UTF-8 text (byte 0xNN at offset K)" for the first byte of `path` that is not
-    UTF-8, read in blocks (the text layer's error position is within its buffer, not the file)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, line = 0, 1  # bytes and lines before `block`
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            pending = len(decoder.getstate()[0])  # a character's first bytes, from the last block
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as exc:
-                bad = offset - pending + exc.start
-                line += block.count(b"\n", 0, max(0, bad - offset))
-                f.seek(bad)
-                return f"{line}: not UTF-8 text (byte 0x{f.read(1)[0]:02x} at offset {bad})"
-            offset += len(block)
-            line += block.count(b"\n")
-    return f"{line}: not UTF-8 text (the file ends inside a character, at offset {offset})"
+# --- tokenizing with an on-disk cache (fastgpt.corpus) -----------------------------------
 
 
 def tokenize_files(
@@ -147,56 +86,40 @@ def tokenize_files(
     cache_dir: str | Path | None = None,
     chunk_chars: int = CHUNK_CHARS,
     progress: bool = True,
-) -> np.ndarray:
-    """GPT-2 token ids of the files joined by <|endoftext|>: a read-only uint16 memmap (N,).
+) -> np.ndarray | ShardedTokens:
+    """GPT-2 token ids of the files joined by <|endoftext|>, read-only uint16: an np.memmap
+    when they fit in one shard (100M tokens), else a ShardedTokens over the shards.
 
-    The ids are written once to `cache_dir` (default: FASTGPT_CACHE_DIR/tokens, i.e.
-    ~/.cache/fastgpt/tokens) and reused while the files' paths, sizes and mtimes are unchanged.
-    Raises ValueError naming the file when one is empty (no tokens)."""
-    from tqdm.auto import tqdm
+    The ids are written once to a folder of `cache_dir` (default: FASTGPT_CACHE_DIR/tokens,
+    i.e. ~/.cache/fastgpt/tokens) by `fastgpt.corpus` and reused while the files' paths, sizes
+    and mtimes are unchanged. Raises ValueError naming the file when one is empty."""
+    tokens = cached_tokens(files, cache_dir, progress=progress, chunk_chars=chunk_chars)
+    return tokens.shard(0) if tokens.num_shards == 1 else tokens
 
-    from fastgpt.tokenizer import get_tokenizer
 
-    files = [Path(f) for f in files]
+def cached_tokens(
+    files: Sequence[str | Path],
+    cache_dir: str | Path | None = None,
+    text_field: str = "text",
+    workers: int | None = None,
+    progress: bool = True,
+    chunk_chars: int = CHUNK_CHARS,
+) -> ShardedTokens:
+    """The files (.txt, .jsonl, .parquet) as one token stream holding every document, prepared
+    once into the token cache (under torchrun by LOCAL_RANK 0 while the other ranks wait)."""
     if not files:
         raise ValueError("no text files given")
     if cache_dir is None:
         from fastgpt.download import cache_dir as default_cache_dir
 
         cache_dir = default_cache_dir() / "tokens"
-    cache_dir = Path(cache_dir)
-    cache_path = cache_dir / f"tokens-{_cache_key(files)}.u16"
-    if not cache_path.is_file():
-        for path in files:
-            if path.stat().st_size == 0:
-                raise ValueError(f"{path}: empty file, no text to train on")
-        tokenizer = get_tokenizer()
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.partial")
-        total_bytes = sum(p.stat().st_size for p in files)
-        bar = tqdm(
-            total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not progress
-        )
-        try:
-            with open(partial, "wb") as out:
-                for index, path in enumerate(files):
-                    if index > 0:
-                        np.array([EOT_ID], dtype=np.uint16).tofile(out)
-                    count = 0
-                    for chunk in _text_chunks(path, chunk_chars):
-                        ids = tokenizer.encode(chunk, allowed_special={EOT_TEXT})
-                        np.asarray(ids, dtype=np.uint16).tofile(out)  # ids < 50257 < 2**16
-                        count += len(ids)
-                        bar.update(len(chunk.encode("utf-8")))
-                    if count == 0:
-                        raise ValueError(f"{path}: no tokens (the file holds no text)")
-            os.replace(partial, cache_path)  # atomic: never a half-written cache under the name
-        finally:
-            bar.close()
-            partial.unlink(missing_ok=True)
-    if cache_path.stat().st_size == 0:
-        raise ValueError(f"{files[0]}: no tokens (the file holds no text)")
-    return np.memmap(cache_path, dtype=np.uint16, mode="r")
+    options = CorpusOptions(text_field=text_field, val_fraction=0.0, workers=workers)
+    log = print if progress else None
+    result = cached_corpus(files, cache_dir, options, progress=progress, log=log,
+                           chunk_chars=chunk_chars)  # fmt: skip
+    tokens = open_split(result.folder, "train")
+    assert tokens is not None  # prepare_corpus refuses a corpus without training tokens
+    return tokens
 
 
 # --- sliding windows ---------------------------------------------------------------------
@@ -227,7 +150,11 @@ class SlidingWindowDataset(Dataset):
         if not 0 <= i < self.num_windows:
             raise IndexError(f"window {i} out of range [0, {self.num_windows})")
         start = i * self.stride
-        window = np.asarray(self.token_ids[start : start + self.context_length + 1], dtype=np.int64)
+        stop = start + self.context_length + 1
+        if isinstance(self.token_ids, ShardedTokens):  # a view of the maps, or two shards joined
+            window = np.asarray(self.token_ids.read(start, stop), dtype=np.int64)
+        else:
+            window = np.asarray(self.token_ids[start:stop], dtype=np.int64)
         window = torch.from_numpy(window)  # (L + 1,)
         return window[:-1], window[1:]  # (L,), (L,)
 
@@ -278,9 +205,36 @@ def load_text_datasets(
     val_fraction: float = 0.1,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    text_field: str = "text",
+    workers: int | None = None,
 ) -> tuple[SlidingWindowDataset, SlidingWindowDataset | None]:
-    """Files (see `resolve_text_files`) -> cached ids -> (train, validation) window datasets."""
-    files = resolve_text_files(data)
-    ids = tokenize_files(files, cache_dir=cache_dir, progress=progress)
+    """(train, validation) window datasets of `data`: a folder `fastgpt prepare-data` wrote
+    (its own splits; `val_fraction` does not apply), or files (see `resolve_text_files`;
+    .jsonl and .parquet too) -> cached ids -> split by position."""
+    if is_corpus_dir(data):
+        return prepared_datasets(Path(data).expanduser(), context_length, stride)  # type: ignore[arg-type]
+    files = resolve_text_files(None) if data is None else resolve_inputs(data)  # type: ignore[arg-type]
+    ids = cached_tokens(files, cache_dir, text_field, workers, progress=progress)
     name = str(files[0]) if len(files) == 1 else f"{len(files)} files under {data}"
     return split_train_val(ids, context_length, stride, val_fraction, name=name)
+
+
+def prepared_datasets(
+    folder: Path, context_length: int, stride: int | None = None
+) -> tuple[SlidingWindowDataset, SlidingWindowDataset | None]:
+    """The windows of a prepared corpus's train and val splits (val None when it has none)."""
+    need = context_length + 1
+    train, val = open_split(folder, "train"), open_split(folder, "val")
+    if train is None or len(train) < need:
+        raise UsageError(
+            f"{folder}: its training split has {len(train) if train else 0} tokens, fewer "
+            f"than one window of context_length + 1 = {need}; use a smaller {{context_length}}"
+        )
+    if val is not None and len(val) < need:
+        raise UsageError(
+            f"{folder}: its validation split has {len(val)} tokens, fewer than one window of "
+            f"{need}; use a smaller {{context_length}}, or prepare it with a larger "
+            "--val-fraction (0 for none)"
+        )
+    train_set = SlidingWindowDataset(train, context_length, stride)
+    return train_set, None if val is None else SlidingWindowDataset(val, context_length, stride)

@@ -6,12 +6,13 @@ fastgpt pretrain --init gpt2 --data my-notes.txt --lr 1e-4 --out runs/notes   # 
 torchrun --nproc_per_node 8 -m fastgpt pretrain --data corpus/ ...      # one process per GPU
 fastgpt pretrain --out runs/gpt2 --resume --max-steps 20000             # continue a stopped run
 
-Steps: tokenize --data (a file or a folder of .txt; default the-verdict.txt) once into a cached
-uint16 file, cut it into windows of --context-length tokens every --stride tokens, split off the
-last --val-fraction as validation, build the model (--init weights or a fresh --model), train
-with the shared runner (fastgpt.train), and save the model (config.json + model.safetensors,
-loadable by `fastgpt generate --model DIR`) in --out beside metrics.jsonl, loss.png and
-checkpoint.pt.
+Steps: tokenize --data (files or folders of .txt/.jsonl/.parquet; default the-verdict.txt) once
+into cached uint16 shards (fastgpt.corpus; a folder from `fastgpt prepare-data` is used as it
+is), cut them into windows of --context-length tokens every --stride tokens, split off the last
+--val-fraction as validation (a prepared folder has its own split), build the model (--init
+weights or a fresh --model), train with the shared runner (fastgpt.train), and save the model
+(config.json + model.safetensors, loadable by `fastgpt generate --model DIR`) in --out beside
+metrics.jsonl, loss.png and checkpoint.pt.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class PretrainOptions:
     """What to pretrain on."""
 
     data: str | None = field(default=None, metadata={"metavar": "PATH"})
-    """Text to train on: a file, a folder (every .txt below it) or a quoted glob pattern; files
-    are joined with <|endoftext|> (default: the book's the-verdict.txt, downloaded once)."""
+    """Text to train on: a folder written by fastgpt prepare-data (its shards and validation
+    split as they are), or files to tokenize first: a .txt, .jsonl or .parquet file, a folder of
+    them or a quoted glob pattern; documents are joined with <|endoftext|> (default: the book's
+    the-verdict.txt, downloaded once)."""
     context_length: int = 256
     """Tokens per training window; a fresh model gets this context length (the book's
     pretraining setting)."""
@@ -40,10 +43,16 @@ class PretrainOptions:
     """Tokens between the starts of consecutive windows (default: context_length, no
     overlap)."""
     val_fraction: float = 0.1
-    """Share of the tokens (the end of the text) held out for validation; 0 = none."""
+    """Share of the tokens (the end of the text) held out for validation; 0 = none (a folder
+    from prepare-data has its own split)."""
     token_cache: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Where tokenized data is cached (default: $FASTGPT_CACHE_DIR/tokens,
     ~/.cache/fastgpt/tokens)."""
+    text_field: str = "text"
+    """The field of each .jsonl line, or the column of a .parquet file, that holds the text."""
+    tokenize_workers: int | None = field(default=None, metadata={"metavar": "N"})
+    """Processes that tokenize data not yet in the token cache (default: the machine's
+    cores); under torchrun one rank per node tokenizes while the others wait."""
     sample_prompt: str = "Every effort moves you"
     """Prompt of the greedy sample printed at each evaluation ('' = none)."""
     sample_tokens: int = 30
@@ -58,6 +67,8 @@ class PretrainOptions:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.sample_tokens < 0:
             raise ConfigError("sample_tokens", f"must be >= 0, got {self.sample_tokens}")
+        if self.tokenize_workers is not None and self.tokenize_workers < 1:
+            raise ConfigError("tokenize_workers", f"must be >= 1, got {self.tokenize_workers}")
 
 
 # The book's chapter 5 settings: AdamW, lr 4e-4, weight decay 0.1, batch 8, 1 epoch.
@@ -82,6 +93,8 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
             opts.val_fraction,
             cache_dir=opts.token_cache,
             progress=main and self.config.progress,
+            text_field=opts.text_field,
+            workers=opts.tokenize_workers,
         )
         if main:
             n_val = len(self.val_set) if self.val_set else 0

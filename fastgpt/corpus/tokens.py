@@ -1,0 +1,137 @@
+"""Reading a prepared corpus: each split's shards as one token array, by memory map.
+
+    tokens = open_split("corpus/", "train")   # ShardedTokens: len(), [a:b] views, read(a, b)
+    window = tokens.read(s, s + 1025)         # np.uint16 (1025,), across a shard boundary too
+
+Nothing is read until it is asked for, and every process (every torchrun rank, every DataLoader
+worker) maps the same files, so the page cache holds one copy of the corpus whatever their
+number.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastgpt.corpus.manifest import MANIFEST_NAME, read_manifest
+from fastgpt.corpus.writer import DTYPE
+from fastgpt.errors import UsageError
+
+
+class ShardedTokens:
+    """Token ids stored in shard files, as one 1-D array: `len`, `read(start, stop)` (an
+    ndarray: a memmap slice, or a copy joining two shards), `[start:stop]` (a lazy view),
+    `[i]`, `max()` and `np.asarray` (which reads everything: small data only)."""
+
+    def __init__(
+        self, files: Sequence[str | Path], lengths: Sequence[int],
+        maxima: Sequence[int] | None = None, start: int = 0, stop: int | None = None,
+    ):  # fmt: skip
+        self.files = [str(f) for f in files]
+        self.lengths = [int(n) for n in lengths]
+        self.maxima = None if maxima is None else [int(m) for m in maxima]
+        self.offsets = [0, *np.cumsum(self.lengths, dtype=np.int64).tolist()]
+        self.start = start
+        self.stop = self.offsets[-1] if stop is None else stop
+        self._maps: list[np.memmap | None] = [None] * len(self.files)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.files)
+
+    def shard(self, index: int) -> np.memmap:
+        """Shard `index` as a read-only memmap (opened once)."""
+        mapped = self._maps[index]
+        if mapped is None:
+            mapped = np.memmap(
+                self.files[index], dtype=DTYPE, mode="r", shape=(self.lengths[index],)
+            )
+            self._maps[index] = mapped
+        return mapped
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of this array (clipped to it), as an ndarray."""
+        a = self.start + max(0, start)
+        b = self.start + min(len(self), stop)
+        if b <= a:
+            return np.empty(0, dtype=DTYPE)
+        i = bisect.bisect_right(self.offsets, a) - 1
+        if b <= self.offsets[i + 1]:  # within one shard: a view of the map, no copy
+            return self.shard(i)[a - self.offsets[i] : b - self.offsets[i]]
+        parts = []
+        while a < b:
+            end = min(b, self.offsets[i + 1])
+            parts.append(self.shard(i)[a - self.offsets[i] : end - self.offsets[i]])
+            a, i = end, i + 1
+        return np.concatenate(parts)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("ShardedTokens slices take no step")
+            view = ShardedTokens.__new__(ShardedTokens)
+            view.__dict__.update(self.__dict__)
+            view.start, view.stop = self.start + start, self.start + max(start, stop)
+            return view
+        index = int(key) + (len(self) if key < 0 else 0)
+        if not 0 <= index < len(self):
+            raise IndexError(f"token {key} out of range [0, {len(self)})")
+        return int(self.read(index, index + 1)[0])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        ids = self.read(0, len(self))
+        return ids if dtype is None else ids.astype(dtype)
+
+    def tolist(self) -> list[int]:
+        return self.read(0, len(self)).tolist()
+
+    def max(self) -> int:
+        """The largest id: from the manifest for whole shards, read for a part of one."""
+        largest = -1
+        for i in range(self.num_shards):
+            a, b = max(self.start, self.offsets[i]), min(self.stop, self.offsets[i + 1])
+            if a >= b:
+                continue
+            whole = (a, b) == (self.offsets[i], self.offsets[i + 1]) and self.maxima is not None
+            part = self.maxima[i] if whole else int(self.read(a - self.start, b - self.start).max())  # type: ignore[index]
+            largest = max(largest, part)
+        if largest < 0:
+            raise ValueError("max() of no tokens")
+        return largest
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled (DataLoader workers): maps reopen there
+        return {**self.__dict__, "_maps": [None] * len(self.files)}
+
+
+def open_split(folder: str | Path, split: str) -> ShardedTokens | None:
+    """The tokens of one split ("train" or "val") of a complete prepared corpus, or None when
+    it has none. UsageError for an unfinished preparation or a shard of the wrong size."""
+    folder = Path(folder).expanduser()
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise UsageError(f"{folder}: no {MANIFEST_NAME}, not a corpus fastgpt prepare-data wrote")
+    if not manifest.get("complete"):
+        raise UsageError(
+            f"{folder}: its preparation has not finished; run fastgpt prepare-data again to "
+            "complete it"
+        )
+    shards = manifest["splits"][split]["shards"]
+    if not shards:
+        return None
+    files = [folder / s["file"] for s in shards]
+    for path, shard in zip(files, shards, strict=True):
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard["tokens"] * DTYPE.itemsize:
+            raise UsageError(
+                f"{path}: {size if size is not None else 'missing'} bytes, the manifest says "
+                f"{shard['tokens'] * DTYPE.itemsize}; prepare the corpus again"
+            )
+    return ShardedTokens(files, [s["tokens"] for s in shards], [s["max_id"] for s in shards])
