@@ -578,20 +578,30 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
             "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, **small},
             "dq": {"BLOCK_M": 32, "BLOCK_N": 16, **small},
         }
-    # Chosen without a GPU at hand: the largest tiles that ptxas (sm_90) compiles without
-    # register spills, with and without dropout, for head dims 64 and 128 (fp32 at 128 spills a
-    # little whatever the tiles). Not timed: see benchmarks/ for measurements on a GPU.
+    # Chosen without a GPU at hand: tiles that ptxas compiles without register spills for
+    # sm_90 and sm_80 with Triton 3.6 and 3.9, checked in the heaviest variant (causal, with
+    # dropout) at head dims 64 and 128, whose binaries 48 and 80/96 share (`fastgpt selftest
+    # --compile-only`; reports in benchmarks/results/compile/). fp32 at head dims >= 80 spills
+    # whatever the tiles; budget.json there says how much. Not timed: see benchmarks/.
+    # The target's arch is asked of Triton's driver (a stub one in the compile check).
+    arch = triton.runtime.driver.active.get_current_target().arch
+    ampere = not isinstance(arch, int) or arch < 90  # mma.sync: operands live in registers
+    wide = head_dim > 64  # BLOCK_D = 128
     if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
         configs = {
-            "forward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if head_dim <= 64 else 8},
+            "forward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8 if wide else 4},
             "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8},
-            "dq": {"BLOCK_M": 32, "BLOCK_N": 32 if head_dim <= 64 else 16, "num_warps": 4},
+            "dq": {"BLOCK_M": 32, "BLOCK_N": 16 if wide else 32, "num_warps": 4},
         }
     else:
         configs = {
-            "forward": {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8},
-            "dkdv": {"BLOCK_M": 32, "BLOCK_N": 128 if head_dim <= 64 else 64, "num_warps": 8},
-            "dq": {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8},
+            # At BLOCK_D = 128 a 64-key tile with dropout's Philox took 255 registers and
+            # spilled (sm_90, Triton 3.9): 32 keys a tile leave ~200.
+            "forward": {"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64, "num_warps": 8},
+            "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64 if wide else 128, "num_warps": 8},
+            # On sm_80 q, dout and the dq sum of 128 rows outgrow the registers at BLOCK_D = 128
+            # (76-116 B spilled with dropout): 64 rows a tile, over the same 8 warps.
+            "dq": {"BLOCK_M": 64 if wide and ampere else 128, "BLOCK_N": 32, "num_warps": 8},
         }
     return {name: {**cfg, "num_stages": 2} for name, cfg in configs.items()}
 

@@ -1,0 +1,16 @@
+"""`fastgpt selftest`: prove the GPU path, with or without a GPU.
+
+Two halves, each usable from Python and from `fastgpt selftest`:
+
+- `compile_check`: compile every kernel specialization the launchers in `kernels/` can choose
+  for an NVIDIA arch (sm_90, sm_80) on a CPU-only machine, through a stub Triton driver
+  (`stub_driver`), and judge registers, spills, shared memory and tensor-core use
+  (`analysis`) against the committed budget (benchmarks/results/compile/budget.json). The
+  sweep itself, op by op, is `sweep`.
+- `gpu_check`: run every op against its reference at GPU sizes, the model on both backends,
+  `torch.compile`, a short bf16 training run and cached generation, and tabulate pass/fail.
+  On CPU the same checks run through Triton's interpreter at small sizes (the tests do that).
+
+`tolerance` holds the numerical rule every kernel comparison uses (tests/tolerance.py imports
+it). Nothing here is imported by `import fastgpt`.
+"""

@@ -1,0 +1,260 @@
+"""`fastgpt selftest --compile-only`: compile every kernel specialization for sm_90/sm_80 on
+CPU and judge each against the arch's limits and the committed budget.
+
+A specialization fails when
+- it does not compile (Triton or ptxas raises),
+- its shared memory exceeds what one block may use on the arch (the launch would fail with
+  OutOfResources),
+- ptxas reports more spill bytes (stores + loads, per thread) than the budget allows (default
+  0; exceptions are listed, with their cost, in benchmarks/results/compile/budget.json),
+- it has a tl.dot on fp16/bf16 operands and, on sm_90, does not lower to wgmma (the tensor-core
+  path Hopper is bought for).
+
+Every compile starts from an empty Triton cache, so ptxas really runs and reports. Archs (and,
+with jobs > 1, slices of one arch's cases) compile in parallel worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastgpt.selftest.analysis import ARCHS, KernelUsage
+from fastgpt.selftest.sweep import SweepOptions
+
+COMPILE_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compile"
+BUDGET_FILE = COMPILE_DIR / "budget.json"
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK", "SINGLE_TILE")
+
+
+@dataclass
+class Record:
+    """One kernel compiled for one case on one arch."""
+
+    arch: int
+    op: str
+    pass_name: str
+    params: dict[str, Any]
+    kernel: str
+    config: str  # tile sizes, warps and stages as launched
+    usage: KernelUsage | None = None
+    same_binary_as: int | None = None  # index of the record whose binary this one reuses
+    compile_s: float = 0.0
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["arch"] = ARCHS[self.arch].name
+        return d
+
+
+# --- budget ------------------------------------------------------------------------------
+
+
+def load_budget(path: str | Path = BUDGET_FILE) -> dict[str, Any]:
+    """The spill budget: {"spill_bytes": default allowance, "allow": [exceptions]}. Each
+    exception names an "op" and optionally "kernel", "dtype", "head_dims", "archs", with its
+    "max_spill_bytes" and the measured or estimated "cost". Raises ValueError for a missing or
+    malformed file."""
+    path = Path(path)
+    try:
+        budget = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"budget file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"budget file {path} is not valid JSON: {exc}") from None
+    if not isinstance(budget.get("spill_bytes"), int):
+        raise ValueError(f"budget file {path}: 'spill_bytes' (an integer) is missing")
+    return budget
+
+
+def allowed_spills(record: Record, budget: dict[str, Any]) -> int:
+    """The spill bytes the budget allows this record (the largest matching exception)."""
+    allowed = budget["spill_bytes"]
+    for rule in budget.get("allow", []):
+        matches = (
+            rule.get("op") == record.op
+            and rule.get("kernel", record.kernel) == record.kernel
+            and rule.get("dtype", record.params.get("dtype")) == record.params.get("dtype")
+            and record.params.get("D") in rule.get("head_dims", [record.params.get("D")])
+            and ARCHS[record.arch].name in rule.get("archs", [ARCHS[record.arch].name])
+        )
+        if matches:
+            allowed = max(allowed, int(rule["max_spill_bytes"]))
+    return allowed
+
+
+def judge(record: Record, budget: dict[str, Any]) -> None:
+    """Fill record.problems with every rule of the module docstring that it breaks."""
+    if record.error is not None:
+        record.problems.append(f"compile failed: {record.error}")
+        return
+    usage, limits = record.usage, ARCHS[record.arch]
+    if usage.registers is None:
+        record.problems.append("ptxas reported no register count")
+    if usage.shared_bytes > limits.smem_per_block:
+        record.problems.append(
+            f"shared memory {usage.shared_bytes} B > {limits.smem_per_block} B per block"
+        )
+    allowed = allowed_spills(record, budget)
+    if usage.spill_bytes > allowed:
+        record.problems.append(f"spills {usage.spill_bytes} B > budget {allowed} B")
+    if record.arch == 90 and usage.dot_16bit and usage.mma != "wgmma":
+        record.problems.append(f"16-bit dot lowered to {usage.mma}, not wgmma")
+
+
+# --- compiling ---------------------------------------------------------------------------
+
+
+def _config_text(kwargs: dict[str, Any], usage: KernelUsage | None) -> str:
+    parts = [
+        f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in kwargs.items() if k in CONFIG_KEYS
+    ]
+    if usage is not None:
+        parts.append(f"w{usage.num_warps} s{usage.num_stages}")
+    return " ".join(parts)
+
+
+def _short_error(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: " + (" | ".join(lines)[:300] if lines else "(no message)")
+
+
+def _print_progress(arch: int, case, kernel: str, record: Record) -> None:
+    """One stderr line per fresh binary: what compiled, how long it took, what it uses."""
+    usage = record.usage
+    found = "FAILED" if usage is None else f"regs {usage.registers} spill {usage.spill_bytes}"
+    print(
+        f"[{ARCHS[arch].name}] {case.op} {case.pass_name} {case.label}: {kernel} "
+        f"{record.compile_s:.1f}s {found}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def compile_slice(
+    arch: int, options: SweepOptions, part: int = 0, parts: int = 1, progress: bool = False
+) -> list[Record]:
+    """Compile cases part, part + parts, ... of the plan for sm_`arch`; their records (not yet
+    judged). Runs in this process; `run_compile_check` spreads slices over workers. progress:
+    one line per fresh binary on stderr."""
+    from triton.runtime.jit import JITFunction
+
+    from fastgpt.selftest import analysis, stub_driver, sweep
+
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    records: list[Record] = []
+    first_record: dict[int, int] = {}  # id(compiled kernel) -> its first record
+    current: list[sweep.Case] = []
+
+    def on_compile(kernel, kwargs, compiled, log, error):
+        case = current[0]
+        record = Record(arch, case.op, case.pass_name, dict(case.params), kernel, "")
+        record.compile_s = round(time.perf_counter() - started[0], 2)
+        if error is not None:
+            record.error = _short_error(error)
+        elif id(compiled) in first_record:
+            index = first_record[id(compiled)]
+            record.same_binary_as = index
+            record.usage = records[index].usage
+            record.compile_s = 0.0
+        else:
+            record.usage = analysis.analyse(compiled, log, arch)
+            first_record[id(compiled)] = len(records)
+        record.config = _config_text(kwargs, record.usage)
+        records.append(record)
+        if progress and record.same_binary_as is None:
+            _print_progress(arch, case, kernel, record)
+        started[0] = time.perf_counter()
+
+    started = [time.perf_counter()]
+    with stub_driver.compiling_for(arch, on_compile):
+        # The plan is made under the stub: configs may depend on the target arch.
+        cases = sweep.plan(options)
+        if not isinstance(_a_project_kernel(), JITFunction):
+            raise RuntimeError(
+                "the kernels were defined for Triton's interpreter: unset TRITON_INTERPRET"
+            )
+        for case in cases[part::parts]:
+            current[:] = [case]
+            started[0] = time.perf_counter()
+            try:
+                case.launch()
+            except Exception as exc:  # the launcher itself failed, before any compile
+                record = Record(arch, case.op, case.pass_name, dict(case.params), "launcher", "")
+                record.error = _short_error(exc)
+                records.append(record)
+    return records
+
+
+def _a_project_kernel():
+    """One of the project's kernels, to tell a JITFunction from an interpreted one."""
+    import importlib
+
+    return importlib.import_module("kernels.layer_norm")._layer_norm_forward_kernel
+
+
+def _worker(task: tuple[int, SweepOptions, int, int, bool]) -> list[Record]:
+    return compile_slice(*task)
+
+
+def run_compile_check(
+    archs: list[int],
+    options: SweepOptions,
+    budget: dict[str, Any],
+    jobs: int = 1,
+    progress: bool = False,
+) -> list[Record]:
+    """Compile the planned cases for each arch (in `jobs` processes) and judge every record."""
+    # An empty cache: every binary compiles, so ptxas prints its log. Set before any worker
+    # starts (they inherit the environment) and before this process compiles anything.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastgpt-compile-check-")
+    os.environ.pop("TRITON_INTERPRET", None)
+    per_arch = max(1, jobs // len(archs))
+    tasks = [
+        (arch, options, part, per_arch, progress) for arch in archs for part in range(per_arch)
+    ]
+    if jobs <= 1:
+        results = [_worker(task) for task in tasks]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+            results = pool.map(_worker, tasks)
+    records: list[Record] = []
+    for chunk in results:  # re-number "same binary" links into the merged list
+        offset = len(records)
+        for record in chunk:
+            if record.same_binary_as is not None:
+                record.same_binary_as += offset
+            records.append(record)
+    for record in records:
+        judge(record, budget)
+    return records
+
+
+def records_from_json(payload: dict[str, Any]) -> list[Record]:
+    """The records of a JSON file written by `--out`, not yet judged (judge them against the
+    current budget with `judge`). Raises ValueError for a file that holds no records."""
+    from fastgpt.selftest.analysis import parse_arch
+
+    if not isinstance(payload.get("records"), list):
+        raise ValueError("not a compile-check JSON file: no 'records' list")
+    records = []
+    for d in payload["records"]:
+        usage = KernelUsage(**d["usage"]) if d.get("usage") else None
+        fields = {k: v for k, v in d.items() if k not in ("arch", "usage", "problems")}
+        records.append(Record(arch=parse_arch(d["arch"]), usage=usage, **fields))
+    return records

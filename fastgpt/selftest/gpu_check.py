@@ -1,0 +1,477 @@
+"""`fastgpt selftest` on a GPU: every op against its reference, then the model end to end.
+
+Checks, in order (`plan` lists them; `--dry-run` prints that list):
+
+1. ops: attention (every head dim, fp32/fp16/bf16, causal, long sequences, non-causal with
+   Tq ≠ Tk, dropout, one decoding step), LayerNorm, GELU and bias-GELU at GPT-2 widths up to
+   the vocabulary, the fused linear cross-entropy at GPT-2's head, each forward and every
+   gradient, judged by the tolerance rule
+   (`fastgpt.selftest.tolerance`) against a float64 reference and PyTorch in the same dtype.
+2. model: GPT-2 small's logits on backend="triton" against backend="torch" (same rule, the
+   torch backend in float64 as the reference), in fp32 and bf16.
+3. compile: `torch.compile(fullgraph=True)` of the triton-backend model; logits and a backward
+   pass against eager.
+4. train: 20 bf16 steps (AdamW, autocast, cross-entropy) on one fixed batch: every loss finite,
+   the last below the first.
+5. generate: greedy generation with the KV cache gives exactly the tokens without it.
+
+`GPU` sizes fit about 8 minutes on an H100/H200 (most of it Triton compiling); `SMALL` sizes run
+the same code through Triton's interpreter on CPU in the tests. Model weights are random
+(seeded): no download, no network.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastgpt.selftest.tolerance import Comparison, compare
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CheckFailed(Exception):
+    """A check ran and its result is wrong; the message says what and by how much."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Shapes of one selftest run. attention: (B, H, Tq, Tk) of the causal check at every head
+    dim; long_t: T of the long-sequence check (head dim 64); widths: LayerNorm/bias-GELU N."""
+
+    name: str
+    dtypes: tuple[str, ...]
+    head_dims: tuple[int, ...]
+    attention: tuple[int, int, int, int]
+    long_t: int
+    rows: int  # M of LayerNorm / GELU inputs
+    widths: tuple[int, ...]
+    gelu_width: int
+    cross_entropy: tuple[int, int, int]  # (N, d, V) of the fused linear cross-entropy
+    model: str  # GPTConfig preset
+    model_overrides: tuple[tuple[str, Any], ...]  # GPTConfig fields changed from the preset
+    model_dtypes: tuple[str, ...]  # dtypes of the logits check
+    model_batch: tuple[int, int]  # (B, T) of the logits and training checks
+    train_steps: int
+    train_dtype: str
+    compile_backend: str  # torch.compile backend: Inductor on a GPU
+    prompt: tuple[int, int]  # (B, T) of the generation prompt
+    new_tokens: int
+
+
+GPU = Sizes(
+    name="gpu",
+    dtypes=("fp32", "fp16", "bf16"),
+    head_dims=(8, 16, 32, 48, 64, 80, 96, 128),
+    attention=(2, 4, 2048, 2048),
+    long_t=8192,
+    rows=4096,
+    widths=(768, 1600, 6400, 50257),
+    gelu_width=3072,
+    cross_entropy=(4096, 768, 50257),
+    model="gpt2-small",
+    model_overrides=(),
+    model_dtypes=("fp32", "bf16"),
+    model_batch=(4, 1024),
+    train_steps=20,
+    train_dtype="bf16",
+    compile_backend="inductor",
+    prompt=(2, 32),
+    new_tokens=32,
+)
+
+SMALL = Sizes(
+    name="small",
+    dtypes=("fp32", "fp16"),
+    head_dims=(8, 16, 64),
+    attention=(1, 2, 33, 33),
+    long_t=80,
+    rows=9,
+    widths=(33, 768),
+    gelu_width=40,
+    cross_entropy=(9, 32, 300),
+    model="tiny",
+    model_overrides=(),
+    # The interpreter has no bf16 arithmetic (numpy lacks the type): bf16 is for the GPU.
+    model_dtypes=("fp32",),
+    model_batch=(2, 16),
+    train_steps=4,
+    train_dtype="fp16",
+    compile_backend="aot_eager",  # no C++/Triton codegen on CPU: the tracing is what's checked
+    prompt=(2, 5),
+    new_tokens=6,
+)
+
+
+@dataclass
+class Check:
+    """One line of the plan: a name, its group and what running it does."""
+
+    group: str
+    name: str
+    run: Callable[[], str] = field(repr=False)
+
+
+@dataclass
+class Result:
+    group: str
+    name: str
+    status: str  # "pass", "FAIL" (wrong result) or "ERROR" (raised)
+    seconds: float
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _judge(comparisons: list[Comparison], dtype: torch.dtype) -> str:
+    """Raise CheckFailed naming every comparison that broke the rule; else the worst ratio."""
+    failed = [c for c in comparisons if not c.passed]
+    if failed:
+        raise CheckFailed("; ".join(c.message(dtype) for c in failed))
+    worst = max(comparisons, key=lambda c: c.err_kernel / c.bound if c.bound else 0.0)
+    return f"worst {worst.name}: error {worst.err_kernel:.2e} <= bound {worst.bound:.2e}"
+
+
+def _grads(fn: Callable, inputs: list[torch.Tensor], dy: torch.Tensor) -> list[torch.Tensor]:
+    """[fn(*inputs), d/d input for each input] for the upstream gradient dy."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(dy.to(y.dtype))
+    return [y.detach(), *(t.grad for t in leaves)]
+
+
+def _three_way(ours, same, ref64, inputs, dy, dtype, names) -> str:
+    """Run kernel, same-dtype PyTorch and float64 reference; judge output and gradients."""
+    a = _grads(ours, inputs, dy)
+    s = _grads(same, inputs, dy)
+    r = _grads(ref64, [t.double() for t in inputs], dy.double())
+    comparisons = [
+        compare(x, y, z, dtype=dtype, backward=i > 0, name=names[i])
+        for i, (x, y, z) in enumerate(zip(a, s, r, strict=True))
+    ]
+    return _judge(comparisons, dtype)
+
+
+def _randn(shape, dtype, device, seed, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale + offset).to(device, dtype)
+
+
+# --- op checks ---------------------------------------------------------------------------
+
+
+def attention_check(device, dtype, shape, head_dim, causal=True, dropout_p=0.0) -> str:
+    """Output and dq/dk/dv of `attention` against the reference (with the kernel's own
+    dropout mask when dropout_p > 0). shape: (B, H, Tq, Tk)."""
+    from kernels.attention import attention, attention_dropout_mask, attention_reference
+
+    b, h, tq, tk = shape
+    q = _randn((b, h, tq, head_dim), dtype, device, 1)
+    k = _randn((b, h, tk, head_dim), dtype, device, 2)
+    v = _randn((b, h, tk, head_dim), dtype, device, 3)
+    dy = _randn((b, h, tq, head_dim), dtype, device, 4)
+    seed = 1234
+    mask = None
+    if dropout_p > 0.0:
+        mask = attention_dropout_mask(seed, b, h, tq, tk, dropout_p, device)
+    scale = 1.0 / math.sqrt(head_dim)
+    return _three_way(
+        lambda q, k, v: attention(q, k, v, causal, dropout_p=dropout_p, seed=seed),
+        lambda q, k, v: attention_reference(q, k, v, causal, scale, dropout_p, mask, False),
+        lambda q, k, v: attention_reference(q, k, v, causal, scale, dropout_p, mask),
+        [q, k, v],
+        dy,
+        dtype,
+        ("out", "dq", "dk", "dv"),
+    )
+
+
+def layer_norm_check(device, dtype, rows, width) -> str:
+    """layer_norm's y, dx, dweight, dbias against F.layer_norm and the float64 reference."""
+    import torch.nn.functional as F
+
+    from kernels.layer_norm import layer_norm, layer_norm_reference
+
+    x = _randn((rows, width), dtype, device, 1, scale=2.0, offset=0.5)
+    w = _randn((width,), dtype, device, 2, scale=0.5, offset=1.0)
+    bias = _randn((width,), dtype, device, 3, scale=0.5)
+    dy = _randn((rows, width), dtype, device, 4)
+    return _three_way(
+        layer_norm,
+        lambda x, w, b: F.layer_norm(x, (width,), w, b),
+        layer_norm_reference,
+        [x, w, bias],
+        dy,
+        dtype,
+        ("y", "dx", "dweight", "dbias"),
+    )
+
+
+def gelu_check(device, dtype, rows, width, with_bias) -> str:
+    """gelu / bias_gelu forward and gradients against F.gelu(tanh) and the reference."""
+    import torch.nn.functional as F
+
+    from kernels.gelu import bias_gelu, bias_gelu_reference, gelu, gelu_reference
+
+    x = _randn((rows, width), dtype, device, 1, scale=3.0)
+    dy = _randn((rows, width), dtype, device, 4)
+    same = lambda x: F.gelu(x, approximate="tanh")
+    if not with_bias:
+        return _three_way(gelu, same, gelu_reference, [x], dy, dtype, ("y", "dx"))
+    bias = _randn((width,), dtype, device, 2)
+    return _three_way(
+        bias_gelu,
+        lambda x, b: same(x + b),
+        bias_gelu_reference,
+        [x, bias],
+        dy,
+        dtype,
+        ("y", "dx", "dbias"),
+    )
+
+
+def cross_entropy_check(device, dtype, n, d, v) -> str:
+    """fused_linear_cross_entropy's loss and its gradients in hidden, weight and bias against
+    the unfused loss (logits in `dtype`) and the float64 reference."""
+    import torch.nn.functional as F
+
+    from kernels.cross_entropy import (
+        fused_linear_cross_entropy,
+        fused_linear_cross_entropy_reference,
+    )
+
+    hidden = _randn((n, d), dtype, device, 1)
+    weight = _randn((v, d), dtype, device, 2, scale=0.05)
+    bias = _randn((v,), dtype, device, 3, scale=0.1)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(4)).to(device)
+    return _three_way(
+        lambda h, w, b: fused_linear_cross_entropy(h, w, targets, b),
+        lambda h, w, b: F.cross_entropy(h @ w.T + b, targets).float(),
+        lambda h, w, b: fused_linear_cross_entropy_reference(h, w, targets, b),
+        [hidden, weight, bias],
+        torch.ones((), device=device),
+        dtype,
+        ("loss", "dhidden", "dweight", "dbias"),
+    )
+
+
+# --- model checks ------------------------------------------------------------------------
+
+
+def _model(sizes: Sizes, device, dtype=torch.float32, backend="triton", seed=0):
+    from fastgpt.config import GPTConfig
+    from fastgpt.model import GPTModel
+
+    torch.manual_seed(seed)
+    config = GPTConfig.from_name(sizes.model, **dict(sizes.model_overrides))
+    return GPTModel(config, backend=backend).to(device, dtype).eval()
+
+
+def _tokens(shape, vocab, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, shape, generator=g).to(device)
+
+
+def logits_check(sizes: Sizes, device, dtype) -> str:
+    """Logits of backend="triton" vs backend="torch" in `dtype`, the torch backend in float64
+    as the reference: the tolerance rule on the whole model."""
+    triton_model = _model(sizes, device, dtype)
+    ids = _tokens(sizes.model_batch, triton_model.config.vocab_size, device)
+    with torch.no_grad():
+        ours = triton_model(ids)
+        triton_model.set_backend("torch")
+        same = triton_model(ids)
+        ref = triton_model.double()(ids)
+    return _judge([compare(ours, same, ref, dtype=dtype, name="logits")], dtype)
+
+
+def compile_check(sizes: Sizes, device) -> str:
+    """torch.compile(fullgraph=True) of the triton-backend model: logits and the first
+    parameter's gradient agree with eager (fp32), with no graph break."""
+    model = _model(sizes, device)
+    ids = _tokens(sizes.model_batch, model.config.vocab_size, device)
+    compiled = torch.compile(model, fullgraph=True, backend=sizes.compile_backend)
+
+    def run(m):
+        model.zero_grad(set_to_none=True)
+        logits = m(ids)
+        logits.float().logsumexp(-1).mean().backward()
+        first = next(model.parameters())  # the token embedding: every position reaches it
+        return logits.detach(), first.grad.clone()
+
+    eager_logits, eager_grad = run(model)
+    comp_logits, comp_grad = run(compiled)
+    for name, a, b in (("logits", comp_logits, eager_logits), ("grad", comp_grad, eager_grad)):
+        err = (a - b).abs().max().item()
+        tol = 1e-4 * max(1.0, b.abs().max().item())
+        if not err <= tol:
+            raise CheckFailed(f"compiled {name} differ from eager by {err:.3e} > {tol:.3e}")
+    return "compiled logits and gradients match eager"
+
+
+def train_check(sizes: Sizes, device) -> str:
+    """`train_steps` AdamW steps under bf16 autocast on one fixed batch: finite, decreasing."""
+    import torch.nn.functional as F
+
+    model = _model(sizes, device).train()
+    b, t = sizes.model_batch
+    ids = _tokens((b, t + 1), model.config.vocab_size, device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    autocast_dtype = DTYPES[sizes.train_dtype]
+    losses = []
+    for _ in range(sizes.train_steps):
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    summary = f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
+    if not all(math.isfinite(x) for x in losses):
+        raise CheckFailed(f"non-finite loss: {losses}")
+    if not losses[-1] < losses[0]:
+        raise CheckFailed(f"loss did not decrease: {summary}")
+    return summary
+
+
+def generate_check(sizes: Sizes, device) -> str:
+    """Greedy tokens with the KV cache == without it (fp32)."""
+    from fastgpt.generation import generate
+
+    model = _model(sizes, device)
+    prompt = _tokens(sizes.prompt, model.config.vocab_size, device, seed=1)
+    with torch.no_grad():
+        cached = generate(model, prompt, sizes.new_tokens, use_cache=True)
+        plain = generate(model, prompt, sizes.new_tokens, use_cache=False)
+    if not torch.equal(cached, plain):
+        first = (cached != plain).nonzero()[0].tolist()
+        raise CheckFailed(f"cached generation differs from uncached first at (row, pos) {first}")
+    return f"{sizes.new_tokens} tokens x {sizes.prompt[0]} prompts identical"
+
+
+# --- plan and run ------------------------------------------------------------------------
+
+
+def plan(sizes: Sizes, device: str | torch.device) -> list[Check]:
+    """Every check of one run, in order: the kernels', then the model's."""
+    return [*_kernel_checks(sizes, device), *_model_checks(sizes, device)]
+
+
+def _kernel_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
+    checks: list[Check] = []
+    b, h, tq, tk = sizes.attention
+    for dname in sizes.dtypes:
+        dt = DTYPES[dname]
+        for d in sizes.head_dims:
+            checks.append(
+                Check(
+                    "attention",
+                    f"{dname} D={d} causal B={b} H={h} T={tq}",
+                    lambda dt=dt, d=d: attention_check(device, dt, (b, h, tq, tk), d),
+                )
+            )
+        long_shape = (1, 2, sizes.long_t, sizes.long_t)
+        odd = (b, h, tq - 17, tk)  # a length no tile divides, fewer queries than keys
+        decode = (b, h, 1, tk - 3)
+        for name, shape, causal, p in (
+            (f"long T={sizes.long_t} causal", long_shape, True, 0.0),
+            (f"non-causal Tq={odd[2]} Tk={tk}", odd, False, 0.0),
+            (f"causal Tq={odd[2]} Tk={tk} (cached keys)", odd, True, 0.0),
+            (f"dropout 0.1 causal T={tq}", (b, h, tq, tk), True, 0.1),
+            (f"decode Tq=1 Tk={decode[3]}", decode, True, 0.0),
+        ):
+            checks.append(
+                Check(
+                    "attention",
+                    f"{dname} D=64 {name}",
+                    lambda dt=dt, s=shape, c=causal, p=p: attention_check(device, dt, s, 64, c, p),
+                )
+            )
+        for n in sizes.widths:
+            checks.append(
+                Check(
+                    "layer_norm",
+                    f"{dname} M={sizes.rows} N={n}",
+                    lambda dt=dt, n=n: layer_norm_check(device, dt, sizes.rows, n),
+                )
+            )
+        for with_bias, group in ((False, "gelu"), (True, "bias_gelu")):
+            checks.append(
+                Check(
+                    group,
+                    f"{dname} M={sizes.rows} N={sizes.gelu_width}",
+                    lambda dt=dt, wb=with_bias: gelu_check(
+                        device, dt, sizes.rows, sizes.gelu_width, wb
+                    ),
+                )
+            )
+    n, d, v = sizes.cross_entropy
+    for dname in sizes.dtypes:
+        checks.append(
+            Check(
+                "cross_entropy",
+                f"{dname} fused linear N={n} d={d} V={v}",
+                lambda dt=DTYPES[dname]: cross_entropy_check(device, dt, n, d, v),
+            )
+        )
+    return checks
+
+
+def _model_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
+    checks: list[Check] = []
+    batch = "x".join(map(str, sizes.model_batch))
+    for dname in sizes.model_dtypes:
+        checks.append(
+            Check(
+                "model",
+                f"{sizes.model} logits triton vs torch {dname} (B x T {batch})",
+                lambda dt=DTYPES[dname]: logits_check(sizes, device, dt),
+            )
+        )
+    checks += [
+        Check(
+            "compile",
+            f"torch.compile(fullgraph=True, backend={sizes.compile_backend}) {sizes.model}",
+            lambda: compile_check(sizes, device),
+        ),
+        Check(
+            "train",
+            f"{sizes.train_steps} {sizes.train_dtype} AdamW steps {sizes.model} (B x T {batch})",
+            lambda: train_check(sizes, device),
+        ),
+        Check(
+            "generate",
+            f"KV cache == no cache, {sizes.new_tokens} greedy tokens {sizes.model}",
+            lambda: generate_check(sizes, device),
+        ),
+    ]
+    return checks
+
+
+def run_checks(checks: list[Check], print_fn: Callable[[str], None] = print) -> list[Result]:
+    """Run each check, catching its failure or exception so that the rest still run."""
+    results = []
+    for check in checks:
+        started = time.perf_counter()
+        try:
+            status, detail = "pass", check.run()
+        except CheckFailed as exc:
+            status, detail = "FAIL", str(exc)
+        except Exception as exc:  # a crash is a result too: report it, go on
+            status, detail = "ERROR", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        seconds = time.perf_counter() - started
+        results.append(Result(check.group, check.name, status, round(seconds, 2), detail))
+        print_fn(f"{status:5s} {seconds:6.1f}s  {check.group}: {check.name}  {detail}")
+    return results

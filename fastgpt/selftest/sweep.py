@@ -1,0 +1,305 @@
+"""The compile sweep's plan: every specialization each op's launchers can choose, as cases.
+
+A `Case` is one call of an op's launcher (forward or backward) with CPU tensors of a realistic
+shape and layout; under `stub_driver.compiling_for` the call compiles the kernels it would
+launch. Each op contributes a function `cases(options) -> iterator of Case`, listed in `OPS`:
+adding an op to the sweep (say kernels/cross_entropy.py) is one entry there and its function.
+
+Widths of LayerNorm and bias-GELU are covered by class: each kernel config its launcher's own
+config function (`_tile`, `_bias_gelu_tile`) can return, with and without a width divisible by
+16 (which changes how Triton vectorizes the row), taking the GPT-2 widths first.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+}
+# Model widths (GPT-2 small..xl: emb_dim and 4·emb_dim, the vocabulary), then one width per
+# power-of-two class, then odd ones (not divisible by 16).
+WIDTHS = (768, 1024, 1280, 1600, 3072, 4096, 5120, 6400, 50257)
+WIDTHS += (*(2**k for k in range(4, 15)), 97, 1023, 16385)
+ROWS = 4096  # M of the training shapes (batch 4 × context 1024); M = 1 is decoding
+ATTENTION_SHAPE = (2, 4, 1024)  # B, H, T: the tiles and specializations do not depend on them
+DECODE_KEYS = 1001  # Tk of one cached decoding step (Tq = 1), of a 1024-token cache
+
+# CI's representative subset (`--subset ci`): every kernel at head dims 64 and 128 (BLOCK_D 64
+# and 128, the two tile families) and at widths 768 and 50257 (one tile, and the looping path),
+# each in its heaviest variant only: attention causal with dropout (the most registers), the
+# training rows (M = ROWS, not decoding's M = 1), the gradient of the cross-entropy.
+CI_HEAD_DIMS = (64, 128)
+CI_WIDTHS = (768, 50257)
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Which cases to plan. Empty tuples mean "all"; `subset="ci"` narrows to CI's subset."""
+
+    ops: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+    head_dims: tuple[int, ...] = ()
+    widths: tuple[int, ...] = ()
+    passes: tuple[str, ...] = ()  # "forward", "backward", "decode", "mask"
+    subset: str = "full"  # "full" or "ci"
+
+    def pick_dtypes(self) -> list[str]:
+        return [d for d in DTYPES if not self.dtypes or d in self.dtypes]
+
+    def pick_head_dims(self, supported: tuple[int, ...]) -> list[int]:
+        dims = CI_HEAD_DIMS if self.subset == "ci" else supported
+        return [d for d in dims if not self.head_dims or d in self.head_dims]
+
+    def pick_widths(self) -> list[int]:
+        widths = CI_WIDTHS if self.subset == "ci" else WIDTHS
+        return [w for w in widths if not self.widths or w in self.widths]
+
+    def wants(self, pass_name: str) -> bool:
+        if self.subset == "ci" and pass_name in ("decode", "mask"):
+            return False
+        return not self.passes or pass_name in self.passes
+
+    def variants(self, full: list, ci: list) -> list:
+        """The variants (causal/dropout, rows, ...) to compile: all, or CI's heaviest."""
+        return ci if self.subset == "ci" else full
+
+
+@dataclass
+class Case:
+    """One launcher call to compile: `launch()` with `params` describing it in the report."""
+
+    op: str
+    pass_name: str
+    params: dict[str, Any]
+    launch: Callable[[], object] = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        """ "dtype=fp16 D=64 causal": flags by name when true, left out when false."""
+        shown = [(k, v) for k, v in self.params.items() if v is not False]
+        return " ".join(k if v is True else f"{k}={v}" for k, v in shown)
+
+
+def _module(name: str):
+    # `kernels.attention` as an attribute is the function re-exported by kernels/__init__.
+    return importlib.import_module(name)
+
+
+def _gpu_path(module) -> None:
+    """Make the launchers of `module` take their GPU path for CPU tensors (they would fall back
+    to PyTorch on CPU), for the rest of the process: the sweep only compiles, so nothing
+    touches the tensors' data, and it runs in a process of its own (the CLI, a worker)."""
+    module.use_triton = lambda device: True
+
+
+# --- attention ---------------------------------------------------------------------------
+
+
+def _decode_case(A, dname: str, d: int) -> Case:
+    """The model's decoding step: q a view of a (B, 1, 3, H, D) projection, k/v the filled
+    part of the KV cache's (B, H, capacity, D) buffers."""
+    batch, heads, t = ATTENTION_SHAPE
+    dt = DTYPES[dname]
+
+    def decode():
+        q = torch.empty(batch, 1, 3, heads, d, dtype=dt).permute(2, 0, 3, 1, 4)[0]
+        cache = torch.empty(2, batch, heads, t, d, dtype=dt)[:, :, :, :DECODE_KEYS]
+        A._flash_attention_forward(q, cache[0], cache[1], True, d**-0.5, 0.0, None)
+
+    return Case("attention", "decode", {"dtype": dname, "D": d, "Tq": 1, "causal": True}, decode)
+
+
+def attention_cases(options: SweepOptions) -> Iterator[Case]:
+    """Forward and backward for every dtype × head dim × causal × dropout, the model's layout
+    (q/k/v strided views of one (B, T, 3, H, D) projection, dout a transposed (B, T, H, D)); a
+    decoding step (Tq = 1 against a contiguous cache); the dropout-mask kernel."""
+    A = _module("kernels.attention")
+    _gpu_path(A)
+    batch, heads, t = ATTENTION_SHAPE
+    for dname in options.pick_dtypes():
+        dtype = DTYPES[dname]
+        for d in options.pick_head_dims(A.SUPPORTED_HEAD_DIMS):
+            variants = [(c, p) for c in (True, False) for p in (False, True)]
+            for causal, dropout in options.variants(variants, [(True, True)]):
+                params = {"dtype": dname, "D": d, "causal": causal, "dropout": dropout}
+
+                def tensors(d=d, dtype=dtype):
+                    qkv = torch.empty(batch, t, 3, heads, d, dtype=dtype)
+                    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) views
+                    return q, k, v
+
+                def seed(dropout=dropout):
+                    return A._seed_tensor(1234, "cpu") if dropout else None
+
+                p = 0.1 if dropout else 0.0
+                if options.wants("forward"):
+                    yield Case(
+                        "attention",
+                        "forward",
+                        params,
+                        lambda c=causal, d=d, p=p, tensors=tensors, seed=seed: (
+                            A._flash_attention_forward(*tensors(), c, d**-0.5, p, seed())
+                        ),
+                    )
+                if options.wants("backward"):
+
+                    def backward(c=causal, d=d, p=p, tensors=tensors, seed=seed, dt=dtype):
+                        q, k, v = tensors()
+                        out = torch.empty(batch, heads, t, d, dtype=dt)
+                        lse = torch.empty(batch, heads, t, dtype=torch.float32)
+                        dout = torch.empty(batch, t, heads, d, dtype=dt).transpose(1, 2)
+                        A._flash_attention_backward(dout, q, k, v, out, lse, c, d**-0.5, p, seed())
+
+                    yield Case("attention", "backward", params, backward)
+            if options.wants("decode"):
+                yield _decode_case(A, dname, d)
+    if options.wants("mask"):
+        yield Case(
+            "attention",
+            "mask",
+            {"what": "dropout mask"},
+            lambda: A.attention_dropout_mask(1234, batch, heads, t, t, 0.1, "cpu"),
+        )
+
+
+# --- LayerNorm ---------------------------------------------------------------------------
+
+
+def _width_classes(widths: list[int], config: Callable[[int, int], object], rows: int):
+    """The widths of `widths` that reach a new (config, divisible by 16) class at `rows` rows."""
+    seen = set()
+    for n in widths:
+        key = (config(rows, n), n % 16 == 0)
+        if key not in seen:
+            seen.add(key)
+            yield n
+
+
+def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
+    """Forward and backward at every width class, for training rows (M = ROWS) and decoding
+    (M = 1), rows contiguous."""
+    L = _module("kernels.layer_norm")
+    _gpu_path(L)
+    for dname in options.pick_dtypes():
+        dtype = DTYPES[dname]
+        for m in options.variants([ROWS, 1], [ROWS]):
+            for n in _width_classes(options.pick_widths(), L._tile, m):
+                params = {"dtype": dname, "N": n, "M": m}
+
+                def forward(m=m, n=n, dt=dtype):
+                    x, w, b = (
+                        torch.empty(m, n, dtype=dt),
+                        torch.empty(n, dtype=dt),
+                        torch.empty(n, dtype=dt),
+                    )
+                    L._layer_norm_forward(x, w, b, 1e-5)
+
+                def backward(m=m, n=n, dt=dtype):
+                    x, w = torch.empty(m, n, dtype=dt), torch.empty(n, dtype=dt)
+                    mean = torch.empty(m, dtype=torch.float32)
+                    L._layer_norm_backward(torch.empty_like(x), x, w, mean, torch.empty_like(mean))
+
+                if options.wants("forward"):
+                    yield Case("layer_norm", "forward", params, forward)
+                if options.wants("backward"):
+                    yield Case("layer_norm", "backward", params, backward)
+
+
+# --- GELU and bias-GELU ------------------------------------------------------------------
+
+
+def gelu_cases(options: SweepOptions) -> Iterator[Case]:
+    """The flat elementwise kernels: one config, numel divisible by 16 or not."""
+    G = _module("kernels.gelu")
+    _gpu_path(G)
+    for dname in options.pick_dtypes():
+        dtype = DTYPES[dname]
+        for numel in options.variants([ROWS * 3072, ROWS * 3072 + 1], [ROWS * 3072]):
+            params = {"dtype": dname, "numel": numel}
+            x = lambda numel=numel, dt=dtype: torch.empty(numel, dtype=dt)
+            if options.wants("forward"):
+                yield Case("gelu", "forward", params, lambda x=x: G._gelu_forward(x()))
+            if options.wants("backward"):
+                yield Case("gelu", "backward", params, lambda x=x: G._gelu_backward(x(), x()))
+
+
+def bias_gelu_cases(options: SweepOptions) -> Iterator[Case]:
+    """bias_gelu forward and backward at every width class of `_bias_gelu_tile`."""
+    G = _module("kernels.gelu")
+    _gpu_path(G)
+    for dname in options.pick_dtypes():
+        dtype = DTYPES[dname]
+        for m in options.variants([ROWS, 1], [ROWS]):
+            for n in _width_classes(options.pick_widths(), G._bias_gelu_tile, m):
+                params = {"dtype": dname, "N": n, "M": m}
+                x = lambda m=m, n=n, dt=dtype: torch.empty(m, n, dtype=dt)
+                bias = lambda n=n, dt=dtype: torch.empty(n, dtype=dt)
+                if options.wants("forward"):
+                    yield Case(
+                        "bias_gelu",
+                        "forward",
+                        params,
+                        lambda x=x, bias=bias: G._bias_gelu_forward(x(), bias()),
+                    )
+                if options.wants("backward"):
+                    yield Case(
+                        "bias_gelu",
+                        "backward",
+                        params,
+                        lambda x=x, bias=bias: G._bias_gelu_backward(x(), x(), bias()),
+                    )
+
+
+# --- fused linear cross-entropy ----------------------------------------------------------
+
+
+def cross_entropy_cases(options: SweepOptions) -> Iterator[Case]:
+    """The per-chunk loss/gradient kernel at every vocabulary-width class of its `_tile`, with
+    and without the gradient, one scale for all rows ("mean"/"sum") or one per row ("none").
+    The matmuls around it are cuBLAS's, not ours."""
+    C = _module("kernels.cross_entropy")
+    _gpu_path(C)
+    rows = 1024  # a chunk of GPT-2's (N = B·T) rows
+    for dname in options.pick_dtypes():
+        dtype = DTYPES[dname]
+        for v in _width_classes(options.pick_widths(), C._tile, rows):
+            variants = [(True, False), (False, False), (True, True)]
+            for grad, per_row in options.variants(variants, [(True, False)]):
+                params = {"dtype": dname, "V": v, "grad": grad, "per_row_scale": per_row}
+
+                def launch(v=v, dt=dtype, grad=grad, per_row=per_row):
+                    z = torch.empty(rows, v, dtype=dt)
+                    targets = torch.empty(rows, dtype=torch.int64)
+                    scale = torch.empty(rows if per_row else 1, dtype=torch.float32)
+                    loss = torch.empty(rows, dtype=torch.float32)
+                    C._cross_entropy_chunk(z, targets, scale, loss, -100, grad, True)
+
+                if options.wants("forward"):
+                    yield Case("cross_entropy", "forward", params, launch)
+
+
+# op name -> its cases. One entry per op in kernels/.
+OPS: dict[str, Callable[[SweepOptions], Iterator[Case]]] = {
+    "attention": attention_cases,
+    "layer_norm": layer_norm_cases,
+    "gelu": gelu_cases,
+    "bias_gelu": bias_gelu_cases,
+    "cross_entropy": cross_entropy_cases,
+}
+
+
+def plan(options: SweepOptions) -> list[Case]:
+    """Every case of the chosen ops, in a fixed order. Raises ValueError for an unknown op."""
+    unknown = [op for op in options.ops if op not in OPS]
+    if unknown:
+        raise ValueError(f"unknown op {unknown[0]!r}; ops: {', '.join(OPS)}")
+    ops = [op for op in OPS if not options.ops or op in options.ops]
+    return [case for op in ops for case in OPS[op](options)]
