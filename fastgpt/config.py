@@ -140,6 +140,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(_GPT2, emb_dim=1024, n_layers=24, n_heads=16),  # 355M
     "gpt2-large": dict(_GPT2, emb_dim=1280, n_layers=36, n_heads=20),  # 774M
     "gpt2-xl": dict(_GPT2, emb_dim=1600, n_layers=48, n_heads=25),  # 1558M
+    # The book's GPT_CONFIG_124M for training from scratch (chapter 5): no q/k/v bias, an
+    # untied output head (162M parameters).
+    "gpt2-small-book": dict(
+        _GPT2, emb_dim=768, n_layers=12, n_heads=12, qkv_bias=False, tie_embeddings=False
+    ),
     # A model that runs in milliseconds on CPU, even through the Triton interpreter.
     "tiny": dict(
         vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=4, drop_rate=0.0

@@ -118,7 +118,10 @@ def split_instruction_data(
 
 
 class InstructionDataset(Dataset):
-    """Each record as (token_ids of the full text, number of prompt tokens).
+    """Each record as (token_ids of the full text, number of tokens --mask-prompt hides).
+
+    The hidden part is the instruction and input (`format_input`), as the book's exercise 7.2
+    masks it: the "### Response:" header after it is learned.
 
     With `max_length`, a record whose prompt alone is longer than max_length would have no
     response token left to learn from after truncation (with a masked prompt, a batch of only
@@ -132,7 +135,7 @@ class InstructionDataset(Dataset):
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.items: list[tuple[list[int], int]] = []
         self.kept: list[int] = []
-        dropped = []
+        dropped, prompt_lengths = [], []
         for index, record in enumerate(records):
             prompt_ids = tokenizer.encode(format_prompt(record), disallowed_special=())
             output_ids = tokenizer.encode(record["output"], disallowed_special=())
@@ -141,8 +144,10 @@ class InstructionDataset(Dataset):
             if max_length is not None and len(prompt_ids) > max_length:
                 dropped.append(index)
                 continue
-            self.items.append((prompt_ids + output_ids, len(prompt_ids)))
+            masked = len(tokenizer.encode(format_input(record), disallowed_special=()))
+            self.items.append((prompt_ids + output_ids, masked))
             self.kept.append(index)
+            prompt_lengths.append(len(prompt_ids))
         if dropped:
             shown = ", ".join(map(str, dropped[:10])) + (", ..." if len(dropped) > 10 else "")
             warnings.warn(
@@ -150,7 +155,7 @@ class InstructionDataset(Dataset):
                 f"than max_length={max_length} tokens (indices {shown})",
                 stacklevel=2,
             )
-        self.longest_prompt = max((n for _, n in self.items), default=0)
+        self.longest_prompt = max(prompt_lengths, default=0)
         if not self.items:
             raise ConfigError(
                 "max_length", f"{max_length}: no record fits, every prompt is longer; raise it"
@@ -164,14 +169,14 @@ class InstructionDataset(Dataset):
 
 
 class InstructionCollate:
-    """Batches (token_ids, prompt_length) items into {"input_ids": (B, T), "targets": (B, T)}.
+    """Batches (token_ids, masked_length) items into {"input_ids": (B, T), "targets": (B, T)}.
 
     Per item: ids + [<|endoftext|>], padded with <|endoftext|> to the batch's longest + 1;
     inputs = padded[:-1], targets = padded[1:]. Targets after the first <|endoftext|> target are
-    IGNORE_INDEX; with mask_prompt so are the targets that are prompt tokens (positions before
-    prompt_length - 1). Then both are truncated to max_length. Padding is found from each
-    item's length, not by searching for token 50256, so a text that contains <|endoftext|>
-    keeps it.
+    IGNORE_INDEX; with mask_prompt so are the targets that are instruction tokens (positions
+    before masked_length - 1, the book's exercise 7.2). Then both are truncated to max_length.
+    Padding is found from each item's length, not by searching for token 50256, so a text that
+    contains <|endoftext|> keeps it.
     """
 
     def __init__(
@@ -187,13 +192,13 @@ class InstructionCollate:
             width = min(width, self.max_length)
         inputs = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         targets = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, prompt_length) in enumerate(items):
+        for row, (ids, masked_length) in enumerate(items):
             sequence = torch.tensor([*ids, self.pad_id], dtype=torch.long)  # text + end token
             n = min(len(ids), width)  # positions with a real input token
             inputs[row, :n] = sequence[:n]
             targets[row, :n] = sequence[1 : n + 1]  # the last one is the end token if it fits
             if self.mask_prompt:
-                targets[row, : max(prompt_length - 1, 0)] = IGNORE_INDEX
+                targets[row, : max(masked_length - 1, 0)] = IGNORE_INDEX
         return {"input_ids": inputs, "targets": targets}
 
 
@@ -236,8 +241,10 @@ def generate_responses(
     max_new_tokens: int = 256,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Each record with "model_response": the greedy continuation of its prompt, stopped at
-    <|endoftext|> (fastgpt.generate). Prompts longer than the context keep their last tokens."""
+    """Each record with "model_response": the greedy continuation of its instruction and input
+    (`format_input`, as the book generates: the model writes the "### Response:" header
+    itself, which `extract_response` strips), stopped at <|endoftext|> (fastgpt.generate).
+    Prompts longer than the context keep their last tokens."""
     from tqdm.auto import tqdm
 
     from fastgpt.generation import generate
@@ -246,7 +253,7 @@ def generate_responses(
     context = model.config.context_length
     results = []
     for record in tqdm(records, desc="generating responses", disable=not progress):
-        prompt_ids = tokenizer.encode(format_prompt(record), disallowed_special=())
+        prompt_ids = tokenizer.encode(format_input(record), disallowed_special=())
         prompt_ids = prompt_ids[-max(context - 1, 1) :]
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
         out = generate(model, prompt, max_new_tokens, temperature=0.0, eos_id=EOT_ID)

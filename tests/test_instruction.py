@@ -146,9 +146,11 @@ def test_dataset_drops_prompts_that_fill_max_length_with_a_warning():
         dataset = InstructionDataset(records, ToyTokenizer(), max_length=max_length)
     assert dataset.kept == [0, 2]
     assert dataset.longest_prompt == max(prompt_lengths[0], prompt_lengths[2])
-    ids, prompt_length = dataset[0]
+    ids, masked_length = dataset[0]
     assert ids == [ord(c) for c in format_example(records[0])]
-    assert prompt_length == prompt_lengths[0]
+    # what --mask-prompt hides: the instruction and input, not the response header (the book's
+    # exercise 7.2)
+    assert masked_length == len(format_input(records[0])) < prompt_lengths[0]
     # Every kept record keeps at least one learnable target even with a masked prompt.
     collate = InstructionCollate(max_length=max_length, mask_prompt=True)
     for item in dataset:

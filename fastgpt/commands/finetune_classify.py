@@ -64,10 +64,10 @@ class ClassifyOptions:
         return [s.strip() for s in self.labels.split(",")] if self.labels else None
 
 
-# The book's chapter 6 settings: 5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1.
+# The book's chapter 6 settings: 5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1, no dropout.
 class ClassifyTask(
-    Task, name="finetune-classify", options=ClassifyOptions, defaults={"epochs": 5, "lr": 5e-5},
-    uses_lora=True,
+    Task, name="finetune-classify", options=ClassifyOptions, uses_lora=True,
+    defaults={"epochs": 5, "lr": 5e-5, "dropout": 0.0},
 ):  # fmt: skip
     """The book's chapter 6: a classifier head on GPT-2, trained on labelled texts."""
 

@@ -47,6 +47,11 @@ class InstructOptions:
     """Longest generated response for the test split."""
     num_responses: int | None = None
     """Generate responses for only the first N test records (default: all)."""
+    judge_url: str | None = None
+    """Then score the responses with the judge model served at this URL (Ollama's API, as
+    `fastgpt evaluate` does; the scores go beside test_responses.json)."""
+    judge_model: str = "llama3"
+    """The judge model's name, with judge_url."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "max_new_tokens"):
@@ -57,10 +62,10 @@ class InstructOptions:
             raise ConfigError("num_responses", f"must be >= 0, got {self.num_responses}")
 
 
-# The book's chapter 7 settings: 2 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1.
+# The book's chapter 7 settings: 2 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1, no dropout.
 class InstructTask(
-    Task, name="finetune-instruct", options=InstructOptions, defaults={"epochs": 2, "lr": 5e-5},
-    uses_lora=True,
+    Task, name="finetune-instruct", options=InstructOptions, uses_lora=True,
+    defaults={"epochs": 2, "lr": 5e-5, "dropout": 0.0},
 ):  # fmt: skip
     """The book's chapter 7: GPT-2 fine-tuned on instruction/response records."""
 
@@ -154,6 +159,22 @@ class InstructTask(
         path = out_dir / RESPONSES_FILE
         path.write_text(json.dumps(responses, indent=2, ensure_ascii=False) + "\n", "utf-8")
         print(f"wrote {len(responses)} test responses to {path}")
+        if self.options.judge_url:
+            self._score(path)
+
+    def _score(self, path: Path) -> None:
+        """The book's model-graded evaluation of the written responses (fastgpt evaluate)."""
+        from fastgpt.evaluate import Judge, JudgeError, evaluate_responses
+
+        try:
+            judge = Judge(url=self.options.judge_url, model=self.options.judge_model)
+            summary = evaluate_responses(path, judge, progress=self.config.progress)
+        except JudgeError as exc:
+            raise UsageError(
+                f"{exc} (the model and {path.name} are saved: score them later with "
+                f"`fastgpt evaluate {path}`)"
+            ) from exc
+        print(summary.line())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -71,7 +71,7 @@ class PretrainOptions:
             raise ConfigError("tokenize_workers", f"must be >= 1, got {self.tokenize_workers}")
 
 
-# The book's chapter 5 settings: AdamW, lr 4e-4, weight decay 0.1, batch 8, 1 epoch.
+# AdamW, lr 4e-4, weight decay 0.1 as the book's chapter 5 (which trains 10 epochs of batch 2).
 class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"epochs": 1}):
     """The book's chapter 5: next-token prediction on plain text."""
 

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastgpt.errors import UsageError
+from fastgpt.errors import ConfigError, UsageError
 from fastgpt.lora import LoRAOptions
 from fastgpt.options import add_options, explicit_options, options_from_args
 from fastgpt.train.config import TrainConfig, check_out_dir_is_free
@@ -43,7 +43,12 @@ class ModelOptions:
     """Architecture of a fresh model: a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl,
     tiny) or a config.json (default gpt2-small; ignored with --init)."""
     dropout: float | None = None
-    """Dropout rate (default: the model's, 0.1 for GPT-2)."""
+    """Dropout rate (not given: the model's own, 0.1 for GPT-2)."""
+    weight_init: Literal["gpt2", "book"] = "gpt2"
+    """How a fresh model is initialized: gpt2 (N(0, 0.02), residual projections scaled by
+    1/sqrt(2·n_layers)) or book (PyTorch's layer defaults drawn from the seed in the order of the
+    book's GPTModel, which reproduces chapter 5's losses; needs an untied head, e.g. --model
+    gpt2-small-book)."""
     backend: Literal["auto", "triton", "torch"] = "auto"
     """Kernels: triton (ours), torch (the references), auto (triton on CUDA)."""
 
@@ -74,10 +79,17 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
     if options.dropout is not None:
         overrides["drop_rate"] = options.dropout
     if options.init:
+        if options.weight_init != "gpt2":
+            raise ConfigError("weight_init", "applies to a fresh model, not to {init} weights")
         drop = {k: v for k, v in overrides.items() if k == "drop_rate"}
         return GPTModel.from_pretrained(options.init, backend=options.backend, **drop).train()
     config = GPTConfig.from_spec(options.model or "gpt2-small", **overrides)
-    return GPTModel(config, backend=options.backend)
+    model = GPTModel(config, backend=options.backend)
+    if options.weight_init == "book":
+        from fastgpt.initialization import init_book_weights_
+
+        init_book_weights_(model, seed=seed)  # the stream of the book's manual_seed(seed)
+    return model
 
 
 class Task:
