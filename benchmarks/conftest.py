@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-
-from benchmarks import harness
+from fastgpt.benchmarks import harness
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

@@ -45,6 +45,7 @@ def results_root() -> Path:
     (never inside the installed package)."""
     return Path.cwd() / "benchmarks" / "results"
 
+
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,

@@ -32,9 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fastgpt.benchmarks import harness
 from tqdm import tqdm
-
-from benchmarks import harness
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -190,7 +189,7 @@ def short_error(exc: BaseException) -> str:
 def _rowwise_providers(op: str, device: torch.device) -> list[tuple[str, str, Callable]]:
     """(name, role, fn) for one row-wise op. fn(x, weight, bias) -> y; GELU ignores weight and
     GELU without bias ignores bias too."""
-    from kernels import (
+    from fastgpt.kernels import (
         bias_gelu,
         bias_gelu_reference,
         gelu,
@@ -359,7 +358,7 @@ def book_attention_bytes(batch: int, heads: int, seq_len: int, element_size: int
 
 
 def _attention_providers(device: torch.device) -> list[tuple[str, str, Callable]]:
-    from kernels import attention, attention_reference
+    from fastgpt.kernels import attention, attention_reference
 
     if device.type != "cuda":
         return [

@@ -28,10 +28,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fastgpt.benchmarks import harness
+from fastgpt.benchmarks.kernels_bench import (
+    _compiled,
+    measured,
+    no_donated_buffers,
+    short_error,
+    skipped,
+)
 from tqdm import tqdm
-
-from benchmarks import harness
-from benchmarks.kernels_bench import _compiled, measured, no_donated_buffers, short_error, skipped
 
 SUITE = "loss"
 D_MODEL, VOCAB = 768, 50257  # gpt2-small's head
@@ -55,8 +60,8 @@ def unfused_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
 def _loss_providers(device: torch.device, quick: bool) -> list[tuple[str, str, Any]]:
     """(name, role, fn) with fn(hidden, weight, targets) -> loss; ("compile", fn) marks a
     provider to compile."""
-    from kernels import fused_linear_cross_entropy
-    from kernels.cross_entropy import chunked_linear_cross_entropy_torch
+    from fastgpt.kernels import fused_linear_cross_entropy
+    from fastgpt.kernels.cross_entropy import chunked_linear_cross_entropy_torch
 
     if device.type == "cuda":
         return [

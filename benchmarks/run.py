@@ -1,6 +1,6 @@
 """Run benchmark suites, print their tables, write JSON, summary.md and plots.
 
-    from benchmarks.run import run_benchmarks
+    from fastgpt.benchmarks.run import run_benchmarks
     run_benchmarks(only=["layernorm"], quick=True, out_dir=None)   # `fastgpt bench` calls this
 
 Suites: layernorm, gelu (GELU and bias+GELU), attention, loss (fused linear + cross-entropy),
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from benchmarks import harness, report
+from fastgpt.benchmarks import harness, report
 
 SUITES = report.SUITE_ORDER
 
@@ -39,7 +38,7 @@ SuiteFunction = Callable[[torch.device, dict[str, Any], harness.RunOptions], lis
 
 
 def suite_functions() -> dict[str, SuiteFunction]:
-    from benchmarks import kernels_bench, loss_bench, train_bench
+    from fastgpt.benchmarks import kernels_bench, loss_bench, train_bench
 
     return {
         "layernorm": kernels_bench.bench_layernorm,

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from benchmarks.train_bench import (
+from fastgpt.benchmarks.train_bench import (
     build_model,
     generate_providers,
     make_train_step,
     train_providers,
 )
+
 from fastgpt.config import GPTConfig
 from fastgpt.model import flops_per_token
 

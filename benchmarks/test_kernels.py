@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from benchmarks import harness
-from benchmarks.kernels_bench import _attention_providers, _compiled, _rowwise_providers
+from fastgpt.benchmarks import harness
+from fastgpt.benchmarks.kernels_bench import _attention_providers, _compiled, _rowwise_providers
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

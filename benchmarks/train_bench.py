@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fastgpt.benchmarks import harness
+from fastgpt.benchmarks.kernels_bench import measured, short_error, skipped
 from tqdm import tqdm
 
-from benchmarks import harness
-from benchmarks.kernels_bench import measured, short_error, skipped
 from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel, flops_per_token
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import (
+from fastgpt.kernels import (
     attention,
     attention_reference,
     bias_gelu,

@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import attention, bias_gelu, gelu, layer_norm
-from kernels.attention import SUPPORTED_HEAD_DIMS
+from fastgpt.kernels import attention, bias_gelu, gelu, layer_norm
+from fastgpt.kernels.attention import SUPPORTED_HEAD_DIMS
 
 ATTENTION_NAME = "fastgpt"
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh form of GELU

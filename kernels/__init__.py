@@ -1,20 +1,20 @@
 """Triton kernels for GPT training, each with forward and backward passes.
 
-    from kernels import layer_norm, gelu, bias_gelu, attention
-    from kernels import LayerNorm, GELU
+    from fastgpt.kernels import layer_norm, gelu, bias_gelu, attention
+    from fastgpt.kernels import LayerNorm, GELU
 
 Depends on torch and triton only. Each op has a plain-PyTorch reference beside it
 (`layer_norm_reference`, `gelu_reference`, `attention_reference`), used by the tests and by
 `fastgpt`'s `backend="torch"`. See `kernels/_dispatch.py` for when the Triton kernel runs.
 """
 
-from kernels.attention import attention, attention_reference
-from kernels.cross_entropy import (
+from .attention import attention, attention_reference
+from .cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
-from kernels.gelu import GELU, bias_gelu, bias_gelu_reference, gelu, gelu_reference
-from kernels.layer_norm import LayerNorm, layer_norm, layer_norm_reference
+from .gelu import GELU, bias_gelu, bias_gelu_reference, gelu, gelu_reference
+from .layer_norm import LayerNorm, layer_norm, layer_norm_reference
 
 __all__ = [
     "GELU",

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
-from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
+from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
 # Head dims are padded to a power of two of at least 16 (tl.dot's smallest inner size), masked.
 # 8 is here for small test models (the "tiny" preset has 4 heads of 8).

@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
-from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
+from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 KAPPA = 0.044715

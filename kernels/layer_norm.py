@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from kernels._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
-from kernels._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
+from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
 # Widest row handled as one tile (elements); wider rows loop over column chunks of this size.
 # Module-level so tests can shrink it to exercise the looping path cheaply.

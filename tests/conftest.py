@@ -2,7 +2,7 @@
 
 Without CUDA, Triton kernels run through Triton's interpreter on CPU tensors. The interpreter
 must be switched on before any `@triton.jit` function is defined, so it is set here, before the
-tests import `kernels`.
+tests import `fastgpt.kernels`.
 """
 
 import os

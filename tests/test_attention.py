@@ -16,19 +16,19 @@ import re
 
 import pytest
 import torch
-
-from fastgpt.backends import BACKENDS
-from fastgpt.model import MultiHeadAttention
-from kernels.attention import (
+from fastgpt.kernels.attention import (
     SUPPORTED_HEAD_DIMS,
     attention,
     attention_dropout_mask,
     attention_reference,
 )
+
+from fastgpt.backends import BACKENDS
+from fastgpt.model import MultiHeadAttention
 from tests.tolerance import assert_close_to_reference
 
 # `kernels.attention` as an attribute is the function (re-exported by kernels/__init__)
-attention_module = importlib.import_module("kernels.attention")
+attention_module = importlib.import_module("fastgpt.kernels.attention")
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
+from fastgpt.benchmarks import harness, report
+from fastgpt.benchmarks.run import SUITES, parse_dtypes, parse_only
 
-from benchmarks import harness, report
-from benchmarks.run import SUITES, parse_dtypes, parse_only
 from fastgpt import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -279,7 +279,7 @@ def test_sdpa_baseline_matches_torch_backend():
 
 def test_gpu_grids_and_providers_are_the_issues():
     """What a GPU run measures (checked without a GPU: these only build lists)."""
-    from benchmarks import kernels_bench, train_bench
+    from fastgpt.benchmarks import kernels_bench, train_bench
 
     cuda = torch.device("cuda")
     rowwise = kernels_bench.rowwise_grid(cuda, quick=False)
@@ -328,7 +328,7 @@ def test_parse_dtypes(tmp_path, capsys):
 
 
 def test_suite_narrows_dtypes_and_checkpoints_after_each_case():
-    from benchmarks.kernels_bench import bench_gelu
+    from fastgpt.benchmarks.kernels_bench import bench_gelu
 
     hardware = {"copy_bandwidth_gbps": 10.0, "matmul_tflops": 0.1}
     saved: list[int] = []
@@ -444,7 +444,7 @@ def test_bench_rejects_cuda_without_gpu(tmp_path, capsys):
 def test_bench_report_only_defaults_to_the_devices_folder_and_out_must_be_writable(
     tmp_path, capsys, monkeypatch
 ):
-    from benchmarks import run
+    from fastgpt.benchmarks import run
 
     monkeypatch.setattr(run, "default_out_dir", lambda device: tmp_path / "cpu-folder")
     assert cli.main(["bench", "--report-only", "--device", "cpu"]) == 2
@@ -457,7 +457,7 @@ def test_bench_report_only_defaults_to_the_devices_folder_and_out_must_be_writab
 def test_results_go_under_the_current_folder_and_name_the_code(tmp_path, monkeypatch):
     """Installed or not, bench writes to ./benchmarks/results (never into the package) and
     records the commit of a checkout, the package version otherwise."""
-    from benchmarks import run
+    from fastgpt.benchmarks import run
 
     monkeypatch.chdir(tmp_path)
     assert run.default_out_dir(torch.device("cpu")).parent == tmp_path / "benchmarks" / "results"

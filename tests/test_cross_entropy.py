@@ -16,12 +16,12 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from fastgpt.benchmarks.harness import cpu_peak_bytes
+from fastgpt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
-from benchmarks.harness import cpu_peak_bytes
-from kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from tests.tolerance import assert_close_to_reference
 
-ce = importlib.import_module("kernels.cross_entropy")
+ce = importlib.import_module("fastgpt.kernels.cross_entropy")
 chunked_torch = ce.chunked_linear_cross_entropy_torch
 
 GPU = pytest.mark.gpu

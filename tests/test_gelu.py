@@ -11,9 +11,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from kernels import (
+from fastgpt.kernels import (
     GELU,
     bias_gelu,
     bias_gelu_reference,
@@ -22,9 +20,11 @@ from kernels import (
     layer_norm,
     layer_norm_reference,
 )
+from torch import nn
+
 from tests.tolerance import assert_close_to_reference
 
-gelu_module = importlib.import_module("kernels.gelu")
+gelu_module = importlib.import_module("fastgpt.kernels.gelu")
 
 SHAPES = [(1, 1), (5, 1), (17, 97), (2, 1023), (1151, 768), (3, 7, 1600), (2, 3000)]
 DTYPES = [

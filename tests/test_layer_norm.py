@@ -10,12 +10,12 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from fastgpt.kernels import LayerNorm, layer_norm, layer_norm_reference
 
-from kernels import LayerNorm, layer_norm, layer_norm_reference
 from tests.tolerance import assert_close_to_reference
 
 # `kernels.layer_norm` the attribute is the function; the module holds MAX_BLOCK_N and _empty.
-ln_module = importlib.import_module("kernels.layer_norm")
+ln_module = importlib.import_module("fastgpt.kernels.layer_norm")
 
 # GPT-2's widths 768, 1024, 1280, 1600 among odd ones; width 1; a single row and 1151 rows.
 SHAPES = [(1, 1), (5, 1), (17, 97), (2, 1023), (1151, 768), (3, 1024), (4, 1280), (3, 7, 1600)]

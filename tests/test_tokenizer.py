@@ -40,7 +40,7 @@ def test_bad_ids_and_text_are_clear_errors():
         token_ids_to_text([1, 50257])
     with pytest.raises(ValueError, match="token id -1 at index 0"):
         token_ids_to_text(torch.tensor([-1, 5]))
-    with pytest.raises(TypeError, match="not an int: 1.5"):
+    with pytest.raises(TypeError, match=r"not an int: 1\.5"):
         token_ids_to_text([1.5])
     with pytest.raises(TypeError, match="text must be a str, got int"):
         text_to_token_ids(123)

@@ -561,7 +561,9 @@ def parse(*argv, task=None) -> argparse.Namespace:
 
 
 def model_options(args: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(args.init, args.model, args.dropout, args.backend)
+    return ModelOptions(
+        init=args.init, model=args.model, dropout=args.dropout, backend=args.backend
+    )
 
 
 def test_training_arguments_defaults_and_config():

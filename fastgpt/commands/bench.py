@@ -24,7 +24,7 @@ SUITE_HELP = "layernorm, gelu, attention, loss, train, generate"
 
 def suites_arg(value: str) -> list[str]:
     """argparse type of --only: a comma-separated list of known suites."""
-    from benchmarks.run import parse_only
+    from fastgpt.benchmarks.run import parse_only
 
     try:
         return parse_only(value)
@@ -34,7 +34,7 @@ def suites_arg(value: str) -> list[str]:
 
 def dtypes_arg(value: str) -> tuple[str, ...] | None:
     """argparse type of --dtypes: a comma-separated list of bf16, fp16, fp32."""
-    from benchmarks.run import parse_dtypes
+    from fastgpt.benchmarks.run import parse_dtypes
 
     try:
         return parse_dtypes(value)
@@ -80,14 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.run import default_out_dir, run_benchmarks
+    from fastgpt.benchmarks.run import default_out_dir, run_benchmarks
     from fastgpt.devices import resolve_device
     from fastgpt.files import check_writable_folder
 
     device = resolve_device(args.device)
     out = Path(args.out) if args.out is not None else default_out_dir(device)
     if args.report_only:
-        from benchmarks.report import load_results, write_all
+        from fastgpt.benchmarks.report import load_results, write_all
 
         if not load_results(out):
             raise UsageError(f"--report-only: {out} holds no <suite>.json files (see --out)")

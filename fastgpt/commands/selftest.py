@@ -261,7 +261,7 @@ def _gpu(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from kernels._dispatch import triton_interpreter_enabled
+    from fastgpt.kernels._dispatch import triton_interpreter_enabled
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -297,7 +297,7 @@ def _gpu(args: argparse.Namespace) -> int:
     (out / "selftest.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     print(f"wrote {out / 'selftest.json'}")
     if args.bench:
-        from benchmarks.run import run_benchmarks
+        from fastgpt.benchmarks.run import run_benchmarks
 
         run_benchmarks(quick=True, out_dir=out, device=device)
     return 1 if failed else 0
@@ -312,6 +312,6 @@ def _device_name(device) -> str:
 
 
 def _default_out(device) -> Path:
-    from benchmarks.run import default_out_dir
+    from fastgpt.benchmarks.run import default_out_dir
 
     return Path(default_out_dir(device))

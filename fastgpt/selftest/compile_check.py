@@ -16,6 +16,7 @@ with jobs > 1, slices of one arch's cases) compile in parallel worker processes.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -29,7 +30,10 @@ from typing import Any
 from fastgpt.selftest.analysis import ARCHS, KernelUsage
 from fastgpt.selftest.sweep import SweepOptions
 
-COMPILE_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compile"
+# benchmarks/results/compile of the checkout, or of the installed fastgpt.benchmarks package
+COMPILE_DIR = (
+    Path(importlib.import_module("fastgpt.benchmarks").__file__).parent / "results" / "compile"
+)
 BUDGET_FILE = COMPILE_DIR / "budget.json"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK", "SINGLE_TILE")
 
@@ -203,7 +207,7 @@ def _a_project_kernel():
     """One of the project's kernels, to tell a JITFunction from an interpreted one."""
     import importlib
 
-    return importlib.import_module("kernels.layer_norm")._layer_norm_forward_kernel
+    return importlib.import_module("fastgpt.kernels.layer_norm")._layer_norm_forward_kernel
 
 
 def _worker(task: tuple[int, SweepOptions, int, int, bool]) -> list[Record]:

@@ -121,7 +121,7 @@ def attention_cases(options: SweepOptions) -> Iterator[Case]:
     """Forward and backward for every dtype × head dim × causal × dropout, the model's layout
     (q/k/v strided views of one (B, T, 3, H, D) projection, dout a transposed (B, T, H, D)); a
     decoding step (Tq = 1 against a contiguous cache); the dropout-mask kernel."""
-    A = _module("kernels.attention")
+    A = _module("fastgpt.kernels.attention")
     _gpu_path(A)
     batch, heads, t = ATTENTION_SHAPE
     for dname in options.pick_dtypes():
@@ -186,7 +186,7 @@ def _width_classes(widths: list[int], config: Callable[[int, int], object], rows
 def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
     """Forward and backward at every width class, for training rows (M = ROWS) and decoding
     (M = 1), rows contiguous."""
-    L = _module("kernels.layer_norm")
+    L = _module("fastgpt.kernels.layer_norm")
     _gpu_path(L)
     for dname in options.pick_dtypes():
         dtype = DTYPES[dname]
@@ -218,7 +218,7 @@ def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
 
 def gelu_cases(options: SweepOptions) -> Iterator[Case]:
     """The flat elementwise kernels: one config, numel divisible by 16 or not."""
-    G = _module("kernels.gelu")
+    G = _module("fastgpt.kernels.gelu")
     _gpu_path(G)
     for dname in options.pick_dtypes():
         dtype = DTYPES[dname]
@@ -233,7 +233,7 @@ def gelu_cases(options: SweepOptions) -> Iterator[Case]:
 
 def bias_gelu_cases(options: SweepOptions) -> Iterator[Case]:
     """bias_gelu forward and backward at every width class of `_bias_gelu_tile`."""
-    G = _module("kernels.gelu")
+    G = _module("fastgpt.kernels.gelu")
     _gpu_path(G)
     for dname in options.pick_dtypes():
         dtype = DTYPES[dname]
@@ -265,7 +265,7 @@ def cross_entropy_cases(options: SweepOptions) -> Iterator[Case]:
     """The per-chunk loss/gradient kernel at every vocabulary-width class of its `_tile`, with
     and without the gradient, one scale for all rows ("mean"/"sum") or one per row ("none").
     The matmuls around it are cuBLAS's, not ours."""
-    C = _module("kernels.cross_entropy")
+    C = _module("fastgpt.kernels.cross_entropy")
     _gpu_path(C)
     rows = 1024  # a chunk of GPT-2's (N = B·T) rows
     for dname in options.pick_dtypes():

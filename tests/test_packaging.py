@@ -1,0 +1,96 @@
+"""How fastgpt installs: the wheel holds one top-level import name, `fastgpt` (the kernels are
+`fastgpt.kernels`, the benchmarks `fastgpt.benchmarks`), so it installs beside anything, e.g.
+Hugging Face's `kernels` package; and a source checkout imports the same names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def build_wheel(source: Path, out: Path) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(source)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return next(out.glob("*.whl"))
+
+
+def top_level_names(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        names = {n.split("/")[0] for n in archive.namelist()}
+    return {n.removesuffix(".py") for n in names if ".dist-info" not in n}
+
+
+def test_the_wheel_installs_beside_another_kernels_package(tmp_path):
+    wheel = build_wheel(ROOT, tmp_path / "wheels")
+    assert top_level_names(wheel) == {"fastgpt"}
+    with zipfile.ZipFile(wheel) as archive:  # every module is in it (pyproject lists packages)
+        shipped = set(archive.namelist())
+    for folder, installed in (("fastgpt", "fastgpt"), ("kernels", "fastgpt/kernels")):
+        for path in (ROOT / folder).rglob("*.py"):
+            name = f"{installed}/{path.relative_to(ROOT / folder).as_posix()}"
+            assert name in shipped, f"{name} is not in the wheel: add its package to pyproject"
+    assert "fastgpt/benchmarks/results/compile/budget.json" in shipped
+
+    # A stand-in for Hugging Face's `kernels` distribution: a top-level package of that name.
+    standin = tmp_path / "standin"
+    (standin / "kernels").mkdir(parents=True)
+    (standin / "kernels" / "__init__.py").write_text("STANDIN = True\n")
+    (standin / "pyproject.toml").write_text(
+        textwrap.dedent("""
+        [build-system]
+        requires = ["setuptools>=77"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "kernels-standin"
+        version = "1.0"
+        [tool.setuptools]
+        packages = ["kernels"]
+    """)
+    )
+    standin_wheel = build_wheel(standin, tmp_path / "standin-wheels")
+    target = tmp_path / "site"
+    for whl in (wheel, standin_wheel):
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+             str(whl)],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+    probe = textwrap.dedent("""
+        import kernels, torch
+        import fastgpt
+        from fastgpt.kernels import layer_norm
+        assert kernels.STANDIN and fastgpt.__file__.startswith(TARGET), fastgpt.__file__
+        model = fastgpt.GPTModel(fastgpt.GPTConfig.from_name("tiny", vocab_size=97))
+        assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 97)
+        print("ok")
+    """).replace("TARGET", repr(str(target)))
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_a_source_checkout_imports_the_same_names(tmp_path):
+    """PYTHONPATH=. (the GPU machine's way): fastgpt.kernels is the checkout's kernels/."""
+    probe = (
+        "import fastgpt.kernels, fastgpt.benchmarks.harness as h; print(fastgpt.kernels.__file__)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert Path(run.stdout.strip()) == ROOT / "kernels" / "__init__.py"
