@@ -18,7 +18,6 @@ whole token stream, across shard boundaries: the shards are only how the stream 
 
 from __future__ import annotations
 
-import glob
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,26 +55,7 @@ def resolve_text_files(data: str | Path | Sequence[str | Path] | None) -> list[P
         from fastgpt.download import data_file
 
         return [data_file(None, DEFAULT_CORPUS)]
-    items = [data] if isinstance(data, (str, Path)) else list(data)
-    files: list[Path] = []
-    for item in items:
-        path = Path(item).expanduser()
-        if not path.exists() and any(c in str(item) for c in "*?["):  # a glob pattern
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            matches = [p for p in matches if p.is_file()]
-            if not matches:
-                raise FileNotFoundError(f"no files match {item}")
-            files.extend(matches)
-        elif path.is_dir():
-            found = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not found:
-                raise ValueError(f"{path}: folder holds no .txt files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"data file not found: {path}")
-    return files
+    return resolve_inputs(data, suffixes=(".txt",))
 
 
 # --- tokenizing with an on-disk cache (fastgpt.corpus) -----------------------------------

@@ -34,9 +34,12 @@ def kind_of(path: Path) -> str:
     return {**FOLDER_SUFFIXES, ".json": JSONL}.get(path.suffix.lower(), TEXT)
 
 
-def resolve_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """The files named by `inputs`: files, folders (every .txt, .jsonl, .ndjson and .parquet
-    below, sorted), quoted glob patterns ("corpus/**/*.jsonl"), or a list of those."""
+def resolve_inputs(
+    inputs: str | Path | Sequence[str | Path], suffixes: Sequence[str] = tuple(FOLDER_SUFFIXES)
+) -> list[Path]:
+    """The files named by `inputs`: files, folders (every file below with one of `suffixes`,
+    by default .txt, .jsonl, .ndjson and .parquet, sorted), quoted glob patterns
+    ("corpus/**/*.jsonl"), or a list of those."""
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if not items:
         raise UsageError("no input files given")
@@ -51,10 +54,11 @@ def resolve_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
             files.extend(matches)
         elif path.is_dir():
             found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
             )
             if not found:
-                raise ValueError(f"{path}: folder holds no .txt, .jsonl or .parquet files")
+                kinds = ", ".join(s for s in suffixes if s != ".ndjson")
+                raise ValueError(f"{path}: folder holds no {kinds} files")
             files.extend(found)
         elif path.is_file():
             files.append(path)

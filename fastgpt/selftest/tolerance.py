@@ -89,16 +89,9 @@ def compare(
 
 
 def assert_close_to_reference(
-    actual: torch.Tensor,
-    torch_same_dtype: torch.Tensor,
-    reference64: torch.Tensor,
-    *,
-    dtype: torch.dtype,
-    backward: bool = False,
-    name: str = "output",
+    actual: torch.Tensor, torch_same_dtype: torch.Tensor, reference64: torch.Tensor, **options
 ) -> None:
-    """Assert the module rule above; the message shows both errors and the bound."""
-    result = compare(
-        actual, torch_same_dtype, reference64, dtype=dtype, backward=backward, name=name
-    )
-    assert result.passed, result.message(dtype)
+    """Assert the module rule above (options as `compare`'s: dtype, backward, name); the
+    message shows both errors and the bound."""
+    result = compare(actual, torch_same_dtype, reference64, **options)
+    assert result.passed, result.message(options["dtype"])
