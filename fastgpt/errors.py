@@ -36,6 +36,12 @@ class ConfigError(UsageError):
         super().__init__(f"{{{field}}} {problem}")
 
 
+def require(options: object, field: str, ok: bool, what: str) -> None:
+    """ConfigError "FIELD must be WHAT, got VALUE" unless ok (VALUE read from `options`)."""
+    if not ok:
+        raise ConfigError(field, f"must be {what}, got {getattr(options, field)!r}")
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient norm was NaN or infinite; no parameter was updated (the
     CLI prints it as one line, exit status 1)."""

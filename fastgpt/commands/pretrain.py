@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastgpt.errors import ConfigError, UsageError
+from fastgpt.errors import UsageError, require
 from fastgpt.train.distributed import is_main_process
 from fastgpt.train.runner import Task, add_task_arguments, run_task
 
@@ -59,16 +59,12 @@ class PretrainOptions:
     """Tokens generated for that sample."""
 
     def __post_init__(self) -> None:
-        if self.context_length < 1:
-            raise ConfigError("context_length", f"must be >= 1, got {self.context_length}")
-        if self.stride is not None and self.stride < 1:
-            raise ConfigError("stride", f"must be >= 1, got {self.stride}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.sample_tokens < 0:
-            raise ConfigError("sample_tokens", f"must be >= 0, got {self.sample_tokens}")
-        if self.tokenize_workers is not None and self.tokenize_workers < 1:
-            raise ConfigError("tokenize_workers", f"must be >= 1, got {self.tokenize_workers}")
+        require(self, "context_length", self.context_length >= 1, ">= 1")
+        require(self, "stride", self.stride is None or self.stride >= 1, ">= 1")
+        require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
+        require(self, "sample_tokens", self.sample_tokens >= 0, ">= 0")
+        workers = self.tokenize_workers
+        require(self, "tokenize_workers", workers is None or workers >= 1, ">= 1")
 
 
 # AdamW, lr 4e-4, weight decay 0.1 as the book's chapter 5 (which trains 10 epochs of batch 2).

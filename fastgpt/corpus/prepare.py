@@ -45,7 +45,7 @@ from fastgpt.corpus.manifest import (
 )
 from fastgpt.corpus.sources import count_documents, read_items, resolve_inputs
 from fastgpt.corpus.writer import SplitWriter
-from fastgpt.errors import ConfigError, UsageError
+from fastgpt.errors import ConfigError, UsageError, require
 
 CHUNK_CHARS = 1 << 22
 """Characters of a text file read and tokenized at a time (4 Mi), so a huge file never sits in
@@ -76,12 +76,9 @@ class CorpusOptions:
     def __post_init__(self) -> None:
         if not self.text_field:
             raise ConfigError("text_field", "must not be empty")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.shard_tokens < 1:
-            raise ConfigError("shard_tokens", f"must be >= 1, got {self.shard_tokens}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
+        require(self, "val_fraction", 0.0 <= self.val_fraction < 1.0, "in [0, 1)")
+        require(self, "shard_tokens", self.shard_tokens >= 1, ">= 1")
+        require(self, "workers", self.workers is None or self.workers >= 1, ">= 1")
 
     def settings(self) -> dict[str, Any]:
         """The options that shape the shards (not --workers: the shards never depend on it)."""

@@ -77,22 +77,23 @@ def parse_ptxas_log(log: str) -> tuple[int | None, int, int]:
     return int(regs[-1]), stores + loads, frame
 
 
+# (name, PTX pattern), the first match wins
+MMA_KINDS = (("wgmma", r"wgmma\.mma_async"), ("mma.sync", r"\bmma\.sync\b"))
+LOAD_KINDS = (("TMA", r"cp\.async\.bulk\.tensor"), ("cp.async", r"\bcp\.async\.c[ag]\b"))
+
+
+def _first_kind(ptx: str, kinds: tuple[tuple[str, str], ...]) -> str:
+    return next((name for name, pattern in kinds if re.search(pattern, ptx)), "none")
+
+
 def mma_kind(ptx: str) -> str:
     """Which tensor-core instruction the PTX uses: "wgmma", "mma.sync" or "none"."""
-    if "wgmma.mma_async" in ptx:
-        return "wgmma"
-    if re.search(r"\bmma\.sync\b", ptx):
-        return "mma.sync"
-    return "none"
+    return _first_kind(ptx, MMA_KINDS)
 
 
 def load_pipelining(ptx: str) -> str:
     """How global loads are staged: "TMA" (cp.async.bulk.tensor), "cp.async", or "none"."""
-    if "cp.async.bulk.tensor" in ptx:
-        return "TMA"
-    if re.search(r"\bcp\.async\.c[ag]\b", ptx):
-        return "cp.async"
-    return "none"
+    return _first_kind(ptx, LOAD_KINDS)
 
 
 def occupancy(registers: int, shared: int, num_warps: int, limits: ArchLimits) -> tuple[int, str]:

@@ -188,29 +188,34 @@ def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
     (M = 1), rows contiguous."""
     L = _module("fastgpt.kernels.layer_norm")
     _gpu_path(L)
+    for dt, m, n, params in _row_shapes(options, L._tile):
+
+        def forward(m=m, n=n, dt=dt):
+            x, w, b = (
+                torch.empty(m, n, dtype=dt),
+                torch.empty(n, dtype=dt),
+                torch.empty(n, dtype=dt),
+            )
+            L._layer_norm_forward(x, w, b, 1e-5)
+
+        def backward(m=m, n=n, dt=dt):
+            x, w = torch.empty(m, n, dtype=dt), torch.empty(n, dtype=dt)
+            mean = torch.empty(m, dtype=torch.float32)
+            L._layer_norm_backward(torch.empty_like(x), x, w, mean, torch.empty_like(mean))
+
+        if options.wants("forward"):
+            yield Case("layer_norm", "forward", params, forward)
+        if options.wants("backward"):
+            yield Case("layer_norm", "backward", params, backward)
+
+
+def _row_shapes(options: SweepOptions, tile) -> Iterator[tuple[torch.dtype, int, int, dict]]:
+    """(dtype, M, N, params) of a row-wise kernel: each dtype, training rows (M = ROWS) and
+    decoding (M = 1), one width per class of its `tile`."""
     for dname in options.pick_dtypes():
-        dtype = DTYPES[dname]
         for m in options.variants([ROWS, 1], [ROWS]):
-            for n in _width_classes(options.pick_widths(), L._tile, m):
-                params = {"dtype": dname, "N": n, "M": m}
-
-                def forward(m=m, n=n, dt=dtype):
-                    x, w, b = (
-                        torch.empty(m, n, dtype=dt),
-                        torch.empty(n, dtype=dt),
-                        torch.empty(n, dtype=dt),
-                    )
-                    L._layer_norm_forward(x, w, b, 1e-5)
-
-                def backward(m=m, n=n, dt=dtype):
-                    x, w = torch.empty(m, n, dtype=dt), torch.empty(n, dtype=dt)
-                    mean = torch.empty(m, dtype=torch.float32)
-                    L._layer_norm_backward(torch.empty_like(x), x, w, mean, torch.empty_like(mean))
-
-                if options.wants("forward"):
-                    yield Case("layer_norm", "forward", params, forward)
-                if options.wants("backward"):
-                    yield Case("layer_norm", "backward", params, backward)
+            for n in _width_classes(options.pick_widths(), tile, m):
+                yield DTYPES[dname], m, n, {"dtype": dname, "N": n, "M": m}
 
 
 # --- GELU and bias-GELU ------------------------------------------------------------------
@@ -235,27 +240,20 @@ def bias_gelu_cases(options: SweepOptions) -> Iterator[Case]:
     """bias_gelu forward and backward at every width class of `_bias_gelu_tile`."""
     G = _module("fastgpt.kernels.gelu")
     _gpu_path(G)
-    for dname in options.pick_dtypes():
-        dtype = DTYPES[dname]
-        for m in options.variants([ROWS, 1], [ROWS]):
-            for n in _width_classes(options.pick_widths(), G._bias_gelu_tile, m):
-                params = {"dtype": dname, "N": n, "M": m}
-                x = lambda m=m, n=n, dt=dtype: torch.empty(m, n, dtype=dt)
-                bias = lambda n=n, dt=dtype: torch.empty(n, dtype=dt)
-                if options.wants("forward"):
-                    yield Case(
-                        "bias_gelu",
-                        "forward",
-                        params,
-                        lambda x=x, bias=bias: G._bias_gelu_forward(x(), bias()),
-                    )
-                if options.wants("backward"):
-                    yield Case(
-                        "bias_gelu",
-                        "backward",
-                        params,
-                        lambda x=x, bias=bias: G._bias_gelu_backward(x(), x(), bias()),
-                    )
+    for dt, m, n, params in _row_shapes(options, G._bias_gelu_tile):
+        x = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)
+        bias = lambda n=n, dt=dt: torch.empty(n, dtype=dt)
+        if options.wants("forward"):
+            yield Case(
+                "bias_gelu", "forward", params, lambda x=x, b=bias: G._bias_gelu_forward(x(), b())
+            )
+        if options.wants("backward"):
+            yield Case(
+                "bias_gelu",
+                "backward",
+                params,
+                lambda x=x, b=bias: G._bias_gelu_backward(x(), x(), b()),
+            )
 
 
 # --- fused linear cross-entropy ----------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from fastgpt.devices import resolve_device
-from fastgpt.errors import ConfigError
+from fastgpt.errors import ConfigError, require
 from fastgpt.files import check_writable_folder
 
 
@@ -82,20 +82,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
-            _require(self, name, getattr(self, name) >= 1, ">= 1")
+            require(self, name, getattr(self, name) >= 1, ">= 1")
         for name in ("max_steps", "epochs", "eval_batches", "lr_decay_steps"):
             value = getattr(self, name)
-            _require(self, name, value is None or value >= 1, ">= 1 (or None)")
+            require(self, name, value is None or value >= 1, ">= 1 (or None)")
         for name in ("eval_every", "save_every", "num_workers", "warmup_steps"):
             value = getattr(self, name)
-            _require(self, name, value is None or value >= 0, ">= 0")
+            require(self, name, value is None or value >= 0, ">= 0")
         if self.max_steps is None and self.epochs is None:
             self.epochs = 1
-        _require(self, "lr", 0 < self.lr < math.inf, "> 0 and finite")
+        require(self, "lr", 0 < self.lr < math.inf, "> 0 and finite")
         if self.min_lr is not None:
-            _require(self, "min_lr", 0 <= self.min_lr <= self.lr, f"in [0, lr={self.lr}]")
+            require(self, "min_lr", 0 <= self.min_lr <= self.lr, f"in [0, lr={self.lr}]")
         for name in ("weight_decay", "grad_clip", "seed"):
-            _require(self, name, getattr(self, name) >= 0, ">= 0")
+            require(self, name, getattr(self, name) >= 0, ">= 0")
         resolve_device(self.device)  # an unknown or absent device fails before any work
         check_writable_folder(Path(self.out_dir), "out_dir")
         if self.overwrite and self.resume:
@@ -127,9 +127,3 @@ def check_out_dir_is_free(config: TrainConfig) -> None:
             f"{out} holds another run ({', '.join(held)}): continue it with {{resume}}, replace "
             "it with {overwrite}, or choose another {out_dir}",
         )
-
-
-def _require(config: TrainConfig, name: str, ok: bool, what: str) -> None:
-    """ConfigError "NAME must be WHAT, got VALUE" unless ok."""
-    if not ok:
-        raise ConfigError(name, f"must be {what}, got {getattr(config, name)}")
