@@ -587,6 +587,7 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
     arch = triton.runtime.driver.active.get_current_target().arch
     ampere = not isinstance(arch, int) or arch < 90  # mma.sync: operands live in registers
     wide = head_dim > 64  # BLOCK_D = 128
+    narrow = head_dim <= 16  # BLOCK_D = 16
     if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
         configs = {
             "forward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8 if wide else 4},
@@ -597,7 +598,12 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
         configs = {
             # At BLOCK_D = 128 a 64-key tile with dropout's Philox took 255 registers and
             # spilled (sm_90, Triton 3.9): 32 keys a tile leave ~200.
-            "forward": {"BLOCK_M": 128, "BLOCK_N": 32 if wide else 64, "num_warps": 8},
+            # At BLOCK_D = 16 on sm_80 (mma.sync) 128 query rows with dropout spilled 48-80 B.
+            "forward": {
+                "BLOCK_M": 64 if narrow and ampere else 128,
+                "BLOCK_N": 32 if wide else 64,
+                "num_warps": 8,
+            },
             "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64 if wide else 128, "num_warps": 8},
             # On sm_80 q, dout and the dq sum of 128 rows outgrow the registers at BLOCK_D = 128
             # (76-116 B spilled with dropout): 64 rows a tile, over the same 8 warps.
