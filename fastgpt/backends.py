@@ -1,12 +1,13 @@
-"""The one place where a model's LayerNorm, feed-forward GELU and attention get their
-implementation.
+"""The one place where a model's LayerNorm, feed-forward GELU, attention and output-head loss
+get their implementation.
 
-| backend | LayerNorm | linear + GELU | attention |
-| --- | --- | --- | --- |
-| "triton" | our kernel | our fused bias+GELU kernel after the bias-free matmul | our flash kernel |
-| "torch" | the plain-PyTorch references beside each kernel (the book's math) | | |
-| "sdpa" | `F.layer_norm` | `F.gelu(approximate="tanh")` | `F.scaled_dot_product_attention` |
-| "auto" | "triton" when CUDA is available, else "torch" | | |
+- "triton": our kernels: LayerNorm, bias+GELU fused after the bias-free matmul, flash
+  attention, and the fused linear + cross-entropy (the (B·T, V) logits never exist);
+- "torch": the plain-PyTorch references beside each kernel (the book's math), the loss from
+  the logits upcast to fp32;
+- "sdpa": `F.layer_norm`, `F.gelu(approximate="tanh")`, `F.scaled_dot_product_attention`, the
+  loss as "torch";
+- "auto": "triton" when CUDA is available, else "torch".
 
 "sdpa" is PyTorch's own fastest ops, the baseline the benchmarks compare against. Every
 backend computes the same function with the same parameters, so `GPTModel.set_backend` switches
