@@ -159,8 +159,12 @@ def test_arch_names_and_occupancy():
 
 
 def test_bad_options_are_one_line_errors(capsys):
+    before = os.environ.get("TRITON_INTERPRET")
     assert main(["selftest", "--compile-only", "--only", "softmax", "--dry-run"]) == 2
     assert "unknown op 'softmax'" in capsys.readouterr().err
+    # The compile-only path unsets TRITON_INTERPRET while it runs and puts it back: this
+    # process's later kernels (other tests in the same worker) still run through the interpreter.
+    assert os.environ.get("TRITON_INTERPRET") == before
 
 
 # --- the compile check, compiling (child processes) --------------------------------------

@@ -141,8 +141,15 @@ def _versions() -> dict[str, str]:
 
 
 def _compile_only(args: argparse.Namespace) -> int:
-    # The sweep needs the kernels compiled, never interpreted (and the GPU configs they pick).
-    os.environ.pop("TRITON_INTERPRET", None)
+    from fastgpt.selftest import compile_check
+
+    # The sweep needs the kernels compiled, never interpreted (and the GPU configs they pick);
+    # the environment is put back after, for a caller that goes on interpreting (a test).
+    with compile_check.environment(TRITON_INTERPRET=None):
+        return _run_compile_only(args)
+
+
+def _run_compile_only(args: argparse.Namespace) -> int:
     from fastgpt.selftest import compile_check, report, sweep
 
     options = sweep.SweepOptions(

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +216,28 @@ def _worker(task: tuple[int, SweepOptions, int, int, bool]) -> list[Record]:
     return compile_slice(*task)
 
 
+@contextmanager
+def environment(**changes: str | None) -> Iterator[None]:
+    """Set (a string) or unset (None) environment variables for the block, then put back what
+    was there: the check runs inside other processes too (the CLI in a test), whose kernels
+    must go on running as they did before it."""
+    saved = {name: os.environ.get(name) for name in changes}
+    try:
+        for name, value in changes.items():
+            _set_env(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            _set_env(name, value)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def run_compile_check(
     archs: list[int],
     options: SweepOptions,
@@ -222,21 +246,23 @@ def run_compile_check(
     progress: bool = False,
 ) -> list[Record]:
     """Compile the planned cases for each arch (in `jobs` processes) and judge every record."""
-    # An empty cache: every binary compiles, so ptxas prints its log. Set before any worker
-    # starts (they inherit the environment) and before this process compiles anything.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastgpt-compile-check-")
-    os.environ.pop("TRITON_INTERPRET", None)
     per_arch = max(1, jobs // len(archs))
     tasks = [
         (arch, options, part, per_arch, progress) for arch in archs for part in range(per_arch)
     ]
-    if jobs <= 1:
-        results = [_worker(task) for task in tasks]
-    else:
-        import multiprocessing
+    # An empty cache: every binary compiles, so ptxas prints its log. Set before any worker
+    # starts (they inherit the environment) and before this process compiles anything.
+    with (
+        tempfile.TemporaryDirectory(prefix="fastgpt-compile-check-") as cache,
+        environment(TRITON_CACHE_DIR=cache, TRITON_INTERPRET=None),
+    ):
+        if jobs <= 1:
+            results = [_worker(task) for task in tasks]
+        else:
+            import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
-            results = pool.map(_worker, tasks)
+            with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+                results = pool.map(_worker, tasks)
     records: list[Record] = []
     for chunk in results:  # re-number "same binary" links into the merged list
         offset = len(records)
