@@ -28,81 +28,8 @@ from torch import nn
 from fastgpt import hf_format, weights
 from fastgpt.backends import Ops, resolve_backend
 from fastgpt.config import GPTConfig
+from fastgpt.kv_cache import KVCache, LayerKVCache
 from fastgpt.lora import load_lora_adapters
-
-# --- KV cache ----------------------------------------------------------------------------
-
-
-class LayerKVCache:
-    """Keys and values of one attention layer for the tokens seen so far.
-
-    Buffers of shape (B, H, capacity, head_dim) are allocated on the first `update`, with the
-    dtype and device of the keys it receives (so autocast works), and written in place.
-    """
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.length = 0  # tokens cached so far
-        self.k: torch.Tensor | None = None  # (B, H, capacity, hd)
-        self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v (B, H, T_new, hd) and return views of everything cached,
-        (B, H, T_total, hd) each, where T_total = length before the call + T_new."""
-        b, h, t_new, hd = k.shape
-        if self.k is None or self.k.shape[:2] != (b, h) or self.k.dtype != k.dtype:
-            if self.length != 0:
-                raise ValueError(
-                    f"KV cache holds {self.length} tokens for batch/heads/dtype "
-                    f"{tuple(self.k.shape[:2])}/{self.k.dtype}, got keys {tuple(k.shape)} "
-                    f"{k.dtype}; call reset() first"
-                )
-            shape = (b, h, self.capacity, hd)
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
-        end = self.length + t_new
-        if end > self.capacity:
-            raise ValueError(
-                f"KV cache overflow: {self.length} cached + {t_new} new tokens > capacity "
-                f"{self.capacity} (the model's context_length); reset() and re-prefill"
-            )
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def reset(self) -> None:
-        self.length = 0
-
-
-class KVCache:
-    """One `LayerKVCache` per transformer block plus the number of positions consumed.
-
-    Usage: `cache = model.new_kv_cache()`; `model(prompt, kv_cache=cache)` fills it (prefill);
-    then `model(next_token (B, 1), kv_cache=cache)` runs one position at a time; the model
-    takes the position of the new tokens from `cache.length`.
-    """
-
-    def __init__(self, n_layers: int, capacity: int):
-        self.capacity = capacity
-        self.layers = [LayerKVCache(capacity) for _ in range(n_layers)]
-
-    @property
-    def length(self) -> int:
-        """Tokens cached so far (the position the next token will get)."""
-        return self.layers[0].length
-
-    def reset(self) -> None:
-        """Forget every cached token (buffers are kept and reused)."""
-        for layer in self.layers:
-            layer.reset()
-
-    def __getitem__(self, i: int) -> LayerKVCache:
-        return self.layers[i]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
 
 # --- Layers ------------------------------------------------------------------------------
 
@@ -155,10 +82,11 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape  # (B, T, d_in)
         qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), strided views
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (B, H, T_past + T, hd): queries see the past too
-        dropout_p = self.dropout if self.training else 0.0
-        ctx = self.ops.attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
+        if kv_cache is not None:  # caches k, v; the queries see the cached past too
+            ctx = kv_cache.attend(q, k, v, self.ops.attention)  # (B, H, T, hd)
+        else:
+            dropout_p = self.dropout if self.training else 0.0
+            ctx = self.ops.attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
         ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
         return self.out_proj(ctx)
 
