@@ -68,10 +68,13 @@ def train_providers(device: torch.device, quick: bool) -> list[Provider]:
                 Provider("torch SDPA + fused AdamW", "baseline", "sdpa", fused_adamw=True)
             )
         return providers
-    return [
+    providers = [
         Provider("fastgpt torch backend", "ours", "torch"),
         Provider("torch SDPA + fused AdamW", "baseline", "sdpa", fused_adamw=True),
     ]
+    if not quick:  # `--compile` on CPU: Inductor compiles the torch backend (minutes to build)
+        providers.insert(1, Provider("fastgpt torch backend + compile", "ours", "torch", True))
+    return providers
 
 
 def generate_providers(device: torch.device) -> list[Provider]:

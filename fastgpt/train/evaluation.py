@@ -111,6 +111,12 @@ class Evaluator:
                 with eval_mode(model), autocast_context(device, self.amp_dtype):
                     record.update(self.metrics_fn(model, loader))
         if self.sample_fn is not None:
-            with eval_mode(model), autocast_context(device, self.amp_dtype):
+            # A --compile model's graphs are for the training shapes; a sample's cached
+            # generation (a new length each step) runs eagerly instead of recompiling per token.
+            with (
+                eval_mode(model),
+                autocast_context(device, self.amp_dtype),
+                torch.compiler.set_stance("force_eager"),
+            ):
                 record["sample"] = str(self.sample_fn(model))
         return record

@@ -51,6 +51,11 @@ class ModelOptions:
     gpt2-small-book)."""
     backend: Literal["auto", "triton", "torch"] = "auto"
     """Kernels: triton (ours), torch (the references), auto (triton on CUDA)."""
+    compile: bool = False
+    """torch.compile the model (our kernels stay custom ops inside the graph; on CPU the torch
+    backend's math is compiled by Inductor). The first steps pay the compile (tens of seconds
+    for gpt2-small; again whenever a batch brings a new sequence length, until dynamic shapes
+    take over); worth it for long runs, not for a few steps."""
 
 
 @contextlib.contextmanager
@@ -89,6 +94,15 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
         from fastgpt.initialization import init_book_weights_
 
         init_book_weights_(model, seed=seed)  # the stream of the book's manual_seed(seed)
+    return model
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """Compile `model` in place (`nn.Module.compile`: its parameters, state_dict and saving
+    are unchanged, so checkpoints of a compiled run load anywhere). fullgraph: the forward and
+    loss hold no graph break (token-id checks are skipped while compiling), so a break that
+    appears is a bug to see, not a slowdown to miss."""
+    model.compile(fullgraph=True)
     return model
 
 
@@ -195,6 +209,8 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
     with usage_errors():
         model = build_model(task.model_options, task.config.seed, **task.model_overrides())
         task.prepare_model(model)
+        if task.model_options.compile:
+            compile_model(model)
     if main and task.uses_lora:
         from fastgpt.lora import describe_parameters
 
