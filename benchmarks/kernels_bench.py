@@ -8,14 +8,18 @@ On CUDA the providers are:
 
 - LayerNorm / GELU / bias+GELU: ours (`kernels.layer_norm`, `gelu`, `bias_gelu`), PyTorch eager
   (`F.layer_norm`, `F.gelu(approximate="tanh")`, `F.gelu(x + b, ...)`) and `torch.compile` of
-  the same eager function (compiled afresh for every shape and dtype, `dynamic=False`).
+  the same eager function (compiled afresh for every shape and dtype, `dynamic=False`); the
+  fused residual add + LayerNorm (`kernels.add_layer_norm`) against `r + x` then
+  `F.layer_norm`, eager and compiled.
   Reported as ms, GB/s of the bytes the op must move (`harness.memory_bound_bytes`) and % of
   the copy bandwidth measured in the same run.
 - Attention (causal): ours (`kernels.attention`), `F.scaled_dot_product_attention` pinned to
   each backend (flash, memory-efficient, cuDNN; a backend that rejects the shape is recorded as
   skipped) and the book's plain attention (scores, mask, softmax, weighted sum; skipped when its
   T×T score matrices would not fit). Reported as ms, TFLOP/s (`harness.attention_flops`) and %
-  of the bf16 matmul TFLOP/s measured in the same run.
+  of the bf16 matmul TFLOP/s measured in the same run. Its varlen rows (`bench_attention_varlen`):
+  16 documents of mixed lengths packed into 16k tokens, `kernels.attention_varlen` against the
+  padded batch through `kernels.attention` and SDPA with a block-diagonal mask.
 
 On CPU Triton kernels are never timed (the interpreter measures Python, not the kernel): "ours"
 is then fastgpt's `backend="torch"` path, the plain-PyTorch references in `kernels/`, timed in
@@ -25,6 +29,7 @@ fp32 against PyTorch's own CPU ops.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +41,10 @@ from fastgpt.benchmarks import harness
 from tqdm import tqdm
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+# Tensors of (rows, width) the fused residual add + LayerNorm must move: forward reads x and
+# the residual and writes normed and the new residual; backward reads dnormed, dnew_residual
+# and the new residual and writes the one gradient of x and residual.
+ADD_LAYER_NORM_TENSORS = {"fwd": 4, "bwd": 4, "fwd+bwd": 8}
 
 
 # --- grids ---------------------------------------------------------------------------------
@@ -111,11 +120,12 @@ def measure_modes(
     """Yield (mode, median ms, peak MiB) for fwd, bwd and fwd+bwd of `forward()`, whose inputs
     `leaves` require grad. Raises what `forward` raises (the caller records skips)."""
     rep_ms = 40.0 if quick else 100.0
-    with torch.no_grad():  # only the output's shape and dtype; keep no graph alive
-        dy = torch.randn_like(forward())
+    with torch.no_grad():  # only the outputs' shapes and dtypes; keep no graph alive
+        out = forward()  # a tensor, or a tuple of them (each gets a gradient)
+        dy = [torch.randn_like(o) for o in out] if isinstance(out, tuple) else torch.randn_like(out)
 
     def fwd_bwd() -> None:
-        forward().backward(dy)
+        torch.autograd.backward(forward(), dy)
 
     for t in leaves:
         t.grad = None
@@ -132,7 +142,10 @@ def measure_modes(
         t.grad = None
     y = forward()
     bwd_ms = harness.time_ms(
-        lambda y=y: y.backward(dy, retain_graph=True), device, rep_ms=rep_ms, grad_to_none=leaves
+        lambda y=y: torch.autograd.backward(y, dy, retain_graph=True),
+        device,
+        rep_ms=rep_ms,
+        grad_to_none=leaves,
     )
     del y  # frees the retained graph
     yield "bwd", bwd_ms, full_peak
@@ -188,8 +201,11 @@ def short_error(exc: BaseException) -> str:
 
 def _rowwise_providers(op: str, device: torch.device) -> list[tuple[str, str, Callable]]:
     """(name, role, fn) for one row-wise op. fn(x, weight, bias) -> y; GELU ignores weight and
-    GELU without bias ignores bias too."""
+    GELU without bias ignores bias too; the fused add + LayerNorm is fn(x, weight, bias,
+    residual) -> (normed, residual + x)."""
     from fastgpt.kernels import (
+        add_layer_norm,
+        add_layer_norm_reference,
         bias_gelu,
         bias_gelu_reference,
         gelu,
@@ -204,6 +220,14 @@ def _rowwise_providers(op: str, device: torch.device) -> list[tuple[str, str, Ca
 
         def eager(x, w, b):
             return F.layer_norm(x, (x.shape[-1],), w, b, 1e-5)
+
+    elif op == "add_layernorm":
+        ours = lambda x, w, b, r: add_layer_norm(x, r, w, b, 1e-5)
+        ref = lambda x, w, b, r: add_layer_norm_reference(x, r, w, b, 1e-5)
+
+        def eager(x, w, b, r):
+            new_residual = r + x  # the unfused pair: the add, then F.layer_norm
+            return F.layer_norm(new_residual, (x.shape[-1],), w, b, 1e-5), new_residual
 
     elif op == "gelu":
         ours = lambda x, w, b: gelu(x)
@@ -266,8 +290,9 @@ def bench_rowwise(
     hardware: dict[str, Any],
     options: harness.RunOptions,
 ) -> list[dict[str, Any]]:
-    """LayerNorm (suite "layernorm", ops ("layernorm",)) or GELU (suite "gelu", ops
-    ("gelu", "bias_gelu")) over the grid of `rowwise_grid`."""
+    """LayerNorm and the fused residual add + LayerNorm (suite "layernorm", ops ("layernorm",
+    "add_layernorm")) or GELU (suite "gelu", ops ("gelu", "bias_gelu")) over the grid of
+    `rowwise_grid`."""
     quick = options.quick
     grid = _only_dtypes(rowwise_grid(device, quick), options.dtypes)
     cases = [
@@ -285,7 +310,11 @@ def bench_rowwise(
         x = torch.randn(rows, width, generator=gen, dtype=torch.float32).to(device, dtype)
         w = (1 + 0.1 * torch.randn(width, generator=gen)).to(device, dtype)
         b = (0.1 * torch.randn(width, generator=gen)).to(device, dtype)
+        extra = []  # the fused add + LayerNorm's residual stream (rows, width)
+        if op == "add_layernorm":
+            extra = [torch.randn(rows, width, generator=gen).to(device, dtype)]
         leaves = [x, w, b] if op == "layernorm" else ([x, b] if op == "bias_gelu" else [x])
+        leaves = [x, w, b, *extra] if extra else leaves
         for t in leaves:
             t.requires_grad_(True)
         for provider, role, fn in _rowwise_providers(op, device):
@@ -296,9 +325,11 @@ def bench_rowwise(
                 if compiled:
                     stack.enter_context(no_donated_buffers())
                     fn = _compiled(fn[1])
-                forward = lambda fn=fn, x=x, w=w, b=b: fn(x, w, b)
+                forward = lambda fn=fn, x=x, w=w, b=b, extra=extra: fn(x, w, b, *extra)
                 for mode, ms, peak in measure_modes(forward, leaves, device, quick):
                     moved = harness.memory_bound_bytes(mode, x.numel(), x.element_size())
+                    if extra:  # x, residual -> normed, new residual; back: 3 in, 1 out
+                        moved = ADD_LAYER_NORM_TENSORS[mode] * x.numel() * x.element_size()
                     gbps = harness.throughput(moved, ms) / 1e9
                     records.append(
                         measured(
@@ -328,7 +359,7 @@ def bench_rowwise(
 def bench_layernorm(
     device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
 ) -> list[dict]:
-    return bench_rowwise("layernorm", ("layernorm",), device, hardware, options)
+    return bench_rowwise("layernorm", ("layernorm", "add_layernorm"), device, hardware, options)
 
 
 def bench_gelu(
@@ -468,4 +499,100 @@ def bench_attention(
         del q, k, v
         harness.free_memory(device)
         options.save(records)
+    records += bench_attention_varlen(device, peak_flops, quick, grid["dtypes"])
+    options.save(records)
+    return records
+
+
+# --- attention over packed documents (varlen) ----------------------------------------------
+
+
+def varlen_document_lengths(total: int, count: int) -> list[int]:
+    """`count` document lengths of mixed sizes (proportional to 1, 2, ..., count) summing to
+    `total`: fixed, so that every run times the same packing."""
+    weights = range(1, count + 1)
+    lengths = [max(1, total * w // sum(weights)) for w in weights]
+    lengths[-1] += total - sum(lengths)
+    return lengths
+
+
+def _varlen_providers(device, lengths, heads, head_dim, dtype):
+    """(provider, role, leaves, forward) for causal attention over the packed `lengths`: ours on
+    the packed (total, H, D) tensors; the batch padded to the longest document (B, H, max, D)
+    through `attention`; SDPA over the whole packed axis with a block-diagonal causal mask
+    (1, H, total, D). On CPU ours is the torch backend (`attention_varlen_reference`), the
+    padded batch goes through SDPA, and the names are the CPU suite's."""
+    from fastgpt.kernels import attention, attention_varlen, attention_varlen_reference
+
+    total, longest = sum(lengths), max(lengths)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def leaves(*shape):
+        return [torch.randn(shape, generator=gen).to(device, dtype).requires_grad_() for _ in "qkv"]
+
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), cu.diff().long())
+    allowed = (doc[:, None] == doc[None, :]).tril()  # (total, total) block-diagonal causal
+    packed = leaves(total, heads, head_dim)  # (total, H, D) each
+    batch = leaves(len(lengths), heads, longest, head_dim)  # (B, H, max, D) each
+    whole = leaves(1, heads, total, head_dim)  # (1, H, total, D) each
+    if device.type == "cuda":
+        ours, varlen = "fastgpt varlen", attention_varlen
+        padded, pad_name = attention, "attention (padded batch)"
+        mask_name = "SDPA block-diagonal mask"
+    else:
+        ours, varlen = "fastgpt torch backend", attention_varlen_reference
+        pad_name, mask_name = "torch SDPA (default)", "torch SDPA"
+
+        def padded(q, k, v, causal):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return [
+        (ours, "ours", packed, lambda: varlen(*packed, cu, cu, longest, longest)),
+        (pad_name, "baseline", batch, lambda: padded(*batch, causal=True)),
+        (
+            mask_name,
+            "baseline",
+            whole,
+            lambda: F.scaled_dot_product_attention(*whole, attn_mask=allowed),
+        ),
+    ]
+
+
+def bench_attention_varlen(
+    device: torch.device, peak_flops: float, quick: bool, dtypes: list[str]
+) -> list[dict]:
+    """Causal attention over 16 documents of mixed lengths packed into one sequence (16k tokens
+    on CUDA, 512 (--quick) or 2048 on CPU): ours (attention_varlen), the padded batch, SDPA
+    with a block-diagonal mask; the records' case says layout="varlen, 16 documents" and
+    seq_len = the total tokens. TFLOP/s count the useful work, sum over documents of causal
+    attention of each, for every provider."""
+    total = 16384 if device.type == "cuda" else (512 if quick else 2048)
+    lengths = varlen_document_lengths(total, 16)
+    heads_dims = [(12, 64)] if quick or device.type != "cuda" else [(12, 64), (16, 128)]
+    records: list[dict[str, Any]] = []
+    for dtype_name, (heads, head_dim) in itertools.product(dtypes, heads_dims):
+        base_case = {"dtype": dtype_name, "layout": "varlen, 16 documents", "heads": heads,
+                     "head_dim": head_dim, "seq_len": total}  # fmt: skip
+        dtype = harness.DTYPES[dtype_name]
+        for provider, role, leaves, forward in _varlen_providers(
+            device, lengths, heads, head_dim, dtype
+        ):
+            try:
+                for mode, ms, peak in measure_modes(forward, leaves, device, quick):
+                    flops = sum(
+                        harness.attention_flops(1, heads, n, head_dim, True, mode) for n in lengths
+                    )
+                    tflops = harness.throughput(flops, ms) / 1e12
+                    records.append(
+                        measured(
+                            "attention", {**base_case, "mode": mode}, provider, role, ms=ms,
+                            flops=flops, tflops=tflops, peak_mem_mb=peak,
+                            pct_matmul=100.0 * tflops * 1e12 / peak_flops,
+                        )
+                    )  # fmt: skip
+            except Exception as exc:  # a backend rejects the mask, or out of memory
+                records += skipped_modes("attention", base_case, provider, role, exc, records)
+            finally:
+                harness.free_memory(device)
     return records

@@ -92,6 +92,12 @@ def suite_notes(suite: str, device: torch.device, quick: bool) -> list[str]:
             "backward reads x and dy and writes dx (3), forward+backward 5; % is of the "
             "measured copy bandwidth."
         )
+    if suite == "layernorm":
+        notes.append(
+            "add_layernorm (the residual add fused with the LayerNorm after it) moves 4 "
+            "tensors forward (x, residual in; normed, new residual out), 4 backward (dnormed, "
+            "dnew_residual, new residual in; one gradient out), 8 forward+backward."
+        )
     if suite == "attention":
         notes.append(
             "FLOPs: 4·B·H·T²·D forward, halved for causal, ×2.5 for backward, ×3.5 for "

@@ -77,6 +77,11 @@ def train_providers(device: torch.device, quick: bool) -> list[Provider]:
     return providers
 
 
+# Hugging Face's GPT2LMHeadModel.generate (greedy, its own KV cache) on the same weights: a
+# baseline of the generate suite outside --quick (`bench_generate`).
+HF_GENERATE = Provider("Hugging Face GPT2LMHeadModel.generate", "baseline", "hf")
+
+
 def generate_providers(device: torch.device) -> list[Provider]:
     if device.type == "cuda":
         return [
@@ -140,6 +145,21 @@ def build_model(config: GPTConfig, provider: Provider, device: torch.device) -> 
         model = GPTModel(config, backend=provider.backend)
     model.check_inputs = False  # random ids are in range; skip the per-call host sync
     return model
+
+
+def build_generate_model(config: GPTConfig, provider: Provider, device: torch.device):
+    """`build_model`, or for HF_GENERATE transformers' GPT2LMHeadModel holding the same weights
+    (our model saved in Hugging Face's layout and loaded back)."""
+    if provider != HF_GENERATE:
+        return build_model(config, provider, device)
+    model = build_model(config, Provider("same weights", "baseline", "torch"), device)
+    import tempfile
+
+    import transformers
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return transformers.GPT2LMHeadModel.from_pretrained(folder).to(device)
 
 
 # --- training step ---------------------------------------------------------------------------
@@ -237,11 +257,12 @@ def bench_generate(
     dtype_name = "bf16" if device.type == "cuda" else "fp32"
     new = grid["new_tokens"]
     records: list[dict[str, Any]] = []
-    runs = [(m, p) for m in grid["models"] for p in generate_providers(device)]
+    providers = generate_providers(device) + ([] if quick else [HF_GENERATE])
+    runs = [(m, p) for m in grid["models"] for p in providers]
     for preset, provider in tqdm(runs, desc="generate", leave=False):
         config = GPTConfig.from_name(preset)
         try:
-            model = build_model(config, provider, device).to(dtype).eval()
+            model = build_generate_model(config, provider, device).to(dtype).eval()
         except Exception as exc:
             model = None
             build_error = exc
@@ -264,7 +285,19 @@ def bench_generate(
                     0, config.vocab_size, (batch, grid["prompt_len"]), generator=gen
                 ).to(device)
 
-                def run(model=model, prompt=prompt, use_cache=use_cache):
+                def run(
+                    model=model, prompt=prompt, use_cache=use_cache, hf=provider == HF_GENERATE
+                ):
+                    if hf:  # exactly `new` tokens: no early stop at its eos
+                        return model.generate(
+                            prompt,
+                            attention_mask=torch.ones_like(prompt),
+                            max_new_tokens=new,
+                            min_new_tokens=new,
+                            do_sample=False,
+                            use_cache=use_cache,
+                            pad_token_id=0,
+                        )
                     return generate(model, prompt, new, use_cache=use_cache)
 
                 try:

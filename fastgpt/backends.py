@@ -1,8 +1,9 @@
 """The one place where a model's LayerNorm, feed-forward GELU, attention and output-head loss
 get their implementation.
 
-- "triton": our kernels: LayerNorm, bias+GELU fused after the bias-free matmul, flash
-  attention, and the fused linear + cross-entropy (the (B·T, V) logits never exist);
+- "triton": our kernels: LayerNorm (fused with the residual add before it), bias+GELU fused
+  after the bias-free matmul, flash attention, and the fused linear + cross-entropy (the
+  (B·T, V) logits never exist);
 - "torch": the plain-PyTorch references beside each kernel (the book's math), the loss from
   the logits upcast to fp32;
 - "sdpa": `F.layer_norm`, `F.gelu(approximate="tanh")`, `F.scaled_dot_product_attention`, the
@@ -19,14 +20,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastgpt.kernels import (
+    add_layer_norm,
+    add_layer_norm_reference,
     attention,
     attention_reference,
+    attention_varlen,
+    attention_varlen_reference,
     bias_gelu,
     fused_linear_cross_entropy,
     gelu,
@@ -52,6 +58,24 @@ class Ops:
     """(x (B, T, d), head (Linear d -> V'), vocab_size V <= V', targets (B, T) long,
     ignore_index) -> the mean cross-entropy of the logits' first V columns over the targets
     that are not ignore_index, fp32."""
+    add_layer_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    """(x (..., d), residual (..., d), weight (d,), bias (d,), eps) -> (layer_norm(residual +
+    x), residual + x): a residual add fused with the LayerNorm that follows it. None (the
+    default): `residual + x`, then this backend's `layer_norm`."""
+    attention_varlen: Callable[..., torch.Tensor] | None = None
+    """(q (N, H, hd), k, v (N, H, hd), cu_seqlens_q, cu_seqlens_k (S + 1,) int32, max_seqlen_q,
+    max_seqlen_k, causal, dropout_p) -> (N, H, hd): attention within each of S sequences packed
+    along the token axis (`kernels.attention_varlen`'s conventions). None: not available."""
+
+    def __post_init__(self) -> None:
+        if self.add_layer_norm is None:  # frozen: set once, here
+            object.__setattr__(self, "add_layer_norm", partial(_add_then_norm, self.layer_norm))
+
+
+def _add_then_norm(layer_norm, x, residual, weight, bias, eps):
+    """The unfused add_layer_norm of a backend: `residual + x`, then its `layer_norm`."""
+    new_residual = residual + x
+    return layer_norm(new_residual, weight, bias, eps), new_residual
 
 
 def _logits_loss(head, x, vocab_size, targets, ignore_index=-100):
@@ -104,21 +128,49 @@ def _sdpa_attention(q, k, v, causal: bool = True, dropout_p: float = 0.0) -> tor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
 
 
+def _sdpa_attention_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+    causal: bool = True, dropout_p: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
+    """SDPA once per packed sequence: q (Nq, H, hd), k, v (Nk, H, hd) -> (Nq, H, hd)."""
+    pieces = []
+    bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), strict=True)  # one sync
+    (q0, k0), *rest = bounds
+    for q1, k1 in rest:
+        # rows of one sequence (T, H, hd) -> (1, H, T, hd), SDPA's layout, and back
+        qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t, a, b in
+                      ((q, q0, q1), (k, k0, k1), (v, k0, k1)))  # fmt: skip
+        pieces.append(_sdpa_attention(qi, ki, vi, causal, dropout_p)[0].transpose(0, 1))
+        q0, k0 = q1, k1
+    return torch.cat(pieces) if pieces else q * 0.0
+
+
 BACKENDS: dict[str, Ops] = {
-    "triton": Ops("triton", layer_norm, _triton_linear_gelu, attention, _fused_head_loss),
+    "triton": Ops(
+        "triton",
+        layer_norm,
+        _triton_linear_gelu,
+        attention,
+        _fused_head_loss,
+        add_layer_norm=add_layer_norm,
+        attention_varlen=attention_varlen,
+    ),
     "torch": Ops(
         "torch",
         layer_norm_reference,
         lambda linear, x: gelu_reference(linear(x)),
         attention_reference,
         _logits_loss,
+        add_layer_norm=add_layer_norm_reference,
+        attention_varlen=attention_varlen_reference,
     ),
     "sdpa": Ops(
         "sdpa",
         _sdpa_layer_norm,
         lambda linear, x: F.gelu(linear(x), approximate="tanh"),
         _sdpa_attention,
-        _logits_loss,
+        _logits_loss,  # add_layer_norm: `residual + x`, then F.layer_norm
+        attention_varlen=_sdpa_attention_varlen,
     ),
 }
 

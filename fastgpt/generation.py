@@ -8,20 +8,35 @@ one position per step, attending to the keys and values cached in a `KVCache` (a
 one query against all cached keys). Without the cache every step reruns the whole sequence,
 as in the book.
 
+Prompts of different lengths (a list of 1-D id sequences) are generated in one batch: they are
+prefilled right-padded (ordinary causal attention: a real token never sees the padding after
+it), each row's cache length set to its prompt's length; each step then writes row i's new
+keys at its own length and attends to its keys only (see `fastgpt/kv_cache.py`). Greedy output
+is what each prompt gives alone.
+
+`compile=True` runs the one-token step under `torch.compile` (CUDA graphs, mode
+"reduce-overhead", on CUDA; Inductor's default on CPU) on a static cache allocated once and
+kept on the model for later calls. No step syncs with the host: eos is checked on the device
+and looked at every EOS_CHECK_EVERY steps (every step when `on_step` streams tokens).
+
 Past the context window: both paths condition on the last `context_length` tokens. GPT-2's
 position embeddings are absolute, so once the window slides every token's position changes and
 the cached keys are stale; from then on the cached path re-prefills the last context_length
-tokens each step (it costs what the uncached path costs, and gives the same tokens).
+tokens of each row each step (it costs what the uncached path costs, and gives the same
+tokens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from fastgpt.errors import ConfigError
+from fastgpt.kv_cache import KVCache
 from fastgpt.model import GPTModel
+
+EOS_CHECK_EVERY = 16  # decoding steps between looks at "has every row finished?"
 
 
 def check_generation_options(
@@ -69,10 +84,13 @@ def sample_next_token(
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
 
 
+Prompts = torch.Tensor | Sequence[torch.Tensor | Sequence[int]]
+
+
 @torch.no_grad()
 def generate(
     model: GPTModel,
-    token_ids: torch.Tensor,
+    token_ids: Prompts,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -81,52 +99,199 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     on_step: Callable[[torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """The prompts (B, T) followed by up to max_new_tokens generated tokens: (B, T + new).
+    compile: bool = False,
+) -> torch.Tensor | list[torch.Tensor]:
+    """The prompts followed by up to max_new_tokens generated tokens.
 
-    token_ids: (B, T) prompts of one length (a batch of prompts is generated together, each
-    row exactly as it would be alone). A prompt longer than the model's context_length is
-    conditioned on its last context_length tokens only (the earlier ones are dropped, silently
-    here; `fastgpt generate` says how many); it is still returned whole. Stops after
-    max_new_tokens steps, or when every sequence has produced `eos_id` (a finished sequence
-    then gets `eos_id` at each later step).
+    token_ids: a (B, T) tensor of prompts of one length -> (B, T + new); or a list of B
+    prompts of any lengths (1-D tensors or lists of ids) -> a list of B 1-D tensors, each its
+    prompt and its generated tokens (up to and including its eos_id), on the prompt's device
+    (CPU for lists). Every row is generated exactly as it would be alone. A prompt longer than
+    the model's context_length is conditioned on its last context_length tokens only (the
+    earlier ones are dropped, silently here; `fastgpt generate` says how many); it is still
+    returned whole. Stops after max_new_tokens steps, or when every sequence has produced
+    `eos_id` (a finished row of a tensor output then gets `eos_id` at each later step).
     `generator` (on the model's device) makes sampling reproducible. `on_step(new_ids)` is
     called with each step's tokens, (B, 1) long on the model's device, as they are produced
-    (`fastgpt generate` streams text this way). The model runs in eval mode (its previous mode
-    is restored at the end)."""
+    (`fastgpt generate` streams text this way; without the cache a list of prompts runs one
+    prompt at a time, so it gets (1, 1)). `compile`: the one-token step under torch.compile
+    (with the cache only; see the module's docstring). The model runs in eval mode (its
+    previous mode is restored at the end)."""
     check_generation_options(max_new_tokens, temperature, top_k, top_p)
-    model.check_token_ids(token_ids)  # once: every id generated later comes from the head
-    context = model.config.context_length
+    prompts = _prompt_list(model, token_ids)  # once: every id generated later is in range
+    if compile and not use_cache:
+        raise ConfigError("compile", "needs use_cache=True (it compiles the cached step)")
     was_training, was_checking = model.training, model.check_inputs
     model.eval()
     # The head's ids are all in range, so the per-call range check (a device-to-host sync on
     # CUDA at every step) is off while generating.
     model.check_inputs = model.out_head.out_features > model.config.vocab_size
+    device = next(model.parameters()).device
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B, 1)
+        return sample_next_token(logits, temperature, top_k, top_p, generator)
+
     try:
-        device = next(model.parameters()).device
-        seq = token_ids.to(device)  # (B, T) everything so far
-        cache = model.new_kv_cache() if use_cache else None
-        finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=device)
-        fed = 0  # with the cache: how many tokens of seq the cache holds
-        for _ in range(max_new_tokens):
-            if cache is not None and fed > 0 and seq.shape[1] <= context:
-                logits = model(seq[:, fed:], kv_cache=cache)  # (B, 1, V): one new position
-            else:
-                window = seq[:, -context:]  # (B, <= context)
-                if cache is not None:
-                    cache.reset()  # prefill (first step, or the window slid)
-                logits = model(window, kv_cache=cache)  # (B, T_window, V)
-            fed = seq.shape[1]
-            next_ids = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
-            if eos_id is not None:
-                next_ids = next_ids.masked_fill(finished[:, None], eos_id)
-                finished |= next_ids[:, 0] == eos_id
-            seq = torch.cat([seq, next_ids], dim=1)  # (B, T + 1)
-            if on_step is not None:
-                on_step(next_ids)
-            if eos_id is not None and bool(finished.all()):
-                break
+        if not use_cache:
+            rows = [p.to(device)[None] for p in prompts] if prompts else [token_ids.to(device)]
+            outs = [
+                _generate_uncached(model, r, max_new_tokens, sample, eos_id, on_step) for r in rows
+            ]
+            if prompts is None:
+                return outs[0].to(token_ids.device)
+            return [o[0].to(p.device) for o, p in zip(outs, prompts, strict=True)]
+        rows = prompts if prompts is not None else list(token_ids)
+        seq, new_counts = _generate_cached(
+            model, [r.to(device) for r in rows], max_new_tokens, sample, eos_id, on_step, compile
+        )
     finally:
         model.train(was_training)
         model.check_inputs = was_checking
-    return seq.to(token_ids.device)
+    return _cached_output(token_ids, prompts, seq, new_counts)
+
+
+def _cached_output(token_ids, prompts, seq, new_counts) -> torch.Tensor | list[torch.Tensor]:
+    """For a tensor input the (B, T + new) tensor of as many steps as were run; for a list,
+    each row's prompt and its new_counts[i] tokens, on the prompt's device."""
+    if prompts is None:
+        return seq[:, : token_ids.shape[1] + max(new_counts)].to(token_ids.device)
+    return [
+        seq[i, : len(p) + n].to(p.device)
+        for i, (p, n) in enumerate(zip(prompts, new_counts, strict=True))
+    ]
+
+
+def _prompt_list(model: GPTModel, token_ids: Prompts) -> list[torch.Tensor] | None:
+    """None for a (B, T) tensor (checked); else the prompts as 1-D long tensors (checked)."""
+    if isinstance(token_ids, torch.Tensor):
+        model.check_token_ids(token_ids)
+        return None
+    if isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence):
+        raise TypeError(
+            "token_ids must be a (batch, seq_len) tensor or a list of 1-D prompts, got "
+            f"{type(token_ids).__name__}"
+        )
+    if not token_ids:
+        raise ValueError("token_ids is an empty list of prompts")
+    prompts = []
+    for i, p in enumerate(token_ids):
+        t = p if isinstance(p, torch.Tensor) else torch.as_tensor(p, dtype=torch.long)
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(
+                f"prompt {i} must be a non-empty 1-D id sequence, got {tuple(t.shape)}"
+            )
+        model.check_token_ids(t[None])
+        prompts.append(t.long())
+    return prompts
+
+
+def _generate_uncached(model, seq, max_new_tokens, sample, eos_id, on_step) -> torch.Tensor:
+    """The book's loop: rerun the last context_length tokens of seq (B, T) at every step."""
+    context = model.config.context_length
+    finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+    for _ in range(max_new_tokens):
+        logits = model(seq[:, -context:])  # (B, T_window, V)
+        next_ids = sample(logits[:, -1])  # (B, 1)
+        if eos_id is not None:
+            next_ids = next_ids.masked_fill(finished[:, None], eos_id)
+            finished |= next_ids[:, 0] == eos_id
+        seq = torch.cat([seq, next_ids], dim=1)  # (B, T + 1)
+        if on_step is not None:
+            on_step(next_ids)
+        if eos_id is not None and bool(finished.all()):
+            break
+    return seq
+
+
+def _generate_cached(model, prompts, max_new_tokens, sample, eos_id, on_step, compile):
+    """Prompts (1-D, on the model's device, any lengths) through prefill + one-token steps ->
+    (seq (B, max_len + steps) long: row i's prompt then its tokens, from column len_i on;
+    new_counts: how many tokens of each row to keep). Host syncs only every EOS_CHECK_EVERY
+    steps (every step with on_step) and at the end."""
+    b, device = len(prompts), prompts[0].device
+    lengths = [len(p) for p in prompts]  # host ints: nothing per step needs the device
+    seq = torch.zeros(b, max(lengths) + max_new_tokens, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        seq[i, : len(p)] = p
+    ends = torch.tensor(lengths, device=device)  # (B,) where row i's next token goes
+    rows = torch.arange(b, device=device)
+    cache, step = _decode_step(model, b, compile)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    finish_step = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
+    check_every = 1 if on_step is not None else EOS_CHECK_EVERY
+    context, steps, next_ids = model.config.context_length, 0, None
+    for i in range(max_new_tokens):
+        if next_ids is not None and max(lengths) + i <= context:
+            logits = step(next_ids)  # (B, V): one new position per row
+        else:  # first step, or a row's window slid: re-prefill every row's last tokens
+            logits = _prefill(model, seq, [n + i for n in lengths], cache)
+        next_ids = sample(logits)  # (B, 1)
+        if eos_id is not None:
+            next_ids = next_ids.masked_fill(finished[:, None], eos_id)
+            newly = (next_ids[:, 0] == eos_id) & ~finished
+            finish_step = torch.where(newly, i, finish_step)
+            finished |= newly
+        seq[rows, ends] = next_ids[:, 0]
+        ends += 1
+        steps = i + 1
+        if on_step is not None:
+            on_step(next_ids)
+        if eos_id is not None and steps % check_every == 0 and bool(finished.all()):
+            break
+    # Stop where the uncached loop stops: at the step that finished the last row.
+    done = [min(s + 1, steps) for s in finish_step.tolist()] if eos_id is not None else [steps] * b
+    if eos_id is not None and all(s < max_new_tokens for s in finish_step.tolist()):
+        steps = max(done)
+    return seq, [min(n, steps) for n in done]
+
+
+def _prefill(model: GPTModel, seq: torch.Tensor, ends: list[int], cache: KVCache) -> torch.Tensor:
+    """Run row i's last min(ends[i], context) tokens of seq (B, W) right-padded through the
+    model into a reset cache, set each row's cache length -> each row's last logits (B, V)."""
+    context = model.config.context_length
+    starts = [max(0, e - context) for e in ends]
+    widths = [e - s for s, e in zip(starts, ends, strict=True)]
+    padded = seq.new_zeros(seq.shape[0], max(widths))  # (B, W) padding after short rows
+    for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        padded[i, : e - s] = seq[i, s:e]
+    cache.reset()
+    logits = model(padded, kv_cache=cache)  # (B, W, V), causal: padding is never seen
+    cache.set_lengths(widths)
+    last = torch.tensor([w - 1 for w in widths], device=seq.device)
+    return logits[torch.arange(seq.shape[0], device=seq.device), last]  # (B, V)
+
+
+def _decode_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new position per row: ids (B, 1) -> last logits (B, V). What torch.compile captures."""
+    return model(ids, kv_cache=cache)[:, -1]
+
+
+def _decode_step(model: GPTModel, batch: int, compile: bool):
+    """(cache, step(ids (B, 1)) -> logits (B, V)). Compiled: a static cache of `batch` rows and
+    the compiled step, made once per (batch, dtype, device) and kept on the model (so a later
+    call reuses the compiled graphs and the buffers they were captured with)."""
+    if not compile:
+        cache = model.new_kv_cache()
+        return cache, lambda ids: _decode_logits(model, ids, cache)
+    param = next(model.parameters())
+    key = (batch, param.dtype, param.device, model.backend)
+    saved = model.__dict__.get("_compiled_decode")
+    if saved is None or saved[0] != key:
+        cache = model.new_kv_cache(batch_size=batch)
+        cuda = param.device.type == "cuda"
+        if cuda:  # CUDA graphs replay on fixed addresses: the buffers are written in place
+            for t in [cache._lengths, *(x for layer in cache.layers for x in (layer.k, layer.v))]:
+                torch._dynamo.mark_static_address(t)
+        compiled = torch.compile(_decode_logits, mode="reduce-overhead" if cuda else None)
+        saved = (key, cache, compiled)
+        model.__dict__["_compiled_decode"] = saved
+    _, cache, compiled = saved
+
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        if ids.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = compiled(model, ids, cache)
+        cache.note_advanced(1)  # the compiled step advanced the device lengths only
+        return logits
+
+    return cache, step

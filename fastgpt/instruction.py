@@ -12,6 +12,11 @@ Why keep the first <|endoftext|> as a target: the model must learn to stop. Why 
 padding is not text to learn. Why mask the prompt (optional): the loss then measures only the
 answer, not how well the model copies the instruction.
 
+With packing (`finetune-instruct --pack`), the examples are laid one after another into rows
+of up to max_length tokens instead (`PackedInstructionDataset`, `PackedInstructionCollate`),
+each with exactly the inputs and targets above and a segment id of its own, so that the model
+(`segment_ids=`) keeps each example to itself: no padding is computed, no loss changes.
+
 The data is split in file order, 85% train, 10% test, 5% validation (the book's order).
 """
 
@@ -193,25 +198,119 @@ class InstructionCollate:
         inputs = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         targets = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         for row, (ids, masked_length) in enumerate(items):
-            sequence = torch.tensor([*ids, self.pad_id], dtype=torch.long)  # text + end token
-            n = min(len(ids), width)  # positions with a real input token
-            inputs[row, :n] = sequence[:n]
-            targets[row, :n] = sequence[1 : n + 1]  # the last one is the end token if it fits
-            if self.mask_prompt:
-                targets[row, : max(masked_length - 1, 0)] = IGNORE_INDEX
+            # width >= min(len(ids), max_length): the example's own tokens always fit
+            example = example_tensors(ids, masked_length, width, self.mask_prompt, self.pad_id)
+            n = len(example[0])
+            inputs[row, :n], targets[row, :n] = example
         return {"input_ids": inputs, "targets": targets}
+
+
+def example_tensors(
+    ids: Sequence[int], masked_length: int, max_length: int | None, mask_prompt: bool,
+    pad_id: int = EOT_ID,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One example's (inputs, targets), (n,) long each, n = min(len(ids), max_length): what
+    it contributes to a batch, padded (`InstructionCollate`) or packed (`PackedInstructionCollate`)
+    alike. inputs = ids[:n], targets = (ids + [end token])[1 : n + 1]; with mask_prompt the
+    targets before masked_length - 1 (the instruction) are IGNORE_INDEX."""
+    sequence = torch.tensor([*ids, pad_id], dtype=torch.long)  # text + end token
+    n = len(ids) if max_length is None else min(len(ids), max_length)
+    inputs, targets = sequence[:n], sequence[1 : n + 1].clone()  # the end token if it fits
+    if mask_prompt:
+        targets[: max(masked_length - 1, 0)] = IGNORE_INDEX
+    return inputs, targets
+
+
+# --- packing ------------------------------------------------------------------------------
+
+
+class PackedInstructionDataset(Dataset):
+    """The examples of an InstructionDataset packed into rows of up to row_length tokens.
+
+    The rule (deterministic, in data order): each example takes n = min(len(ids), row_length)
+    tokens (what the padded collate gives it); it joins the current row when the row still has
+    n tokens free, else it starts a new row. Concatenating the rows gives the examples in the
+    dataset's order. Item r is row r's list of (token_ids, masked_length) items, which
+    `PackedInstructionCollate` turns into one row of a batch. The rows, not the examples, are
+    then what a training run shuffles and batches (--batch-size counts rows)."""
+
+    def __init__(self, examples: Dataset, row_length: int):
+        if row_length < 1:
+            raise ValueError(f"row_length must be >= 1, got {row_length}")
+        self.examples, self.row_length = examples, row_length
+        self.rows: list[list[int]] = []  # example indices of each row
+        free = 0  # tokens left in the last row
+        for index in range(len(examples)):
+            n = min(len(examples[index][0]), row_length)
+            if n > free:
+                self.rows.append([])
+                free = row_length
+            self.rows[-1].append(index)
+            free -= n
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, r: int) -> list[tuple[list[int], int]]:
+        return [self.examples[i] for i in self.rows[r]]
+
+
+class PackedInstructionCollate:
+    """Batches packed rows (lists of (token_ids, masked_length) items) into {"input_ids",
+    "targets", "segment_ids"}, each (B, T) long, T the batch's longest row.
+
+    A row is its examples' `example_tensors` one after another, example j of the row with
+    segment id j, so that with `GPTModel.forward(..., segment_ids=...)` each example attends
+    only to itself and its positions restart at 0: every example gets exactly the inputs and
+    targets (and so the summed token loss) the padded `InstructionCollate` gives it, and no
+    target crosses from one example into the next. A row shorter than T ends in padding
+    (<|endoftext|> inputs, IGNORE_INDEX targets) with a segment id of its own."""
+
+    def __init__(self, max_length: int, mask_prompt: bool = False, pad_id: int = EOT_ID):
+        self.max_length, self.mask_prompt, self.pad_id = max_length, mask_prompt, pad_id
+
+    def __call__(self, rows: Sequence[Sequence[tuple[list[int], int]]]) -> dict[str, torch.Tensor]:
+        packed = [self._row(row) for row in rows]  # (inputs, targets, segment ids) (n_r,) each
+        shape = (len(rows), max(len(inputs) for inputs, _, _ in packed))  # (B, T)
+        inputs = torch.full(shape, self.pad_id, dtype=torch.long)
+        targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        segment_ids = torch.zeros(shape, dtype=torch.long)
+        for r, (row_inputs, row_targets, row_segments) in enumerate(packed):
+            n = len(row_inputs)
+            inputs[r, :n], targets[r, :n], segment_ids[r, :n] = (
+                row_inputs,
+                row_targets,
+                row_segments,
+            )
+            segment_ids[r, n:] = len(rows[r])  # the padding: a run of its own
+        return {"input_ids": inputs, "targets": targets, "segment_ids": segment_ids}
+
+    def _row(self, row: Sequence[tuple[list[int], int]]) -> tuple[torch.Tensor, ...]:
+        """One row's examples joined: (inputs, targets, segment ids), (n,) long each."""
+        inputs, targets, segments = [], [], []
+        for j, (ids, masked_length) in enumerate(row):
+            example = example_tensors(ids, masked_length, self.max_length, self.mask_prompt,
+                                      self.pad_id)  # fmt: skip
+            inputs.append(example[0])
+            targets.append(example[1])
+            segments.append(torch.full_like(example[0], j))
+        return torch.cat(inputs), torch.cat(targets), torch.cat(segments)
 
 
 def instruction_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over the targets that are not IGNORE_INDEX (a scalar).
 
-    A batch without any target gives 0 (connected to the graph) instead of NaN."""
+    A batch without any target gives 0 (connected to the graph) instead of NaN. A packed
+    batch's "segment_ids" (B, T) keep each example to itself (`PackedInstructionCollate`)."""
     device = next(model.parameters()).device
     inputs = batch["input_ids"].to(device)  # (B, T)
     targets = batch["targets"].to(device)  # (B, T)
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(device)  # (B, T)
     if not bool((targets != IGNORE_INDEX).any()):
-        return model(inputs).sum() * 0.0
-    return model(inputs, targets=targets, ignore_index=IGNORE_INDEX)  # fused on triton
+        return model(inputs, segment_ids=segment_ids).sum() * 0.0
+    return model(inputs, targets=targets, ignore_index=IGNORE_INDEX, segment_ids=segment_ids)
 
 
 def perplexity(loss: float) -> float:

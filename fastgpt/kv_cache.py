@@ -3,30 +3,57 @@
 `model.new_kv_cache()` makes one; `model(ids, kv_cache=cache)` appends the new tokens' keys and
 values and attends over everything cached (`LayerKVCache.attend`), so that generation runs one
 position per step instead of rerunning the whole sequence.
+
+Two ways to fill it:
+- all rows at one length (the default): `model(ids (B, T), kv_cache=cache)` appends T tokens
+  to every row; the new tokens get positions cache.length ... cache.length + T - 1.
+- rows of their own lengths (ragged batches, `fastgpt.generate`): after a prefill of
+  right-padded prompts, `cache.set_lengths([n_0, n_1, ...])` says how many tokens of each row are
+  real. From then on row b's new tokens are written at, and get the positions, lengths[b] ...,
+  and attend to keys 0 .. their own position (a length mask): the padding after a short prompt
+  is masked, then overwritten. The lengths are a (B,) int32 tensor on the device, advanced in
+  place, so a decoding step needs no host sync and `torch.compile` (CUDA graphs included) can
+  capture it; under compile the step attends over the whole preallocated buffer (static shapes),
+  in eager mode over the keys cached so far.
+
+Buffers of the full context are allocated once (`model.new_kv_cache(batch_size=...)` allocates
+them at once, a static cache; otherwise on the first update) and reused after `reset()`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+
+from fastgpt.kernels import attention as triton_attention
+from fastgpt.kernels import attention_reference, decode_attention
 
 
 class LayerKVCache:
     """Keys and values of one attention layer for the tokens seen so far.
 
-    Buffers of shape (B, H, capacity, head_dim) are allocated on the first `update`, with the
-    dtype and device of the keys it receives (so autocast works), and written in place.
-    """
+    Buffers of shape (B, H, capacity, head_dim) get the dtype and device of the keys they
+    receive (so autocast works) and are written in place. `length` is the number of positions
+    in use (with per-row lengths, the longest row's); `lengths` is None, or the (B,) int32
+    tensor of per-row lengths shared by every layer (set by `KVCache.set_lengths`)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self.length = 0  # tokens cached so far
+        self.length = 0  # tokens cached so far (per-row lengths: the longest row's)
+        self.lengths: torch.Tensor | None = None  # (B,) int32 on the device, or None
+        self.step: tuple[torch.Tensor, ...] | None = None  # `step_masks` shared in one forward
         self.k: torch.Tensor | None = None  # (B, H, capacity, hd)
         self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
 
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device) -> None:
+        """Make (or keep, when they match) the (B, H, capacity, hd) buffers."""
+        if self.k is None or self.k.shape != shape or self.k.dtype != dtype:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k, v (B, H, T_new, hd) and return views of everything cached,
+        """Append k, v (B, H, T_new, hd) to every row and return views of everything cached,
         (B, H, T_total, hd) each, where T_total = length before the call + T_new."""
         b, h, t_new, hd = k.shape
         if self.k is None or self.k.shape[:2] != (b, h) or self.k.dtype != k.dtype:
@@ -36,9 +63,7 @@ class LayerKVCache:
                     f"{tuple(self.k.shape[:2])}/{self.k.dtype}, got keys {tuple(k.shape)} "
                     f"{k.dtype}; call reset() first"
                 )
-            shape = (b, h, self.capacity, hd)
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+            self.allocate((b, h, self.capacity, hd), k.dtype, k.device)
         end = self.length + t_new
         if end > self.capacity:
             raise ValueError(
@@ -52,6 +77,8 @@ class LayerKVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.lengths = None
+        self.step = None
 
     def attend(
         self,
@@ -63,9 +90,52 @@ class LayerKVCache:
         """Cache k, v (B, H, T_new, hd) and attend the queries q (B, H, T_new, hd) over every
         cached key, causally (bottom-right: new query i sees the past and new keys up to i)
         with `attention` (a backend's op) -> (B, H, T_new, hd). No dropout: a cache serves
-        generation."""
+        generation. With per-row lengths see `_attend_rows`."""
+        if self.lengths is not None:
+            return self._attend_rows(q, k, v, attention)
         k_all, v_all = self.update(k, v)  # (B, H, T_past + T_new, hd)
         return attention(q, k_all, v_all, causal=True, dropout_p=0.0)
+
+    def _attend_rows(self, q, k, v, attention) -> torch.Tensor:
+        """Per-row lengths: write row b's k, v (B, H, T, hd) at lengths[b] ..., attend each new
+        query to its row's keys up to its own position. The triton backend's one-token step
+        runs the split-KV kernel (`kernels.decode_attention`); other backends keep their math
+        (the reference's for "torch", SDPA with a mask otherwise). `length` is advanced by
+        `KVCache.advance`, after every layer."""
+        t = k.shape[2]
+        rows, pos, visible = self.step if self.step is not None else self.step_masks(t)
+        self.k[rows, :, pos] = k.transpose(1, 2)  # (B, T, H, hd) into (B, H, capacity, hd)
+        self.v[rows, :, pos] = v.transpose(1, 2)
+        end = visible.shape[-1]
+        keys, values = self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, hd)
+        if attention is triton_attention and t == 1:
+            ctx = decode_attention(q[:, :, 0], keys, values, self.lengths + 1)  # (B, H, hd)
+            return ctx[:, :, None]
+        if attention is attention_reference:
+            return masked_attention_reference(q, keys, values, visible)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+
+    def step_masks(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For t new tokens per row: (rows (B, 1), positions (B, T), visible (B, 1, T, end)
+        bool: key j seen by new query i of row b iff j <= lengths[b] + i). Eager: `end` is the
+        keys in use so far; compiled: the whole buffer (one static shape)."""
+        device = self.lengths.device
+        pos = self.lengths.long()[:, None] + torch.arange(t, device=device)  # (B, T)
+        rows = torch.arange(pos.shape[0], device=device)[:, None]  # (B, 1)
+        end = self.capacity if torch.compiler.is_compiling() else self.length + t
+        visible = torch.arange(end, device=device)[None, None, :] <= pos[:, :, None]
+        return rows, pos, visible[:, None]
+
+
+def masked_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """The reference attention's math (fp32 softmax) with an explicit mask: q (B, H, Tq, hd),
+    k/v (B, H, Tk, hd), visible (B, 1, Tq, Tk) bool (every query sees at least one key)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * q.shape[-1] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return (weights @ v.to(compute)).to(q.dtype)  # (B, H, Tq, hd)
 
 
 class KVCache:
@@ -73,20 +143,90 @@ class KVCache:
 
     Usage: `cache = model.new_kv_cache()`; `model(prompt, kv_cache=cache)` fills it (prefill);
     then `model(next_token (B, 1), kv_cache=cache)` runs one position at a time; the model
-    takes the position of the new tokens from `cache.length`.
+    takes the positions of the new tokens from `cache.positions` and calls `cache.advance`.
     """
 
     def __init__(self, n_layers: int, capacity: int):
         self.capacity = capacity
         self.layers = [LayerKVCache(capacity) for _ in range(n_layers)]
+        self._lengths: torch.Tensor | None = None  # kept across resets: a static address
 
     @property
     def length(self) -> int:
-        """Tokens cached so far (the position the next token will get)."""
+        """Tokens cached so far (the position the next token will get); with per-row lengths,
+        the longest row's."""
         return self.layers[0].length
 
+    @property
+    def lengths(self) -> torch.Tensor | None:
+        """(B,) int32 per-row lengths on the device, or None when every row has `length`."""
+        return self.layers[0].lengths
+
+    def allocate(self, batch: int, heads: int, head_dim: int, dtype, device) -> None:
+        """Preallocate every layer's (batch, heads, capacity, head_dim) buffers and the lengths
+        (a static cache: `torch.compile` and CUDA graphs see the same tensors every step)."""
+        for layer in self.layers:
+            layer.allocate((batch, heads, self.capacity, head_dim), dtype, device)
+        if self._lengths is None or self._lengths.shape != (batch,):
+            self._lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Give each row its own length (host ints, each <= the `length` already cached, e.g.
+        the prompts' lengths after prefilling them right-padded). Copied into one device tensor
+        that is kept across calls (no host sync; a static address for CUDA graphs)."""
+        lengths = [int(n) for n in lengths]
+        k = self.layers[0].k
+        if k is None or len(lengths) != k.shape[0]:
+            raise ValueError(
+                f"set_lengths needs one length per cached row after a prefill, got "
+                f"{len(lengths)} lengths for a cache of batch "
+                f"{None if k is None else k.shape[0]}"
+            )
+        if min(lengths) < 0 or max(lengths) > self.length:
+            raise ValueError(f"lengths must lie in [0, {self.length}] (cached), got {lengths}")
+        if self._lengths is None or self._lengths.shape != (len(lengths),):
+            self._lengths = torch.zeros(len(lengths), dtype=torch.int32, device=k.device)
+        self._lengths.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
+        for layer in self.layers:
+            layer.lengths, layer.length = self._lengths, max(lengths)
+            layer.step = None
+
+    def positions(self, t: int, device) -> torch.Tensor:
+        """Positions of t new tokens: (T,) when every row has `length`, (B, T) with per-row
+        lengths. Raises ValueError past the capacity (a host check, skipped under compile,
+        where the caller keeps the lengths in range)."""
+        if not torch.compiler.is_compiling() and self.length + t > self.capacity:
+            past = f" after {self.length} cached tokens" if self.length else ""
+            raise ValueError(
+                f"sequence too long: {t} tokens{past} > context_length {self.capacity}"
+            )
+        if self.lengths is None:
+            return torch.arange(self.length, self.length + t, device=device)
+        step = self.layers[0].step_masks(t)
+        if not torch.compiler.is_compiling():  # eager: one set of masks for every layer
+            for layer in self.layers:
+                layer.step = step
+        return step[1]  # (B, T)
+
+    def advance(self, t: int) -> None:
+        """After a forward with per-row lengths: every row grew by t tokens (in place on the
+        device). The host count `length` is left to `note_advanced` under compile."""
+        if self.lengths is None:
+            return  # each layer counted its own tokens in `update`
+        for layer in self.layers:
+            layer.step = None
+        self.lengths.add_(t)
+        if not torch.compiler.is_compiling():
+            self.note_advanced(t)
+
+    def note_advanced(self, t: int) -> None:
+        """Count t more tokens on the host (what a compiled step, which touches only device
+        tensors, leaves to its caller)."""
+        for layer in self.layers:
+            layer.length += t
+
     def reset(self) -> None:
-        """Forget every cached token (buffers are kept and reused)."""
+        """Forget every cached token and the per-row lengths (buffers are kept and reused)."""
         for layer in self.layers:
             layer.reset()
 

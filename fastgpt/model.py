@@ -6,6 +6,7 @@
              x = x + drop(att(norm1(x)))      causal multi-head self-attention
              x = x + drop(ff(norm2(x)))       d -> 4d -> GELU -> d
       -> final_norm -> out_head                              (B, T, vocab_size)
+(each residual add runs fused with the LayerNorm after it: `Ops.add_layer_norm`)
 
 `backend` picks how LayerNorm, GELU and attention run, in one place (`fastgpt/backends.py`):
 "triton" (our kernels), "torch" (the plain-PyTorch references beside them), "sdpa" (PyTorch's
@@ -30,6 +31,7 @@ from fastgpt.backends import Ops, resolve_backend
 from fastgpt.config import GPTConfig
 from fastgpt.kv_cache import KVCache, LayerKVCache
 from fastgpt.lora import load_lora_adapters
+from fastgpt.segments import PackedRows, check_segment_ids, packed_rows
 
 # --- Layers ------------------------------------------------------------------------------
 
@@ -46,6 +48,15 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + delta), x + delta) for the residual stream x (B, T, d) and a branch's
+        output delta (B, T, d), the add fused with this norm; delta None: (norm(x), x)."""
+        if delta is None:
+            return self(x), x
+        return self.ops.add_layer_norm(delta, x, self.weight, self.bias, self.eps)
 
 
 class MultiHeadAttention(nn.Module):
@@ -78,9 +89,18 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
 
-    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: LayerKVCache | None = None,
+        packed: PackedRows | None = None,
+    ) -> torch.Tensor:
+        """x (B, T, d_in) -> (B, T, d_out). With `packed`, each token attends only within
+        its own run of the rows' segment_ids (`fastgpt.segments`)."""
         b, t, _ = x.shape  # (B, T, d_in)
         qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
+        if packed is not None:
+            return self.out_proj(self._attend_packed(qkv, packed))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), strided views
         if kv_cache is not None:  # caches k, v; the queries see the cached past too
             ctx = kv_cache.attend(q, k, v, self.ops.attention)  # (B, H, T, hd)
@@ -89,6 +109,20 @@ class MultiHeadAttention(nn.Module):
             ctx = self.ops.attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
         ctx = ctx.transpose(1, 2).reshape(b, t, self.d_out)  # (B, T, d_out)
         return self.out_proj(ctx)
+
+    def _attend_packed(self, qkv: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+        """qkv (B, T, 3, H, hd) -> the context (B, T, d_out), the B·T tokens flattened into
+        one packed axis of runs for `Ops.attention_varlen`."""
+        b, t = qkv.shape[:2]
+        if self.ops.attention_varlen is None:
+            raise ValueError(f"the {self.ops.name} backend has no attention_varlen: no segment_ids")
+        q, k, v = qkv.flatten(0, 1).unbind(1)  # each (B·T, H, hd), strided views
+        cu, longest = packed.cu_seqlens, packed.max_seqlen
+        dropout_p = self.dropout if self.training else 0.0
+        ctx = self.ops.attention_varlen(
+            q, k, v, cu, cu, longest, longest, causal=True, dropout_p=dropout_p
+        )  # (B·T, H, hd)
+        return ctx.reshape(b, t, self.d_out)
 
 
 class FeedForward(nn.Module):
@@ -106,7 +140,11 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: attention then feed-forward, each added to the residual stream."""
+    """Pre-LayerNorm block: attention then feed-forward, each added to the residual stream.
+
+    Every residual add is fused with the LayerNorm that reads its sum (`add_and_norm`), so a
+    block leaves its last add to the next norm (the next block's norm1, or final_norm): it
+    takes the previous block's feed-forward output `pending` and returns its own."""
 
     def __init__(self, config: GPTConfig, ops: Ops):
         super().__init__()
@@ -117,10 +155,19 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(d, ops)
         self.drop_shortcut = nn.Dropout(config.drop_rate)
 
-    def forward(self, x: torch.Tensor, kv_cache: LayerKVCache | None = None) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache=kv_cache))  # (B, T, d)
-        x = x + self.drop_shortcut(self.ff(self.norm2(x)))  # (B, T, d)
-        return x
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: LayerKVCache | None = None,
+        pending: torch.Tensor | None = None,
+        packed: PackedRows | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, d) the residual stream, pending (B, T, d) or None still to be added to it
+        -> (x + pending + attention's output, the feed-forward's output still to be added)."""
+        h, x = self.norm1.add_and_norm(x, pending)  # x = x + pending, h = norm1(x) (B, T, d)
+        att = self.drop_shortcut(self.att(h, kv_cache=kv_cache, packed=packed))  # (B, T, d)
+        h, x = self.norm2.add_and_norm(x, att)  # x = x + att, h = norm2(x)
+        return x, self.drop_shortcut(self.ff(h))  # (B, T, d) each
 
 
 _LAYERS_WITH_OPS = (LayerNorm, MultiHeadAttention, FeedForward)
@@ -180,9 +227,21 @@ class GPTModel(nn.Module):
                 module.ops = ops
         return self
 
-    def new_kv_cache(self) -> KVCache:
-        """An empty KV cache for this model (buffers are allocated on first use)."""
-        return KVCache(self.config.n_layers, self.config.context_length)
+    def new_kv_cache(
+        self, batch_size: int | None = None, dtype: torch.dtype | None = None, device=None
+    ) -> KVCache:
+        """An empty KV cache for this model. Buffers of the full context are allocated on first
+        use, or at once for `batch_size` rows (a static cache, in `dtype` and on `device`,
+        default the parameters')."""
+        cache = KVCache(self.config.n_layers, self.config.context_length)
+        if batch_size is not None:
+            param = next(self.parameters())
+            heads = self.config.n_heads
+            head_dim = self.config.emb_dim // heads
+            cache.allocate(
+                batch_size, heads, head_dim, dtype or param.dtype, device or param.device
+            )
+        return cache
 
     def check_token_ids(self, token_ids: torch.Tensor) -> None:
         """Raise TypeError / ValueError unless `token_ids` is a non-empty (batch, seq_len)
@@ -213,12 +272,24 @@ class GPTModel(nn.Module):
                 f"range [0, {vocab})"
             )
 
+    @staticmethod
+    def _packed(token_ids, segment_ids, kv_cache: KVCache | None) -> PackedRows:
+        """The runs of segment_ids (checked against token_ids (B, T)) for the layers."""
+        if kv_cache is not None:
+            raise ValueError(
+                "segment_ids cannot be combined with kv_cache (a cache continues one sequence "
+                "per row)"
+            )
+        check_segment_ids(segment_ids, token_ids)
+        return packed_rows(segment_ids)
+
     def forward(
         self,
         token_ids: torch.Tensor,
         kv_cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """token_ids (B, T) integer -> logits (B, T, vocab_size); with `targets` (B, T) long,
         the mean next-token cross-entropy instead (fp32 scalar, targets equal to
@@ -226,21 +297,34 @@ class GPTModel(nn.Module):
         (B·T, vocab_size) logits (`kernels.fused_linear_cross_entropy`).
 
         With `kv_cache`, the tokens continue the cached sequence: they get positions
-        cache.length ... cache.length + T - 1 and attend to the cached keys as well."""
-        start = kv_cache.length if kv_cache is not None else 0
+        cache.length ... cache.length + T - 1 and attend to the cached keys as well.
+
+        With `segment_ids` (B, T) integer, each maximal run of equal consecutive values in a
+        row is a sequence of its own (a document, a packed example): its positions restart at
+        0 and its tokens attend (causally) only within it (`fastgpt.segments`,
+        `Ops.attention_varlen`). Not with kv_cache."""
         self.check_token_ids(token_ids)  # before the embedding: no device-side assert
         _, t = token_ids.shape
-        if start + t > self.config.context_length:
-            past = f" after {start} cached tokens" if start else ""
+        if kv_cache is not None:  # (T,), or (B, T) when the rows have lengths of their own
+            positions = kv_cache.positions(t, token_ids.device)  # raises past the context
+        elif t > self.config.context_length:
             raise ValueError(
-                f"sequence too long: {t} tokens{past} > context_length {self.config.context_length}"
+                f"sequence too long: {t} tokens > context_length {self.config.context_length}"
             )
-        positions = torch.arange(start, start + t, device=token_ids.device)  # (T,)
+        else:
+            positions = torch.arange(t, device=token_ids.device)  # (T,)
+        packed = None if segment_ids is None else self._packed(token_ids, segment_ids, kv_cache)
+        if packed is not None:
+            positions = packed.positions  # (B, T), restarting at each run
         x = self.tok_emb(token_ids) + self.pos_emb(positions)  # (B, T, d)
         x = self.drop_emb(x)
+        pending = None  # each block's last residual add, done by the next norm
         for i, block in enumerate(self.trf_blocks):
-            x = block(x, kv_cache=kv_cache[i] if kv_cache is not None else None)  # (B, T, d)
-        x = self.final_norm(x)  # (B, T, d)
+            layer_cache = kv_cache[i] if kv_cache is not None else None
+            x, pending = block(x, kv_cache=layer_cache, pending=pending, packed=packed)
+        if kv_cache is not None:
+            kv_cache.advance(t)  # per-row lengths grow once, after every layer wrote its keys
+        x = self.final_norm.add_and_norm(x, pending)[0]  # final_norm(x + pending) (B, T, d)
         vocab = self.config.vocab_size
         language_head = self.out_head.out_features == self.config.padded_vocab_size
         if targets is not None:

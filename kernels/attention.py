@@ -581,18 +581,27 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
     # Chosen without a GPU at hand: tiles that ptxas compiles without register spills for
     # sm_90 and sm_80 with Triton 3.6 and 3.9, checked in the heaviest variant (causal, with
     # dropout) at head dims 64 and 128, whose binaries 48 and 80/96 share (`fastgpt selftest
-    # --compile-only`; reports in benchmarks/results/compile/). fp32 at head dims >= 80 spills
-    # whatever the tiles; budget.json there says how much. Not timed: see benchmarks/.
+    # --compile-only`; reports in benchmarks/results/compile/; what still spills is in
+    # budget.json there, with its cost). Not timed: see benchmarks/.
     # The target's arch is asked of Triton's driver (a stub one in the compile check).
     arch = triton.runtime.driver.active.get_current_target().arch
     ampere = not isinstance(arch, int) or arch < 90  # mma.sync: operands live in registers
     wide = head_dim > 64  # BLOCK_D = 128
     narrow = head_dim <= 16  # BLOCK_D = 16
     if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
+        # 16 query rows a tile in the forward and dkdv: with 32 the forward at BLOCK_D = 128
+        # took 255 registers and spilled 860-1012 B on sm_90, dkdv up to 1400 B. Below
+        # BLOCK_D = 128 dkdv runs 4 warps (8 spilled 16-48 B at 64-80 registers); on sm_90 with
+        # 32 query rows over 16-key tiles, which compile clean there with both Tritons.
+        dkdv = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8}
+        if not wide:
+            dkdv = {"BLOCK_M": 16, "BLOCK_N": 32} if ampere else {"BLOCK_M": 32, "BLOCK_N": 16}
+            dkdv["num_warps"] = 4
         configs = {
-            "forward": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8 if wide else 4},
-            "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8},
-            "dq": {"BLOCK_M": 32, "BLOCK_N": 16 if wide else 32, "num_warps": 4},
+            "forward": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8 if wide else 4},
+            "dkdv": dkdv,
+            # 16-key tiles at BLOCK_D = 16 (32 spilled 8-60 B with dropout) and 128.
+            "dq": {"BLOCK_M": 32, "BLOCK_N": 16 if wide or narrow else 32, "num_warps": 4},
         }
     else:
         configs = {
@@ -604,10 +613,20 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
                 "BLOCK_N": 32 if wide else 64,
                 "num_warps": 8,
             },
-            "dkdv": {"BLOCK_M": 32, "BLOCK_N": 64 if wide else 128, "num_warps": 8},
+            # At BLOCK_D = 16 on sm_80, 32 query rows a tile spilled 16-64 B (Triton 3.6).
+            "dkdv": {
+                "BLOCK_M": 16 if narrow and ampere else 32,
+                "BLOCK_N": 64 if wide else 128,
+                "num_warps": 8,
+            },
             # On sm_80 q, dout and the dq sum of 128 rows outgrow the registers at BLOCK_D = 128
-            # (76-116 B spilled with dropout): 64 rows a tile, over the same 8 warps.
-            "dq": {"BLOCK_M": 64 if wide and ampere else 128, "BLOCK_N": 32, "num_warps": 8},
+            # (76-116 B spilled with dropout): 64 rows a tile, over the same 8 warps. At
+            # BLOCK_D = 16 there, 32-key tiles spilled 16-48 B with dropout: 16 keys a tile.
+            "dq": {
+                "BLOCK_M": 64 if wide and ampere else 128,
+                "BLOCK_N": 16 if narrow and ampere else 32,
+                "num_warps": 8,
+            },
         }
     return {name: {**cfg, "num_stages": 2} for name, cfg in configs.items()}
 

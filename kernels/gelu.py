@@ -223,11 +223,12 @@ def _bias_gelu_tile(m: int, n: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): up to 1024 columns (interpreter: 4096) and ~2048 elements a tile
     (interpreter: 65536). On a GPU the kernels run 4 warps, so 2048 elements are 16 per thread
     per array: with 4096 (32 per thread) the fp32 backward spilled 52 bytes on sm_90 with
-    Triton 3.6 (fastgpt selftest --compile-only)."""
+    Triton 3.6 (fastgpt selftest --compile-only). At most 16 rows a tile on a GPU: 32 rows of
+    width 64 spilled 8 B there (fp32 backward, Triton 3.6)."""
     interp = triton_interpreter_enabled()
     block_n = min(triton.next_power_of_2(n), 4096 if interp else 1024)
     target = 65536 if interp else 2048
-    block_m = max(1, min(target // block_n, triton.next_power_of_2(m)))
+    block_m = max(1, min(target // block_n, triton.next_power_of_2(m), target if interp else 16))
     return block_m, block_n
 
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from . import _autotune
 from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
@@ -244,7 +245,8 @@ def _tile(m: int, n: int) -> tuple[int, int, bool, int]:
     sm_80, Triton 3.6 and 3.9: fastgpt selftest --compile-only), where 32 per thread needed up
     to 241 registers, and 16384-wide chunks spilled up to 1108 bytes.
     As 16 warps cap a thread at 128 registers, rows wider than 8192 take the looping path in
-    chunks of 4096 (8 warps) rather than one 16384-wide tile."""
+    chunks of 4096 rather than one 16384-wide tile; the chunks run 16 warps (8 elements per
+    thread), as with 8 warps the bf16 backward at width 16384 spilled 24 B (sm_90, Triton 3.9)."""
     if triton_interpreter_enabled():
         block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N)
         block_m = max(1, min(65536 // block_n, triton.next_power_of_2(m), 64))
@@ -261,8 +263,39 @@ def _tile(m: int, n: int) -> tuple[int, int, bool, int]:
         block_n = min(block_n, 4096)
     block_m = max(1, min(4096 // block_n, triton.next_power_of_2(m), 64))
     elements = block_m * block_n
-    num_warps = max(4, min(16, elements // 512))
+    num_warps = max(4, min(16, elements // 512)) if single else 16
     return block_m, block_n, single, num_warps
+
+
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "SINGLE_TILE", "num_warps")
+
+
+def _tile_candidates(m: int, n: int) -> list[dict[str, int]]:
+    """The configs a GPU may tune among for M rows of width N, `_tile`'s first (the pinned
+    one: the interpreter and CPU run only it). The others hold no more elements per thread,
+    so no more registers: twice the warps over the same tile, or half the rows of a
+    multi-row tile over half the warps. Each is compiled by the compile check."""
+    pinned = _tile(m, n)
+    block_m, block_n, single, num_warps = pinned
+    tiles = [pinned]
+    if not triton_interpreter_enabled():
+        if num_warps < 16:
+            tiles.append((block_m, block_n, single, num_warps * 2))
+        if block_m > 1 and num_warps > 4:
+            tiles.append((block_m // 2, block_n, single, num_warps // 2))
+    return [dict(zip(TILE_KEYS, tile, strict=True)) for tile in tiles]
+
+
+def _tuned_tile(pass_name: str, x2: torch.Tensor, launch) -> dict[str, int]:
+    """The tile config to launch `x2`'s (M, N) rows with: tuned once per bucket on a GPU
+    (kernels/_autotune.py; `launch(config)` runs the pass with a config), pinned elsewhere."""
+    m, n = x2.shape
+    key = _autotune.bucket_key(
+        f"layer_norm.{pass_name}", x2.dtype, f"N<={triton.next_power_of_2(n)}", m,
+        _autotune.arch_name(x2.device),
+    )  # fmt: skip
+    device_key = _autotune.tuning_device_key(x2.device)
+    return _autotune.choose(key, _tile_candidates(m, n), launch, device_key)
 
 
 def _layer_norm_forward(
@@ -284,12 +317,14 @@ def _layer_norm_forward(
         return y, mean, rstd
     x2 = _rows(x, n)  # (M, N)
     m = x2.shape[0]
-    block_m, block_n, single, num_warps = _tile(m, n)
-    _layer_norm_forward_kernel[(triton.cdiv(m, block_m),)](
-        x2, weight.contiguous(), bias.contiguous(), y, mean, rstd,
-        x2.stride(0), n, m, n, eps,
-        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single, num_warps=num_warps,
-    )  # fmt: skip
+    w, b = weight.contiguous(), bias.contiguous()
+
+    def launch(tile: dict[str, int]) -> None:  # every output written whole by each launch
+        _layer_norm_forward_kernel[(triton.cdiv(m, tile["BLOCK_M"]),)](
+            x2, w, b, y, mean, rstd, x2.stride(0), n, m, n, eps, **tile
+        )
+
+    launch(_tuned_tile("forward", x2, launch))
     return y, mean, rstd
 
 
@@ -323,20 +358,24 @@ def _layer_norm_backward(
         return dx, dw.to(weight.dtype), db.to(weight.dtype)
     x2, dy2 = _rows(x, n), _rows(dy, n)  # (M, N)
     m = x2.shape[0]
-    block_m, block_n, single, num_warps = _tile(m, n)
-    programs = _num_backward_programs(x.device, triton.cdiv(m, block_m))
-    if single:  # each program stores its row of the partial sums once
-        dw_partial = _empty((programs, n), torch.float32, x.device)  # (P, N)
-        db_partial = _empty((programs, n), torch.float32, x.device)  # (P, N)
-    else:  # the looping path accumulates into its row, so it must start at zero
-        dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
-        db_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
-    _layer_norm_backward_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), mean.reshape(-1), rstd.reshape(-1), dx,
-        dw_partial, db_partial,
-        dy2.stride(0), x2.stride(0), n, m, n,
-        BLOCK_M=block_m, BLOCK_N=block_n, SINGLE_TILE=single, num_warps=num_warps,
-    )  # fmt: skip
+    w, mean1, rstd1 = weight.contiguous(), mean.reshape(-1), rstd.reshape(-1)
+
+    def launch(tile: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """dx written whole; the (P, N) partial sums of dw and db, fresh for each launch."""
+        programs = _num_backward_programs(x.device, triton.cdiv(m, tile["BLOCK_M"]))
+        if tile["SINGLE_TILE"]:  # each program stores its row of the partial sums once
+            dw_partial = _empty((programs, n), torch.float32, x.device)  # (P, N)
+            db_partial = _empty((programs, n), torch.float32, x.device)  # (P, N)
+        else:  # the looping path accumulates into its row, so it must start at zero
+            dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
+            db_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
+        _layer_norm_backward_kernel[(programs,)](
+            dy2, x2, w, mean1, rstd1, dx, dw_partial, db_partial,
+            dy2.stride(0), x2.stride(0), n, m, n, **tile,
+        )  # fmt: skip
+        return dw_partial, db_partial
+
+    dw_partial, db_partial = launch(_tuned_tile("backward", x2, launch))
     # torch's sum over dim 0 of a fixed-shape buffer runs in a fixed order: deterministic.
     return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
 

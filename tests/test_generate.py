@@ -183,6 +183,108 @@ def test_rejects_bad_arguments(kwargs, message):
         generate(model, torch.zeros(1, 2), 3)
 
 
+# --- ragged batches, the static cache, compiled decoding -----------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "sdpa"])
+def test_ragged_prompts_generate_each_as_alone(backend):
+    """Prompts of lengths 1, 7 and 3 in one batch: each row's tokens are those it gets alone
+    (the triton case runs the split-KV decode kernel through the interpreter)."""
+    model = tiny_model(backend)
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,)) for n in (1, 7, 3)]
+    new = 4 if backend == "triton" else 10  # the interpreter is slow
+    ragged = generate(model, prompts, max_new_tokens=new)
+    assert isinstance(ragged, list) and [len(r) for r in ragged] == [1 + new, 7 + new, 3 + new]
+    # Alone: on the same weights with the torch backend (for triton: a cheap cross-check)
+    alone_model = model if backend != "triton" else tiny_model("torch")
+    for prompt, row in zip(prompts, ragged, strict=True):
+        alone = generate(alone_model, prompt[None], max_new_tokens=new)[0]
+        assert torch.equal(row, alone)
+    assert generate(model, [p.tolist() for p in prompts], new, use_cache=False)[1].tolist() == (
+        ragged[1].tolist()
+    )
+
+
+def test_ragged_rows_past_the_context_window_and_eos_per_row():
+    model = tiny_model(context_length=16)
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 97, (n,)) for n in (14, 2)]
+    ragged = generate(model, prompts, max_new_tokens=9)  # row 0 slides past 16, row 1 not
+    for prompt, row in zip(prompts, ragged, strict=True):
+        assert torch.equal(row, generate(model, prompt[None], 9, use_cache=False)[0])
+    eos = int(ragged[1][4])  # row 1's third new token
+    stopped = generate(model, prompts, max_new_tokens=9, eos_id=eos)
+    assert len(stopped[1]) == 2 + 3 and stopped[1][-1] == eos  # stops at its own eos
+    for prompt, row in zip(prompts, stopped, strict=True):  # each row as alone
+        assert torch.equal(row, generate(model, prompt[None], 9, eos_id=eos)[0])
+
+
+def test_eos_is_checked_on_the_device_and_output_is_trimmed(monkeypatch):
+    """With eos looked at only every few steps, the output still ends where it finished."""
+    import fastgpt.generation as generation
+
+    model = tiny_model()
+    prompt = torch.randint(0, 97, (2, 5))
+    free = generate(model, prompt, max_new_tokens=12)
+    eos = int(free[0, 6])
+    expected = generate(model, prompt, max_new_tokens=12, eos_id=eos, on_step=lambda ids: None)
+    monkeypatch.setattr(generation, "EOS_CHECK_EVERY", 5)
+    assert torch.equal(generate(model, prompt, max_new_tokens=12, eos_id=eos), expected)
+
+
+def test_per_row_cache_lengths_errors():
+    model = tiny_model()
+    cache = model.new_kv_cache(batch_size=2)  # static: buffers allocated at once
+    assert cache[0].k.shape == (2, 4, 32, 8) and cache.lengths is None
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        cache.set_lengths([1, 2])  # nothing cached yet
+    model(torch.randint(0, 97, (2, 30)), kv_cache=cache)
+    with pytest.raises(ValueError, match="one length per cached row"):
+        cache.set_lengths([30])
+    cache.set_lengths([30, 12])
+    assert cache.lengths.tolist() == [30, 12] and cache.length == 30
+    model(torch.zeros(2, 2, dtype=torch.long), kv_cache=cache)
+    assert cache.lengths.tolist() == [32, 14] and cache.length == 32
+    with pytest.raises(ValueError, match="too long: 1 tokens after 32 cached tokens"):
+        model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache)
+    buffer = cache[0].k
+    cache.reset()
+    assert cache.length == 0 and cache.lengths is None
+    model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
+    assert cache[0].k is buffer  # reused
+
+
+def test_rejects_bad_prompt_lists():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="empty list"):
+        generate(model, [], 3)
+    with pytest.raises(ValueError, match="prompt 1 must be a non-empty 1-D"):
+        generate(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="out of range"):
+        generate(model, [[1, 2], [97]], 3)
+    with pytest.raises(TypeError, match="list of 1-D prompts"):
+        generate(model, "hello", 3)
+    with pytest.raises(ValueError, match="compile"):
+        generate(model, [[1]], 3, compile=True, use_cache=False)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager():
+    """Inductor on CPU (one compile, ~20 s): greedy ragged and sampled output as eager."""
+    model = tiny_model()
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    eager = generate(model, prompts, max_new_tokens=8)
+    compiled = generate(model, prompts, max_new_tokens=8, compile=True)
+    assert [r.tolist() for r in compiled] == [r.tolist() for r in eager]
+
+    def sampled(compile):
+        gen = torch.Generator().manual_seed(3)
+        return generate(model, prompts, 8, temperature=1.0, generator=gen, compile=compile)
+
+    assert [r.tolist() for r in sampled(True)] == [r.tolist() for r in sampled(False)]
+
+
 class RecordingStdout(io.StringIO):
     """stdout that remembers each write, to see text arrive piece by piece."""
 
@@ -233,6 +335,32 @@ def test_generate_command_streams_text(tmp_path, monkeypatch, capsys, tiktoken_a
     assert main([*missing, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda: no CUDA GPU is available" in err and "cannot load" not in err
+
+
+def test_generate_command_batches_several_prompts(
+    tmp_path, monkeypatch, capsys, tiktoken_available
+):
+    """--prompt repeated and --prompts-file: one batch, each completion labelled, each what
+    its prompt gives alone."""
+    from fastgpt.cli import main
+
+    torch.manual_seed(0)
+    GPTModel(GPTConfig.from_name("tiny")).save_pretrained(tmp_path)
+    base = ["generate", "--model", str(tmp_path), "--device", "cpu", "--backend", "torch"]
+    base += ["--max-new-tokens", "5"]
+
+    def run(*extra: str) -> str:
+        assert main([*base, *extra]) == 0
+        return capsys.readouterr().out
+
+    alone = [run("--prompt", text).rstrip("\n") for text in ("Every effort", "A", "Hi there")]
+    (tmp_path / "prompts.txt").write_text("A\n\nHi there\n", encoding="utf-8")
+    out = run("--prompt", "Every effort", "--prompts-file", str(tmp_path / "prompts.txt"))
+    assert out.splitlines() == [f"[{i}] {text}" for i, text in enumerate(alone, 1)]
+    assert main([*base, "--prompts-file", str(tmp_path / "none.txt")]) == 2
+    assert "cannot read --prompts-file" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "give a prompt" in capsys.readouterr().err
 
 
 def test_generate_command_uses_unmerged_lora_adapters(tmp_path, monkeypatch, tiktoken_available):

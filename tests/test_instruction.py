@@ -194,3 +194,21 @@ def test_generate_responses_adds_model_response():
     assert isinstance(out[0]["model_response"], str)
     assert extract_response("### Response:\n  hi there \n") == "hi there"
     assert extract_response("  plain ") == "plain"
+
+
+def test_packed_rows_follow_data_order_and_truncate_like_padding():
+    """Next fit in data order; an example longer than a row fills one row alone, truncated as
+    the padded collate truncates it, its end token beyond the row left out."""
+    from fastgpt.instruction import PackedInstructionCollate, PackedInstructionDataset
+
+    items = [([1, 2, 3], 1), ([4, 5, 6, 7, 8, 9], 2), ([10], 0), ([11, 12], 1)]
+    packed = PackedInstructionDataset(items, row_length=4)
+    assert packed.rows == [[0], [1], [2, 3]]
+    batch = PackedInstructionCollate(max_length=4)([packed[0], packed[1], packed[2]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3, EOT_ID], [4, 5, 6, 7], [10, 11, 12, EOT_ID]]
+    assert batch["targets"].tolist() == [
+        [2, 3, EOT_ID, IGNORE_INDEX], [5, 6, 7, 8], [EOT_ID, 12, EOT_ID, IGNORE_INDEX]
+    ]  # fmt: skip
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1], [0, 0, 0, 0], [0, 1, 1, 2]]
+    with pytest.raises(ValueError, match="row_length must be >= 1"):
+        PackedInstructionDataset(items, row_length=0)

@@ -94,3 +94,20 @@ def test_a_source_checkout_imports_the_same_names(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert Path(run.stdout.strip()) == ROOT / "kernels" / "__init__.py"
+
+
+def test_the_checkout_folder_as_top_level_kernels_is_empty():
+    """Run inside a checkout, `import kernels` (transformers probes Hugging Face's kernel hub
+    so) finds the kernels/ folder: it must stay empty, or every op would be defined twice
+    and the second definitions would replace fastgpt.kernels's."""
+    code = (
+        "import sys, fastgpt.kernels, kernels; "
+        "assert kernels.__all__ == [] and not hasattr(kernels, 'attention'), dir(kernels); "
+        "assert not [m for m in sys.modules if m.startswith('kernels.')]; "
+        "from transformers.utils import is_kernels_available; "
+        "assert not is_kernels_available()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr

@@ -34,7 +34,7 @@ def test_help_explains_every_option(capsys):
     for option in ("--data", "--model", "--init", "--out", "--max-steps", "--epochs",
                    "--batch-size", "--context-length", "--stride", "--val-fraction", "--lr",
                    "--warmup-steps", "--eval-every", "--grad-accum", "--seed", "--resume",
-                   "--save-every"):  # fmt: skip
+                   "--save-every", "--document-mask"):  # fmt: skip
         assert option in text, option
     assert "default 256" in text  # defaults are stated
 

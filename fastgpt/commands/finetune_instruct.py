@@ -2,6 +2,7 @@
 
 fastgpt finetune-instruct --init gpt2-medium --out runs/instruct            # the book's ch. 7
 fastgpt finetune-instruct --init gpt2 --out runs/instruct --mask-prompt --lora-rank 16
+fastgpt finetune-instruct --init gpt2 --out runs/instruct --pack --batch-size 2  # no padding
 fastgpt generate --model runs/instruct --prompt "Below is an instruction ..."
 
 Steps: read and validate the JSON records (before any weights are touched), split them in file
@@ -43,6 +44,10 @@ class InstructOptions:
     records whose prompt alone is longer are dropped with a warning."""
     mask_prompt: bool = False
     """Learn only the response tokens (prompt targets are ignored)."""
+    pack: bool = False
+    """Pack the examples, in data order, into rows of up to --max-length tokens instead of
+    padding each to its batch's longest: each example attends only to itself, its positions
+    restart at 0 and it keeps exactly its padded targets; --batch-size then counts rows."""
     max_new_tokens: int = 256
     """Longest generated response for the test split."""
     num_responses: int | None = None
@@ -75,6 +80,9 @@ class InstructTask(
         from fastgpt.instruction import load_instruction_data, split_instruction_data
         from fastgpt.tokenizer import get_tokenizer
 
+        if self.options.pack and self.model_options.compile:
+            # the runs' cu_seqlens have a data-dependent length: no full graph
+            raise UsageError("--pack does not work with --compile")
         path = data_file(self.options.data, "instruction-data.json")
         self.train, self.test, self.val = split_instruction_data(load_instruction_data(path))
         if is_main_process():
@@ -117,10 +125,28 @@ class InstructTask(
         self.collate_fn = InstructionCollate(
             max_length=max_length, mask_prompt=self.options.mask_prompt
         )
+        if self.options.pack:
+            self._pack(max_length)
         sample_record = self.val[0]
         self.sample_fn = lambda m: generate_responses(
             m, [sample_record], self.tokenizer, 35, progress=False
         )[0]["model_response"]
+
+    def _pack(self, row_length: int) -> None:
+        """Both splits as packed rows of up to row_length tokens (`PackedInstructionDataset`)."""
+        from fastgpt.instruction import PackedInstructionCollate, PackedInstructionDataset
+
+        examples = len(self.train_set)
+        self.train_set = PackedInstructionDataset(self.train_set, row_length)
+        self.val_set = PackedInstructionDataset(self.val_set, row_length)
+        self.collate_fn = PackedInstructionCollate(row_length, self.options.mask_prompt)
+        if is_main_process():
+            print(f"packed: {examples} training examples into {len(self.train_set)} rows of up to "
+                  f"{row_length} tokens")  # fmt: skip
+
+    def run_info(self) -> dict[str, Any]:
+        info = super().run_info()
+        return {**info, "pack": True} if self.options.pack else info  # rows, not examples
 
     def loss(self, model, batch):
         from fastgpt.instruction import instruction_loss

@@ -5,6 +5,7 @@ fastgpt pretrain --data corpus/ --model gpt2-small --out runs/gpt2 --batch-size 
 fastgpt pretrain --init gpt2 --data my-notes.txt --lr 1e-4 --out runs/notes   # continue GPT-2
 torchrun --nproc_per_node 8 -m fastgpt pretrain --data corpus/ ...      # one process per GPU
 fastgpt pretrain --out runs/gpt2 --resume --max-steps 20000             # continue a stopped run
+fastgpt pretrain --data corpus/ --document-mask ...     # attention stays within each document
 
 Steps: tokenize --data (files or folders of .txt/.jsonl/.parquet; default the-verdict.txt) once
 into cached uint16 shards (fastgpt.corpus; a folder from `fastgpt prepare-data` is used as it
@@ -57,6 +58,10 @@ class PretrainOptions:
     """Prompt of the greedy sample printed at each evaluation ('' = none)."""
     sample_tokens: int = 30
     """Tokens generated for that sample."""
+    document_mask: bool = False
+    """Each document of a window attends only within itself and its positions restart at 0:
+    a document starts at each <|endoftext|> (its first token, as in GPT-2's data; the token
+    before it still predicts it)."""
 
     def __post_init__(self) -> None:
         require(self, "context_length", self.context_length >= 1, ">= 1")
@@ -75,6 +80,9 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
         from fastgpt.config import GPTConfig
         from fastgpt.text_data import load_text_datasets
 
+        if self.options.document_mask and self.model_options.compile:
+            # the runs' cu_seqlens have a data-dependent length: no full graph
+            raise UsageError("--document-mask does not work with --compile")
         opts, main = self.options, is_main_process()
         spec = self.model_options.model
         user_config = spec is not None and Path(spec).expanduser().exists()  # not a preset
@@ -127,9 +135,16 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
                 self.options.sample_prompt, self.options.sample_tokens
             )
 
+    def run_info(self) -> dict[str, Any]:
+        info = super().run_info()
+        return {**info, "document_mask": True} if self.options.document_mask else info
+
     def loss(self, model, batch):
         from fastgpt.losses import next_token_loss
+        from fastgpt.tokenizer import EOT_ID
 
+        if self.options.document_mask:
+            return next_token_loss(model, batch, document_start_id=EOT_ID)
         return next_token_loss(model, batch)
 
     def finish(self, model, out_dir: Path, final: dict[str, Any]) -> None:

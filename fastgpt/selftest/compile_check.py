@@ -186,7 +186,7 @@ def compile_slice(
         started[0] = time.perf_counter()
 
     started = [time.perf_counter()]
-    with stub_driver.compiling_for(arch, on_compile):
+    with stub_driver.compiling_for(arch, on_compile), _every_candidate_compiled():
         # The plan is made under the stub: configs may depend on the target arch.
         cases = sweep.plan(options)
         if not isinstance(_a_project_kernel(), JITFunction):
@@ -203,6 +203,19 @@ def compile_slice(
                 record.error = _short_error(exc)
                 records.append(record)
     return records
+
+
+@contextmanager
+def _every_candidate_compiled() -> Iterator[None]:
+    """Launchers that autotune launch each of their candidate configs in the block (so each is
+    compiled and judged), then the flag is put back: the check may run inside a process whose
+    kernels go on running (the CLI in a test)."""
+    autotune = importlib.import_module("fastgpt.kernels._autotune")
+    saved, autotune.COMPILE_EVERY_CANDIDATE = autotune.COMPILE_EVERY_CANDIDATE, True
+    try:
+        yield
+    finally:
+        autotune.COMPILE_EVERY_CANDIDATE = saved
 
 
 def _a_project_kernel():

@@ -170,6 +170,46 @@ def attention_cases(options: SweepOptions) -> Iterator[Case]:
         )
 
 
+# --- attention_varlen --------------------------------------------------------------------
+
+
+def attention_varlen_cases(options: SweepOptions) -> Iterator[Case]:
+    """attention_varlen's forward and backward for every dtype × head dim × causal × dropout:
+    ATTENTION_SHAPE's B·T tokens packed as B sequences, q/k/v strided views of one
+    (total, 3, H, D) projection, dout contiguous; its dropout-mask kernel."""
+    V = _module("fastgpt.kernels.attention_varlen")
+    _gpu_path(V)
+    batch, heads, t = ATTENTION_SHAPE
+    total = batch * t
+    cu = torch.arange(0, total + 1, t, dtype=torch.int32)  # (B + 1,) prefix sums
+    for dname in options.pick_dtypes():
+        dtype = DTYPES[dname]
+        for d in options.pick_head_dims(V.SUPPORTED_HEAD_DIMS):
+            variants = [(c, p) for c in (True, False) for p in (False, True)]
+            for causal, dropout in options.variants(variants, [(True, True)]):
+                params = {"dtype": dname, "D": d, "causal": causal, "dropout": dropout}
+                seed = V._seed_tensor(1234, "cpu") if dropout else None
+                rest = (cu, cu, t, t, causal, d**-0.5, 0.1 if dropout else 0.0, seed)
+
+                def qkv(d=d, dtype=dtype):
+                    return torch.empty(total, 3, heads, d, dtype=dtype).unbind(1)  # (total, H, D)
+
+                def forward(qkv=qkv, rest=rest):
+                    V._flash_attention_varlen_forward(*qkv(), *rest)
+
+                def backward(qkv=qkv, rest=rest, d=d, dt=dtype):
+                    out, dout = torch.empty(2, total, heads, d, dtype=dt).unbind(0)
+                    lse = torch.empty(heads, total, dtype=torch.float32)
+                    V._flash_attention_varlen_backward(dout, *qkv(), out, lse, *rest)
+
+                for pass_name, launch in (("forward", forward), ("backward", backward)):
+                    if options.wants(pass_name):
+                        yield Case("attention_varlen", pass_name, params, launch)
+    if options.wants("mask"):
+        mask = lambda: V.attention_varlen_dropout_mask(1234, cu, cu, heads, 0.1)
+        yield Case("attention_varlen", "mask", {"what": "dropout mask"}, mask)
+
+
 # --- LayerNorm ---------------------------------------------------------------------------
 
 
@@ -207,6 +247,28 @@ def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
             yield Case("layer_norm", "forward", params, forward)
         if options.wants("backward"):
             yield Case("layer_norm", "backward", params, backward)
+
+
+def add_layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
+    """The fused residual add + LayerNorm at every width class of LayerNorm's `_tile` (it
+    shares them), training rows and decoding, rows contiguous; x and the residual in one
+    dtype (the heaviest mix: 16-bit loads of both)."""
+    A = _module("fastgpt.kernels.fused_add_layer_norm")
+    _gpu_path(A)
+    for dt, m, n, params in _row_shapes(options, A._tile):
+        rows = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)  # (M, N)
+        vector = lambda n=n, dt=dt: torch.empty(n, dtype=dt)  # (N,)
+
+        def forward(rows=rows, vector=vector):
+            A._add_layer_norm_forward(rows(), rows(), vector(), vector(), 1e-5)
+
+        def backward(rows=rows, vector=vector, m=m):
+            stats = torch.empty(m, dtype=torch.float32)
+            A._add_layer_norm_backward(rows(), rows(), rows(), vector(), stats, stats.clone())
+
+        for pass_name, launch in (("forward", forward), ("backward", backward)):
+            if options.wants(pass_name):
+                yield Case("add_layer_norm", pass_name, params, launch)
 
 
 def _row_shapes(options: SweepOptions, tile) -> Iterator[tuple[torch.dtype, int, int, dict]]:
@@ -284,13 +346,42 @@ def cross_entropy_cases(options: SweepOptions) -> Iterator[Case]:
                     yield Case("cross_entropy", "forward", params, launch)
 
 
+# --- split-KV decode attention ------------------------------------------------------------
+
+
+def decode_attention_cases(options: SweepOptions) -> Iterator[Case]:
+    """The split and reduce kernels of one decoding step for every dtype × head dim: q a view
+    of a (B, 1, 3, H, D) projection, k/v the static cache's (B, H, 1024, D) buffers (4 splits
+    of 256 keys), per-row int32 lengths. Its only pass is the forward ("forward", so CI runs
+    it too)."""
+    DA = _module("fastgpt.kernels.decode_attention")
+    A = _module("fastgpt.kernels.attention")
+    _gpu_path(DA)
+    batch, heads, capacity = ATTENTION_SHAPE
+    for dname in options.pick_dtypes():
+        for d in options.pick_head_dims(A.SUPPORTED_HEAD_DIMS):
+
+            def launch(dt=DTYPES[dname], d=d):
+                q = torch.empty(batch, 3, heads, d, dtype=dt).permute(1, 0, 2, 3)[0]
+                cache = torch.empty(2, batch, heads, capacity, d, dtype=dt)
+                lengths = torch.empty(batch, dtype=torch.int32)
+                DA._decode_attention_op(q, cache[0], cache[1], lengths, d**-0.5, 0)
+
+            if options.wants("forward"):
+                params = {"dtype": dname, "D": d, "capacity": capacity}
+                yield Case("decode_attention", "forward", params, launch)
+
+
 # op name -> its cases. One entry per op in kernels/.
 OPS: dict[str, Callable[[SweepOptions], Iterator[Case]]] = {
     "attention": attention_cases,
+    "attention_varlen": attention_varlen_cases,
     "layer_norm": layer_norm_cases,
+    "add_layer_norm": add_layer_norm_cases,
     "gelu": gelu_cases,
     "bias_gelu": bias_gelu_cases,
     "cross_entropy": cross_entropy_cases,
+    "decode_attention": decode_attention_cases,
 }
 
 

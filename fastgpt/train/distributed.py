@@ -27,6 +27,11 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (nothing to wait for alone)."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+
     def close(self) -> None:
         """Leave the process group if this process created it."""
         if self.created_group and dist.is_initialized():

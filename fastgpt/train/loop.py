@@ -232,6 +232,9 @@ class Trainer:
         RNG; open metrics.jsonl; print the plan."""
         cfg = self.config
         check_out_dir_is_free(cfg)
+        # Every rank looks at out_dir before rank 0 writes there: else a slower rank would see
+        # this run's own new metrics.jsonl as another run's.
+        self.dist.barrier()
         if cfg.resume:
             path = self.checkpoint_path if cfg.resume is True else Path(cfg.resume)
             self.load_state_dict(Checkpointer.read(path), path)

@@ -1,0 +1,139 @@
+"""kernels/_autotune.py: bucket keys, the on-disk cache, the pinned config where nothing is timed
+(the interpreter, CPU), and that tuning keeps the fastest candidate and is paid once."""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+autotune = importlib.import_module("fastgpt.kernels._autotune")
+
+CANDIDATES = [{"BLOCK_M": 128, "num_warps": 8}, {"BLOCK_M": 64, "num_warps": 4}, {"BLOCK_M": 32}]
+DEVICE = "Fake GPU|triton 9.9.9"
+
+
+class FakeTimer:
+    """Times a candidate by the BLOCK_M it launches with, from a table; counts the calls."""
+
+    def __init__(self, ms_by_block_m):
+        self.ms_by_block_m = ms_by_block_m
+        self.calls = 0
+
+    def __call__(self, fn):
+        self.calls += 1
+        return self.ms_by_block_m[fn()]
+
+
+def launch(config):
+    return config["BLOCK_M"]
+
+
+@pytest.mark.parametrize(
+    "length, bucket", [(1, 128), (128, 128), (129, 256), (1000, 1024), (1025, 2048), (10**6, 16384)]
+)
+def test_sequence_lengths_fall_in_power_of_two_buckets(length, bucket):
+    assert autotune.seq_bucket(length) == bucket
+
+
+def test_bucket_key_names_op_dtype_size_bucket_and_arch():
+    key = autotune.bucket_key("attention.forward", torch.bfloat16, "D=64", 1000, "sm_90")
+    assert key == "attention.forward|bf16|D=64|T<=1024|sm_90"
+    assert key != autotune.bucket_key("attention.forward", torch.float16, "D=64", 1000, "sm_90")
+    assert key != autotune.bucket_key("attention.forward", torch.bfloat16, "D=64", 1025, "sm_90")
+    assert key != autotune.bucket_key("attention.forward", torch.bfloat16, "D=64", 1000, "sm_80")
+    with pytest.raises(ValueError, match="sequence length"):
+        autotune.bucket_key("attention.forward", torch.bfloat16, "D=64", 0, "sm_90")
+    with pytest.raises(TypeError, match="dtype"):
+        autotune.bucket_key("attention.forward", torch.int32, "D=64", 8, "sm_90")
+
+
+def test_the_interpreter_and_cpu_get_the_pinned_config_without_timing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert autotune.tuning_device_key(torch.device("cpu")) is None
+    assert autotune.tuning_device_key(torch.device("cuda")) is None  # interpreter: pinned
+    timer = FakeTimer({128: 3.0, 64: 1.0, 32: 2.0})
+    cache = autotune.TuningCache(tmp_path / "c.json")
+    assert autotune.choose("k", CANDIDATES, launch, None, cache, timer) == CANDIDATES[0]
+    assert timer.calls == 0 and not (tmp_path / "c.json").exists()
+
+
+def test_autotune_off_pins_the_config_on_a_gpu_too(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("FASTGPT_AUTOTUNE", "0")
+    assert autotune.tuning_device_key(torch.device("cuda")) is None
+
+
+def test_a_fake_timer_picks_the_fastest_and_tuning_is_paid_once(tmp_path):
+    path = tmp_path / "autotune" / "configs.json"
+    timer = FakeTimer({128: 3.0, 64: 1.0, 32: 2.0})
+    chosen = autotune.choose("k", CANDIDATES, launch, DEVICE, autotune.TuningCache(path), timer)
+    assert chosen == CANDIDATES[1] and timer.calls == 3
+    # A new process (a fresh cache object on the same file) reads the choice: nothing timed.
+    again = autotune.choose("k", CANDIDATES, launch, DEVICE, autotune.TuningCache(path), timer)
+    assert again == CANDIDATES[1] and timer.calls == 3
+    stored = json.loads(path.read_text())
+    assert stored["version"] == autotune.CACHE_VERSION
+    assert stored["devices"][DEVICE]["k"] == {"config": CANDIDATES[1], "ms": [3.0, 1.0, 2.0]}
+    # Another GPU or Triton version, or another bucket, tunes again.
+    other_timer = FakeTimer({128: 1.0, 64: 2.0, 32: 3.0})
+    other_gpu = "Other GPU|triton 9.9.9"
+    other = autotune.choose(
+        "k", CANDIDATES, launch, other_gpu, autotune.TuningCache(path), other_timer
+    )
+    assert other == CANDIDATES[0]
+    assert autotune.TuningCache(path).get(DEVICE, "k") == CANDIDATES[1]
+
+
+def test_a_stored_choice_that_is_no_longer_a_candidate_is_tuned_again(tmp_path):
+    cache = autotune.TuningCache(tmp_path / "c.json")
+    cache.put(DEVICE, "k", {"BLOCK_M": 256}, [1.0])
+    timer = FakeTimer({128: 3.0, 64: 1.0, 32: 2.0})
+    assert autotune.choose("k", CANDIDATES, launch, DEVICE, cache, timer) == CANDIDATES[1]
+    assert timer.calls == 3
+
+
+def test_a_candidate_that_fails_to_launch_is_skipped(tmp_path):
+    def timer(fn):
+        if fn() == 64:
+            raise RuntimeError("out of resources: shared memory")
+        return {128: 3.0, 32: 2.0}[fn()]
+
+    cache = autotune.TuningCache(tmp_path / "c.json")
+    assert autotune.choose("k", CANDIDATES, launch, DEVICE, cache, timer) == CANDIDATES[2]
+    assert json.loads((tmp_path / "c.json").read_text())["devices"][DEVICE]["k"]["ms"] == [
+        3.0, None, 2.0,
+    ]  # fmt: skip
+
+    def always_fails(fn):
+        raise RuntimeError("out of resources")
+
+    with pytest.raises(RuntimeError, match="out of resources"):
+        autotune.choose("k2", CANDIDATES, launch, DEVICE, cache, always_fails)
+    with pytest.raises(ValueError, match="no candidate"):
+        autotune.choose("k3", [], launch, DEVICE, cache, timer)
+
+
+@pytest.mark.parametrize("contents", ["not json", '{"version": 0, "devices": {}}', "[1, 2]"])
+def test_an_unreadable_cache_file_is_empty(tmp_path, contents):
+    path = tmp_path / "c.json"
+    path.write_text(contents)
+    assert autotune.TuningCache(path).get(DEVICE, "k") is None
+    timer = FakeTimer({128: 3.0, 64: 1.0, 32: 2.0})
+    assert autotune.choose("k", CANDIDATES, launch, DEVICE, autotune.TuningCache(path), timer)
+    assert json.loads(path.read_text())["version"] == autotune.CACHE_VERSION
+
+
+def test_the_cache_file_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTGPT_AUTOTUNE_CACHE", str(tmp_path / "mine.json"))
+    assert autotune.cache_path() == tmp_path / "mine.json"
+    assert autotune.default_cache().path == tmp_path / "mine.json"
+    monkeypatch.delenv("FASTGPT_AUTOTUNE_CACHE")
+    assert autotune.cache_path().parts[-4:] == (".cache", "fastgpt", "autotune", "configs.json")
+
+
+def test_the_compile_check_launches_every_candidate_but_runs_the_pinned_one(monkeypatch):
+    launched = []
+    monkeypatch.setattr(autotune, "COMPILE_EVERY_CANDIDATE", True)
+    chosen = autotune.choose("k", CANDIDATES, lambda c: launched.append(c["BLOCK_M"]), None)
+    assert chosen == CANDIDATES[0] and launched == [64, 32]
