@@ -192,8 +192,10 @@ options = SweepOptions(ops=("layer_norm",), dtypes=("fp32",), widths=(768,), pas
 records = run_compile_check([90], options, load_budget(BUDGET_FILE), jobs=1)
 for r in records:
     print(r.params, r.usage.registers, r.usage.spill_bytes, r.problems)
-training = [r for r in records if r.params["M"] > 1]  # M = 1 masks 7 of the 8 rows away
-assert training and all(any("spills" in p for p in r.problems) for r in training)
+# The planted config (one warp) at training rows (M = 1 masks 7 of the 8 rows away); the
+# tuning candidates derived from it (more warps over the same tile) may well fit.
+planted = [r for r in records if r.params["M"] > 1 and r.usage.num_warps == 1]
+assert planted and all(any("spills" in p for p in r.problems) for r in planted)
 print("PLANTED SPILL CAUGHT")
 """
 
