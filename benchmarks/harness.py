@@ -12,7 +12,8 @@ measured in the same run:
 - `measure_hardware_limits(device)`: device-to-device copy bandwidth (GB/s, bytes read plus
   bytes written) and dense matmul throughput (TFLOP/s; bf16 on CUDA, fp32 on CPU). These are the
   denominators of "% of copy bandwidth", "% of matmul TFLOP/s" and MFU.
-- `environment(device)`: GPU (or CPU) name, torch/triton/python versions, git commit, UTC date.
+- `environment(device)`: GPU (or CPU) name, torch/triton/python versions, git commit, UTC date;
+  `short_commit` shortens a hex commit for headers and tables.
 - The formulas: `memory_bound_bytes`, `attention_flops`, `mfu`.
 
 Spec-sheet numbers (`fastgpt.devices.GPU_SPECS`) are kept only as clearly labelled references
@@ -66,6 +67,11 @@ class RunOptions:
     def save(self, records: list[dict[str, Any]]) -> None:
         if self.checkpoint is not None:
             self.checkpoint(records)
+
+
+class SuiteSkipped(Exception):
+    """Raised by a suite that cannot run here at all (e.g. the hf suite without transformers):
+    `run_benchmarks` prints the reason on one line and writes no results for the suite."""
 
 
 # --- formulas ------------------------------------------------------------------------------
@@ -334,6 +340,15 @@ def git_commit(path: Path = REPO_ROOT) -> str:
         return commit.stdout.strip() + dirty
     except (OSError, subprocess.SubprocessError):
         return unknown
+
+
+def short_commit(commit: str) -> str:
+    """A git commit for a header or table: a hex hash cut to 12 characters ("-dirty" kept);
+    anything else ("fastgpt 0.1.0", "unknown") whole."""
+    match = re.fullmatch(r"([0-9a-f]{12})[0-9a-f]*(-dirty)?", commit)
+    if match is None:
+        return commit
+    return match.group(1) + (match.group(2) or "")
 
 
 def cpu_name() -> str:

@@ -30,7 +30,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SUITE_ORDER = ("layernorm", "gelu", "attention", "loss", "train", "generate")
+from fastgpt.benchmarks.harness import short_commit
+
+SUITE_ORDER = ("layernorm", "gelu", "attention", "loss", "train", "generate", "hf")
 
 # Columns of each suite's table after the case columns: (header, record key, format).
 _KERNEL_COLUMNS = [
@@ -63,6 +65,12 @@ METRIC_COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "generate": [
         ("ms", "ms", "{:.1f}"),
         ("tokens/s", "tokens_per_s", "{:,.1f}"),
+        ("peak MiB", "peak_mem_mb", "{:.0f}"),
+    ],
+    "hf": [
+        ("ms/step", "ms", "{:.1f}"),
+        ("tokens/s", "tokens_per_s", "{:,.0f}"),
+        ("MFU %", "mfu_pct", "{:.1f}"),
         ("peak MiB", "peak_mem_mb", "{:.0f}"),
     ],
 }
@@ -224,16 +232,17 @@ def _hardware_line(hw: dict[str, Any]) -> str:
 _HEADLINE_UNIT = {
     "layernorm": ("GB/s", "gbps", "{:.4g}"),
     "gelu": ("GB/s", "gbps", "{:.4g}"),
-    "attention": ("TFLOP/s", "tflops", "{:.1f}"),
+    "attention": ("TFLOP/s", "tflops", "{:.3g}"),  # the detail table's: CPU rows are << 1
     "loss": ("MiB peak", "peak_mem_mb", "{:.0f}"),
     "train": ("tokens/s", "tokens_per_s", "{:,.0f}"),
     "generate": ("tokens/s", "tokens_per_s", "{:,.1f}"),
+    "hf": ("tokens/s", "tokens_per_s", "{:,.0f}"),
 }
 
 
 def _headline_records(suite: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The cases a reader looks at first: for kernels forward+backward in bf16 (else the first
-    dtype), at the largest row count for LayerNorm/GELU; every case for train and generate."""
+    dtype), at the largest row count for LayerNorm/GELU; every case for train, generate, hf."""
     ours = [r for r in records if r.get("role") == "ours" and r.get("status") == "ok"]
     if suite not in ("layernorm", "gelu", "attention") or not ours:
         return ours
@@ -315,7 +324,7 @@ def markdown_summary(results: dict[str, dict[str, Any]]) -> str:
         )
         e = payload["env"]
         out.append(
-            f"| {suite} | {e.get('date_utc')} | {str(e.get('git_commit'))[:12]} | "
+            f"| {suite} | {e.get('date_utc')} | {short_commit(str(e.get('git_commit')))} | "
             f"{_hardware_line(payload['hardware'])} | {ratio} |"
         )
     out += ["", "## Headline", "", headline_table(results)]
@@ -411,7 +420,7 @@ def plot_suite(suite: str, payload: dict[str, Any], out_dir: Path) -> Path | Non
         )
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
-    else:  # train, generate: grouped bars of tokens/s
+    else:  # train, generate, hf: grouped bars of tokens/s
         groups: dict[str, dict[str, float]] = defaultdict(dict)
         providers: list[str] = []
         for r in records:

@@ -4,9 +4,10 @@
     run_benchmarks(only=["layernorm"], quick=True, out_dir=None)   # `fastgpt bench` calls this
 
 Suites: layernorm, gelu (GELU and bias+GELU), attention, loss (fused linear + cross-entropy),
-train, generate. The hardware limits (copy bandwidth, matmul TFLOP/s) are measured once at the
-start of every run and stored with each suite's results, so every percentage is relative to the
-same run.
+train, generate, hf (a Hugging Face GPT-2 training step, eager vs `fastgpt.patch_hf_gpt2`;
+skipped without transformers). The hardware limits (copy bandwidth, matmul TFLOP/s) are
+measured once at the start of every run and stored with each suite's results, so every
+percentage is relative to the same run.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SuiteFunction = Callable[[torch.device, dict[str, Any], harness.RunOptions], lis
 
 
 def suite_functions() -> dict[str, SuiteFunction]:
-    from fastgpt.benchmarks import kernels_bench, loss_bench, train_bench
+    from fastgpt.benchmarks import hf_train_bench, kernels_bench, loss_bench, train_bench
 
     return {
         "layernorm": kernels_bench.bench_layernorm,
@@ -47,6 +48,7 @@ def suite_functions() -> dict[str, SuiteFunction]:
         "loss": loss_bench.bench_loss,
         "train": train_bench.bench_train,
         "generate": train_bench.bench_generate,
+        "hf": hf_train_bench.bench_hf,
     }
 
 
@@ -129,6 +131,19 @@ def suite_notes(suite: str, device: torch.device, quick: bool) -> list[str]:
             "tokens/s = batch × new tokens / wall time of the whole generate() call, prefill "
             "included; greedy decoding."
         )
+    if suite == "hf":
+        notes.append(
+            "A training step of transformers' GPT2LMHeadModel (forward, cross-entropy, "
+            "backward, AdamW) on the same preset and initial weights: fastgpt.patch_hf_gpt2 "
+            "(our LayerNorm, bias+GELU and attention inside HF's modules) against HF's eager "
+            "and SDPA attention. MFU as in the train suite."
+        )
+        if device.type != "cuda":
+            notes.append(
+                "On CPU the patched model runs our kernels' plain-PyTorch references (no "
+                "Triton; the interpreter would time Python): its row measures the patch's "
+                "plumbing, not the kernels."
+            )
     return notes
 
 
@@ -167,7 +182,8 @@ def run_benchmarks(
     env = harness.environment(device)
     print_fn(
         f"device: {env['device_name']} | torch {env['torch_version']} | "
-        f"triton {env['triton_version']} | commit {env['git_commit'][:12]} | {env['date_utc']}"
+        f"triton {env['triton_version']} | "
+        f"commit {harness.short_commit(env['git_commit'])} | {env['date_utc']}"
     )
     print_fn("measuring hardware limits (copy bandwidth, dense matmul) ...")
     hardware = harness.measure_hardware_limits(device, quick=quick)
@@ -187,7 +203,11 @@ def run_benchmarks(
             report.write_suite_json(out, suite, records, env, hardware, notes, partial=True)
 
         options = harness.RunOptions(quick=quick, dtypes=dtypes, checkpoint=checkpoint)
-        records = report.add_ratios(functions[suite](device, hardware, options))
+        try:
+            records = report.add_ratios(functions[suite](device, hardware, options))
+        except harness.SuiteSkipped as exc:  # e.g. hf without transformers: nothing written
+            print_fn(f"{suite}: skipped, {exc}")
+            continue
         written[f"{suite}.json"] = report.write_suite_json(
             out, suite, records, env, hardware, notes
         )

@@ -3,9 +3,9 @@ get their implementation.
 
 - "triton": our kernels: LayerNorm (fused with the residual add before it), bias+GELU fused
   after the bias-free matmul, flash attention, and the fused linear + cross-entropy (the
-  (B·T, V) logits never exist);
+  (B·T, V) logits never exist); a decoding step's attention is the split-KV decode kernel;
 - "torch": the plain-PyTorch references beside each kernel (the book's math), the loss from
-  the logits upcast to fp32;
+  the logits upcast to fp32; a KV cache's masked attention the reference's math;
 - "sdpa": `F.layer_norm`, `F.gelu(approximate="tanh")`, `F.scaled_dot_product_attention`, the
   loss as "torch";
 - "auto": "triton" when CUDA is available, else "torch".
@@ -34,6 +34,7 @@ from fastgpt.kernels import (
     attention_varlen,
     attention_varlen_reference,
     bias_gelu,
+    decode_attention,
     fused_linear_cross_entropy,
     gelu,
     gelu_reference,
@@ -66,10 +67,20 @@ class Ops:
     """(q (N, H, hd), k, v (N, H, hd), cu_seqlens_q, cu_seqlens_k (S + 1,) int32, max_seqlen_q,
     max_seqlen_k, causal, dropout_p) -> (N, H, hd): attention within each of S sequences packed
     along the token axis (`kernels.attention_varlen`'s conventions). None: not available."""
+    masked_attention: Callable[..., torch.Tensor] | None = None
+    """(q (B, H, Tq, hd), k, v (B, H, Tk, hd), visible (B, 1, Tq, Tk) bool) -> (B, H, Tq, hd):
+    attention under an explicit mask, no dropout (a KV cache whose rows have lengths of their
+    own; every query sees at least one key). None (the default): SDPA with the mask."""
+    decode_attention: Callable[..., torch.Tensor] | None = None
+    """(q (B, H, hd), k, v (B, H, Tk, hd), lengths (B,) int32) -> (B, H, hd): one query per row
+    against the first lengths[b] cached keys of its row (a decoding step). None (the default):
+    `masked_attention` with the one-query mask."""
 
     def __post_init__(self) -> None:
         if self.add_layer_norm is None:  # frozen: set once, here
             object.__setattr__(self, "add_layer_norm", partial(_add_then_norm, self.layer_norm))
+        if self.masked_attention is None:
+            object.__setattr__(self, "masked_attention", _sdpa_masked_attention)
 
 
 def _add_then_norm(layer_norm, x, residual, weight, bias, eps):
@@ -108,6 +119,21 @@ def _triton_linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # One kernel adds the bias and applies GELU, saving a pass over (B, T, 4d).
         return bias_gelu(F.linear(x, linear.weight), linear.bias)
     return gelu(linear(x))  # a wrapped layer (e.g. LoRA) computes its own output
+
+
+def masked_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
+) -> torch.Tensor:
+    """The reference attention's math (fp32 softmax) with an explicit mask: q (B, H, Tq, hd),
+    k/v (B, H, Tk, hd), visible (B, 1, Tq, Tk) bool (every query sees at least one key)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * q.shape[-1] ** -0.5
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return (weights @ v.to(compute)).to(q.dtype)  # (B, H, Tq, hd)
+
+
+def _sdpa_masked_attention(q, k, v, visible):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
 def _sdpa_layer_norm(x, weight, bias, eps):
@@ -154,6 +180,7 @@ BACKENDS: dict[str, Ops] = {
         _fused_head_loss,
         add_layer_norm=add_layer_norm,
         attention_varlen=attention_varlen,
+        decode_attention=decode_attention,
     ),
     "torch": Ops(
         "torch",
@@ -163,6 +190,7 @@ BACKENDS: dict[str, Ops] = {
         _logits_loss,
         add_layer_norm=add_layer_norm_reference,
         attention_varlen=attention_varlen_reference,
+        masked_attention=masked_attention_reference,
     ),
     "sdpa": Ops(
         "sdpa",

@@ -30,7 +30,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +202,15 @@ def balance_by_undersampling(data: LabeledTexts, seed: int = 123) -> LabeledText
     return data.subset(sorted(keep))
 
 
+class Splits(NamedTuple):
+    """A data set cut three ways: what `split_train_val_test` (LabeledTexts) and
+    `instruction.split_instruction_data` (lists of records) return, in this order."""
+
+    train: Any
+    val: Any
+    test: Any
+
+
 def split_fractions(
     n: int, fractions: Sequence[float], names: Sequence[str]
 ) -> list[tuple[int, int]]:
@@ -226,13 +235,12 @@ def split_fractions(
 
 def split_train_val_test(
     data: LabeledTexts, fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 123
-) -> tuple[LabeledTexts, LabeledTexts, LabeledTexts]:
+) -> Splits:
     """Shuffle with `seed`, then split into train/validation/test (70/10/20 as the book)."""
     order = list(range(len(data)))
     random.Random(seed).shuffle(order)
     ranges = split_fractions(len(order), fractions, ("train", "validation", "test"))
-    train, val, test = (data.subset(order[a:b]) for a, b in ranges)
-    return train, val, test
+    return Splits(*(data.subset(order[a:b]) for a, b in ranges))
 
 
 # --- dataset and batches -----------------------------------------------------------------
@@ -346,7 +354,7 @@ def evaluate_classifier(
 
 
 def accuracy_metrics(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    """`metrics_fn` for the engine's Trainer: {"accuracy": ...} on the loader it is given."""
+    """`metrics_fn` for `fastgpt.train.Trainer`: {"accuracy": ...} on the loader it is given."""
     return {"accuracy": evaluate_classifier(model, loader)["accuracy"]}
 
 

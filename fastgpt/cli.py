@@ -90,14 +90,17 @@ def _run(module, args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from fastgpt.options import flag_of
     from fastgpt.tokenizer import TokenizerUnavailableError  # torch is loaded by now
 
+    def flags(exc) -> str:  # name the flags, not the Python fields
+        return exc.render(lambda f: flag_of(parser, f) or f)
+
     try:
         return module.run(args) or 0
-    except UsageError as exc:  # name the flags, not the Python fields
-        return command_error(args.command, exc.render(lambda f: flag_of(parser, f) or f))
+    except UsageError as exc:
+        return command_error(args.command, flags(exc))
     except TokenizerUnavailableError as exc:  # the BPE: any command may need it, any time
         return command_error(args.command, exc)
     except NonFiniteLossError as exc:
-        return command_error(args.command, exc, code=1)
+        return command_error(args.command, flags(exc), code=1)
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (130 = 128 + SIGINT)
         print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
         return 130

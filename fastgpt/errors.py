@@ -13,9 +13,9 @@ from collections.abc import Callable
 _PLACEHOLDER = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
-class UsageError(ValueError):
-    """Bad input: an option, a file, data. The message says what is wrong and where; a
-    "{field_name}" in it names an option (the library shows "field_name", the CLI its flag)."""
+class NamesOptions:
+    """An error whose message may name options: a "{field_name}" in it reads "field_name" from
+    the library and the option's flag from the CLI (`render`)."""
 
     def __init__(self, message: str):
         self.template = message
@@ -24,6 +24,11 @@ class UsageError(ValueError):
     def render(self, name_of: Callable[[str], str]) -> str:
         """The message with every "{field}" passed through `name_of` (e.g. to a flag)."""
         return _PLACEHOLDER.sub(lambda m: name_of(m.group(1)), self.template)
+
+
+class UsageError(NamesOptions, ValueError):
+    """Bad input: an option, a file, data. The message says what is wrong and where; a
+    "{field_name}" in it names an option (the library shows "field_name", the CLI its flag)."""
 
 
 class ConfigError(UsageError):
@@ -42,6 +47,10 @@ def require(options: object, field: str, ok: bool, what: str) -> None:
         raise ConfigError(field, f"must be {what}, got {getattr(options, field)!r}")
 
 
-class NonFiniteLossError(FloatingPointError):
+class MissingFileError(UsageError, FileNotFoundError):
+    """A file the input names is not there: a UsageError that is also a FileNotFoundError."""
+
+
+class NonFiniteLossError(NamesOptions, FloatingPointError):
     """The training loss or gradient norm was NaN or infinite; no parameter was updated (the
-    CLI prints it as one line, exit status 1)."""
+    CLI prints it as one line, exit status 1; "{field}"s as for UsageError)."""

@@ -224,7 +224,7 @@ def _generate_cached(model, prompts, max_new_tokens, sample, eos_id, on_step, co
         if next_ids is not None and max(lengths) + i <= context:
             logits = step(next_ids)  # (B, V): one new position per row
         else:  # first step, or a row's window slid: re-prefill every row's last tokens
-            logits = _prefill(model, seq, [n + i for n in lengths], cache)
+            logits = _prefill(model, seq, [n + i for n in lengths], cache, per_row=compile)
         next_ids = sample(logits)  # (B, 1)
         if eos_id is not None:
             next_ids = next_ids.masked_fill(finished[:, None], eos_id)
@@ -245,9 +245,13 @@ def _generate_cached(model, prompts, max_new_tokens, sample, eos_id, on_step, co
     return seq, [min(n, steps) for n in done]
 
 
-def _prefill(model: GPTModel, seq: torch.Tensor, ends: list[int], cache: KVCache) -> torch.Tensor:
+def _prefill(
+    model: GPTModel, seq: torch.Tensor, ends: list[int], cache: KVCache, per_row: bool
+) -> torch.Tensor:
     """Run row i's last min(ends[i], context) tokens of seq (B, W) right-padded through the
-    model into a reset cache, set each row's cache length -> each row's last logits (B, V)."""
+    model into a reset cache -> each row's last logits (B, V). Rows of different lengths (or
+    `per_row`: a compiled step's static cache) get their own cache lengths; rows of one length
+    keep the cache's plain append path (no masks, no scattered writes: cheaper in eager)."""
     context = model.config.context_length
     starts = [max(0, e - context) for e in ends]
     widths = [e - s for s, e in zip(starts, ends, strict=True)]
@@ -256,7 +260,8 @@ def _prefill(model: GPTModel, seq: torch.Tensor, ends: list[int], cache: KVCache
         padded[i, : e - s] = seq[i, s:e]
     cache.reset()
     logits = model(padded, kv_cache=cache)  # (B, W, V), causal: padding is never seen
-    cache.set_lengths(widths)
+    if per_row or len(set(widths)) > 1:
+        cache.set_lengths(widths)
     last = torch.tensor([w - 1 for w in widths], device=seq.device)
     return logits[torch.arange(seq.shape[0], device=seq.device), last]  # (B, V)
 

@@ -18,18 +18,25 @@ How attention honours what HF passes it. transformers builds the mask with its S
 function, which gives None when nothing is masked but the causal triangle; we let it do so
 only when the queries are the last positions of the keys (our kernel's bottom-right causal
 alignment, right for a DynamicCache in generate()), and then the kernel runs, with the
-module's dropout in training. When a mask is present (padding, left or right; a static cache;
-a custom 4-D mask) attention runs as transformers' eager attention does (`masked_attention`),
-so padded batches give eager's results and gradients, padding rows included. (Our kernel has
-no mask input; a varlen kernel would let padded batches run on it too.)
+module's dropout in training. A boolean mask that is exactly that causal triangle and one
+contiguous run of real keys per row (padding on the left, the right or both; `padding_plan`
+checks it element by element) runs on the varlen kernel: the real query rows and real keys of
+each row are packed (cu_seqlens from the runs' lengths), attend causally within their run, and
+are scattered back (`padded_attention`). The padding query rows keep eager's values: a row
+after the run sees every real key and a row before it sees none (eager's additive mask then
+gives a uniform softmax over all keys); both are computed as eager does on those rows alone.
+Any other mask (holes in the padding, a static cache, a custom 4-D or float mask, under
+torch.compile) runs as transformers' eager attention does (`masked_attention`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from fastgpt.kernels import attention, bias_gelu, gelu, layer_norm
+from fastgpt.kernels import attention, attention_varlen, bias_gelu, gelu, layer_norm
 from fastgpt.kernels.attention import SUPPORTED_HEAD_DIMS
 
 ATTENTION_NAME = "fastgpt"
@@ -80,7 +87,10 @@ def fastgpt_attention(module, query, key, value, attention_mask, scaling=None, d
     ((B, Tq, H, D), None). No mask: our flash kernel (causal bottom-right unless the module is
     cross-attention). A mask: `masked_attention`."""
     if attention_mask is not None:
-        return masked_attention(module, query, key, value, attention_mask, scaling, dropout)
+        plan = padding_plan(module, query, key, attention_mask)
+        if plan is None:
+            return masked_attention(module, query, key, value, attention_mask, scaling, dropout)
+        return padded_attention(module, query, key, value, attention_mask, plan, scaling, dropout)
     causal = getattr(module, "is_causal", True)
     out = attention(query, key, value, causal=causal, sm_scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2), None
@@ -100,6 +110,105 @@ def masked_attention(module, query, key, value, mask, scaling, dropout):
         )
     out, _ = eager_attention_forward(module, query, key, value, mask, scaling, dropout)
     return out, None
+
+
+@dataclass
+class PaddingPlan:
+    """Where the real rows of a padded batch are, for `padded_attention` (built on the host).
+
+    real_q (Nq,) / real_k (Nk,): flat row indices into (B·Tq) queries / (B·Tk) keys of the
+    real query rows and real keys, sequence by sequence; cu_q / cu_k (B + 1,) int32 their
+    prefix sums; max_q / max_k the longest. pad_rows: [(b, query indices (n,))] of the rows
+    outside the runs, computed as eager does."""
+
+    real_q: torch.Tensor
+    real_k: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    pad_rows: list[tuple[int, torch.Tensor]]
+
+
+def padding_plan(module, query, key, mask) -> PaddingPlan | None:
+    """A `PaddingPlan` when `mask` (B or 1, 1, Tq, Tk), boolean, True = attend, is exactly
+    the causal triangle (queries the last Tq key positions) AND one contiguous run [s_b, e_b)
+    of real keys in each row b, i.e. left, right or both-sided padding; None otherwise (also
+    for cross-attention, a float mask and under torch.compile, whose shapes cannot depend on
+    the mask). One host sync."""
+    if (
+        not getattr(module, "is_causal", True)
+        or mask.dtype != torch.bool
+        or mask.dim() != 4
+        or mask.shape[1] != 1
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
+    if tq > tk or mask.shape[0] not in (1, b) or tuple(mask.shape[2:]) != (tq, tk):
+        return None
+    mask = mask[:, 0].expand(b, tq, tk)  # (B, Tq, Tk)
+    valid = mask[:, -1, :]  # (B, Tk): the last query, at position Tk - 1, sees every real key
+    j = torch.arange(tk, device=mask.device)
+    causal = j[None, :] <= torch.arange(tq, device=mask.device)[:, None] + (tk - tq)  # (Tq, Tk)
+    count = valid.sum(-1)  # (B,)
+    start = torch.where(valid, j, tk).amin(-1).clamp(max=tk)  # first real key (Tk if none)
+    end = torch.where(valid, j + 1, 0).amax(-1)  # one past the last real key (0 if none)
+    runs = (count == 0) | (end - start == count)  # (B,) one contiguous run of real keys
+    if not (bool(runs.all()) and torch.equal(mask, causal[None] & valid[:, None, :])):
+        return None
+    real_q, real_k, pad_rows, lengths_q, lengths_k = [], [], [], [0], [0]
+    offset = tk - tq  # query i is key position i + offset
+    for row, (s, e) in enumerate(zip(start.tolist(), end.tolist(), strict=True)):
+        if e <= s:
+            s = e = tk  # no real key: every query row is padding
+        q0, q1 = max(s, offset) - offset, max(e, offset) - offset  # real query rows [q0, q1)
+        real_q.append(torch.arange(q0, q1) + row * tq)
+        real_k.append(torch.arange(s, e) + row * tk)
+        lengths_q.append(q1 - q0)
+        lengths_k.append(e - s)
+        pads = torch.cat([torch.arange(0, q0), torch.arange(q1, tq)])
+        if pads.numel():
+            pad_rows.append((row, pads.to(query.device)))
+    device = query.device
+    return PaddingPlan(
+        real_q=torch.cat(real_q).to(device),
+        real_k=torch.cat(real_k).to(device),
+        cu_q=torch.tensor(lengths_q, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device),
+        cu_k=torch.tensor(lengths_k, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device),
+        max_q=max(lengths_q),
+        max_k=max(lengths_k),
+        pad_rows=pad_rows,
+    )
+
+
+def padded_attention(module, query, key, value, mask, plan: PaddingPlan, scaling, dropout):
+    """Attention of a padded batch: q (B, H, Tq, D), k/v (B, H, Tk, D) -> ((B, Tq, H, D),
+    None). The real rows of each sequence through `attention_varlen` (packed, causal within
+    their run), the padding query rows through `masked_attention` on those rows alone (eager's
+    values there, as the module docstring says)."""
+    b, h, tq, d = query.shape
+    tk = key.shape[2]
+    q = query.transpose(1, 2).reshape(b * tq, h, d)  # (B·Tq, H, D)
+    k = key.transpose(1, 2).reshape(b * tk, h, d)  # (B·Tk, H, D)
+    v = value.transpose(1, 2).reshape(b * tk, h, d)
+    real = attention_varlen(
+        q[plan.real_q], k[plan.real_k], v[plan.real_k], plan.cu_q, plan.cu_k,
+        plan.max_q, plan.max_k, causal=True, sm_scale=scaling, dropout_p=dropout,
+    )  # (Nq, H, D)  # fmt: skip
+    out = real.new_zeros(b * tq, h, d).index_copy(0, plan.real_q, real)
+    if plan.pad_rows:
+        mask = mask.expand(b, 1, tq, tk)
+        pieces = [
+            masked_attention(
+                module, query[i : i + 1, :, rows], key[i : i + 1], value[i : i + 1],
+                mask[i : i + 1, :, rows], scaling, dropout,
+            )[0][0]  # (n, H, D)
+            for i, rows in plan.pad_rows
+        ]  # fmt: skip
+        rows = torch.cat([i * tq + rows for i, rows in plan.pad_rows])
+        out = out.index_copy(0, rows, torch.cat(pieces).to(out.dtype))
+    return out.view(b, tq, h, d), None
 
 
 def fastgpt_attention_mask(*, q_length, kv_length, q_offset=0, kv_offset=0, **kwargs):
@@ -136,7 +245,9 @@ def _gpt2_body(model: nn.Module) -> nn.Module:
     try:
         from transformers import GPT2Model
     except ImportError:
-        raise RuntimeError("patch_hf_gpt2 needs transformers (pip install 'fastgpt[hf]')") from None
+        raise RuntimeError(
+            "patch_hf_gpt2 needs transformers (pip install -e '.[hf]' in a checkout)"
+        ) from None
     body = model if isinstance(model, GPT2Model) else getattr(model, "transformer", None)
     if not isinstance(body, GPT2Model):
         raise TypeError(

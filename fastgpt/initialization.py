@@ -128,7 +128,8 @@ def init_book_weights_(
     if model.out_head.weight is model.tok_emb.weight:
         raise ValueError(
             "the book's initialization is for an untied output head (the book's GPTModel "
-            "has one); build the model with tie_embeddings=False"
+            "has one): build the model with tie_embeddings=False (on the command line: "
+            '--model gpt2-small-book, or a config.json with "tie_embeddings": false)'
         )
     gen = torch.Generator().manual_seed(seed) if seed is not None else generator
     d = config.emb_dim

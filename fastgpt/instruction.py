@@ -22,19 +22,22 @@ The data is split in file order, 85% train, 10% test, 5% validation (the book's 
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from fastgpt.errors import ConfigError
+from fastgpt.files import parse_json
 from fastgpt.tokenizer import EOT_ID
+
+if TYPE_CHECKING:
+    from fastgpt.classification import Splits
 
 IGNORE_INDEX = -100
 """Target value cross-entropy skips (`ignore_index` of F.cross_entropy)."""
@@ -61,12 +64,12 @@ def load_instruction_data(path: str | Path) -> list[dict[str, str]]:
     text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"{path}: empty file, expected a JSON list of records")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}") from exc
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    data = parse_json(
+        text,
+        list,
+        lambda exc: f"{path}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}",
+        f"{path}: expected a JSON list of records, got",
+    )
     if not data:
         raise ValueError(f"{path}: the list of records is empty")
     records = []
@@ -109,14 +112,15 @@ def format_example(record: dict[str, str]) -> str:
 
 def split_instruction_data(
     records: Sequence[dict[str, Any]], fractions: Sequence[float] = (0.85, 0.10, 0.05)
-) -> tuple[list, list, list]:
-    """(train, test, validation) in file order: the first 85%, the next 10%, the rest (as the
-    book). Raises ValueError when a split comes out empty."""
-    from fastgpt.classification import split_fractions
+) -> Splits:
+    """Splits(train, val, test) cut in file order as the book does: train the first 85%, test
+    the next 10%, validation the rest (`fractions` are those of train, test, validation, in
+    that file order). Raises ValueError when a split comes out empty."""
+    from fastgpt.classification import Splits, split_fractions
 
     ranges = split_fractions(len(records), fractions, ("train", "test", "validation"))
     train, test, val = (list(records[a:b]) for a, b in ranges)
-    return train, test, val
+    return Splits(train=train, val=val, test=test)
 
 
 # --- dataset and batches -----------------------------------------------------------------

@@ -22,12 +22,13 @@ them at once, a static cache; otherwise on the first update) and reused after `r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from fastgpt.kernels import attention as triton_attention
-from fastgpt.kernels import attention_reference, decode_attention
+if TYPE_CHECKING:  # annotations only: the cache is handed a backend's ops by the model
+    from fastgpt.backends import Ops
 
 
 class LayerKVCache:
@@ -80,40 +81,35 @@ class LayerKVCache:
         self.lengths = None
         self.step = None
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        attention: Callable[..., torch.Tensor],
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: Ops) -> torch.Tensor:
         """Cache k, v (B, H, T_new, hd) and attend the queries q (B, H, T_new, hd) over every
         cached key, causally (bottom-right: new query i sees the past and new keys up to i)
-        with `attention` (a backend's op) -> (B, H, T_new, hd). No dropout: a cache serves
-        generation. With per-row lengths see `_attend_rows`."""
+        with the backend `ops` -> (B, H, T_new, hd). No dropout: a cache serves generation.
+        A one-token step runs the backend's `decode_attention` where it has one (the triton
+        backend's split-KV kernel). With per-row lengths see `_attend_rows`."""
         if self.lengths is not None:
-            return self._attend_rows(q, k, v, attention)
+            return self._attend_rows(q, k, v, ops)
         k_all, v_all = self.update(k, v)  # (B, H, T_past + T_new, hd)
-        return attention(q, k_all, v_all, causal=True, dropout_p=0.0)
+        if q.shape[2] == 1 and ops.decode_attention is not None:
+            lengths = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
+            return ops.decode_attention(q[:, :, 0], k_all, v_all, lengths)[:, :, None]
+        return ops.attention(q, k_all, v_all, causal=True, dropout_p=0.0)
 
-    def _attend_rows(self, q, k, v, attention) -> torch.Tensor:
+    def _attend_rows(self, q, k, v, ops: Ops) -> torch.Tensor:
         """Per-row lengths: write row b's k, v (B, H, T, hd) at lengths[b] ..., attend each new
-        query to its row's keys up to its own position. The triton backend's one-token step
-        runs the split-KV kernel (`kernels.decode_attention`); other backends keep their math
-        (the reference's for "torch", SDPA with a mask otherwise). `length` is advanced by
-        `KVCache.advance`, after every layer."""
+        query to its row's keys up to its own position (`ops.decode_attention` for one token
+        where the backend has it, else `ops.masked_attention` under the length mask).
+        `length` is advanced by `KVCache.advance`, after every layer."""
         t = k.shape[2]
         rows, pos, visible = self.step if self.step is not None else self.step_masks(t)
         self.k[rows, :, pos] = k.transpose(1, 2)  # (B, T, H, hd) into (B, H, capacity, hd)
         self.v[rows, :, pos] = v.transpose(1, 2)
         end = visible.shape[-1]
         keys, values = self.k[:, :, :end], self.v[:, :, :end]  # (B, H, end, hd)
-        if attention is triton_attention and t == 1:
-            ctx = decode_attention(q[:, :, 0], keys, values, self.lengths + 1)  # (B, H, hd)
+        if t == 1 and ops.decode_attention is not None:
+            ctx = ops.decode_attention(q[:, :, 0], keys, values, self.lengths + 1)  # (B, H, hd)
             return ctx[:, :, None]
-        if attention is attention_reference:
-            return masked_attention_reference(q, keys, values, visible)
-        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        return ops.masked_attention(q, keys, values, visible)
 
     def step_masks(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For t new tokens per row: (rows (B, 1), positions (B, T), visible (B, 1, T, end)
@@ -125,17 +121,6 @@ class LayerKVCache:
         end = self.capacity if torch.compiler.is_compiling() else self.length + t
         visible = torch.arange(end, device=device)[None, None, :] <= pos[:, :, None]
         return rows, pos, visible[:, None]
-
-
-def masked_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor
-) -> torch.Tensor:
-    """The reference attention's math (fp32 softmax) with an explicit mask: q (B, H, Tq, hd),
-    k/v (B, H, Tk, hd), visible (B, 1, Tq, Tk) bool (every query sees at least one key)."""
-    compute = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * q.shape[-1] ** -0.5
-    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return (weights @ v.to(compute)).to(q.dtype)  # (B, H, Tq, hd)
 
 
 class KVCache:

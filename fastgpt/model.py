@@ -103,7 +103,7 @@ class MultiHeadAttention(nn.Module):
             return self.out_proj(self._attend_packed(qkv, packed))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), strided views
         if kv_cache is not None:  # caches k, v; the queries see the cached past too
-            ctx = kv_cache.attend(q, k, v, self.ops.attention)  # (B, H, T, hd)
+            ctx = kv_cache.attend(q, k, v, self.ops)  # (B, H, T, hd)
         else:
             dropout_p = self.dropout if self.training else 0.0
             ctx = self.ops.attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)

@@ -213,8 +213,8 @@ def prepared_datasets(
     if val is not None and len(val) < need:
         raise UsageError(
             f"{folder}: its validation split has {len(val)} tokens, fewer than one window of "
-            f"{need}; use a smaller {{context_length}}, or prepare it with a larger "
-            "--val-fraction (0 for none)"
+            f"{need}; use a smaller {{context_length}}, or prepare it again with a larger "
+            "{val_fraction} (0 for none)"
         )
     train_set = SlidingWindowDataset(train, context_length, stride)
     return train_set, None if val is None else SlidingWindowDataset(val, context_length, stride)

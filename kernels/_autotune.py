@@ -151,6 +151,18 @@ def _bench_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=25))
 
 
+def tracing(x: torch.Tensor) -> bool:
+    """True while nothing may be timed: torch.compile tracing (fake tensors: a triton_op's
+    launcher is traced so) or a CUDA graph being captured (timing would synchronize)."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(x):
+        return True
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def choose(
     key: str,
     candidates: Sequence[Mapping[str, int]],
@@ -158,12 +170,16 @@ def choose(
     device_key: str | None,
     cache: TuningCache | None = None,
     timer: Callable[[Callable[[], object]], float] = _bench_ms,
+    no_timing: bool = False,
 ) -> Config:
     """The config to launch for bucket `key`.
 
     - device_key None (pinned): candidates[0]; with COMPILE_EVERY_CANDIDATE the others are
       launched first, so that the compile check compiles them.
     - else the cached choice for (device_key, key) if it is still a candidate,
+    - else, with `no_timing` (e.g. `tracing()`: nothing may run or be timed), candidates[0]
+      untimed and not stored (an eager call, e.g. the warm-up before a compiled graph's
+      capture, tunes the bucket),
     - else the fastest candidate by `timer(lambda: launch(config))` (milliseconds), stored.
 
     Tuning launches every candidate on the caller's tensors: `launch` must only write outputs
@@ -181,6 +197,8 @@ def choose(
     stored = cache.get(device_key, key)
     if stored is not None and stored in [dict(c) for c in candidates]:
         return stored
+    if no_timing:
+        return dict(candidates[0])
     times: list[float] = []
     first_error: Exception | None = None
     for config in candidates:

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _autotune
 from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
@@ -74,7 +75,7 @@ def attention_reference(
     compute_dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     qc, kc, vc = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     scores = (qc @ kc.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
-    if causal:
+    if causal and tq > 1:  # one query (a decoding step) sees every key: nothing to mask
         i = torch.arange(tq, device=q.device)[:, None]
         j = torch.arange(tk, device=q.device)[None, :]
         hidden = j > i + (tk - tq)  # (Tq, Tk)
@@ -565,6 +566,11 @@ def _attention_dropout_mask_kernel(
 # --- launchers ---------------------------------------------------------------------------
 
 
+def _target_arch():
+    """The compute capability Triton compiles for (90 for sm_90), from its active driver."""
+    return triton.runtime.driver.active.get_current_target().arch
+
+
 def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
     """Tile sizes and launch settings per kernel. The interpreter gets small pinned tiles (it is
     slow and runs programs one at a time); on a GPU, 16-bit inputs take larger tiles than fp32,
@@ -584,7 +590,7 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
     # --compile-only`; reports in benchmarks/results/compile/; what still spills is in
     # budget.json there, with its cost). Not timed: see benchmarks/.
     # The target's arch is asked of Triton's driver (a stub one in the compile check).
-    arch = triton.runtime.driver.active.get_current_target().arch
+    arch = _target_arch()
     ampere = not isinstance(arch, int) or arch < 90  # mma.sync: operands live in registers
     wide = head_dim > 64  # BLOCK_D = 128
     narrow = head_dim <= 16  # BLOCK_D = 16
@@ -631,6 +637,39 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
     return {name: {**cfg, "num_stages": 2} for name, cfg in configs.items()}
 
 
+def _config_candidates(dtype: torch.dtype, head_dim: int, kernel: str) -> list[dict[str, int]]:
+    """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
+    first (the pinned one: the interpreter and CPU run only it). 16-bit only (fp32's exact dots
+    leave no register room): one more pipeline stage (shared memory, not registers), and the
+    program's own tile halved over half the warps (as many elements per thread, so no more
+    registers). Each is compiled by the compile check."""
+    pinned = _block_config(dtype, head_dim)[kernel]
+    if triton_interpreter_enabled() or dtype == torch.float32:
+        return [pinned]
+    candidates = [pinned, {**pinned, "num_stages": 3}]
+    own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns
+    if pinned[own] >= 32 and pinned["num_warps"] >= 8:
+        candidates.append({**pinned, own: pinned[own] // 2, "num_warps": pinned["num_warps"] // 2})
+    return candidates
+
+
+def _tuned_config(
+    kernel: str, q: torch.Tensor, tk: int, causal: bool, dropout: bool, launch
+) -> dict[str, int]:
+    """The config to launch `kernel` with for q (B, H, Tq, D) against tk keys: tuned once per
+    bucket on a GPU (kernels/_autotune.py; `launch(config)` runs the kernel), pinned
+    elsewhere. The bucket names the dtype, head dim, causal/dropout and the longer length."""
+    head_dim = q.shape[-1]
+    variant = f"D={head_dim}" + (",causal" if causal else "") + (",dropout" if dropout else "")
+    key = _autotune.bucket_key(
+        f"attention.{kernel}", q.dtype, variant, max(q.shape[2], tk),
+        _autotune.arch_name(q.device),
+    )  # fmt: skip
+    device_key = _autotune.tuning_device_key(q.device)
+    candidates = _config_candidates(q.dtype, head_dim, kernel)
+    return _autotune.choose(key, candidates, launch, device_key, no_timing=_autotune.tracing(q))
+
+
 def _padded_head_dim(head_dim: int) -> int:
     """BLOCK_D: the head dim rounded up to a power of two, at least 16 for tl.dot."""
     return max(16, triton.next_power_of_2(head_dim))
@@ -663,15 +702,18 @@ def _flash_attention_forward(
     tk = k.shape[2]
     out = _empty((batch, heads, tq, head_dim), q.dtype, q.device)
     lse = _empty((batch, heads, tq), torch.float32, q.device)
-    cfg = _block_config(q.dtype, head_dim)["forward"]
-    grid = (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
-    torch.library.wrap_triton(_attention_forward_kernel)[grid](
-        q, k, v, out, lse, seed,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, tq, tk, head_dim, sm_scale * LOG2E, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=_padded_head_dim(head_dim), **cfg,
-    )  # fmt: skip
+
+    def launch(cfg: dict[str, int]) -> None:
+        grid = (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
+        torch.library.wrap_triton(_attention_forward_kernel)[grid](
+            q, k, v, out, lse, seed,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            heads, tq, tk, head_dim, sm_scale * LOG2E, dropout_p,
+            CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
+            BLOCK_D=_padded_head_dim(head_dim), **cfg,
+        )  # fmt: skip
+
+    launch(_tuned_config("forward", q, tk, causal, dropout_p > 0.0, launch))
     return out, lse
 
 
@@ -707,24 +749,29 @@ def _flash_attention_backward(
         out, dout, delta, *out.stride(), *dout.stride(), heads, tq, head_dim,
         BLOCK_M=pre_block_m, BLOCK_D=block_d,
     )  # fmt: skip
-    cfg = configs["dkdv"]
-    torch.library.wrap_triton(_attention_backward_dkdv_kernel)[
-        (triton.cdiv(tk, cfg["BLOCK_N"]) * batch * heads,)
-    ](
-        q, k, v, dout, lse, delta, dk, dv, seed,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-        heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
-    )  # fmt: skip
-    cfg = configs["dq"]
-    torch.library.wrap_triton(_attention_backward_dq_kernel)[
-        (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
-    ](
-        q, k, v, dout, lse, delta, dq, seed,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
-    )  # fmt: skip
+
+    def launch_dkdv(cfg: dict[str, int]) -> None:
+        torch.library.wrap_triton(_attention_backward_dkdv_kernel)[
+            (triton.cdiv(tk, cfg["BLOCK_N"]) * batch * heads,)
+        ](
+            q, k, v, dout, lse, delta, dk, dv, seed,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+            heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
+            CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
+        )  # fmt: skip
+
+    def launch_dq(cfg: dict[str, int]) -> None:
+        torch.library.wrap_triton(_attention_backward_dq_kernel)[
+            (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
+        ](
+            q, k, v, dout, lse, delta, dq, seed,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
+            CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
+        )  # fmt: skip
+
+    launch_dkdv(_tuned_config("dkdv", q, tk, causal, dropout, launch_dkdv))
+    launch_dq(_tuned_config("dq", q, tk, causal, dropout, launch_dq))
     return dq, dk, dv
 
 

@@ -22,7 +22,9 @@ Per chunk, Liger-Kernel's way:
 
 For "mean" and "sum" the gradients are computed during the forward pass and kept for backward,
 which only scales them by the upstream gradient (÷ the number of counted targets for "mean"):
-three matmuls in all instead of the unfused four. For "none" the upstream gradient differs per
+three matmuls in all instead of the unfused four. That backward allocates the returned
+gradients and nothing of their size besides (`_scaled`; autograd's zero gradients of the
+saved outputs are not materialized). For "none" the upstream gradient differs per
 row, so the forward computes the losses only and the backward recomputes each chunk's logits
 with dz scaled per row.
 
@@ -64,6 +66,9 @@ CHUNK_ROWS: int | None = None
 # matmuls; 4M elements are 16 MiB in fp32.
 MIN_CHUNK_ELEMENTS = 1 << 22
 MAX_CHUNK_ROWS = 16384
+# Elements per block when backward rounds a scaled fp32 gradient to a low-precision dtype
+# (`_scaled`): 4M, a 16 MiB fp32 temporary.
+SCALE_BLOCK_ELEMENTS = 1 << 22
 
 
 def fused_linear_cross_entropy_reference(
@@ -462,27 +467,48 @@ def _setup_context(ctx, inputs, output):
     else:
         ctx.save_for_backward(gh, gw, gb, targets)
     ctx.mark_non_differentiable(gh, gw, gb)
+    # gh, gw, gb never get a gradient: without this, autograd would hand _backward zero-filled
+    # (N, d) and (V, d) tensors for them (another 147 MiB at gpt2-small's head, fp32).
+    ctx.set_materialize_grads(False)
+
+
+def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(grad.float() * scale).to(dtype) bit for bit, with no whole-size fp32 temporary: fp32 in
+    place of fp32, and for a low-precision result blocks of SCALE_BLOCK_ELEMENTS rounded into
+    it one at a time (a single mul with a bf16 `out=` would still make the whole fp32 product
+    first: 147 MiB for gpt2-small's grad_weight). grad (R, ...) is saved for backward, so it is
+    never scaled in place: a second backward (retain_graph=True) must find it unchanged."""
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    if grad.dtype == dtype == torch.float32:
+        return torch.mul(grad, scale, out=out)
+    rows = grad.shape[0]  # grad_hidden (N, d), grad_weight (V, d), grad_bias (V,)
+    step = max(1, SCALE_BLOCK_ELEMENTS // max(1, grad.numel() // max(1, rows)))  # rows a block
+    for start in range(0, rows, step):
+        block = slice(start, start + step)
+        out[block].copy_(grad[block].float() * scale)  # fp32 math, one rounding to dtype
+    return out
 
 
 def _backward(ctx, grad_loss, _dgh, _dgw, _dgb):
     hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+        return None, None, None, None, None, None, None, None
     if ctx.reduction == "none":
         hidden, weight, bias, targets = ctx.saved_tensors
         gh, gw, gb = _fused_backward_op(
             grad_loss.float().contiguous(), hidden, weight, bias, targets,
             ctx.ignore_index, ctx.use_kernel,
         )  # fmt: skip
-        gh = gh.to(hidden_dtype)
+        gh, gw = gh.to(hidden_dtype), gw.to(weight_dtype)
+        grad_bias = None if bias_dtype is None else gb.to(bias_dtype)
     else:
-        gh, gw, gb, targets = ctx.saved_tensors
+        gh, gw, gb, targets = ctx.saved_tensors  # (N, d), (V, d) fp32, (V,) fp32 | (0,)
         scale = grad_loss.float()  # () fp32
         if ctx.reduction == "mean":  # nothing counted: the gradients are 0, not 0 / 0
             scale = scale / (targets != ctx.ignore_index).sum().clamp(min=1)
-        gh = (gh.float() * scale).to(hidden_dtype)
-        gw = gw * scale
-        gb = gb * scale
-    grad_bias = None if bias_dtype is None else gb.to(bias_dtype)
-    return gh, gw.to(weight_dtype), grad_bias, None, None, None, None, None
+        gh, gw = _scaled(gh, scale, hidden_dtype), _scaled(gw, scale, weight_dtype)
+        grad_bias = None if bias_dtype is None else _scaled(gb, scale, bias_dtype)
+    return gh, gw, grad_bias, None, None, None, None, None
 
 
 _fused_forward_op.register_autograd(_backward, setup_context=_setup_context)

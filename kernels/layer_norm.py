@@ -297,7 +297,8 @@ def _tuned_tile(pass_name: str, x2: torch.Tensor, launch) -> dict[str, int]:
         _autotune.arch_name(x2.device),
     )  # fmt: skip
     device_key = _autotune.tuning_device_key(x2.device)
-    return _autotune.choose(key, _tile_candidates(m, n), launch, device_key)
+    candidates = _tile_candidates(m, n)
+    return _autotune.choose(key, candidates, launch, device_key, no_timing=_autotune.tracing(x2))
 
 
 def _layer_norm_forward(

@@ -137,3 +137,47 @@ def test_the_compile_check_launches_every_candidate_but_runs_the_pinned_one(monk
     monkeypatch.setattr(autotune, "COMPILE_EVERY_CANDIDATE", True)
     chosen = autotune.choose("k", CANDIDATES, lambda c: launched.append(c["BLOCK_M"]), None)
     assert chosen == CANDIDATES[0] and launched == [64, 32]
+
+
+def test_nothing_is_timed_while_tracing_but_a_stored_choice_holds(tmp_path):
+    """Under torch.compile tracing or CUDA-graph capture (`no_timing`): the stored choice if
+    there is one, else the pinned config, untimed and not stored."""
+    timer = FakeTimer({128: 3.0, 64: 1.0, 32: 2.0})
+    cache = autotune.TuningCache(tmp_path / "c.json")
+    pinned = autotune.choose("k", CANDIDATES, launch, DEVICE, cache, timer, no_timing=True)
+    assert pinned == CANDIDATES[0] and timer.calls == 0 and not (tmp_path / "c.json").exists()
+    assert autotune.choose("k", CANDIDATES, launch, DEVICE, cache, timer) == CANDIDATES[1]
+    stored = autotune.choose("k", CANDIDATES, launch, DEVICE, cache, timer, no_timing=True)
+    assert stored == CANDIDATES[1] and timer.calls == 3
+
+
+def test_fake_tensors_count_as_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not autotune.tracing(torch.zeros(2))
+    with FakeTensorMode():
+        assert autotune.tracing(torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "kernel, own", [("forward", "BLOCK_M"), ("dkdv", "BLOCK_N"), ("dq", "BLOCK_M")]
+)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, own, head_dim):
+    """Attention's GPU candidates (16-bit): the pinned config first, one more pipeline stage,
+    and the program's own tile halved over half the warps; fp32 and the interpreter: pinned
+    only. (The stub target arch is asked of Triton's driver: pin it to sm_90 here.)"""
+    attention = importlib.import_module("fastgpt.kernels.attention")
+    monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention, "_target_arch", lambda: 90)
+    pinned = attention._block_config(torch.bfloat16, head_dim)[kernel]
+    candidates = attention._config_candidates(torch.bfloat16, head_dim, kernel)
+    assert candidates[0] == pinned and candidates[1] == {**pinned, "num_stages": 3}
+    for extra in candidates[2:]:
+        assert extra[own] * 2 == pinned[own] and extra["num_warps"] * 2 == pinned["num_warps"]
+    assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)
+    assert attention._config_candidates(torch.float32, head_dim, kernel) == [
+        attention._block_config(torch.float32, head_dim)[kernel]
+    ]
+    monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: True)
+    assert len(attention._config_candidates(torch.bfloat16, head_dim, kernel)) == 1

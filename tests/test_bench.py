@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -239,6 +240,39 @@ def test_report_writer_on_synthetic_records(tmp_path):
     assert payload["headline"]["geomean"] == pytest.approx(1.2)
 
 
+def test_attention_headline_keeps_small_cpu_numbers(tmp_path):
+    """The headline shows TFLOP/s with the detail table's 3 significant figures: a CPU run's
+    0.0123 TFLOP/s is not printed as 0.0."""
+    records = [r for r in _synthetic_suites()["attention"] if r["case"]["mode"] == "fwd"]
+    for r in records:  # the headline shows forward+backward
+        r["case"]["mode"] = "fwd+bwd"
+        r["tflops"] = 0.0123 * (1.1 if r["role"] == "ours" else 1.0)
+    report.write_suite_json(tmp_path, "attention", report.add_ratios(records), ENV, HARDWARE)
+    summary = report.write_summary(tmp_path).read_text()
+    headline = summary.split("## Headline")[1].split("## attention")[0]
+    assert "| fastgpt: 0.0135 TFLOP/s | SDPA flash | 0.0123 TFLOP/s |" in headline
+    assert "0.0 TFLOP/s" not in headline
+
+
+def test_short_commit_cuts_only_hex_hashes(tmp_path):
+    sha = "132d9bf49471166d3632b82e9fab7c949556299e"
+    assert harness.short_commit(sha) == "132d9bf49471"
+    assert harness.short_commit(sha + "-dirty") == "132d9bf49471-dirty"
+    assert harness.short_commit("abc123") == "abc123"
+    for name in ("fastgpt 0.1.0", "fastgpt 0.10.0rc1", "unknown"):
+        assert harness.short_commit(name) == name
+    # the summary's table keeps the package version whole
+    report.write_suite_json(
+        tmp_path,
+        "train",
+        report.add_ratios(_synthetic_suites()["train"]),
+        {**ENV, "git_commit": "fastgpt 0.1.0"},
+        HARDWARE,
+    )
+    summary = report.write_summary(tmp_path).read_text()
+    assert "| fastgpt 0.1.0 |" in summary
+
+
 def test_summary_merges_suites_written_by_separate_runs(tmp_path):
     suites = _synthetic_suites()
     report.write_suite_json(tmp_path, "train", report.add_ratios(suites["train"]), ENV, HARDWARE)
@@ -395,6 +429,9 @@ def test_bench_cpu_quick_end_to_end(tmp_path, capsys):
                 "book attention",
                 "torch SDPA + fused AdamW",
                 "torch SDPA",
+                "HF + fastgpt.patch_hf_gpt2",
+                "HF eager",
+                "HF SDPA",
             }
         assert (tmp_path / f"{suite}.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -463,3 +500,73 @@ def test_results_go_under_the_current_folder_and_name_the_code(tmp_path, monkeyp
     assert run.default_out_dir(torch.device("cpu")).parent == tmp_path / "benchmarks" / "results"
     assert harness.git_commit(tmp_path).startswith("fastgpt ")  # not a checkout
     assert harness.git_commit() != harness.git_commit(tmp_path)  # this checkout: a commit
+
+
+def test_bench_header_names_the_package_version_whole(tmp_path, monkeypatch):
+    from fastgpt.benchmarks import run
+
+    monkeypatch.setattr(harness, "git_commit", lambda *a: "fastgpt 0.1.0")
+    monkeypatch.setattr(
+        harness, "measure_hardware_limits", lambda *a, **k: {**HARDWARE, "matmul_dtype": "fp32"}
+    )
+    lines: list[str] = []
+    run.run_benchmarks(only=[], device="cpu", out_dir=tmp_path, print_fn=lines.append)
+    assert any("| commit fastgpt 0.1.0 |" in line for line in lines), lines
+
+
+def test_bench_hf_suite_on_cpu(tmp_path, capsys):
+    """`fastgpt bench --only hf --quick --device cpu`: HF's GPT-2 training step patched and
+    eager (and with SDPA), on the kernels' references (said so), in hf.json and the summary."""
+    pytest.importorskip("transformers")
+    argv = ["bench", "--quick", "--device", "cpu", "--only", "hf", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.json", "hf.png", "summary.md"]
+    payload = json.loads((tmp_path / "hf.json").read_text())
+    records = {r["provider"]: r for r in payload["records"]}
+    assert set(records) == {"HF + fastgpt.patch_hf_gpt2", "HF eager", "HF SDPA"}
+    patched = records["HF + fastgpt.patch_hf_gpt2"]
+    assert patched["role"] == "ours" and records["HF eager"]["role"] == "baseline"
+    for r in records.values():
+        assert r["status"] == "ok", r
+        assert r["case"] == {"model": "tiny", "batch": 4, "seq_len": 64, "precision": "fp32",
+                             "dropout": 0.0}  # fmt: skip
+        assert r["ms"] > 0 and r["tokens_per_s"] == pytest.approx(4 * 64 / (r["ms"] * 1e-3))
+        assert r["vs_best_baseline"] > 0 and r["peak_mem_mb"] is None  # no counter on CPU
+    fastest = min(records["HF eager"]["ms"], records["HF SDPA"]["ms"])
+    assert patched["vs_best_baseline"] == pytest.approx(fastest / patched["ms"])
+    assert "references" in patched["note"]
+    assert any("plain-PyTorch references" in n for n in payload["notes"])
+    assert "| hf | model=tiny" in (tmp_path / "summary.md").read_text()
+
+
+def test_hf_bench_models_are_patched_and_share_weights():
+    pytest.importorskip("transformers")
+    from fastgpt.benchmarks import hf_train_bench as hb
+
+    from fastgpt.config import GPTConfig
+
+    config = GPTConfig.from_name("tiny")
+    cpu = torch.device("cpu")
+    models = {p.name: hb.build_hf_model(config, p, cpu) for p in hb.PROVIDERS}
+    patched, eager, sdpa = models.values()
+    assert patched.config._attn_implementation == "fastgpt"
+    assert type(patched.transformer.ln_f).__name__ == "FastLayerNorm"
+    assert (eager.config._attn_implementation, sdpa.config._attn_implementation) == (
+        "eager", "sdpa"
+    )  # fmt: skip
+    for name, p in eager.state_dict().items():
+        assert torch.equal(p, patched.state_dict()[name]), name
+    assert hb.hf_grid(torch.device("cuda"), quick=False)["models"] == [("gpt2-small", 8, 1024, {})]
+
+
+def test_bench_hf_suite_skips_without_transformers(tmp_path, monkeypatch):
+    from fastgpt.benchmarks import run
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails, find_spec is None
+    monkeypatch.setattr(harness, "measure_hardware_limits", lambda *a, **k: HARDWARE)
+    lines: list[str] = []
+    run.run_benchmarks(only=["hf"], device="cpu", out_dir=tmp_path, print_fn=lines.append)
+    skips = [line for line in lines if line.startswith("hf: skipped")]
+    assert skips == ["hf: skipped, transformers is not installed (pip install -e '.[hf]' in a "
+                     "checkout)"]  # fmt: skip
+    assert not (tmp_path / "hf.json").exists()

@@ -160,7 +160,9 @@ def test_balance_undersamples_the_majority():
 def test_split_is_book_sized_disjoint_and_seeded(data_dir):
     data = balance_by_undersampling(read_spam_collection(data_dir / "SMSSpamCollection"), seed=123)
     assert len(data) == 2 * 747
-    train, val, test = split_train_val_test(data, seed=123)
+    splits = split_train_val_test(data, seed=123)
+    train, val, test = splits
+    assert (splits.train, splits.val, splits.test) == (train, val, test)
     assert (len(train), len(val), len(test)) == (1045, 149, 300)  # the book's sizes
     sources = train.sources + val.sources + test.sources
     assert sorted(sources) == sorted(data.sources)  # a partition

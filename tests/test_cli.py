@@ -50,3 +50,32 @@ def test_import_fastgpt_is_light_and_names_load_on_first_use():
     assert set(fastgpt.__all__) >= {"GPTConfig", "GPTModel", "generate", "get_tokenizer"}
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = fastgpt.nothing
+
+
+def test_library_errors_name_parameters_and_the_cli_shows_flags(capsys):
+    """A UsageError or NonFiniteLossError says "{field}": "field" from the library, the
+    command's flag from the CLI (exit status 2 and 1)."""
+    import argparse
+    import types
+
+    from fastgpt.cli import _run
+    from fastgpt.errors import MissingFileError, NonFiniteLossError
+
+    parser = argparse.ArgumentParser(prog="fastgpt pretrain")
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--grad-clip", type=float)
+    parser.add_argument("--resume", action="store_true")
+    args = argparse.Namespace(command="pretrain")
+    for error, code, shown in [
+        (NonFiniteLossError("try a lower {lr} or a smaller {grad_clip}"), 1,
+         "try a lower --lr or a smaller --grad-clip"),
+        (MissingFileError("no checkpoint (train once without {resume} first)"), 2,
+         "no checkpoint (train once without --resume first)"),
+        (MissingFileError("no {other_field}"), 2, "no other_field"),  # not a flag: its name
+    ]:  # fmt: skip
+
+        def run(args, error=error):
+            raise error
+
+        assert _run(types.SimpleNamespace(run=run), args, parser) == code
+        assert f"fastgpt pretrain: error: {shown}\n" == capsys.readouterr().err

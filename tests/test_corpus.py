@@ -1,8 +1,9 @@
 """`fastgpt prepare-data` and the shards pretraining maps (fastgpt.corpus), on generated corpora
-of about 100 kB: shards decode back to the documents joined by <|endoftext|>; the same
-bytes whatever --workers; a second run does nothing; a run interrupted (an exception, a full
-disk, SIGKILL) resumes to exactly the shards of an uninterrupted one; bad inputs are one-line
-errors; two torchrun-style ranks prepare once and read the same tokens."""
+of about 100 kB (and one of 3 MB): shards decode back to the documents joined by
+<|endoftext|>; the same bytes whatever --workers; a second run does nothing; a run interrupted
+(an exception, a full disk, SIGKILL) resumes to exactly the shards of an uninterrupted one; bad
+inputs are one-line errors; max() reads little of a shard; two ranks (torchrun-style, and
+torchrun itself running pretrain) prepare once and read the same tokens."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fastgpt.corpus.prepare
+import fastgpt.corpus.tokens
 import fastgpt.corpus.writer
 import fastgpt.tokenizer
 from fastgpt.cli import main
@@ -119,6 +121,27 @@ def test_the_same_bytes_whatever_the_workers(corpus, tmp_path, tiktoken_availabl
     three = prepare(folder, tmp_path / "three", workers=3, batch_chars=3000).manifest
     assert one == three
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "three")
+
+
+def test_a_corpus_of_megabytes_the_same_bytes_with_two_workers(tmp_path, tiktoken_available):
+    """About 3 MB in three files at the default batch size (1 MB of text): several batches
+    of one file in flight in two worker processes at once, shards and manifest byte for byte
+    those of one worker."""
+    folder = tmp_path / "big"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", make_docs(5000, seed=11))
+    write_jsonl(folder / "b.jsonl", make_docs(3000, seed=12))
+    (folder / "c.txt").write_text("A long story, one document.\n" * 8000, encoding="utf-8")
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert 2_500_000 < size < 4_000_000
+    shard = 100_000  # several shards per split, documents across their boundaries
+    one = prepare(folder, tmp_path / "one", workers=1, shard_tokens=shard).manifest
+    two = prepare(folder, tmp_path / "two", workers=2, shard_tokens=shard).manifest
+    assert one == two and one["complete"] and len(one["splits"]["train"]["shards"]) > 5
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    assert (tmp_path / "one" / "manifest.json").read_bytes() == (
+        tmp_path / "two" / "manifest.json"
+    ).read_bytes()
 
 
 def test_a_second_run_does_nothing_and_changed_inputs_are_refused(
@@ -365,6 +388,69 @@ def test_sharded_tokens_read_across_shards_by_memory_map(tmp_path):
     assert len(pickle.dumps(view)) < 2000 and again.read(0, 400).tolist() == view.tolist()
 
 
+def test_max_of_a_part_of_a_shard_reads_until_the_shard_max(tmp_path, monkeypatch):
+    """max() is exact and reads a part of a shard only in chunks up to the first holding the
+    shard's max id from the manifest; nothing of a part when a whole shard's max bounds it;
+    everything without maxima."""
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 500, 1000).astype(np.uint16)
+    first[150] = 999  # shard 0's max, early in it
+    second, third = rng.integers(0, 800, 1000).astype(np.uint16), np.full(10, 7, np.uint16)
+    files = []
+    for i, ids in enumerate((first, second, third)):
+        ids.tofile(tmp_path / f"{i}.bin")
+        files.append(tmp_path / f"{i}.bin")
+    maxima = [999, int(second.max()), 7]
+    monkeypatch.setattr(fastgpt.corpus.tokens, "MAX_SCAN_TOKENS", 100)
+    original, reads = ShardedTokens.read, []
+
+    def read(self, start, stop):
+        reads.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(ShardedTokens, "read", read)
+    tokens = ShardedTokens(files, [1000, 1000, 10], maxima)
+    stream = np.concatenate([first, second, third]).astype(np.int64)
+    cases = [  # (start, stop, tokens max() may read)
+        (50, 1500, 200),  # shard 0 from 50: chunks [50, 150), [150, 250) hit 999; shard 1: none
+        (300, 1000, 700),  # 999 is not in this part: all of it, to be exact
+        (0, 1500, 0),  # shard 0 whole: 999 from the manifest; shard 1's part can't exceed it
+        (500, 2010, 500),  # shards 1, 2 whole (max < 999): shard 0's part, 999-free, is read
+        (5, 9, 4),
+    ]
+    for start, stop, budget in cases:
+        reads.clear()
+        view = tokens[start:stop]
+        assert view.max() == stream[start:stop].max(), (start, stop)
+        assert sum(reads) == budget, (start, stop, reads)
+    assert tokens.max() == 999 and not reads[4:]  # whole shards: the manifest alone
+    blind = ShardedTokens(files, [1000, 1000, 10])  # no maxima known: everything is read
+    reads.clear()
+    assert blind[50:1500].max() == 999 and sum(reads) == 1450
+
+
+def test_pretrain_vocab_check_reads_little_of_a_cached_corpus(corpus, tmp_path, monkeypatch,
+                                                               tiktoken_available):  # fmt: skip
+    """pretrain --data FILES: one cached shard, split by position into two parts; the vocab
+    check's max() of each stops at its first <|endoftext|> (50256) instead of reading it."""
+    folder, _ = corpus
+    train, val = load_text_datasets(folder, 32, cache_dir=tmp_path / "cache", progress=False,
+                                    workers=1)  # fmt: skip
+    assert train.token_ids.num_shards == 1 and len(train.token_ids) > 20_000
+    monkeypatch.setattr(fastgpt.corpus.tokens, "MAX_SCAN_TOKENS", 256)
+    original, reads = ShardedTokens.read, []
+
+    def read(self, start, stop):
+        reads.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(ShardedTokens, "read", read)
+    for part in (train.token_ids, val.token_ids):
+        reads.clear()
+        assert part.max() == 50256 == np.asarray(part).max()
+        assert sum(reads[:-1]) <= 4 * 256  # the last read is np.asarray's, of everything
+
+
 def test_pretraining_reads_a_prepared_folder(corpus, tmp_path, tiktoken_available, capsys):
     folder, _ = corpus
     out = tmp_path / "prepared"
@@ -440,3 +526,60 @@ def test_two_ranks_prepare_once_and_read_the_same_tokens(corpus, tmp_path, tikto
     seen = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert seen[0] == seen[1] and seen[0][0] == seen[0][1]  # both ranks: the same tokens
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+# Run by sitecustomize in each process torchrun starts (RANK set): a mark when the rank tokenizes
+# and one with the exit code of its `fastgpt pretrain`, in $MARKS.
+_RANK_MARKS = """
+import os, time
+rank, marks = os.environ.get("RANK"), os.environ.get("FASTGPT_TEST_MARKS")
+if rank is not None and marks:
+    import fastgpt.cli
+    import fastgpt.corpus.prepare as prepare
+    tokenize = prepare.tokenize_into_shards
+    def counted(*args, **kwargs):
+        open(os.path.join(marks, f"prepared-by-{rank}"), "w").close()
+        time.sleep(1.0)  # the other rank is surely waiting by now
+        return tokenize(*args, **kwargs)
+    prepare.tokenize_into_shards = counted
+    main = fastgpt.cli.main
+    def finished(*args, **kwargs):
+        code = main(*args, **kwargs)
+        with open(os.path.join(marks, f"finished-{rank}"), "w") as f:
+            f.write(str(code))
+        return code
+    fastgpt.cli.main = finished
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_prepares_once_and_both_ranks_finish(corpus, tmp_path,
+                                                              tiktoken_available):  # fmt: skip
+    """The real launcher, not an emulation: `torchrun --nproc_per_node 2 -m fastgpt pretrain
+    --data FILES` on CPU (gloo). LOCAL_RANK 0 tokenizes into one corpus folder of the token
+    cache while rank 1 waits; both train a step and exit 0."""
+    folder, _ = corpus
+    marks, cache, hooks = tmp_path / "marks", tmp_path / "cache", tmp_path / "hooks"
+    marks.mkdir()
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_RANK_MARKS, encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "FASTGPT_TEST_MARKS": str(marks),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "fastgpt", "pretrain", "--data", str(folder),
+               "--token-cache", str(cache), "--tokenize-workers", "1", "--model", "tiny",
+               "--context-length", "64", "--batch-size", "2", "--max-steps", "1",
+               "--device", "cpu", "--eval-every", "0", "--sample-prompt", "", "--no-progress",
+               "--out", str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in marks.iterdir()) == ["finished-0", "finished-1",
+                                                      "prepared-by-0"]  # fmt: skip
+    assert all((marks / f"finished-{r}").read_text() == "0" for r in (0, 1))
+    prepared = list(cache.iterdir())
+    assert len(prepared) == 1 and prepared[0].name.startswith("corpus-")
+    assert read_manifest(prepared[0])["complete"]
+    assert done.stdout.count("validation windows of 64 tokens") == 1  # rank 0 alone prints
+    assert "on cpu × 2 ranks" in done.stdout
+    assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -108,7 +108,9 @@ def check_loss(
 # --- against the reference --------------------------------------------------------------------
 
 # (N, V, d, bias, MAX_BLOCK_V): V = 97 (odd, one tile), V = 1000 in tiles of 256 and V = 300 in
-# tiles of 128 (the last one ragged), GPT-2's vocabulary in one tile (interpreter; two on a GPU).
+# tiles of 128 (the last one ragged), GPT-2's vocabulary in one tile under the interpreter
+# (MAX_BLOCK_V 65536) and in seven of 8192 on a GPU (the last one ragged: 50257 = 6 · 8192 +
+# 1105).
 KERNEL_CASES = [
     (1, 97, 32, True, None),
     (17, 97, 32, False, None),
@@ -337,6 +339,42 @@ def test_peak_memory_is_one_chunk_not_all_logits(path, monkeypatch):
     assert unfused_peak >= 2 * logits_bytes
     assert chunk_bytes <= fused_peak < logits_bytes / 2, (fused_peak, chunk_bytes, logits_bytes)
     assert fused_peak < 4 * chunk_bytes + 4 * (n + v) * d * 4  # the chunk, gradients, copies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_backward_allocates_only_the_gradients(dtype, reduction, monkeypatch):
+    # "mean"/"sum" compute the gradients in forward; backward only scales them. Counted over
+    # backward alone, with a wide vocabulary so that grad_weight (V, d) dominates: the returned
+    # gradients in their dtypes, plus for bf16 one block's fp32 temporaries (the upcast and
+    # the product, 4 bytes each). No zero-filled gradients of the op's other outputs (autograd
+    # materializes those unless told not to), no whole fp32 copy of grad_weight before its
+    # rounding to a bf16 weight.
+    monkeypatch.setattr(ce, "SCALE_BLOCK_ELEMENTS", 1 << 14)  # blocks of 512 rows of 32
+    n, v, d = 64, 8192, 32
+    hidden, weight, _, targets = make_inputs(n, v, d, dtype, "cpu", bias=False)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    loss = chunked_torch(hidden, weight, targets, reduction=reduction)
+    size = dtype.itemsize
+    grads = (n + v) * d * size  # grad_hidden and grad_weight as returned
+    block = 0 if dtype == torch.float32 else 2 * ce.SCALE_BLOCK_ELEMENTS * 4
+    peak = cpu_peak_bytes(loss.backward)
+    assert grads <= peak <= grads + block + (16 << 10), (peak, grads)
+    assert weight.grad.dtype == dtype and hidden.grad.dtype == dtype  # (their values: above)
+
+
+def test_a_retained_graph_gives_the_same_gradients_twice():
+    # The gradients forward saved are scaled into new tensors, never in place: a second
+    # backward of the same graph adds the very same values again (doubling is exact).
+    hidden, weight, bias, targets = make_inputs(40, 97, 8, torch.float32, "cpu")
+    leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+    loss = chunked_torch(hidden, weight, targets, bias)
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for t, g in zip(leaves, first, strict=True):
+        assert torch.equal(t.grad, 2 * g)
 
 
 # --- bad input --------------------------------------------------------------------------------

@@ -409,3 +409,67 @@ def test_endpoint_paths():
     assert Judge(api="openai", model="m", url="http://h/v1/").endpoint == (
         "http://h/v1/chat/completions"
     )
+
+
+# --- finetune-instruct --judge-url -----------------------------------------------------
+
+
+def _instruct_data(tmp_path):
+    """40 short records (4 of them test records in the 85/10/5 split)."""
+    records = [
+        {"instruction": f"Repeat the number {i}.", "input": "", "output": f"{i}"} for i in range(40)
+    ]
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def test_finetune_instruct_scores_its_responses_with_evaluates_options(
+    server, tmp_path, tiktoken_available, monkeypatch, capsys
+):
+    """The judge options are evaluate's (--api, --judge-model, --api-key-env): an
+    OpenAI-compatible judge with a key scores the 2 responses written after training."""
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")
+    server.models = {"judge-8b"}
+    server.replies = {f"Repeat the number {i}.": str(2 * i) for i in range(40)}
+    out = tmp_path / "run"
+    code = main(
+        [
+            "finetune-instruct", "--model", "tiny", "--data", str(_instruct_data(tmp_path)),
+            "--out", str(out), "--max-steps", "1", "--batch-size", "2", "--num-responses", "2",
+            "--max-new-tokens", "2", "--no-progress",
+            "--api", "openai", "--judge-url", server.url, "--judge-model", "judge-8b",
+            "--api-key-env", "MY_JUDGE_KEY",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    responses = out / "test_responses.json"
+    entries = json.loads(responses.read_text(encoding="utf-8"))
+    numbers = [int(e["instruction"].split()[-1].rstrip(".")) for e in entries]
+    records = _scores(responses)
+    assert len(entries) == 2 and [r["index"] for r in records] == [0, 1]
+    assert [r["score"] for r in records] == [2 * n for n in numbers]
+    assert all(r["judge"] == "judge-8b" for r in records)
+    assert {r["path"] for r in server.requests} == {"/v1/chat/completions"}
+    assert server.headers[0]["Authorization"] == "Bearer sk-test"
+    assert server.requests[0]["messages"][0]["content"] == judge_prompt(entries[0])
+    assert f"mean score {sum(numbers):.2f} over 2 of 2 entries" in printed  # (2a + 2b) / 2
+
+
+def test_finetune_instruct_judge_options_fail_before_training(tmp_path, capsys):
+    data = tmp_path / "missing.json"  # never read: the options fail first
+    for extra, message in [
+        (
+            ("--api", "openai", "--judge-url", "http://127.0.0.1:9"),
+            "--api openai needs --judge-model",
+        ),
+        (("--judge-model", "llama3.1"), "--judge-model applies with --judge-url only"),
+        (("--judge-url", "localhost:11434"), "--judge-url must start with http://"),
+    ]:
+        code = main(["finetune-instruct", "--model", "tiny", "--data", str(data),
+                     "--out", str(tmp_path / "run"), *extra])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "missing.json" not in err, err
+    assert not (tmp_path / "run").exists()

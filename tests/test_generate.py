@@ -206,6 +206,50 @@ def test_ragged_prompts_generate_each_as_alone(backend):
     )
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cached_steps_run_the_backends_cache_ops(backend):
+    """A one-token step runs the backend's `decode_attention` where it has one (triton's
+    split-KV kernel), for prompts of one length and ragged ones alike; the steps of a backend
+    without one run its `masked_attention` on ragged rows and its plain attention on rows of
+    one length; prefills (right-padded) run plain causal attention. Same tokens as before."""
+    import dataclasses
+
+    from fastgpt.model import _LAYERS_WITH_OPS
+
+    model = tiny_model(backend)
+    ops = model.final_norm.ops
+    calls = {"decode_attention": 0, "masked_attention": 0}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return getattr(ops, name)(*args, **kwargs)
+
+        return call if getattr(ops, name) is not None else None
+
+    wrapped = dataclasses.replace(ops, **{n: counted(n) for n in calls})
+    torch.manual_seed(2)
+    even = torch.randint(0, 97, (2, 5))
+    ragged = [torch.randint(0, 97, (n,)) for n in (2, 5)]
+    expected = [generate(model, even, 3), generate(model, ragged, 3)]
+    for module in model.modules():
+        if isinstance(module, _LAYERS_WITH_OPS):
+            module.ops = wrapped
+    steps = 2 * model.config.n_layers  # 3 new tokens: a prefill, then 2 one-token steps
+    assert torch.equal(generate(model, even, 3), expected[0])
+    if backend == "triton":
+        assert calls == {"decode_attention": steps, "masked_attention": 0}
+    else:
+        assert calls == {"decode_attention": 0, "masked_attention": 0}
+    calls.update(dict.fromkeys(calls, 0))
+    got = generate(model, ragged, 3)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected[1], strict=True))
+    if backend == "triton":
+        assert calls == {"decode_attention": steps, "masked_attention": 0}
+    else:
+        assert calls == {"decode_attention": 0, "masked_attention": steps}
+
+
 def test_ragged_rows_past_the_context_window_and_eos_per_row():
     model = tiny_model(context_length=16)
     torch.manual_seed(2)

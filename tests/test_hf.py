@@ -196,15 +196,21 @@ def hf_pair(device, seed=0, n_layer=1, **overrides):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts of attention through our kernel ("kernel") and through the masked path."""
+    """Calls of attention through our kernel ("kernel": (Tq, Tk, dropout_p)), the varlen
+    kernel ("varlen": (cu_seqlens_q, cu_seqlens_k, dropout_p)) and the masked (eager) path."""
     from fastgpt import hf_patch
 
-    calls = {"kernel": [], "masked": 0}
+    calls = {"kernel": [], "varlen": [], "masked": 0}
     kernel = hf_patch.attention
+    varlen = hf_patch.attention_varlen
 
     def spy(q, k, v, **kwargs):
         calls["kernel"].append((q.shape[2], k.shape[2], kwargs["dropout_p"]))
         return kernel(q, k, v, **kwargs)
+
+    def spy_varlen(q, k, v, cu_q, cu_k, *args, **kwargs):
+        calls["varlen"].append((cu_q.tolist(), cu_k.tolist(), kwargs["dropout_p"]))
+        return varlen(q, k, v, cu_q, cu_k, *args, **kwargs)
 
     masked = hf_patch.masked_attention
 
@@ -213,6 +219,7 @@ def kernel_calls(monkeypatch):
         return masked(*args)
 
     monkeypatch.setattr(hf_patch, "attention", spy)
+    monkeypatch.setattr(hf_patch, "attention_varlen", spy_varlen)
     monkeypatch.setattr(hf_patch, "masked_attention", spy_masked)
     return calls
 
@@ -240,13 +247,23 @@ def _padding(kind: str, b: int, t: int) -> torch.Tensor | None:
     mask = torch.ones(b, t, dtype=torch.long)
     if kind == "left":
         mask[0, :3] = 0
-    else:
+    elif kind == "right":
         mask[1, t - 4 :] = 0
+    elif kind == "both":  # one run of real tokens in the middle
+        mask[0, :2] = 0
+        mask[0, t - 3 :] = 0
+    else:  # "holes": not one run, no varlen layout
+        mask[0, 4] = 0
     return mask
 
 
-@pytest.mark.parametrize("padding", ["none", "left", "right"])
+# cu_seqlens of the real rows of _padding(kind, 2, 10): the varlen kernel's sequences
+PACKED = {"left": [0, 7, 17], "right": [0, 10, 16], "both": [0, 5, 15]}
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right", "both", "holes"])
 def test_patched_logits_and_gradients_match_eager(device, padding, kernel_calls):
+    """Padding rows included: their logits and the gradients through them are eager's."""
     eager, patched = hf_pair(device)
     reference = copy.deepcopy(eager).double()
     x = torch.randint(0, VOCAB, (2, 10), device=device)
@@ -260,7 +277,10 @@ def test_patched_logits_and_gradients_match_eager(device, padding, kernel_calls)
         grads = {n: p.grad for n, p in model.named_parameters()}
         results[name] = logits, grads
     assert (len(kernel_calls["kernel"]) > 0) == (padding == "none")
+    # real rows on the varlen kernel, the padding rows (and a mask with holes) as eager does
     assert (kernel_calls["masked"] > 0) == (padding != "none")
+    expected = [(PACKED[padding], PACKED[padding], 0.0)] if padding in PACKED else []
+    assert kernel_calls["varlen"] == expected
     (ours, our_grads), (theirs, their_grads), (exact, exact_grads) = results.values()
     kw = dict(dtype=torch.float32)
     assert_close_to_reference(ours, theirs, exact, name=f"logits, {padding} padding", **kw)
@@ -279,6 +299,11 @@ def test_patched_dropout_in_training(device, kernel_calls):
         first, second = patched(x).logits, patched(x).logits
     assert kernel_calls["kernel"][-1][2] == 0.5
     assert not torch.allclose(first, second) and not torch.allclose(first, evaluated)
+    mask = torch.ones_like(x)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        patched(x, attention_mask=mask)
+    assert kernel_calls["varlen"] == [([0, 6], [0, 6], 0.5)]  # padded batches drop out too
 
 
 @pytest.mark.parametrize("padding", ["none", "left"])
@@ -294,3 +319,10 @@ def test_patched_generate_gives_the_same_tokens(device, padding, kernel_calls):
     assert torch.equal(ours, eager.generate(prompt, **options))
     if padding == "none":  # the KV cache's decode steps ran on the kernel: 1 query, all keys
         assert kernel_calls["kernel"] == [(5, 5, 0.0), (1, 6, 0.0), (1, 7, 0.0)]
+    else:  # the prompt's real rows, then each decode step's one query per row, on varlen
+        assert kernel_calls["kernel"] == []
+        assert kernel_calls["varlen"] == [
+            ([0, 5, 8], [0, 5, 8], 0.0),
+            ([0, 1, 2], [0, 6, 10], 0.0),
+            ([0, 1, 2], [0, 7, 12], 0.0),
+        ]

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from fastgpt.classification import Splits
 from fastgpt.config import GPTConfig
 from fastgpt.instruction import (
     IGNORE_INDEX,
@@ -56,7 +57,10 @@ def test_alpaca_format_as_the_book():
 def test_load_real_data_and_book_split(data_dir):
     records = load_instruction_data(data_dir / "instruction-data.json")
     assert len(records) == 1100
-    train, test, val = split_instruction_data(records)
+    splits = split_instruction_data(records)
+    assert isinstance(splits, Splits)  # one type and order for both fine-tunings' splits
+    train, val, test = splits
+    assert (splits.train, splits.val, splits.test) == (train, val, test)
     assert (len(train), len(test), len(val)) == (935, 110, 55)  # the book's sizes
     assert train[0] == records[0] and test[0] == records[935] and val[-1] == records[-1]
 

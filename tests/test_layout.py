@@ -8,7 +8,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("fastgpt", "kernels")
+PACKAGES = ("fastgpt", "kernels", "benchmarks")
+# The wheel installs kernels/ and benchmarks/ as fastgpt.kernels and fastgpt.benchmarks (and a
+# checkout maps those names onto the folders, fastgpt/__init__.py): one module, two names.
+ALIASES = {"fastgpt.kernels": "kernels", "fastgpt.benchmarks": "benchmarks"}
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 
@@ -24,18 +27,51 @@ def project_modules() -> dict[str, Path]:
     }
 
 
+def canonical(name: str) -> str:
+    """The folder name of a module: "fastgpt.kernels.gelu" -> "kernels.gelu"."""
+    for alias, folder in ALIASES.items():
+        if name == alias or name.startswith(alias + "."):
+            return folder + name[len(alias) :]
+    return name
+
+
+def _imported_names(node: ast.AST, package: str, known: set[str]) -> list[str]:
+    """The modules one AST node imports ([] for a node that imports nothing); `package` is
+    the package a relative import starts from."""
+    if isinstance(node, ast.Import):
+        return [canonical(alias.name) for alias in node.names]
+    if isinstance(node, ast.ImportFrom):
+        if node.level:  # `from . import x` in kernels/gelu.py: x of kernels
+            parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join([*parts, node.module or ""]).strip(".")
+        else:
+            base = node.module or ""
+        base = canonical(base)
+        # `from fastgpt import weights` imports the module fastgpt.weights; `from fastgpt.model
+        # import GPTModel` the module fastgpt.model
+        subs = [f"{base}.{alias.name}" for alias in node.names]
+        return [sub if sub in known else base for sub in subs]
+    if (  # importlib.import_module("fastgpt.kernels.gelu"), a literal name
+        isinstance(node, ast.Call)
+        and isinstance(node.func, (ast.Attribute, ast.Name))
+        and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    ):
+        return [canonical(node.args[0].value)]
+    return []
+
+
 def imports_of(path: Path, known: set[str]) -> set[str]:
-    """The project modules `path` imports anywhere in it (module level or inside functions)."""
+    """The project modules `path` imports anywhere in it (module level or inside functions):
+    absolute and relative imports, under either name of kernels/ and benchmarks/, and
+    `import_module` of a literal name."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from fastgpt import weights` imports the module fastgpt.weights
-            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-        else:
-            continue
-        found.update(name for name in names if name in known)
+        found.update(m for m in _imported_names(node, package, known) if m in known)
     return found
 
 
@@ -72,8 +108,43 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
     assert "fastgpt.model" in graph and "fastgpt.weights" in graph["fastgpt.model"]
+    # every kind of import is seen: relative, through fastgpt.kernels / fastgpt.benchmarks,
+    # `from package import submodule`, and import_module("literal")
+    assert "kernels.attention" in graph["kernels.attention_varlen"]  # from .attention import
+    assert "kernels._dispatch" in graph["kernels.gelu"]  # from ._dispatch import
+    assert {"kernels.gelu", "kernels.layer_norm"} <= graph["kernels"]  # kernels/__init__.py
+    assert "kernels.attention" in graph["fastgpt.backends"]  # from fastgpt.kernels import
+    assert "kernels" in graph["fastgpt.hf_patch"]  # ... bias_gelu, a function of the package
+    assert "benchmarks.run" in graph["fastgpt.commands.selftest"]  # fastgpt.benchmarks.run
+    assert "kernels.layer_norm" in graph["fastgpt.selftest.compile_check"]  # import_module
+    assert "fastgpt.train.runner" in graph["fastgpt.commands.pretrain"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_kind_of_import_is_an_edge():
+    known = {"kernels", "kernels.gelu", "kernels._dispatch", "fastgpt", "fastgpt.model"}
+    source = """
+from .. import _dispatch
+from .._dispatch import use_triton
+from . import helper
+import fastgpt.kernels.gelu as G
+from fastgpt.kernels import gelu_reference
+from fastgpt import model, __version__
+importlib.import_module("fastgpt.kernels._dispatch")
+import_module("fastgpt.model")
+import_module(name)
+"""
+    # as if in kernels/sub/x.py
+    names = [_imported_names(node, "kernels.sub", known) for node in ast.parse(source).body]
+    assert names == [
+        ["kernels._dispatch"], ["kernels._dispatch"], ["kernels.sub"],
+        ["kernels.gelu"], ["kernels"], ["fastgpt.model", "fastgpt"], [], [], [],
+    ]  # fmt: skip
+    calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)]
+    assert [_imported_names(n, "kernels.sub", known) for n in calls] == [
+        ["kernels._dispatch"], ["fastgpt.model"], []
+    ]  # fmt: skip
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():

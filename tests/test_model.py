@@ -429,3 +429,54 @@ def test_fused_loss_trains_like_the_logits_loss():
     )
     assert logits[-1] < logits[0] - 0.5  # it learns
     assert_close_to_reference(fused, logits, ref64, dtype=torch.float32, name="50 losses")
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_padded_vocabulary_fused_loss_matches_the_unpadded_model(tie_embeddings):
+    """The triton backend's fused head loss (our kernel, through the interpreter on CPU) on a
+    vocabulary padded to 128 rows whose extra rows hold random values: its loss and every
+    gradient are the unpadded model's by the tolerance rule (torch backend in fp32 as PyTorch's
+    own error, float64 as the reference), with some targets ignored, and the extra rows of the
+    embedding and head get a gradient of exactly zero (no probability, no token id there)."""
+    model = tiny_model(tie_embeddings=tie_embeddings)
+    padded = GPTModel(
+        tiny_config(vocab_multiple=128, tie_embeddings=tie_embeddings), backend="triton"
+    ).eval()
+    assert padded.backend == "triton" and padded.out_head.weight.shape == (128, 32)
+    vocab_rows = ("tok_emb.weight", "out_head.weight")
+    garbage = torch.randn(128 - 97, 32, generator=torch.Generator().manual_seed(2))
+    padded.load_state_dict(
+        {
+            k: torch.cat([v, garbage]) if k in vocab_rows else v
+            for k, v in model.state_dict().items()
+        }
+    )
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (2, 9), generator=generator)
+    targets = torch.randint(0, 97, (2, 9), generator=generator)
+    targets[0, 2] = targets[1, 0] = targets[1, 8] = -100  # ignored: left out of the mean
+    targets[0, 8] = 96  # the last real class, next to the first padded row
+
+    def loss_and_grads(net: GPTModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = net(ids, targets=targets)  # fp32 or fp64 scalar
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in net.named_parameters()}
+
+    fused, fused_grads = loss_and_grads(padded)
+    torch32, torch_grads = loss_and_grads(model)
+    ref64, ref_grads = loss_and_grads(tiny_model(tie_embeddings=tie_embeddings).double())
+    assert_close_to_reference(fused, torch32, ref64, dtype=torch.float32, name="loss")
+    assert fused_grads.keys() == ref_grads.keys()
+    for name, grad in fused_grads.items():
+        if name in vocab_rows:
+            assert grad.shape == (128, 32)
+            assert torch.count_nonzero(grad[97:]) == 0, f"{name}: the padded rows got a gradient"
+            grad = grad[:97]
+        assert_close_to_reference(
+            grad,
+            torch_grads[name],
+            ref_grads[name],
+            dtype=torch.float32,
+            backward=True,
+            name=f"grad {name}",
+        )

@@ -158,3 +158,23 @@ def test_bad_options_and_missing_files(tmp_path, tiktoken_available, capsys):
                  "--out", out)  # fmt: skip
     assert rc == 2 and "vocab_size is 100" in capsys.readouterr().err
     assert not (out / CHECKPOINT_NAME).exists()
+
+
+def test_a_config_files_context_length_stands_unless_the_flag_is_given(
+    tmp_path, tiktoken_available, capsys
+):
+    """--model my.json whose context_length is 32 trains on 32-token windows (the default
+    --context-length 256 does not override what the user wrote); an explicit flag does."""
+    data = tmp_path / "story.txt"
+    data.write_text("Once upon a time there was a model that learned. " * 60, encoding="utf-8")
+    spec = tmp_path / "my.json"
+    spec.write_text(json.dumps({**GPTConfig.from_name("tiny").to_dict(), "context_length": 32}))
+    for flag, context in (((), 32), (("--context-length", 16), 16)):
+        out = tmp_path / f"run{context}"
+        rc = run_cli("pretrain", "--data", data, "--model", spec, *flag, "--out", out,
+                     "--max-steps", 1, "--batch-size", 2, "--no-progress", "--sample-prompt", "",
+                     "--eval-every", 0)  # fmt: skip
+        assert rc == 0
+        assert f"validation windows of {context} tokens" in capsys.readouterr().out
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["context_length"] == context

@@ -108,17 +108,71 @@ def test_resume_that_cannot_continue_says_why(earlier_run, story, capsys):
     assert rc == 2 and "exclude each other" in capsys.readouterr().err
 
 
-def test_an_out_that_cannot_be_written_is_one_line(tmp_path, story, capsys):
+@pytest.mark.parametrize("command", ["pretrain", "finetune-classify", "finetune-instruct"])
+def test_an_out_that_cannot_be_written_is_one_line(tmp_path, story, capsys, command):
+    # Data the fine-tunings would refuse (a missing file): the --out check comes first.
+    data = story if command == "pretrain" else tmp_path / "missing-data.json"
+    args = (command, "--data", data, *(TINY if command == "pretrain" else ("--model", "tiny")))
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    rc = run_cli("pretrain", "--data", story, *TINY, "--out", blocker / "run")
+    rc = run_cli(*args, "--out", blocker / "run")
     err = capsys.readouterr().err
     assert rc == 2 and "is a file, not a folder" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "missing-data" not in err
     if os.geteuid() != 0:  # root writes into read-only folders anyway
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        rc = run_cli("pretrain", "--data", story, *TINY, "--out", locked / "run")
+        rc = run_cli(*args, "--out", locked / "run")
         assert rc == 2 and "cannot write in" in capsys.readouterr().err
-    rc = run_cli("pretrain", "--data", story, *TINY, "--out", "/proc/fastgpt-run")
+    rc = run_cli(*args, "--out", "/proc/fastgpt-run")
     err = capsys.readouterr().err
-    assert rc == 2 and "cannot write in /proc" in err
+    assert rc == 2 and "cannot write in /proc" in err and "missing-data" not in err
+
+
+def test_overwrite_removes_the_earlier_runs_files_it_did_not_write(earlier_run, story, capsys):
+    """Once the new run has completed, nothing of the earlier one is left beside it: no old
+    checkpoint.pt that a later --resume would continue, no classifier's labels.json."""
+    out, before = earlier_run
+    (out / "labels.json").write_text('["ham", "spam"]\n')  # as a classifier run leaves it
+    capsys.readouterr()
+    assert run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 2,
+                   "--overwrite", "--no-checkpoint", "--no-plot") == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "removed the earlier run's checkpoint.pt, loss.png, labels.json" in printed
+    after = snapshot(out)
+    assert set(after) == {METRICS_NAME, "model.safetensors", "config.json"}
+    assert all(after[name] != before[name] for name in (METRICS_NAME, "model.safetensors"))
+    assert [r["step"] for r in read_metrics(out / METRICS_NAME) if r["kind"] == "train"] == [1, 2]
+    rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 4, "--resume")
+    assert rc == 2 and "no checkpoint at" in capsys.readouterr().err  # not the old step 3
+
+
+def test_a_run_that_is_not_overwriting_removes_nothing(earlier_run, story):
+    out, before = earlier_run
+    assert run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 5,
+                   "--resume", "--no-plot") == 0  # fmt: skip
+    after = snapshot(out)
+    assert set(after) == set(before)  # loss.png of the resumed run stays, though not rewritten
+    assert after["loss.png"] == before["loss.png"]
+
+
+def test_divergence_warns_once_after_warmup(tmp_path, capsys):
+    """Losses past 2x the first one count only after warmup, and warn once: one "warning"
+    record in metrics.jsonl and one stderr line, however long the loss stays up."""
+    from tqdm.auto import tqdm
+
+    from fastgpt.train.metrics import DivergenceWatch, MetricsLog
+
+    metrics = MetricsLog(tmp_path, enabled=True)
+    metrics.open(keep_up_to=None)
+    watch, bar = DivergenceWatch(warmup_steps=2), tqdm(disable=True)
+    losses = [10.0, 25.0, 20.0, 19.0, 21.0, 30.0, 1e18]  # step 2: in warmup; 20 = 2x: not past
+    for step, loss in enumerate(losses, start=1):
+        watch.check(step, loss, metrics, bar)
+        metrics.log({"kind": "train", "step": step, "loss": loss})
+    metrics.close()
+    warnings = [r for r in read_metrics(tmp_path / METRICS_NAME) if r["kind"] == "warning"]
+    assert [r["step"] for r in warnings] == [5]
+    assert "21" in warnings[0]["message"] and "diverging" in warnings[0]["message"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: step 5:") and "--lr" in err[0]

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastgpt.config import GPTConfig
+from fastgpt.errors import UsageError
 from fastgpt.losses import next_token_loss
 from fastgpt.model import GPTModel
 from fastgpt.options import resolve_defaults
@@ -269,8 +270,9 @@ def test_resume_follows_this_runs_schedule(tmp_path, capsys):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     cfg = config(tmp_path, max_steps=2, resume=True)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint") as e:
         Trainer(tiny_model(), random_windows(), None, next_token_loss, cfg).fit()
+    assert isinstance(e.value, UsageError) and "without resume first" in str(e.value)
 
 
 def test_ctrl_c_says_which_step_the_checkpoint_holds(tmp_path, capsys):
@@ -343,8 +345,11 @@ def test_nan_loss_stops_before_the_step_and_leaves_parameters(tmp_path):
     model = tiny_model()
     trainer = Trainer(model, random_windows(), None, loss_fn,
                       config(tmp_path, max_steps=4, grad_accum=2, batch_size=2))  # fmt: skip
-    with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite training loss nan"):
+    with pytest.raises(NonFiniteLossError, match=r"step 2: non-finite training loss nan") as e:
         trainer.fit()
+    # the library names the parameters; the CLI renders them as flags (tests/test_cli.py)
+    assert "try a lower lr or a smaller grad_clip" in str(e.value)
+    assert "{lr}" in e.value.template and "{grad_clip}" in e.value.template
     assert trainer.step == 1
     assert_same_weights(model, _as_module(snapshot, model), exact=True)
     assert all(p.grad is None for p in model.parameters())
@@ -589,6 +594,34 @@ def test_a_commands_default_epochs_yield_to_max_steps(capsys):
     parser.print_help()
     assert "(default 5 unless" in capsys.readouterr().out
     assert train_config_from_args(parse("--no-checkpoint")).save_checkpoint is False
+
+
+@pytest.mark.parametrize("command", ["finetune-classify", "finetune-instruct"])
+def test_a_commands_defaults_reach_every_options_dataclass(command):
+    """The fine-tunings' defaults={"dropout": 0.0} (a ModelOptions field, not TrainConfig's)
+    apply: given no flags, ModelOptions.dropout is 0.0, not None (the model's 0.1)."""
+    import importlib
+
+    from fastgpt.cli import SUBCOMMANDS
+    from fastgpt.options import options_from_args
+
+    commands = importlib.import_module(SUBCOMMANDS[command][0])
+    parser = argparse.ArgumentParser(prog=f"fastgpt {command}")
+    commands.add_arguments(parser)
+    args = resolve_defaults(parser.parse_args([]))
+    assert options_from_args(ModelOptions, args).dropout == 0.0
+    assert train_config_from_args(args).lr == 5e-5
+    args = resolve_defaults(parser.parse_args(["--dropout", "0.2"]))
+    assert options_from_args(ModelOptions, args).dropout == 0.2
+    assert options_from_args(ModelOptions, parse()).dropout is None  # pretrain: the model's
+
+
+def test_a_default_that_matches_no_option_is_an_error_at_the_class_line():
+    with pytest.raises(TypeError, match=r"defaults \['drop_out'\] match no option"):
+        _task("pretrain", drop_out=0.0)
+    with pytest.raises(TypeError, match="lora_rank"):  # LoRA's options need uses_lora=True
+        _task("pretrain", lora_rank=8)
+    assert _task("pretrain", dropout=0.0, seed=1).defaults == {"dropout": 0.0, "seed": 1}
 
 
 def test_every_option_is_a_field_with_its_docstring(capsys):

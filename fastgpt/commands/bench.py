@@ -1,4 +1,5 @@
-"""`fastgpt bench`: benchmark our kernels, a training step and generation against PyTorch.
+"""`fastgpt bench`: benchmark our kernels, a training step and generation against PyTorch,
+and Hugging Face's GPT-2 with and without our kernels patched in (suite "hf").
 
 fastgpt bench                          # everything (on a GPU: run suites separately if slow)
 fastgpt bench --quick                  # a few shapes of each suite
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from fastgpt.errors import UsageError
 
-SUITE_HELP = "layernorm, gelu, attention, loss, train, generate"
+SUITE_HELP = "layernorm, gelu, attention, loss, train, generate, hf"
 
 
 def suites_arg(value: str) -> list[str]:

@@ -90,7 +90,7 @@ class ClassifyTask(
         if not opts.no_balance:
             data = balance_by_undersampling(data, seed=seed)
         splits = split_train_val_test(data, (0.7, 0.1, 0.2), seed=seed)
-        self.texts = dict(zip(("train", "validation", "test"), splits, strict=True))
+        self.texts = {"train": splits.train, "validation": splits.val, "test": splits.test}
         if not is_main_process():
             return
         n = {k: len(v) for k, v in self.texts.items()}

@@ -20,12 +20,13 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
+from fastgpt.evaluate import JudgeOptions
 from fastgpt.train.distributed import is_main_process
 from fastgpt.train.runner import Task, add_task_arguments, run_task
 
@@ -52,11 +53,6 @@ class InstructOptions:
     """Longest generated response for the test split."""
     num_responses: int | None = None
     """Generate responses for only the first N test records (default: all)."""
-    judge_url: str | None = None
-    """Then score the responses with the judge model served at this URL (Ollama's API, as
-    `fastgpt evaluate` does; the scores go beside test_responses.json)."""
-    judge_model: str = "llama3"
-    """The judge model's name, with judge_url."""
 
     def __post_init__(self) -> None:
         for name in ("max_length", "max_new_tokens"):
@@ -67,9 +63,28 @@ class InstructOptions:
             raise ConfigError("num_responses", f"must be >= 0, got {self.num_responses}")
 
 
+@dataclass
+class InstructJudgeOptions(JudgeOptions, InstructOptions):
+    """InstructOptions followed by `fastgpt evaluate`'s judge options (declared once, in
+    `fastgpt.evaluate.JudgeOptions`): given --judge-url, the test responses are scored after
+    training, into test_responses.scores.jsonl beside them."""
+
+    def __post_init__(self) -> None:
+        InstructOptions.__post_init__(self)
+        JudgeOptions.__post_init__(self)
+        if self.judge_url is not None:
+            self.judge()  # e.g. --api openai without --judge-model: before training, not after
+            return
+        for option in fields(JudgeOptions):  # a judge option without a judge does nothing
+            if getattr(self, option.name) != option.default:
+                raise ConfigError(
+                    option.name, "applies with {judge_url} only (the judge server to score with)"
+                )
+
+
 # The book's chapter 7 settings: 2 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1, no dropout.
 class InstructTask(
-    Task, name="finetune-instruct", options=InstructOptions, uses_lora=True,
+    Task, name="finetune-instruct", options=InstructJudgeOptions, uses_lora=True,
     defaults={"epochs": 2, "lr": 5e-5, "dropout": 0.0},
 ):  # fmt: skip
     """The book's chapter 7: GPT-2 fine-tuned on instruction/response records."""
@@ -84,7 +99,7 @@ class InstructTask(
             # the runs' cu_seqlens have a data-dependent length: no full graph
             raise UsageError("--pack does not work with --compile")
         path = data_file(self.options.data, "instruction-data.json")
-        self.train, self.test, self.val = split_instruction_data(load_instruction_data(path))
+        self.train, self.val, self.test = split_instruction_data(load_instruction_data(path))
         if is_main_process():
             print(
                 f"data: {len(self.train)} train, {len(self.test)} test, {len(self.val)} "
@@ -190,10 +205,10 @@ class InstructTask(
 
     def _score(self, path: Path) -> None:
         """The book's model-graded evaluation of the written responses (fastgpt evaluate)."""
-        from fastgpt.evaluate import Judge, JudgeError, evaluate_responses
+        from fastgpt.evaluate import JudgeError, evaluate_responses
 
         try:
-            judge = Judge(url=self.options.judge_url, model=self.options.judge_model)
+            judge = self.options.judge()  # the API key is read from the environment now
             summary = evaluate_responses(path, judge, progress=self.config.progress)
         except JudgeError as exc:
             raise UsageError(

@@ -44,30 +44,33 @@ def _arch(value: str) -> int:
     return parse_arch(value)
 
 
+def _switch(group, flag: str, help_text: str) -> None:
+    group.add_argument(flag, action="store_true", help=help_text)
+
+
+def _unset(group, flag: str, metavar: str, help_text: str) -> None:
+    """An option that is None unless given."""
+    group.add_argument(flag, default=None, metavar=metavar, help=help_text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    _switch(
+        parser,
         "--compile-only",
-        action="store_true",
-        help="no GPU needed: compile every kernel specialization for --arch and judge "
+        "no GPU needed: compile every kernel specialization for --arch and judge "
         "registers, spills, shared memory and tensor-core use",
     )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="list what would run (checks or compile cases)"
-    )
-    parser.add_argument(
+    _switch(parser, "--dry-run", "list what would run (checks or compile cases)")
+    _unset(
+        parser,
         "--out",
-        default=None,
-        metavar="DIR",
-        help="where selftest.json (and with --bench the benchmark results) go "
+        "DIR",
+        "where selftest.json (and with --bench the benchmark results) go "
         "(default: benchmarks/results/<gpu-name>/; --compile-only: no JSON unless given)",
     )
-    parser.add_argument(
-        "--bench", action="store_true", help="after the checks, run `fastgpt bench --quick`"
-    )
-    parser.add_argument(
-        "--small",
-        action="store_true",
-        help="the tests' small sizes (on CPU: with TRITON_INTERPRET=1 --device cpu)",
+    _switch(parser, "--bench", "after the checks, run `fastgpt bench --quick`")
+    _switch(
+        parser, "--small", "the tests' small sizes (on CPU: with TRITON_INTERPRET=1 --device cpu)"
     )
     parser.add_argument("--device", default="cuda", help="device of the GPU checks (cuda)")
     _add_compile_arguments(parser.add_argument_group("compile check (--compile-only)"))
@@ -93,25 +96,16 @@ def _add_compile_arguments(group) -> None:
     group.add_argument("--dtypes", type=_csv(str), default=(), metavar="fp16,bf16,fp32")
     group.add_argument("--head-dims", type=_csv(int), default=(), metavar="D[,D]")
     group.add_argument("--widths", type=_csv(int), default=(), metavar="N[,N]")
-    group.add_argument(
-        "--budget", default=None, metavar="FILE", help="spill budget (default: the committed one)"
-    )
-    group.add_argument(
-        "--report-dir",
-        default=None,
-        metavar="DIR",
-        help="write <arch>-triton-<version>.md reports there",
-    )
-    group.add_argument(
+    _unset(group, "--budget", "FILE", "spill budget (default: the committed one)")
+    _unset(group, "--report-dir", "DIR", "write <arch>-triton-<version>.md reports there")
+    _unset(
+        group,
         "--from-json",
-        default=None,
-        metavar="FILE",
-        help="compile nothing: judge the records of a JSON file written by --out against the "
+        "FILE",
+        "compile nothing: judge the records of a JSON file written by --out against the "
         "budget, print them and (with --report-dir) rewrite the reports",
     )
-    group.add_argument(
-        "--quiet", action="store_true", help="no progress line per compiled kernel on stderr"
-    )
+    _switch(group, "--quiet", "no progress line per compiled kernel on stderr")
     group.add_argument(
         "--jobs",
         type=int,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from fastgpt.errors import UsageError
+from fastgpt.files import parse_json
 
 TEXT, JSONL, PARQUET = "text", "jsonl", "parquet"
 FOLDER_SUFFIXES = {".txt": TEXT, ".jsonl": JSONL, ".ndjson": JSONL, ".parquet": PARQUET}
@@ -151,8 +152,6 @@ def _jsonl_items(path: Path, skip: Callable[[int], bool]) -> Iterator[Item]:
 
 def document_text(path: str, text_field: str, item: Item) -> str:
     """The text of one item: the payload itself, or the `text_field` of a JSON line."""
-    import json
-
     _, line_no, offset, payload = item
     if isinstance(payload, str):
         return payload
@@ -164,12 +163,12 @@ def document_text(path: str, text_field: str, item: Item) -> str:
         raise ValueError(
             f"{where}: not UTF-8 text (byte 0x{payload[exc.start]:02x} at offset {bad})"  # type: ignore[index]
         ) from None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: not a JSON line ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: a JSON line must be an object, got {type(record).__name__}")
+    record = parse_json(
+        line,
+        dict,
+        lambda exc: f"{where}: not a JSON line ({exc.msg} at column {exc.colno})",
+        f"{where}: a JSON line must be an object, got",
+    )
     if text_field not in record:
         fields = ", ".join(f'"{k}"' for k in list(record)[:8]) or "none"
         raise UsageError(

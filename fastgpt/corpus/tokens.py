@@ -21,6 +21,9 @@ from fastgpt.corpus.manifest import MANIFEST_NAME, read_manifest
 from fastgpt.corpus.writer import DTYPE
 from fastgpt.errors import UsageError
 
+# Tokens read at a time when max() scans a part of a shard (2 MB of uint16).
+MAX_SCAN_TOKENS = 1 << 20
+
 
 class ShardedTokens:
     """Token ids stored in shard files, as one 1-D array: `len`, `read(start, stop)` (an
@@ -94,15 +97,27 @@ class ShardedTokens:
         return self.read(0, len(self)).tolist()
 
     def max(self) -> int:
-        """The largest id: from the manifest for whole shards, read for a part of one."""
-        largest = -1
+        """The largest id, exact, reading little: a whole shard's from the manifest; a part of
+        one (a train/val split by position cuts a shard) read in chunks until one holds the
+        shard's max id (the part's cannot be larger). In GPT-2 data that id is <|endoftext|>
+        (50256, the largest), so the scan stops at the first document boundary instead of
+        reading the whole split (nor is a part read when a whole shard's max is already as
+        large). Without maxima the part is read whole."""
+        largest, parts = -1, []  # parts: (shard, first, end stream position) to read
         for i in range(self.num_shards):
             a, b = max(self.start, self.offsets[i]), min(self.stop, self.offsets[i + 1])
             if a >= b:
                 continue
-            whole = (a, b) == (self.offsets[i], self.offsets[i + 1]) and self.maxima is not None
-            part = self.maxima[i] if whole else int(self.read(a - self.start, b - self.start).max())  # type: ignore[index]
-            largest = max(largest, part)
+            if self.maxima is not None and (a, b) == (self.offsets[i], self.offsets[i + 1]):
+                largest = max(largest, self.maxima[i])
+            else:
+                parts.append((i, a, b))
+        for i, a, b in parts:  # with maxima at most two: the view's first and last shard
+            bound = None if self.maxima is None else self.maxima[i]  # >= the part's max
+            while a < b and (bound is None or largest < bound):
+                end = min(b, a + MAX_SCAN_TOKENS)
+                largest = max(largest, int(self.read(a - self.start, end - self.start).max()))
+                a = end
         if largest < 0:
             raise ValueError("max() of no tokens")
         return largest

@@ -71,6 +71,21 @@ class SweepOptions:
         """The variants (causal/dropout, rows, ...) to compile: all, or CI's heaviest."""
         return ci if self.subset == "ci" else full
 
+    def attention_grid(self, supported: tuple[int, ...]) -> Iterator[tuple[str, int, list]]:
+        """(dtype name, head dim, [(causal, dropout, params), ...]) for every dtype × head dim
+        picked, the variants being all four causal × dropout, or CI's (causal, dropout)."""
+        variants = [(c, p) for c in (True, False) for p in (False, True)]
+        for dname in self.pick_dtypes():
+            for d in self.pick_head_dims(supported):
+                yield (
+                    dname,
+                    d,
+                    [
+                        (c, p, {"dtype": dname, "D": d, "causal": c, "dropout": p})
+                        for c, p in self.variants(variants, [(True, True)])
+                    ],
+                )
+
 
 @dataclass
 class Case:
@@ -86,11 +101,6 @@ class Case:
         """ "dtype=fp16 D=64 causal": flags by name when true, left out when false."""
         shown = [(k, v) for k, v in self.params.items() if v is not False]
         return " ".join(k if v is True else f"{k}={v}" for k, v in shown)
-
-
-def _module(name: str):
-    # `kernels.attention` as an attribute is the function re-exported by kernels/__init__.
-    return importlib.import_module(name)
 
 
 def _gpu_path(module) -> None:
@@ -121,46 +131,45 @@ def attention_cases(options: SweepOptions) -> Iterator[Case]:
     """Forward and backward for every dtype × head dim × causal × dropout, the model's layout
     (q/k/v strided views of one (B, T, 3, H, D) projection, dout a transposed (B, T, H, D)); a
     decoding step (Tq = 1 against a contiguous cache); the dropout-mask kernel."""
-    A = _module("fastgpt.kernels.attention")
+    # the modules by import_module: as attributes, kernels.attention (and gelu, layer_norm...)
+    # are the functions that kernels/__init__ re-exports
+    A = importlib.import_module("fastgpt.kernels.attention")
     _gpu_path(A)
     batch, heads, t = ATTENTION_SHAPE
-    for dname in options.pick_dtypes():
+    for dname, d, variants in options.attention_grid(A.SUPPORTED_HEAD_DIMS):
         dtype = DTYPES[dname]
-        for d in options.pick_head_dims(A.SUPPORTED_HEAD_DIMS):
-            variants = [(c, p) for c in (True, False) for p in (False, True)]
-            for causal, dropout in options.variants(variants, [(True, True)]):
-                params = {"dtype": dname, "D": d, "causal": causal, "dropout": dropout}
+        for causal, dropout, params in variants:
 
-                def tensors(d=d, dtype=dtype):
-                    qkv = torch.empty(batch, t, 3, heads, d, dtype=dtype)
-                    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) views
-                    return q, k, v
+            def tensors(d=d, dtype=dtype):
+                qkv = torch.empty(batch, t, 3, heads, d, dtype=dtype)
+                q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) views
+                return q, k, v
 
-                def seed(dropout=dropout):
-                    return A._seed_tensor(1234, "cpu") if dropout else None
+            def seed(dropout=dropout):
+                return A._seed_tensor(1234, "cpu") if dropout else None
 
-                p = 0.1 if dropout else 0.0
-                if options.wants("forward"):
-                    yield Case(
-                        "attention",
-                        "forward",
-                        params,
-                        lambda c=causal, d=d, p=p, tensors=tensors, seed=seed: (
-                            A._flash_attention_forward(*tensors(), c, d**-0.5, p, seed())
-                        ),
-                    )
-                if options.wants("backward"):
+            p = 0.1 if dropout else 0.0
+            if options.wants("forward"):
+                yield Case(
+                    "attention",
+                    "forward",
+                    params,
+                    lambda c=causal, d=d, p=p, tensors=tensors, seed=seed: (
+                        A._flash_attention_forward(*tensors(), c, d**-0.5, p, seed())
+                    ),
+                )
+            if options.wants("backward"):
 
-                    def backward(c=causal, d=d, p=p, tensors=tensors, seed=seed, dt=dtype):
-                        q, k, v = tensors()
-                        out = torch.empty(batch, heads, t, d, dtype=dt)
-                        lse = torch.empty(batch, heads, t, dtype=torch.float32)
-                        dout = torch.empty(batch, t, heads, d, dtype=dt).transpose(1, 2)
-                        A._flash_attention_backward(dout, q, k, v, out, lse, c, d**-0.5, p, seed())
+                def backward(c=causal, d=d, p=p, tensors=tensors, seed=seed, dt=dtype):
+                    q, k, v = tensors()
+                    out = torch.empty(batch, heads, t, d, dtype=dt)
+                    lse = torch.empty(batch, heads, t, dtype=torch.float32)
+                    dout = torch.empty(batch, t, heads, d, dtype=dt).transpose(1, 2)
+                    A._flash_attention_backward(dout, q, k, v, out, lse, c, d**-0.5, p, seed())
 
-                    yield Case("attention", "backward", params, backward)
-            if options.wants("decode"):
-                yield _decode_case(A, dname, d)
+                yield Case("attention", "backward", params, backward)
+        if options.wants("decode"):
+            yield _decode_case(A, dname, d)
     if options.wants("mask"):
         yield Case(
             "attention",
@@ -177,34 +186,31 @@ def attention_varlen_cases(options: SweepOptions) -> Iterator[Case]:
     """attention_varlen's forward and backward for every dtype × head dim × causal × dropout:
     ATTENTION_SHAPE's B·T tokens packed as B sequences, q/k/v strided views of one
     (total, 3, H, D) projection, dout contiguous; its dropout-mask kernel."""
-    V = _module("fastgpt.kernels.attention_varlen")
+    V = importlib.import_module("fastgpt.kernels.attention_varlen")
     _gpu_path(V)
     batch, heads, t = ATTENTION_SHAPE
     total = batch * t
     cu = torch.arange(0, total + 1, t, dtype=torch.int32)  # (B + 1,) prefix sums
-    for dname in options.pick_dtypes():
+    for dname, d, variants in options.attention_grid(V.SUPPORTED_HEAD_DIMS):
         dtype = DTYPES[dname]
-        for d in options.pick_head_dims(V.SUPPORTED_HEAD_DIMS):
-            variants = [(c, p) for c in (True, False) for p in (False, True)]
-            for causal, dropout in options.variants(variants, [(True, True)]):
-                params = {"dtype": dname, "D": d, "causal": causal, "dropout": dropout}
-                seed = V._seed_tensor(1234, "cpu") if dropout else None
-                rest = (cu, cu, t, t, causal, d**-0.5, 0.1 if dropout else 0.0, seed)
+        for causal, dropout, params in variants:
+            seed = V._seed_tensor(1234, "cpu") if dropout else None
+            rest = (cu, cu, t, t, causal, d**-0.5, 0.1 if dropout else 0.0, seed)
 
-                def qkv(d=d, dtype=dtype):
-                    return torch.empty(total, 3, heads, d, dtype=dtype).unbind(1)  # (total, H, D)
+            def qkv(d=d, dtype=dtype):
+                return torch.empty(total, 3, heads, d, dtype=dtype).unbind(1)  # (total, H, D)
 
-                def forward(qkv=qkv, rest=rest):
-                    V._flash_attention_varlen_forward(*qkv(), *rest)
+            def forward(qkv=qkv, rest=rest):
+                V._flash_attention_varlen_forward(*qkv(), *rest)
 
-                def backward(qkv=qkv, rest=rest, d=d, dt=dtype):
-                    out, dout = torch.empty(2, total, heads, d, dtype=dt).unbind(0)
-                    lse = torch.empty(heads, total, dtype=torch.float32)
-                    V._flash_attention_varlen_backward(dout, *qkv(), out, lse, *rest)
+            def backward(qkv=qkv, rest=rest, d=d, dt=dtype):
+                out, dout = torch.empty(2, total, heads, d, dtype=dt).unbind(0)
+                lse = torch.empty(heads, total, dtype=torch.float32)
+                V._flash_attention_varlen_backward(dout, *qkv(), out, lse, *rest)
 
-                for pass_name, launch in (("forward", forward), ("backward", backward)):
-                    if options.wants(pass_name):
-                        yield Case("attention_varlen", pass_name, params, launch)
+            for pass_name, launch in (("forward", forward), ("backward", backward)):
+                if options.wants(pass_name):
+                    yield Case("attention_varlen", pass_name, params, launch)
     if options.wants("mask"):
         mask = lambda: V.attention_varlen_dropout_mask(1234, cu, cu, heads, 0.1)
         yield Case("attention_varlen", "mask", {"what": "dropout mask"}, mask)
@@ -226,7 +232,7 @@ def _width_classes(widths: list[int], config: Callable[[int, int], object], rows
 def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
     """Forward and backward at every width class, for training rows (M = ROWS) and decoding
     (M = 1), rows contiguous."""
-    L = _module("fastgpt.kernels.layer_norm")
+    L = importlib.import_module("fastgpt.kernels.layer_norm")
     _gpu_path(L)
     for dt, m, n, params in _row_shapes(options, L._tile):
 
@@ -253,7 +259,7 @@ def add_layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
     """The fused residual add + LayerNorm at every width class of LayerNorm's `_tile` (it
     shares them), training rows and decoding, rows contiguous; x and the residual in one
     dtype (the heaviest mix: 16-bit loads of both)."""
-    A = _module("fastgpt.kernels.fused_add_layer_norm")
+    A = importlib.import_module("fastgpt.kernels.fused_add_layer_norm")
     _gpu_path(A)
     for dt, m, n, params in _row_shapes(options, A._tile):
         rows = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)  # (M, N)
@@ -285,7 +291,7 @@ def _row_shapes(options: SweepOptions, tile) -> Iterator[tuple[torch.dtype, int,
 
 def gelu_cases(options: SweepOptions) -> Iterator[Case]:
     """The flat elementwise kernels: one config, numel divisible by 16 or not."""
-    G = _module("fastgpt.kernels.gelu")
+    G = importlib.import_module("fastgpt.kernels.gelu")
     _gpu_path(G)
     for dname in options.pick_dtypes():
         dtype = DTYPES[dname]
@@ -300,7 +306,7 @@ def gelu_cases(options: SweepOptions) -> Iterator[Case]:
 
 def bias_gelu_cases(options: SweepOptions) -> Iterator[Case]:
     """bias_gelu forward and backward at every width class of `_bias_gelu_tile`."""
-    G = _module("fastgpt.kernels.gelu")
+    G = importlib.import_module("fastgpt.kernels.gelu")
     _gpu_path(G)
     for dt, m, n, params in _row_shapes(options, G._bias_gelu_tile):
         x = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)
@@ -325,7 +331,7 @@ def cross_entropy_cases(options: SweepOptions) -> Iterator[Case]:
     """The per-chunk loss/gradient kernel at every vocabulary-width class of its `_tile`, with
     and without the gradient, one scale for all rows ("mean"/"sum") or one per row ("none").
     The matmuls around it are cuBLAS's, not ours."""
-    C = _module("fastgpt.kernels.cross_entropy")
+    C = importlib.import_module("fastgpt.kernels.cross_entropy")
     _gpu_path(C)
     rows = 1024  # a chunk of GPT-2's (N = B·T) rows
     for dname in options.pick_dtypes():
@@ -354,8 +360,8 @@ def decode_attention_cases(options: SweepOptions) -> Iterator[Case]:
     of a (B, 1, 3, H, D) projection, k/v the static cache's (B, H, 1024, D) buffers (4 splits
     of 256 keys), per-row int32 lengths. Its only pass is the forward ("forward", so CI runs
     it too)."""
-    DA = _module("fastgpt.kernels.decode_attention")
-    A = _module("fastgpt.kernels.attention")
+    DA = importlib.import_module("fastgpt.kernels.decode_attention")
+    A = importlib.import_module("fastgpt.kernels.attention")
     _gpu_path(DA)
     batch, heads, capacity = ATTENTION_SHAPE
     for dname in options.pick_dtypes():

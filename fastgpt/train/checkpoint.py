@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastgpt.errors import MissingFileError
 from fastgpt.train.distributed import DistInfo
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -92,12 +93,12 @@ class Checkpointer:
 
     @staticmethod
     def read(path: str | Path) -> dict[str, Any]:
-        """The state a checkpoint file holds; FileNotFoundError / ValueError naming the file
-        when it is missing, torn, or not one of ours."""
+        """The state a checkpoint file holds; MissingFileError (a FileNotFoundError) / ValueError
+        naming the file when it is missing, torn, or not one of ours."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"cannot resume: no checkpoint at {path} (train once without --resume first)"
+            raise MissingFileError(
+                f"cannot resume: no checkpoint at {path} (train once without {{resume}} first)"
             )
         try:  # our own file: it holds Python/NumPy RNG states, which weights_only would refuse
             state = torch.load(path, map_location="cpu", weights_only=False)

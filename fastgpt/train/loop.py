@@ -241,7 +241,7 @@ class Trainer:
             if self.step >= self.total_steps:
                 raise UsageError(
                     f"{path} holds step {self.step}, and this run ends at step "
-                    f"{self.total_steps}: give a larger --max-steps (or --epochs) to continue"
+                    f"{self.total_steps}: give a larger {{max_steps}} (or {{epochs}}) to continue"
                 )
         else:
             seed_everything(cfg.seed + self.dist.rank)  # dropout differs between ranks
@@ -342,8 +342,8 @@ class Trainer:
         )
         return (
             f"step {self.step + 1}: non-finite training loss {loss} or gradient norm {norm}; "
-            f"stopped before the optimizer step, parameters are unchanged (try a lower --lr or "
-            f"a smaller --grad-clip; {where})"
+            "stopped before the optimizer step, parameters are unchanged (try a lower {lr} or "
+            f"a smaller {{grad_clip}}; {where})"
         )
 
     def _say_where_it_stopped(self, bar) -> None:
@@ -417,7 +417,7 @@ class Trainer:
         except (RuntimeError, ValueError) as exc:  # names, shapes or parameter groups differ
             raise UsageError(
                 f"{path} does not match this run's model (resume with the options the run "
-                f"started with: --model, --context-length, --lora-rank, ...): {exc}"
+                f"started with: {{model}}, {{context_length}}, {{lora_rank}}, ...): {exc}"
             ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]

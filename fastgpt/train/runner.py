@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from fastgpt.errors import ConfigError, UsageError
 from fastgpt.lora import LoRAOptions
 from fastgpt.options import add_options, explicit_options, options_from_args
-from fastgpt.train.config import TrainConfig, check_out_dir_is_free
+from fastgpt.train.config import TrainConfig, check_out_dir_is_free, remove_files_not_replaced
 from fastgpt.train.distributed import is_main_process
 from fastgpt.train.loop import Trainer
 
@@ -43,7 +43,7 @@ class ModelOptions:
     """Architecture of a fresh model: a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl,
     tiny) or a config.json (default gpt2-small; ignored with --init)."""
     dropout: float | None = None
-    """Dropout rate (not given: the model's own, 0.1 for GPT-2)."""
+    """Dropout rate (unset: the model's own, 0.1 for GPT-2)."""
     weight_init: Literal["gpt2", "book"] = "gpt2"
     """How a fresh model is initialized: gpt2 (N(0, 0.02), residual projections scaled by
     1/sqrt(2·n_layers)) or book (PyTorch's layer defaults drawn from the seed in the order of the
@@ -114,7 +114,9 @@ class Task:
                            defaults={"epochs": 2, "lr": 5e-5}, uses_lora=True): ...
 
     name: the command; options: the dataclass of its own options; defaults: its defaults for
-    TrainConfig fields; uses_lora: whether --lora-rank and friends apply.
+    any of its options (a field of ModelOptions, `options`, TrainConfig or, with uses_lora,
+    LoRAOptions; a key that is none of these is a TypeError here, at the class line);
+    uses_lora: whether --lora-rank and friends apply.
     """
 
     name: ClassVar[str]
@@ -129,6 +131,13 @@ class Task:
         super().__init_subclass__(**kwargs)
         cls.name, cls.Options, cls.uses_lora = name, options, uses_lora
         cls.defaults = dict(defaults or {})
+        known = {f.name for group in option_classes(cls) for f in fields(group)}
+        unknown = sorted(set(cls.defaults) - known)
+        if unknown:  # a typo would otherwise be a default that silently never applies
+            raise TypeError(
+                f"task {name!r}: defaults {unknown} match no option of "
+                + ", ".join(group.__name__ for group in option_classes(cls))
+            )
 
     def __init__(
         self,
@@ -172,15 +181,25 @@ class Task:
         raise NotImplementedError
 
 
+def option_classes(task: type[Task]) -> list[type]:
+    """The dataclasses whose fields are a training command's options, in --help order."""
+    return [ModelOptions, task.Options, TrainConfig] + ([LoRAOptions] if task.uses_lora else [])
+
+
 def add_task_arguments(parser: argparse.ArgumentParser, task: type[Task]) -> None:
-    """Every option of a training command: the model, the task's own, the loop's, LoRA's."""
-    add_options(parser, ModelOptions, "model")
-    add_options(parser, task.Options, task.name.replace("-", " "))
-    add_options(
-        parser, TrainConfig, "training", defaults={"out_dir": f"runs/{task.name}", **task.defaults}
-    )
-    if task.uses_lora:
-        add_options(parser, LoRAOptions, "LoRA (train low-rank adapters instead of the weights)")
+    """Every option of a training command: the model, the task's own, the loop's, LoRA's; each
+    of the task's defaults goes to the dataclass that has that field."""
+    titles = {
+        ModelOptions: "model",
+        task.Options: task.name.replace("-", " "),
+        TrainConfig: "training",
+        LoRAOptions: "LoRA (train low-rank adapters instead of the weights)",
+    }
+    defaults = {"out_dir": f"runs/{task.name}", **task.defaults}
+    for cls in option_classes(task):
+        names = {f.name for f in fields(cls)}
+        own = {k: v for k, v in defaults.items() if k in names}
+        add_options(parser, cls, titles[cls], defaults=own)
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -204,7 +223,7 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
             lora,
             frozenset(explicit_options(args)),
         )
-        check_out_dir_is_free(task.config)  # before any work: another run's files stay
+        earlier = check_out_dir_is_free(task.config)  # before any work: another run's files stay
         task.load_data()  # a bad file fails before any weights are built, loaded or downloaded
     with usage_errors():
         model = build_model(task.model_options, task.config.seed, **task.model_overrides())
@@ -224,4 +243,5 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
         final = trainer.fit()
     if main:  # rank 0 alone evaluates and writes; the process group is gone by now
         task.finish(model, Path(task.config.out_dir), final)
+        remove_files_not_replaced(task.config, earlier)  # --overwrite: no old file left over
     return 0
