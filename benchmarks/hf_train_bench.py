@@ -33,12 +33,17 @@ from typing import Any
 
 import torch
 from fastgpt.benchmarks import harness
-from fastgpt.benchmarks.kernels_bench import measured, short_error, skipped
-from fastgpt.benchmarks.train_bench import make_train_step
+from fastgpt.benchmarks.kernels_bench import short_error, skipped
+from fastgpt.benchmarks.train_bench import (
+    make_train_step,
+    measure_train_step,
+    random_batch,
+    train_case,
+    train_grid,
+)
 from tqdm import tqdm
 
 from fastgpt.config import GPTConfig
-from fastgpt.model import flops_per_token
 
 MISSING_TRANSFORMERS = "transformers is not installed (pip install -e '.[hf]' in a checkout)"
 CPU_PATCHED_NOTE = "on CPU: the kernels' plain-PyTorch references (no Triton)"
@@ -64,19 +69,8 @@ PROVIDERS = (
 def hf_grid(device: torch.device, quick: bool) -> dict[str, Any]:
     """Models as (fastgpt preset, batch, seq_len, config overrides) and the step counts; the
     train suite's shapes (`train_bench.train_grid`) without gpt2-medium."""
-    if device.type == "cuda":
-        return {
-            "models": [("gpt2-small", 8, 1024, {})],
-            "warmup": 2 if quick else 3,
-            "reps": 5 if quick else 10,
-        }
-    if quick:
-        return {"models": [("tiny", 4, 64, {})], "warmup": 1, "reps": 3}
-    return {
-        "models": [("tiny", 8, 64, {}), ("gpt2-small", 2, 128, {"context_length": 128})],
-        "warmup": 1,
-        "reps": 3,
-    }
+    grid = train_grid(device, quick)
+    return {**grid, "models": [m for m in grid["models"] if m[0] != "gpt2-medium"]}
 
 
 def build_hf_model(config: GPTConfig, provider: HFProvider, device: torch.device):
@@ -143,13 +137,7 @@ def bench_hf(
     with kernel_references_on_cpu(device):
         for (preset, batch, seq_len, overrides), provider in tqdm(runs, desc="hf", leave=False):
             config = GPTConfig.from_name(preset, **overrides)
-            case = {
-                "model": preset,
-                "batch": batch,
-                "seq_len": seq_len,
-                "precision": precision,
-                "dropout": config.drop_rate,
-            }
+            case = train_case(preset, config, batch, seq_len, precision)
             who = ("hf", case, provider.name, provider.role)
             model = optimizer = step = None
             try:
@@ -158,23 +146,10 @@ def bench_hf(
                 optimizer = torch.optim.AdamW(
                     model.parameters(), lr=1e-4, weight_decay=0.1, **fused
                 )
-                gen = torch.Generator(device="cpu").manual_seed(0)
-                ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=gen)
-                ids = ids.to(device)
+                ids = random_batch(config, batch, seq_len, device)
                 step = make_train_step(_Logits(model), optimizer, ids[:, :-1], ids[:, 1:], device)
-                for _ in range(grid["warmup"]):  # optimizer state and Triton compiles here
-                    step()
-                peak = harness.peak_memory_mb(step, device)
-                ms = harness.time_steps_ms(step, device, warmup=0, reps=grid["reps"])
-                tokens_per_s = batch * seq_len / (ms * 1e-3)
-                fpt = flops_per_token(config, seq_len)
-                record = measured(
-                    *who,
-                    ms=ms,
-                    tokens_per_s=tokens_per_s,
-                    flops_per_token=fpt,
-                    mfu_pct=100.0 * harness.mfu(tokens_per_s, fpt, peak_flops),
-                    peak_mem_mb=peak,
+                record = measure_train_step(
+                    who, step, config, batch, seq_len, grid, device, peak_flops
                 )
                 if provider.patch and device.type != "cuda":
                     record["note"] = CPU_PATCHED_NOTE

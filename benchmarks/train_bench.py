@@ -186,6 +186,43 @@ def make_train_step(
     return step
 
 
+def train_case(preset: str, config: GPTConfig, batch: int, seq_len: int, precision: str) -> dict:
+    """What a training-step record was measured on."""
+    return {
+        "model": preset,
+        "batch": batch,
+        "seq_len": seq_len,
+        "precision": precision,
+        "dropout": config.drop_rate,
+    }
+
+
+def random_batch(config: GPTConfig, batch: int, seq_len: int, device) -> torch.Tensor:
+    """(batch, seq_len + 1) random token ids, the same for every provider (seeded)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=gen)
+    return ids.to(device)
+
+
+def measure_train_step(who, step, config, batch, seq_len, grid, device, peak_flops) -> dict:
+    """The measured record of one training-step case: `step` warmed up (compilation and the
+    optimizer state happen there), its peak memory, its time, tokens/s and MFU."""
+    for _ in range(grid["warmup"]):
+        step()
+    peak = harness.peak_memory_mb(step, device)
+    ms = harness.time_steps_ms(step, device, warmup=0, reps=grid["reps"])
+    tokens_per_s = batch * seq_len / (ms * 1e-3)
+    fpt = flops_per_token(config, seq_len)
+    return measured(
+        *who,
+        ms=ms,
+        tokens_per_s=tokens_per_s,
+        flops_per_token=fpt,
+        mfu_pct=100.0 * harness.mfu(tokens_per_s, fpt, peak_flops),
+        peak_mem_mb=peak,
+    )
+
+
 def bench_train(
     device: torch.device, hardware: dict[str, Any], options: harness.RunOptions
 ) -> list[dict]:
@@ -197,13 +234,7 @@ def bench_train(
     records: list[dict[str, Any]] = []
     for (preset, batch, seq_len, overrides), provider in tqdm(runs, desc="train", leave=False):
         config = GPTConfig.from_name(preset, **overrides)
-        case = {
-            "model": preset,
-            "batch": batch,
-            "seq_len": seq_len,
-            "precision": precision,
-            "dropout": config.drop_rate,
-        }
+        case = train_case(preset, config, batch, seq_len, precision)
         who = ("train", case, provider.name, provider.role)
         try:
             model = build_model(config, provider, device)
@@ -211,27 +242,10 @@ def bench_train(
             fused = {"fused": True} if provider.fused_adamw else {}
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
             runner = torch.compile(model) if provider.compile else model
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=gen)
-            ids = ids.to(device)
+            ids = random_batch(config, batch, seq_len, device)
             step = make_train_step(runner, optimizer, ids[:, :-1], ids[:, 1:], device)
-            for _ in range(grid["warmup"]):  # compilation and optimizer state happen here
-                step()
-            peak = harness.peak_memory_mb(step, device)
-            ms = harness.time_steps_ms(step, device, warmup=0, reps=grid["reps"])
-            tokens_per_s = batch * seq_len / (ms * 1e-3)
-            fpt = flops_per_token(config, seq_len)
-            utilization = harness.mfu(tokens_per_s, fpt, peak_flops)
-            records.append(
-                measured(
-                    *who,
-                    ms=ms,
-                    tokens_per_s=tokens_per_s,
-                    flops_per_token=fpt,
-                    mfu_pct=100.0 * utilization,
-                    peak_mem_mb=peak,
-                )
-            )
+            records.append(measure_train_step(who, step, config, batch, seq_len, grid, device,
+                                              peak_flops))  # fmt: skip
         except Exception as exc:  # out of memory, or a compile failure: report, go on
             records.append(skipped(*who, short_error(exc)))
         finally:

@@ -637,18 +637,24 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
     return {name: {**cfg, "num_stages": 2} for name, cfg in configs.items()}
 
 
-def _config_candidates(dtype: torch.dtype, head_dim: int, kernel: str) -> list[dict[str, int]]:
+def _config_candidates(
+    dtype: torch.dtype, head_dim: int, kernel: str, dropout: bool
+) -> list[dict[str, int]]:
     """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
-    first (the pinned one: the interpreter and CPU run only it). 16-bit only (fp32's exact dots
-    leave no register room): one more pipeline stage (shared memory, not registers), and the
-    program's own tile halved over half the warps (as many elements per thread, so no more
-    registers). Each is compiled by the compile check."""
+    first (the pinned one: the interpreter and CPU run only it). 16-bit without dropout only:
+    fp32's exact dots and dropout's Philox leave no register room (the compile check found
+    the two below spilling 8-16 B in the forward with dropout at head dim 64). The others: one
+    more pipeline stage (shared memory, not registers), and the program's own tile halved over
+    half the warps (as many elements per thread), kept at 64 rows or more on sm_90 so that its
+    dots still lower to wgmma. Each is compiled by the compile check."""
     pinned = _block_config(dtype, head_dim)[kernel]
-    if triton_interpreter_enabled() or dtype == torch.float32:
+    if triton_interpreter_enabled() or dtype == torch.float32 or dropout:
         return [pinned]
     candidates = [pinned, {**pinned, "num_stages": 3}]
     own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns
-    if pinned[own] >= 32 and pinned["num_warps"] >= 8:
+    arch = _target_arch()
+    smallest = 64 if isinstance(arch, int) and arch >= 90 else 32
+    if pinned[own] // 2 >= smallest and pinned["num_warps"] >= 8:
         candidates.append({**pinned, own: pinned[own] // 2, "num_warps": pinned["num_warps"] // 2})
     return candidates
 
@@ -666,7 +672,7 @@ def _tuned_config(
         _autotune.arch_name(q.device),
     )  # fmt: skip
     device_key = _autotune.tuning_device_key(q.device)
-    candidates = _config_candidates(q.dtype, head_dim, kernel)
+    candidates = _config_candidates(q.dtype, head_dim, kernel, dropout)
     return _autotune.choose(key, candidates, launch, device_key, no_timing=_autotune.tracing(q))
 
 

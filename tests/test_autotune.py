@@ -164,20 +164,22 @@ def test_fake_tensors_count_as_tracing():
 )
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, own, head_dim):
-    """Attention's GPU candidates (16-bit): the pinned config first, one more pipeline stage,
-    and the program's own tile halved over half the warps; fp32 and the interpreter: pinned
-    only. (The stub target arch is asked of Triton's driver: pin it to sm_90 here.)"""
+    """Attention's GPU candidates (16-bit, no dropout): the pinned config first, one more
+    pipeline stage, and the program's own tile halved over half the warps; dropout, fp32 and
+    the interpreter: pinned only. (The target arch is asked of Triton's driver: sm_90 here.)"""
     attention = importlib.import_module("fastgpt.kernels.attention")
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
     pinned = attention._block_config(torch.bfloat16, head_dim)[kernel]
-    candidates = attention._config_candidates(torch.bfloat16, head_dim, kernel)
+    candidates = attention._config_candidates(torch.bfloat16, head_dim, kernel, False)
     assert candidates[0] == pinned and candidates[1] == {**pinned, "num_stages": 3}
     for extra in candidates[2:]:
         assert extra[own] * 2 == pinned[own] and extra["num_warps"] * 2 == pinned["num_warps"]
+        assert extra[own] >= 64  # sm_90: the halved tile still lowers to wgmma
     assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)
-    assert attention._config_candidates(torch.float32, head_dim, kernel) == [
+    assert attention._config_candidates(torch.bfloat16, head_dim, kernel, True) == [pinned]
+    assert attention._config_candidates(torch.float32, head_dim, kernel, False) == [
         attention._block_config(torch.float32, head_dim)[kernel]
     ]
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: True)
-    assert len(attention._config_candidates(torch.bfloat16, head_dim, kernel)) == 1
+    assert len(attention._config_candidates(torch.bfloat16, head_dim, kernel, False)) == 1

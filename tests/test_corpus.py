@@ -388,6 +388,18 @@ def test_sharded_tokens_read_across_shards_by_memory_map(tmp_path):
     assert len(pickle.dumps(view)) < 2000 and again.read(0, 400).tolist() == view.tolist()
 
 
+def counted_reads(monkeypatch) -> list[int]:
+    """The number of tokens of each ShardedTokens.read from now on (a list filled as they come)."""
+    original, reads = ShardedTokens.read, []
+
+    def read(self, start, stop):
+        reads.append(stop - start)
+        return original(self, start, stop)
+
+    monkeypatch.setattr(ShardedTokens, "read", read)
+    return reads
+
+
 def test_max_of_a_part_of_a_shard_reads_until_the_shard_max(tmp_path, monkeypatch):
     """max() is exact and reads a part of a shard only in chunks up to the first holding the
     shard's max id from the manifest; nothing of a part when a whole shard's max bounds it;
@@ -402,13 +414,7 @@ def test_max_of_a_part_of_a_shard_reads_until_the_shard_max(tmp_path, monkeypatc
         files.append(tmp_path / f"{i}.bin")
     maxima = [999, int(second.max()), 7]
     monkeypatch.setattr(fastgpt.corpus.tokens, "MAX_SCAN_TOKENS", 100)
-    original, reads = ShardedTokens.read, []
-
-    def read(self, start, stop):
-        reads.append(stop - start)
-        return original(self, start, stop)
-
-    monkeypatch.setattr(ShardedTokens, "read", read)
+    reads = counted_reads(monkeypatch)
     tokens = ShardedTokens(files, [1000, 1000, 10], maxima)
     stream = np.concatenate([first, second, third]).astype(np.int64)
     cases = [  # (start, stop, tokens max() may read)
@@ -438,13 +444,7 @@ def test_pretrain_vocab_check_reads_little_of_a_cached_corpus(corpus, tmp_path, 
                                     workers=1)  # fmt: skip
     assert train.token_ids.num_shards == 1 and len(train.token_ids) > 20_000
     monkeypatch.setattr(fastgpt.corpus.tokens, "MAX_SCAN_TOKENS", 256)
-    original, reads = ShardedTokens.read, []
-
-    def read(self, start, stop):
-        reads.append(stop - start)
-        return original(self, start, stop)
-
-    monkeypatch.setattr(ShardedTokens, "read", read)
+    reads = counted_reads(monkeypatch)
     for part in (train.token_ids, val.token_ids):
         reads.clear()
         assert part.max() == 50256 == np.asarray(part).max()
