@@ -38,6 +38,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import _autotune
 from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
@@ -140,6 +141,15 @@ def _store_tile(base, tile, offs_t, offs_d, stride_t, stride_d, T, D):
 
 
 @triton.jit
+def _tma_load_tile(desc, b, h, row, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [row, row + ROWS) of head (b, h) as a (ROWS, BLOCK_D) tile, through a host
+    TensorDescriptor over the whole (B, H, T, D) tensor with blocks (1, 1, ROWS, BLOCK_D): one
+    TMA copy on sm_90. The hardware fills rows past T and columns past D with zeros (what
+    `_load_tile`'s masks do)."""
+    return desc.load([b.to(tl.int32), h.to(tl.int32), row, 0]).reshape(ROWS, BLOCK_D)
+
+
+@triton.jit
 def _visible(offs_m, offs_n, Tq, Tk, CAUSAL: tl.constexpr):
     """Whether query offs_m sees key offs_n: the key exists and, causal, j <= i + (Tk - Tq).
     offs_m and offs_n come as a column and a row (either way round) and broadcast to a tile."""
@@ -210,14 +220,20 @@ def _attention_forward_inner(
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m,  # (BLOCK_M,) query rows of the tile
     offs_d,  # (BLOCK_D,) head-dim columns
-    bh, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+    bh, b, h, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
-    """Fold key tiles [n_lo, n_hi) into the running (acc, m_i, l_i) of one query tile."""
+    """Fold key tiles [n_lo, n_hi) into the running (acc, m_i, l_i) of one query tile.
+    TMA: k_base and v_base are the whole (B, H, Tk, D) tensors' descriptors (see
+    `_tma_load_tile`), read at head (b, h); else pointers to this head's keys and values."""
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
-        kt = _load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
+        if TMA:
+            kt = tl.trans(_tma_load_tile(k_base, b, h, n_start, BLOCK_N, BLOCK_D))
+        else:
+            kt = _load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
@@ -230,7 +246,10 @@ def _attention_forward_inner(
         if DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, D)  # (BLOCK_N, BLOCK_D)
+        if TMA:
+            v = _tma_load_tile(v_base, b, h, n_start, BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        else:
+            v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -257,15 +276,21 @@ def _attention_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr = False,  # q, k, v, out are host TensorDescriptors (sm_90+, see below)
 ):  # fmt: skip
     bh, b, h, m_start = _program_tile(Tq, H, BLOCK_M, True)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(  # (BLOCK_M, BLOCK_D)
-        q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, D
-    )
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    if TMA:  # whole tensors' descriptors, indexed by head inside the loads
+        q = _tma_load_tile(q_ptr, b, h, m_start, BLOCK_M, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        k_base = k_ptr
+        v_base = v_ptr
+    else:
+        q = _load_tile(  # (BLOCK_M, BLOCK_D)
+            q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, D
+        )
+        k_base = k_ptr + b * stride_kb + h * stride_kh
+        v_base = v_ptr + b * stride_vb + h * stride_vh
     seed = _load_seed(seed_ptr, DROPOUT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -274,13 +299,13 @@ def _attention_forward_kernel(
     full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attention_forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, bh, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
+        offs_m, offs_d, bh, b, h, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )  # fmt: skip
     acc, m_i, l_i = _attention_forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
+        offs_m, offs_d, bh, b, h, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )  # fmt: skip
 
     sees_a_key = l_i > 0.0
@@ -290,8 +315,12 @@ def _attention_forward_kernel(
     out = acc * inv_l[:, None]
     lse = tl.where(sees_a_key, m_i + tl.math.log2(tl.where(sees_a_key, l_i, 1.0)), float("inf"))
     tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=offs_m < Tq)
-    out_base = out_ptr + b * stride_ob + h * stride_oh
-    _store_tile(out_base, out, offs_m, offs_d, stride_om, stride_od, Tq, D)
+    if TMA:  # rows past Tq and columns past D are clipped; out has q's dtype (the launcher's)
+        tile = out.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D)
+        out_ptr.store([b.to(tl.int32), h.to(tl.int32), m_start, 0], tile)
+    else:
+        out_base = out_ptr + b * stride_ob + h * stride_oh
+        _store_tile(out_base, out, offs_m, offs_d, stride_om, stride_od, Tq, D)
 
 
 # --- backward ----------------------------------------------------------------------------
@@ -638,33 +667,62 @@ def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]
 
 
 def _config_candidates(
-    dtype: torch.dtype, head_dim: int, kernel: str, dropout: bool
+    dtype: torch.dtype, head_dim: int, kernel: str, dropout: bool, tma: bool = False
 ) -> list[dict[str, int]]:
     """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
-    first (the pinned one: the interpreter and CPU run only it). 16-bit without dropout only:
-    fp32's exact dots and dropout's Philox leave no register room (the compile check found
-    the two below spilling 8-16 B in the forward with dropout at head dim 64). The others: one
-    more pipeline stage (shared memory, not registers), and the program's own tile halved over
-    half the warps (as many elements per thread), kept at 64 rows or more on sm_90 so that its
-    dots still lower to wgmma. Each is compiled by the compile check."""
+    first (the pinned one: the interpreter and CPU run only it). 16-bit only: fp32's exact dots
+    leave no register room. Without dropout (whose Philox leaves none either: the compile check
+    found the two below spilling 8-16 B in the forward with dropout at head dim 64): one more
+    pipeline stage (shared memory, not registers), and the program's own tile halved over half
+    the warps (as many elements per thread), kept at 64 rows or more on sm_90 so that its dots
+    still lower to wgmma. Last, on sm_90+ for the forward when `tma` (the launcher found its
+    tensors legal for TMA, `_tma_legal`), with or without dropout: the pinned tiles with q, k,
+    v and out moved by TMA (config key "TMA": 1; compiled with 0 spills by Triton 3.6 and 3.9,
+    dropout included). Each is compiled by the compile check."""
     pinned = _block_config(dtype, head_dim)[kernel]
-    if triton_interpreter_enabled() or dtype == torch.float32 or dropout:
+    if triton_interpreter_enabled() or dtype == torch.float32:
         return [pinned]
+    arch = _target_arch()
+    hopper = isinstance(arch, int) and arch >= 90
+    with_tma = [{**pinned, "TMA": 1}] if tma and hopper and kernel == "forward" else []
+    if dropout:
+        return [pinned, *with_tma]
     candidates = [pinned, {**pinned, "num_stages": 3}]
     own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns
-    arch = _target_arch()
-    smallest = 64 if isinstance(arch, int) and arch >= 90 else 32
+    smallest = 64 if hopper else 32
     if pinned[own] // 2 >= smallest and pinned["num_warps"] >= 8:
         candidates.append({**pinned, own: pinned[own] // 2, "num_warps": pinned["num_warps"] // 2})
-    return candidates
+    return candidates + with_tma
+
+
+def _tma_legal(*tensors: torch.Tensor) -> bool:
+    """Whether TMA may read or write these (B, H, T, D) tensors through host tensor
+    descriptors: each has a unit last stride, a 16-byte aligned base, every other stride a
+    multiple of 16 bytes and no empty dimension (what the hardware's tensor maps require). The
+    model's q/k/v views of one (B, T, 3, H, D) projection are legal when H·D·2 bytes is a
+    multiple of 16. Fake tensors (torch.compile tracing) have no address: not legal, so a
+    compiled graph launches the pointer kernel."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or any(is_fake(t) for t in tensors):
+        return False
+    return all(
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+        and t.numel() > 0
+        for t in tensors
+    )
 
 
 def _tuned_config(
-    kernel: str, q: torch.Tensor, tk: int, causal: bool, dropout: bool, launch
+    kernel: str, q: torch.Tensor, tk: int, causal: bool, dropout: bool, launch, tma: bool = False
 ) -> dict[str, int]:
     """The config to launch `kernel` with for q (B, H, Tq, D) against tk keys: tuned once per
     bucket on a GPU (kernels/_autotune.py; `launch(config)` runs the kernel), pinned
-    elsewhere. The bucket names the dtype, head dim, causal/dropout and the longer length."""
+    elsewhere. The bucket names the dtype, head dim, causal/dropout and the longer length.
+    tma: the tensors are legal for TMA (`_config_candidates`); a stored TMA choice is then
+    launched only for tensors where it is a candidate, else the bucket is tuned again."""
     head_dim = q.shape[-1]
     variant = f"D={head_dim}" + (",causal" if causal else "") + (",dropout" if dropout else "")
     key = _autotune.bucket_key(
@@ -672,7 +730,7 @@ def _tuned_config(
         _autotune.arch_name(q.device),
     )  # fmt: skip
     device_key = _autotune.tuning_device_key(q.device)
-    candidates = _config_candidates(q.dtype, head_dim, kernel, dropout)
+    candidates = _config_candidates(q.dtype, head_dim, kernel, dropout, tma)
     return _autotune.choose(key, candidates, launch, device_key, no_timing=_autotune.tracing(q))
 
 
@@ -709,17 +767,29 @@ def _flash_attention_forward(
     out = _empty((batch, heads, tq, head_dim), q.dtype, q.device)
     lse = _empty((batch, heads, tq), torch.float32, q.device)
 
+    block_d = _padded_head_dim(head_dim)
+
     def launch(cfg: dict[str, int]) -> None:
+        cfg = dict(cfg)
+        tma = bool(cfg.pop("TMA", 0))
         grid = (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
+        tensors = (q, k, v, out)
+        if tma:  # descriptors over the whole (B, H, T, D) tensors, blocks of one head's rows
+            rows = (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_N"], cfg["BLOCK_M"])
+            tensors = tuple(
+                TensorDescriptor.from_tensor(t, [1, 1, n, block_d])
+                for t, n in zip(tensors, rows, strict=True)
+            )
         torch.library.wrap_triton(_attention_forward_kernel)[grid](
-            q, k, v, out, lse, seed,
+            *tensors, lse, seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             heads, tq, tk, head_dim, sm_scale * LOG2E, dropout_p,
             CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
-            BLOCK_D=_padded_head_dim(head_dim), **cfg,
+            BLOCK_D=block_d, TMA=tma, **cfg,
         )  # fmt: skip
 
-    launch(_tuned_config("forward", q, tk, causal, dropout_p > 0.0, launch))
+    tma_legal = _tma_legal(q, k, v, out)
+    launch(_tuned_config("forward", q, tk, causal, dropout_p > 0.0, launch, tma_legal))
     return out, lse
 
 

@@ -560,11 +560,12 @@ def _varlen_block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[st
                 "BLOCK_N": 32 if wide else 64,
                 "num_warps": 4 if wide and ampere else 8,
             },
-            # At BLOCK_D = 16 on sm_80, as attention's: 16 query rows a dk/dv tile (32 spilled
-            # 8 B) and 16-key dq tiles (32 spilled 72 B with dropout at head dim 8, Triton 3.6).
+            # At BLOCK_D = 16 on sm_80 (Triton 3.6): 64-key dk/dv tiles (128 spilled 8 B at
+            # head dim 16; 16 query rows over them instead spilled 8-16 B at head dim 8) and
+            # 16-key dq tiles (32 spilled 72 B with dropout at head dim 8).
             "dkdv": {
-                "BLOCK_M": 16 if wide or (narrow and ampere) else 32,
-                "BLOCK_N": 64 if wide else 128,
+                "BLOCK_M": 16 if wide else 32,
+                "BLOCK_N": 64 if wide or (narrow and ampere) else 128,
                 "num_warps": 8,
             },
             "dq": {

@@ -22,6 +22,7 @@ from fastgpt.kernels.attention import (
     attention_dropout_mask,
     attention_reference,
 )
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastgpt.backends import BACKENDS
 from fastgpt.model import MultiHeadAttention
@@ -282,10 +283,100 @@ def test_strided_views_reach_the_kernels_without_copies(device, launches):
     for name, _, args in launches.calls:
         if name == "_attention_backward_preprocess_kernel":
             continue
-        q, k, v = args[:3]
+        # the TMA forward (sm_90) gets descriptors over the same views
+        q, k, v = (a.base if isinstance(a, TensorDescriptor) else a for a in args[:3])
         assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr(), name
         assert k.data_ptr() - q.data_ptr() == v.data_ptr() - k.data_ptr() == 48 * 4, name
         assert q.shape == (2, 3, 17, 16) and q.stride() == (17 * 144, 16, 144, 1), name
+
+
+def _force_tma_forward(monkeypatch):
+    """Make the forward launch its TMA config (the pinned tiles plus "TMA": 1) whatever the
+    autotuner would pick; the backward keeps its own choice."""
+    tuned = attention_module._tuned_config
+
+    def forced(kernel, q, tk, causal, dropout, launch, tma=False):
+        if kernel != "forward":
+            return tuned(kernel, q, tk, causal, dropout, launch, tma)
+        return {**attention_module._block_config(q.dtype, q.shape[-1])["forward"], "TMA": 1}
+
+    monkeypatch.setattr(attention_module, "_tuned_config", forced)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq_len", [1, 17, 97])
+def test_tma_forward_matches_reference(device, launches, monkeypatch, seq_len, causal):
+    # The sm_90 TMA candidate, forced through the launcher: q/k/v as strided views of one fused
+    # (B, T, 3, H, D) projection (TMA-legal: 16-byte aligned, row stride 3·H·D·2 = 576 B), a
+    # head dim below its padded BLOCK_D (48 of 64: columns past D come in as zeros and are not
+    # stored), odd lengths (rows past T likewise). The backward (pointer kernels) runs on the
+    # TMA forward's out and lse, so the gradients check its lse too.
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90 or later")
+    _force_tma_forward(monkeypatch)
+    batch, heads, head_dim = 1, 2, 48
+    gen = torch.Generator().manual_seed(seq_len)
+    fused = torch.randn(batch, seq_len, 3, heads, head_dim, generator=gen)
+    fused = fused.to(device, torch.float16)
+    dout = torch.randn(batch, heads, seq_len, head_dim, generator=gen).to(device, torch.float16)
+
+    def run(fn, fused_input):
+        fused_input = fused_input.detach().clone().requires_grad_()
+        q, k, v = fused_input.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), strided
+        out = fn(q, k, v)
+        out.backward(dout.to(out.dtype))
+        return out.detach(), fused_input.grad
+
+    kernel = run(lambda q, k, v: attention(q, k, v, causal), fused)
+    name, _, args = launches.calls[0]
+    assert name == "_attention_forward_kernel"
+    assert all(isinstance(a, TensorDescriptor) for a in args[:4])  # q, k, v, out
+    assert tuple(args[0].strides) == (
+        seq_len * 3 * heads * head_dim,
+        head_dim,
+        3 * heads * head_dim,
+        1,
+    )
+    same = run(lambda q, k, v: attention_reference(q, k, v, causal, upcast=False), fused)
+    ref64 = run(lambda q, k, v: attention_reference(q, k, v, causal), fused.double())
+    dtype = torch.float16
+    assert_close_to_reference(kernel[0], same[0], ref64[0], dtype=dtype, name="out")
+    assert_close_to_reference(
+        kernel[1], same[1], ref64[1], dtype=dtype, backward=True, name="d(qkv)"
+    )
+
+
+def test_tma_is_offered_only_for_legal_tensors(device, monkeypatch):
+    # `_tma_legal`: unit last stride, 16-byte aligned base, other strides multiples of 16 B.
+    legal = attention_module._tma_legal
+    fused = torch.zeros(2, 17, 3, 2, 16, dtype=torch.float16, device=device)
+    q, k, v = fused.permute(2, 0, 3, 1, 4).unbind(0)  # the model's views: legal
+    assert legal(q, k, v, torch.zeros_like(q))
+    assert not legal(q, k, v.transpose(-1, -2))  # last stride 96
+    assert not legal(q, k, fused[..., 1:].permute(2, 0, 3, 1, 4)[2])  # base 2 B past alignment
+    odd_rows = torch.zeros(1, 1, 5, 12, dtype=torch.float16, device=device)[..., :8]
+    assert not legal(q, odd_rows)  # row stride 24 B
+    assert not legal(torch.zeros(1, 1, 0, 16, dtype=torch.float16, device=device))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # tracing: no address to check, the pointer kernel is traced
+        assert not legal(torch.zeros(1, 1, 4, 16, dtype=torch.float16))
+    # The launcher asks the candidates for TMA only where its tensors are legal.
+    seen = []
+    tuned = attention_module._tuned_config
+
+    def recording(kernel, q, tk, causal, dropout, launch, tma=False):
+        seen.append((kernel, tma))
+        return tuned(kernel, q, tk, causal, dropout, launch, tma)
+
+    monkeypatch.setattr(attention_module, "_tuned_config", recording)
+    attention(q, k, v)
+    bad_k = torch.zeros(2, 2, 16, 17, dtype=torch.float16, device=device).transpose(-1, -2)
+    attention(q, bad_k, v)
+    if device == "cpu" and not attention_module.use_triton(torch.device("cpu")):
+        assert seen == []  # the PyTorch fallback launches nothing
+    else:
+        assert seen == [("forward", True), ("forward", False)]
 
 
 def test_transposed_upstream_gradient(device):

@@ -139,6 +139,38 @@ def test_the_compile_check_launches_every_candidate_but_runs_the_pinned_one(monk
     assert chosen == CANDIDATES[0] and launched == [64, 32]
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_the_tma_forward_is_a_candidate_only_where_legal(monkeypatch, head_dim, dropout):
+    """The TMA forward (pinned tiles plus "TMA": 1) comes last among the candidates on sm_90,
+    16-bit, forward only, and only when the launcher found its tensors legal (`tma`)."""
+    attention = importlib.import_module("fastgpt.kernels.attention")
+    monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention, "_target_arch", lambda: 90)
+    for dtype in (torch.float16, torch.bfloat16):
+        pinned = attention._block_config(dtype, head_dim)["forward"]
+        without = attention._config_candidates(dtype, head_dim, "forward", dropout)
+        with_tma = attention._config_candidates(dtype, head_dim, "forward", dropout, tma=True)
+        assert with_tma == [*without, {**pinned, "TMA": 1}]
+        assert without[0] == pinned and all("TMA" not in c for c in without)
+        for kernel in ("dkdv", "dq"):  # the backward has no TMA variant
+            assert attention._config_candidates(
+                dtype, head_dim, kernel, dropout, tma=True
+            ) == attention._config_candidates(dtype, head_dim, kernel, dropout)
+    fp32 = attention._config_candidates(torch.float32, head_dim, "forward", dropout, tma=True)
+    assert fp32 == [attention._block_config(torch.float32, head_dim)["forward"]]
+    monkeypatch.setattr(attention, "_target_arch", lambda: 80)  # no TMA before sm_90
+    assert all(
+        "TMA" not in c
+        for c in attention._config_candidates(torch.float16, head_dim, "forward", dropout, True)
+    )
+    monkeypatch.setattr(attention, "_target_arch", lambda: 90)
+    monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: True)
+    assert attention._config_candidates(torch.float16, head_dim, "forward", dropout, True) == [
+        attention._block_config(torch.float16, head_dim)["forward"]
+    ]
+
+
 def test_nothing_is_timed_while_tracing_but_a_stored_choice_holds(tmp_path):
     """Under torch.compile tracing or CUDA-graph capture (`no_timing`): the stored choice if
     there is one, else the pinned config, untimed and not stored."""
