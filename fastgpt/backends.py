@@ -74,7 +74,7 @@ class Ops:
     decode_attention: Callable[..., torch.Tensor] | None = None
     """(q (B, H, hd), k, v (B, H, Tk, hd), lengths (B,) int32) -> (B, H, hd): one query per row
     against the first lengths[b] cached keys of its row (a decoding step). None (the default):
-    `masked_attention` with the one-query mask."""
+    ragged rows use `masked_attention`, rows of one length `attention` (one query, no mask)."""
 
     def __post_init__(self) -> None:
         if self.add_layer_norm is None:  # frozen: set once, here

@@ -85,7 +85,8 @@ def _fast_mlp_class(cls: type) -> type:
 def fastgpt_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
     """transformers' attention-interface function: q (B, H, Tq, D), k/v (B, H, Tk, D) ->
     ((B, Tq, H, D), None). No mask: our flash kernel (causal bottom-right unless the module is
-    cross-attention). A mask: `masked_attention`."""
+    cross-attention). A padding mask (`padding_plan`): `padded_attention` (attention_varlen);
+    any other mask: `masked_attention` (transformers' eager math)."""
     if attention_mask is not None:
         plan = padding_plan(module, query, key, attention_mask)
         if plan is None:
@@ -135,7 +136,7 @@ def padding_plan(module, query, key, mask) -> PaddingPlan | None:
     the causal triangle (queries the last Tq key positions) AND one contiguous run [s_b, e_b)
     of real keys in each row b, i.e. left, right or both-sided padding; None otherwise (also
     for cross-attention, a float mask and under torch.compile, whose shapes cannot depend on
-    the mask). One host sync."""
+    the mask). A few host syncs, in every layer (the plan is not cached across layers)."""
     if (
         not getattr(module, "is_causal", True)
         or mask.dtype != torch.bool

@@ -38,7 +38,11 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:  # host tensor descriptors (TMA on sm_90), in Triton since 3.4; without them: no TMA candidate
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 from . import _autotune
 from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
@@ -684,7 +688,8 @@ def _config_candidates(
         return [pinned]
     arch = _target_arch()
     hopper = isinstance(arch, int) and arch >= 90
-    with_tma = [{**pinned, "TMA": 1}] if tma and hopper and kernel == "forward" else []
+    offer_tma = tma and hopper and kernel == "forward" and TensorDescriptor is not None
+    with_tma = [{**pinned, "TMA": 1}] if offer_tma else []
     if dropout:
         return [pinned, *with_tma]
     candidates = [pinned, {**pinned, "num_stages": 3}]
@@ -699,7 +704,7 @@ def _tma_legal(*tensors: torch.Tensor) -> bool:
     """Whether TMA may read or write these (B, H, T, D) tensors through host tensor
     descriptors: each has a unit last stride, a 16-byte aligned base, every other stride a
     multiple of 16 bytes and no empty dimension (what the hardware's tensor maps require). The
-    model's q/k/v views of one (B, T, 3, H, D) projection are legal when H·D·2 bytes is a
+    model's q/k/v views of one (B, T, 3, H, D) projection are legal when D·2 bytes (16-bit) is a
     multiple of 16. Fake tensors (torch.compile tracing) have no address: not legal, so a
     compiled graph launches the pointer kernel."""
     from torch._subclasses.fake_tensor import is_fake
@@ -724,7 +729,10 @@ def _tuned_config(
     tma: the tensors are legal for TMA (`_config_candidates`); a stored TMA choice is then
     launched only for tensors where it is a candidate, else the bucket is tuned again."""
     head_dim = q.shape[-1]
-    variant = f"D={head_dim}" + (",causal" if causal else "") + (",dropout" if dropout else "")
+    # TMA-legal tensors tune in a bucket of their own (their candidates differ), so that a
+    # stored TMA choice is never re-tuned away by a call whose tensors cannot take it.
+    flags = [name for name, on in (("causal", causal), ("dropout", dropout), ("tma", tma)) if on]
+    variant = ",".join([f"D={head_dim}", *flags])
     key = _autotune.bucket_key(
         f"attention.{kernel}", q.dtype, variant, max(q.shape[2], tk),
         _autotune.arch_name(q.device),

@@ -302,13 +302,13 @@ def _varlen_forward_kernel(
     full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attention_forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, bh, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
+        offs_m, offs_d, bh, 0, 0, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, False,  # no TMA here
     )  # fmt: skip
     acc, m_i, l_i = _attention_forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
+        offs_m, offs_d, bh, 0, 0, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, False,
     )  # fmt: skip
 
     # As in attention: a row that saw no key gets out = 0 and lse = +inf.
