@@ -678,8 +678,8 @@ def _config_candidates(
     leave no register room. Without dropout (whose Philox leaves none either: the compile check
     found the two below spilling 8-16 B in the forward with dropout at head dim 64): one more
     pipeline stage (shared memory, not registers), and the program's own tile halved over half
-    the warps (as many elements per thread), kept at 64 rows or more on sm_90 so that its dots
-    still lower to wgmma. Last, on sm_90+ for the forward when `tma` (the launcher found its
+    the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that its
+    dots still lower to wgmma). Last, on sm_90+ for the forward when `tma` (the launcher found its
     tensors legal for TMA, `_tma_legal`), with or without dropout: the pinned tiles with q, k,
     v and out moved by TMA (config key "TMA": 1; compiled with 0 spills by Triton 3.6 and 3.9,
     dropout included). Each is compiled by the compile check."""
@@ -694,8 +694,9 @@ def _config_candidates(
         return [pinned, *with_tma]
     candidates = [pinned, {**pinned, "num_stages": 3}]
     own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns
-    smallest = 64 if hopper else 32
-    if pinned[own] // 2 >= smallest and pinned["num_warps"] >= 8:
+    # The halved tile on sm_90 only: on sm_80 mma.sync keeps the operands in registers and
+    # half the warps spilled 8 B there (forward at head dims >= 80, dk/dv at 32; Triton 3.6).
+    if hopper and pinned[own] // 2 >= 64 and pinned["num_warps"] >= 8:
         candidates.append({**pinned, own: pinned[own] // 2, "num_warps": pinned["num_warps"] // 2})
     return candidates + with_tma
 

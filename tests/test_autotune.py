@@ -197,8 +197,8 @@ def test_fake_tensors_count_as_tracing():
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, own, head_dim):
     """Attention's GPU candidates (16-bit, no dropout): the pinned config first, one more
-    pipeline stage, and the program's own tile halved over half the warps; dropout, fp32 and
-    the interpreter: pinned only. (The target arch is asked of Triton's driver: sm_90 here.)"""
+    pipeline stage, and (sm_90 only) the program's own tile halved over half the warps;
+    dropout, fp32 and the interpreter: pinned only. (The target arch is pinned here.)"""
     attention = importlib.import_module("fastgpt.kernels.attention")
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
@@ -212,6 +212,12 @@ def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, 
     assert attention._config_candidates(torch.bfloat16, head_dim, kernel, True) == [pinned]
     assert attention._config_candidates(torch.float32, head_dim, kernel, False) == [
         attention._block_config(torch.float32, head_dim)[kernel]
+    ]
+    monkeypatch.setattr(attention, "_target_arch", lambda: 80)  # sm_80: no halved tile
+    ampere = attention._block_config(torch.bfloat16, head_dim)[kernel]
+    assert attention._config_candidates(torch.bfloat16, head_dim, kernel, False) == [
+        ampere,
+        {**ampere, "num_stages": 3},
     ]
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: True)
     assert len(attention._config_candidates(torch.bfloat16, head_dim, kernel, False)) == 1
