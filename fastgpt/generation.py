@@ -186,12 +186,15 @@ def _prompt_list(model: GPTModel, token_ids: Prompts) -> list[torch.Tensor] | No
 
 
 def _generate_uncached(model, seq, max_new_tokens, sample, eos_id, on_step) -> torch.Tensor:
-    """The book's loop: rerun the last context_length tokens of seq (B, T) at every step."""
+    """The book's loop: rerun the last context_length tokens of seq (B, T) at every step (the
+    head only at the last position: the same logits as the book's `model(window)[:, -1]`)."""
     context = model.config.context_length
     finished = torch.zeros(seq.shape[0], dtype=torch.bool, device=seq.device)
+    rows = seq.shape[0]
     for _ in range(max_new_tokens):
-        logits = model(seq[:, -context:])  # (B, T_window, V)
-        next_ids = sample(logits[:, -1])  # (B, 1)
+        window = seq[:, -context:]  # (B, T_window)
+        last = torch.full((rows,), window.shape[1] - 1, device=seq.device)
+        next_ids = sample(model(window, logits_at=last))  # the last logits (B, V) -> (B, 1)
         if eos_id is not None:
             next_ids = next_ids.masked_fill(finished[:, None], eos_id)
             finished |= next_ids[:, 0] == eos_id
@@ -259,11 +262,11 @@ def _prefill(
     for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
         padded[i, : e - s] = seq[i, s:e]
     cache.reset()
-    logits = model(padded, kv_cache=cache)  # (B, W, V), causal: padding is never seen
+    last = torch.tensor([w - 1 for w in widths], device=seq.device)  # each row's last token
+    logits = model(padded, kv_cache=cache, logits_at=last)  # (B, V), causal: padding unseen
     if per_row or len(set(widths)) > 1:
         cache.set_lengths(widths)
-    last = torch.tensor([w - 1 for w in widths], device=seq.device)
-    return logits[torch.arange(seq.shape[0], device=seq.device), last]  # (B, V)
+    return logits
 
 
 def _decode_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -290,6 +290,7 @@ class GPTModel(nn.Module):
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
         segment_ids: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """token_ids (B, T) integer -> logits (B, T, vocab_size); with `targets` (B, T) long,
         the mean next-token cross-entropy instead (fp32 scalar, targets equal to
@@ -302,7 +303,11 @@ class GPTModel(nn.Module):
         With `segment_ids` (B, T) integer, each maximal run of equal consecutive values in a
         row is a sequence of its own (a document, a packed example): its positions restart at
         0 and its tokens attend (causally) only within it (`fastgpt.segments`,
-        `Ops.attention_varlen`). Not with kv_cache."""
+        `Ops.attention_varlen`). Not with kv_cache.
+
+        With `logits_at` (B,) integer, only the logits at position logits_at[b] of each row b,
+        (B, vocab_size): the output head (a third of gpt2-small's FLOPs per token) then runs on
+        B rows instead of B·T (generation needs one position per row)."""
         self.check_token_ids(token_ids)  # before the embedding: no device-side assert
         _, t = token_ids.shape
         if kv_cache is not None:  # (T,), or (B, T) when the rows have lengths of their own
@@ -325,6 +330,11 @@ class GPTModel(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(t)  # per-row lengths grow once, after every layer wrote its keys
         x = self.final_norm.add_and_norm(x, pending)[0]  # final_norm(x + pending) (B, T, d)
+        if logits_at is not None:  # (B, T, d) -> (B, d): one position per row
+            if targets is not None:
+                raise ValueError("logits_at cannot be combined with targets (a loss reads all)")
+            rows = torch.arange(x.shape[0], device=x.device)
+            x = x[rows, self._checked_logits_at(logits_at, token_ids.shape)]
         vocab = self.config.vocab_size
         language_head = self.out_head.out_features == self.config.padded_vocab_size
         if targets is not None:
@@ -333,6 +343,21 @@ class GPTModel(nn.Module):
             return self.final_norm.ops.head_loss(self.out_head, x, vocab, targets, ignore_index)
         logits = self.out_head(x)  # (B, T, padded vocab) or (B, T, classes) for a classifier
         return logits[..., :vocab] if language_head else logits  # (B, T, vocab_size)
+
+    def _checked_logits_at(self, logits_at: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """logits_at as (B,) long for token ids of `shape` (B, T), after checking its shape,
+        dtype and (a device sync, so skipped like the ids' check) its range [0, T)."""
+        b, t = shape
+        if not isinstance(logits_at, torch.Tensor) or logits_at.shape != (b,):
+            got = tuple(logits_at.shape) if isinstance(logits_at, torch.Tensor) else logits_at
+            raise ValueError(f"logits_at must be a ({b},) tensor, one position per row, got {got}")
+        if logits_at.dtype.is_floating_point or logits_at.dtype == torch.bool:
+            raise TypeError(f"logits_at must be an integer tensor, got {logits_at.dtype}")
+        if self.check_inputs and not torch.compiler.is_compiling():
+            lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()  # one sync
+            if lo < 0 or hi >= t:
+                raise ValueError(f"logits_at must lie in [0, {t}) (positions), got {lo}..{hi}")
+        return logits_at.long()
 
     # --- sizes and cost --------------------------------------------------------------------
 

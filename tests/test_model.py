@@ -191,6 +191,40 @@ def test_rejects_bad_token_ids():
     assert model(torch.tensor([[1, 50]])).shape == (1, 2, 97)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_logits_at_is_the_full_logits_at_one_position_per_row(backend):
+    model = tiny_model(backend=backend)
+    x = torch.randint(0, 97, (3, 17))
+    at = torch.tensor([16, 0, 9])
+    full = model(x)  # (3, 17, V)
+    picked = model(x, logits_at=at)  # (3, V): the head ran on 3 rows, not 51
+    assert picked.shape == (3, 97)
+    rows = torch.arange(3)
+    reference64 = tiny_model(backend="torch").double()(x)[rows, at]
+    # the same function: only the head's matmul has fewer rows
+    assert_close_to_reference(picked, full[rows, at], reference64, dtype=torch.float32)
+    cache = model.new_kv_cache()  # with a cache too (generation's prefill)
+    torch.testing.assert_close(model(x, kv_cache=cache, logits_at=at), picked)
+    assert cache.length == 17
+
+
+def test_logits_at_rejects_bad_positions():
+    model = tiny_model()
+    x = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match=r"logits_at must be a \(2,\) tensor.*got \(3,\)"):
+        model(x, logits_at=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"must be a \(2,\) tensor.*got 4"):
+        model(x, logits_at=4)
+    with pytest.raises(TypeError, match="logits_at must be an integer tensor, got torch.float32"):
+        model(x, logits_at=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"logits_at must lie in \[0, 5\).*got 0\.\.5"):
+        model(x, logits_at=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="got -1..3"):
+        model(x, logits_at=torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="cannot be combined with targets"):
+        model(x, targets=x, logits_at=torch.tensor([0, 1]))
+
+
 # --- backends ----------------------------------------------------------------------------
 
 
