@@ -215,11 +215,11 @@ def test_logits_at_rejects_bad_positions():
         model(x, logits_at=torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match=r"must be a \(2,\) tensor.*got 4"):
         model(x, logits_at=4)
-    with pytest.raises(TypeError, match="logits_at must be an integer tensor, got torch.float32"):
+    with pytest.raises(TypeError, match=r"logits_at must be an integer tensor, got torch\.float32"):
         model(x, logits_at=torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"logits_at must lie in \[0, 5\).*got 0\.\.5"):
         model(x, logits_at=torch.tensor([0, 5]))
-    with pytest.raises(ValueError, match="got -1..3"):
+    with pytest.raises(ValueError, match=r"got -1\.\.3"):
         model(x, logits_at=torch.tensor([3, -1]))
     with pytest.raises(ValueError, match="cannot be combined with targets"):
         model(x, targets=x, logits_at=torch.tensor([0, 1]))
