@@ -31,6 +31,7 @@ torch.compile) runs as transformers' eager attention does (`masked_attention`).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +137,8 @@ def padding_plan(module, query, key, mask) -> PaddingPlan | None:
     the causal triangle (queries the last Tq key positions) AND one contiguous run [s_b, e_b)
     of real keys in each row b, i.e. left, right or both-sided padding; None otherwise (also
     for cross-attention, a float mask and under torch.compile, whose shapes cannot depend on
-    the mask). A few host syncs, in every layer (the plan is not cached across layers)."""
+    the mask). Its few host syncs are paid once per mask: transformers hands every layer of a
+    forward the same mask tensor, so the last plan is kept for it (`_PlanMemo`)."""
     if (
         not getattr(module, "is_causal", True)
         or mask.dtype != torch.bool
@@ -148,6 +150,37 @@ def padding_plan(module, query, key, mask) -> PaddingPlan | None:
     b, tq, tk = query.shape[0], query.shape[2], key.shape[2]
     if tq > tk or mask.shape[0] not in (1, b) or tuple(mask.shape[2:]) != (tq, tk):
         return None
+    key_of_plan = (b, query.device)
+    if _plan_memo.holds(mask, key_of_plan):
+        return _plan_memo.plan
+    plan = _build_padding_plan(mask, b, tq, tk, query.device)
+    _plan_memo.keep(mask, key_of_plan, plan)
+    return plan
+
+
+class _PlanMemo:
+    """The last mask `padding_plan` read (weakly: a freed mask is never matched), its
+    in-place version counter, (batch, device), and the plan (or None) it gave."""
+
+    def __init__(self):
+        self.entry = None  # (weakref to the mask, its _version, key)
+        self.plan: PaddingPlan | None = None
+
+    def holds(self, mask: torch.Tensor, key) -> bool:
+        if self.entry is None:
+            return False
+        mask_ref, version, saved_key = self.entry
+        return mask_ref() is mask and version == mask._version and saved_key == key
+
+    def keep(self, mask: torch.Tensor, key, plan: PaddingPlan | None) -> None:
+        self.entry, self.plan = (weakref.ref(mask), mask._version, key), plan
+
+
+_plan_memo = _PlanMemo()
+
+
+def _build_padding_plan(mask, b, tq, tk, device) -> PaddingPlan | None:
+    """`padding_plan`'s element-by-element check of mask (B or 1, 1, Tq, Tk) and the plan."""
     mask = mask[:, 0].expand(b, tq, tk)  # (B, Tq, Tk)
     valid = mask[:, -1, :]  # (B, Tk): the last query, at position Tk - 1, sees every real key
     j = torch.arange(tk, device=mask.device)
@@ -170,8 +203,7 @@ def padding_plan(module, query, key, mask) -> PaddingPlan | None:
         lengths_k.append(e - s)
         pads = torch.cat([torch.arange(0, q0), torch.arange(q1, tq)])
         if pads.numel():
-            pad_rows.append((row, pads.to(query.device)))
-    device = query.device
+            pad_rows.append((row, pads.to(device)))
     return PaddingPlan(
         real_q=torch.cat(real_q).to(device),
         real_k=torch.cat(real_k).to(device),

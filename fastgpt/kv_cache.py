@@ -44,6 +44,7 @@ class LayerKVCache:
         self.length = 0  # tokens cached so far (per-row lengths: the longest row's)
         self.lengths: torch.Tensor | None = None  # (B,) int32 on the device, or None
         self.step: tuple[torch.Tensor, ...] | None = None  # `step_masks` shared in one forward
+        self.decode_lengths: torch.Tensor | None = None  # (B,) int32 of a uniform one-token step
         self.k: torch.Tensor | None = None  # (B, H, capacity, hd)
         self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
 
@@ -80,6 +81,7 @@ class LayerKVCache:
         self.length = 0
         self.lengths = None
         self.step = None
+        self.decode_lengths = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ops: Ops) -> torch.Tensor:
         """Cache k, v (B, H, T_new, hd) and attend the queries q (B, H, T_new, hd) over every
@@ -91,7 +93,9 @@ class LayerKVCache:
             return self._attend_rows(q, k, v, ops)
         k_all, v_all = self.update(k, v)  # (B, H, T_past + T_new, hd)
         if q.shape[2] == 1 and ops.decode_attention is not None:
-            lengths = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
+            lengths = self.decode_lengths  # made once for every layer by `KVCache.positions`
+            if lengths is None or lengths.shape[0] != q.shape[0]:
+                lengths = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
             return ops.decode_attention(q[:, :, 0], k_all, v_all, lengths)[:, :, None]
         return ops.attention(q, k_all, v_all, causal=True, dropout_p=0.0)
 
@@ -176,16 +180,24 @@ class KVCache:
             layer.lengths, layer.length = self._lengths, max(lengths)
             layer.step = None
 
-    def positions(self, t: int, device) -> torch.Tensor:
+    def positions(self, t: int, device, batch: int | None = None) -> torch.Tensor:
         """Positions of t new tokens: (T,) when every row has `length`, (B, T) with per-row
         lengths. Raises ValueError past the capacity (a host check, skipped under compile,
-        where the caller keeps the lengths in range)."""
+        where the caller keeps the lengths in range). With `batch` (B), a one-token step of
+        rows of one length also gets its decode lengths (B,) int32 made here, once for every
+        layer, instead of in each."""
         if not torch.compiler.is_compiling() and self.length + t > self.capacity:
             past = f" after {self.length} cached tokens" if self.length else ""
             raise ValueError(
                 f"sequence too long: {t} tokens{past} > context_length {self.capacity}"
             )
         if self.lengths is None:
+            decode_lengths = None
+            if t == 1 and batch is not None:  # keys 0 .. length, the new one included
+                end = self.length + 1
+                decode_lengths = torch.full((batch,), end, dtype=torch.int32, device=device)
+            for layer in self.layers:
+                layer.decode_lengths = decode_lengths
             return torch.arange(self.length, self.length + t, device=device)
         step = self.layers[0].step_masks(t)
         if not torch.compiler.is_compiling():  # eager: one set of masks for every layer

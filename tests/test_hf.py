@@ -288,6 +288,30 @@ def test_patched_logits_and_gradients_match_eager(device, padding, kernel_calls)
         assert_close_to_reference(grad, their_grads[n], exact_grads[n], backward=True, name=n, **kw)
 
 
+def test_padding_plan_is_built_once_per_mask(device, monkeypatch, kernel_calls):
+    # transformers hands every layer the same mask tensor: one plan (and its host syncs) per
+    # forward, not per layer; a new mask, or the same one edited in place, gets a new plan.
+    from fastgpt import hf_patch
+
+    built = []
+    build = hf_patch._build_padding_plan
+    monkeypatch.setattr(hf_patch, "_build_padding_plan", lambda *a: built.append(1) or build(*a))
+    _, patched = hf_pair(device, n_layer=3)
+    x = torch.randint(0, VOCAB, (2, 10), device=device)
+    with torch.no_grad():
+        patched(x, attention_mask=_padding("left", 2, 10).to(device))
+        assert len(built) == 1 and len(kernel_calls["varlen"]) == 3
+        patched(x, attention_mask=_padding("right", 2, 10).to(device))
+        assert len(built) == 2 and kernel_calls["varlen"][-1][0] == PACKED["right"]
+        mask = torch.ones(2, 1, 10, 10, dtype=torch.bool, device=device).tril()
+        query = torch.zeros(2, 4, 10, 8, device=device)
+        first = hf_patch.padding_plan(patched.transformer.h[0].attn, query, query, mask)
+        assert first.cu_q.tolist() == [0, 10, 20] and len(built) == 3
+        mask[0, :, :, :3] = False  # the same tensor, edited in place: left padding now
+        second = hf_patch.padding_plan(patched.transformer.h[0].attn, query, query, mask)
+        assert second.cu_q.tolist() == [0, 7, 17] and len(built) == 4
+
+
 def test_patched_dropout_in_training(device, kernel_calls):
     eager, patched = hf_pair(device, attn_pdrop=0.5)
     x = torch.randint(0, VOCAB, (1, 8), device=device)

@@ -288,6 +288,32 @@ def test_kv_cache_matches_full_forward(backend):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
+def test_uniform_decode_step_makes_its_lengths_once_for_every_layer():
+    import dataclasses
+
+    model = tiny_model(backend="triton", n_layers=3)
+    seen = []
+
+    def spy(q, k, v, lengths):
+        seen.append(lengths)
+        return BACKENDS["triton"].decode_attention(q, k, v, lengths)
+
+    ops = dataclasses.replace(BACKENDS["triton"], decode_attention=spy)
+    for module in model.modules():
+        if hasattr(module, "ops"):
+            module.ops = ops
+    x = torch.randint(0, 97, (2, 7))
+    cache = model.new_kv_cache()
+    model(x[:, :5], kv_cache=cache)
+    assert seen == []  # a prefill runs the flash kernel
+    step = model(x[:, 5:6], kv_cache=cache)
+    assert len(seen) == 3 and all(t is seen[0] for t in seen)  # one tensor for three layers
+    assert seen[0].tolist() == [6, 6] and seen[0].dtype == torch.int32
+    model(x[:, 6:7], kv_cache=cache)
+    assert seen[3].tolist() == [7, 7] and seen[3] is not seen[0]
+    torch.testing.assert_close(step, model(x[:, :6])[:, 5:], rtol=1e-4, atol=1e-5)
+
+
 def test_kv_cache_buffers_reset_and_overflow():
     model = tiny_model()
     cache = model.new_kv_cache()
