@@ -403,7 +403,7 @@ class GPTModel(nn.Module):
         head = weights.replaced_head(tensors, config.vocab_size)
         if head:  # e.g. a classifier whose head was replaced by Linear(emb_dim, num_classes)
             model.out_head = nn.Linear(config.emb_dim, head[0], bias=head[1])
-        tensors = _vocab_rows(tensors, config.vocab_size, config.padded_vocab_size)
+        tensors = weights.vocab_rows(tensors, config.vocab_size, config.padded_vocab_size)
         what = f"Hugging Face checkpoint {directory}" if is_hf else f"checkpoint {directory}"
         weights.load_state_strict(model, tensors, what)
         if merge_adapters and not is_hf:
@@ -425,7 +425,7 @@ class GPTModel(nn.Module):
             k: v for k, v in self.state_dict().items() if not (tied and k == "out_head.weight")
         }
         vocab, rows = self.config.vocab_size, self.config.padded_vocab_size
-        state = _vocab_rows(state, rows, vocab)  # a padded vocabulary is saved unpadded
+        state = weights.vocab_rows(state, rows, vocab)  # a padded vocabulary is saved unpadded
         config = {**self.config.to_dict(), "tie_embeddings": tied}
         out_features, bias = self.out_head.out_features, self.out_head.bias is not None
         out_features = vocab if out_features == rows else out_features
@@ -436,24 +436,6 @@ class GPTModel(nn.Module):
         return weights.save_checkpoint(
             directory, tensors, config, head, self.num_parameters(), hf_config=hf_fields
         )
-
-
-def _vocab_rows(tensors: dict[str, torch.Tensor], rows: int, to: int) -> dict[str, torch.Tensor]:
-    """The token embedding and a language head (tensors of `rows` rows) cut or zero-padded to
-    `to` rows; other tensors as they are. How a padded vocabulary is saved unpadded and
-    loaded padded again."""
-    if rows == to:
-        return tensors
-    out = dict(tensors)
-    for name in ("tok_emb.weight", "out_head.weight"):
-        t = out.get(name)
-        if t is None or t.shape[0] != rows:
-            continue  # absent (tied) or a classifier's head
-        if to < rows:
-            out[name] = t[:to]
-        else:
-            out[name] = torch.cat([t, t.new_zeros(to - rows, *t.shape[1:])])
-    return out
 
 
 def check_language_model(model: GPTModel, source: object) -> None:

@@ -276,3 +276,21 @@ def save_checkpoint(
         json.dump(info, f, indent=2)
         f.write("\n")
     return directory
+
+
+def vocab_rows(tensors: dict[str, torch.Tensor], rows: int, to: int) -> dict[str, torch.Tensor]:
+    """The token embedding and a language head (tensors of `rows` rows) cut or zero-padded to
+    `to` rows; other tensors as they are. How a padded vocabulary is saved unpadded and
+    loaded padded again."""
+    if rows == to:
+        return tensors
+    out = dict(tensors)
+    for name in ("tok_emb.weight", "out_head.weight"):
+        t = out.get(name)
+        if t is None or t.shape[0] != rows:
+            continue  # absent (tied) or a classifier's head
+        if to < rows:
+            out[name] = t[:to]
+        else:
+            out[name] = torch.cat([t, t.new_zeros(to - rows, *t.shape[1:])])
+    return out
