@@ -69,17 +69,29 @@ def layer_norm_reference(
 # When N > MAX_BLOCK_N the row does not fit one tile: the kernels loop over column chunks
 # (SINGLE_TILE=False), reloading x per pass, and the backward adds each chunk's dw/db into its
 # own (P, N) buffer row (read-modify-write by the one program that owns the row).
+#
+# The same two kernels run the residual add fused with the LayerNorm after it
+# (kernels/fused_add_layer_norm.py, whose comment block gives its math), through constexpr
+# flags that are False here, so that LayerNorm's code is compiled exactly as without them:
+# - HAS_RESIDUAL (forward): load the residual too, s = residual + x added in fp32 and rounded
+#   to s's dtype, store s, and normalize s in place of x (s₀ in place of x₀). The looping path
+#   stores s in its first pass and its later passes read s back, after a barrier.
+# - HAS_DRESIDUAL (backward): x is the saved s, and the gradient reaching s from its other
+#   uses (dres) is added to dx before it is stored.
 
 
 @triton.jit
 def _layer_norm_forward_kernel(
     x_ptr,  # (M, N), rows x_row_stride apart, columns contiguous
+    res_ptr,  # HAS_RESIDUAL: (M, N) residual stream, rows res_row_stride apart; else None
     w_ptr,  # (N,)
     b_ptr,  # (N,)
     y_ptr,  # (M, N), rows y_row_stride apart
+    s_ptr,  # HAS_RESIDUAL: (M, N) contiguous, the new residual s = residual + x; else None
     mean_ptr,  # (M,) fp32
     rstd_ptr,  # (M,) fp32
     x_row_stride,
+    res_row_stride,
     y_row_stride,
     M,
     N,
@@ -87,6 +99,7 @@ def _layer_norm_forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
     row_mask = rows < M
@@ -94,9 +107,23 @@ def _layer_norm_forward_kernel(
     y_rows = y_ptr + rows[:, None] * y_row_stride
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     x0 = tl.load(x_rows, mask=row_mask[:, None], other=0.0).to(tl.float32)  # (BLOCK_M, 1)
+    if HAS_RESIDUAL:  # from here on "x" is the row normalized: s, as stored
+        res_rows = res_ptr + rows[:, None] * res_row_stride
+        s_rows = s_ptr + rows[:, None] * N
+        s_dtype = s_ptr.dtype.element_ty
+        r0 = tl.load(res_rows, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        x0 = (r0 + x0).to(s_dtype).to(tl.float32)  # the row's first element of s, as stored
+        src_rows = s_rows  # the passes after the first read s back
+    else:
+        src_rows = x_rows
     if SINGLE_TILE:
         mask = row_mask[:, None] & (cols[None, :] < N)  # (BLOCK_M, BLOCK_N)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            s = (r + x).to(s_dtype)
+            tl.store(s_rows + cols[None, :], s, mask=mask)
+            x = s.to(tl.float32)
         d = tl.where(mask, x - x0, 0.0)
         mean_d = tl.sum(d, axis=1) / N  # (BLOCK_M,)
         xm = tl.where(mask, d - mean_d[:, None], 0.0)
@@ -112,20 +139,27 @@ def _layer_norm_forward_kernel(
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(res_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                s = (r + x).to(s_dtype)
+                tl.store(s_rows + c[None, :], s, mask=mask)
+                x = s.to(tl.float32)
             total += tl.sum(tl.where(mask, x - x0, 0.0), axis=1)
+        if HAS_RESIDUAL:
+            tl.debug_barrier()  # the passes below read back the s this program stored
         mean_d = total / N
         total_sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(src_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             xm = tl.where(mask, (x - x0) - mean_d[:, None], 0.0)
             total_sq += tl.sum(xm * xm, axis=1)
         rstd = 1.0 / tl.sqrt(total_sq / N + eps)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = row_mask[:, None] & (c[None, :] < N)
-            x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(src_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + c, mask=c < N, other=0.0).to(tl.float32)
             b = tl.load(b_ptr + c, mask=c < N, other=0.0).to(tl.float32)
             y = ((x - x0) - mean_d[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
@@ -142,17 +176,20 @@ def _layer_norm_backward_kernel(
     w_ptr,  # (N,)
     mean_ptr,  # (M,) fp32
     rstd_ptr,  # (M,) fp32
+    dres_ptr,  # HAS_DRESIDUAL: (M, N) gradient reaching x from its other uses; else None
     dx_ptr,  # (M, N), rows dx_row_stride apart
     dw_partial_ptr,  # (P, N) fp32: row p = program p's share of dweight
     db_partial_ptr,  # (P, N) fp32: row p = program p's share of dbias
     dy_row_stride,
     x_row_stride,
+    dres_row_stride,
     dx_row_stride,
     M,
     N,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
+    HAS_DRESIDUAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -180,6 +217,11 @@ def _layer_norm_backward_kernel(
             c1 = tl.sum(xhat * g, axis=1) / N  # (BLOCK_M,)
             c2 = tl.sum(g, axis=1) / N
             dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            if HAS_DRESIDUAL:
+                dres = tl.load(
+                    dres_ptr + rows[:, None] * dres_row_stride + cols[None, :], mask=mask, other=0.0
+                ).to(tl.float32)
+                dx = dres + dx
             dx_ptrs = dx_ptr + rows[:, None] * dx_row_stride + cols[None, :]
             tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             dw_acc += dy * xhat
@@ -219,6 +261,9 @@ def _layer_norm_backward_kernel(
                 xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
                 g = dy * w[None, :]
                 dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                if HAS_DRESIDUAL:
+                    dres_ptrs = dres_ptr + rows[:, None] * dres_row_stride + c[None, :]
+                    dx = tl.load(dres_ptrs, mask=mask, other=0.0).to(tl.float32) + dx
                 dx_ptrs = dx_ptr + rows[:, None] * dx_row_stride + c[None, :]
                 tl.store(dx_ptrs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
                 dw = tl.load(dw_row + c, mask=c_mask, other=0.0) + tl.sum(dy * xhat, axis=0)
@@ -246,7 +291,9 @@ def _tile(m: int, n: int) -> tuple[int, int, bool, int]:
     / 512): the backward keeps about seven such arrays live (x, dy, x̂, g, w and the dw/db
     sums), which then fit in ~120 registers (no spills at widths 768 and 50257 on sm_90 and
     sm_80, Triton 3.6 and 3.9: fastgpt selftest --compile-only), where 32 per thread needed up
-    to 241 registers, and 16384-wide chunks spilled up to 1108 bytes.
+    to 241 registers, and 16384-wide chunks spilled up to 1108 bytes. The fused residual add's
+    backward (HAS_DRESIDUAL) loads one more array, the incoming residual gradient, once the
+    row sums are done: up to 128 registers on these tiles, no spills (the same check).
     As 16 warps cap a thread at 128 registers, rows wider than 8192 take the looping path in
     chunks of 4096 rather than one 16384-wide tile; the chunks run 16 warps (8 elements per
     thread), as with 8 warps the bf16 backward at width 16384 spilled 24 B (sm_90, Triton 3.9)."""
@@ -291,12 +338,14 @@ def _tile_candidates(m: int, n: int) -> list[dict[str, int]]:
     return [dict(zip(TILE_KEYS, tile, strict=True)) for tile in tiles]
 
 
-def _tuned_tile(pass_name: str, x2: torch.Tensor, launch) -> dict[str, int]:
+def _tuned_tile(pass_name: str, x2: torch.Tensor, launch, op: str = "layer_norm") -> dict[str, int]:
     """The tile config to launch `x2`'s (M, N) rows with: tuned once per bucket on a GPU
-    (kernels/_autotune.py; `launch(config)` runs the pass with a config), pinned elsewhere."""
+    (kernels/_autotune.py; `launch(config)` runs the pass with a config), pinned elsewhere.
+    `op` names the bucket's op ("add_layer_norm": the fused residual add, the kernels' flags
+    on, is tuned apart from the plain LayerNorm)."""
     m, n = x2.shape
     key = _autotune.bucket_key(
-        f"layer_norm.{pass_name}", x2.dtype, f"N<={triton.next_power_of_2(n)}", m,
+        f"{op}.{pass_name}", x2.dtype, f"N<={triton.next_power_of_2(n)}", m,
         _autotune.arch_name(x2.device),
     )  # fmt: skip
     device_key = _autotune.tuning_device_key(x2.device)
@@ -327,8 +376,9 @@ def _layer_norm_forward(
 
     def launch(tile: dict[str, int]) -> None:  # every output written whole by each launch
         _layer_norm_forward_kernel[(triton.cdiv(m, tile["BLOCK_M"]),)](
-            x2, w, b, y, mean, rstd, x2.stride(0), n, m, n, eps, **tile
-        )
+            x2, None, w, b, y, None, mean, rstd, x2.stride(0), None, n, m, n, eps,
+            **tile, HAS_RESIDUAL=False,
+        )  # fmt: skip
 
     launch(_tuned_tile("forward", x2, launch))
     return y, mean, rstd
@@ -376,8 +426,8 @@ def _layer_norm_backward(
             dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
             db_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
         _layer_norm_backward_kernel[(programs,)](
-            dy2, x2, w, mean1, rstd1, dx, dw_partial, db_partial,
-            dy2.stride(0), x2.stride(0), n, m, n, **tile,
+            dy2, x2, w, mean1, rstd1, None, dx, dw_partial, db_partial,
+            dy2.stride(0), x2.stride(0), None, n, m, n, **tile, HAS_DRESIDUAL=False,
         )  # fmt: skip
         return dw_partial, db_partial
 

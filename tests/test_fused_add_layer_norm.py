@@ -185,6 +185,55 @@ def test_backward_is_deterministic(shape, max_block_n, device, monkeypatch):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
+@pytest.mark.parametrize("max_block_n", [None, 64], ids=["one_tile", "chunks"])
+def test_runs_layer_norms_kernels_with_its_tuned_tile(max_block_n, device, monkeypatch):
+    # No kernels of its own: LayerNorm's, the residual flags on, launched with the tile that
+    # LayerNorm's tuning picks (buckets of their own: "add_layer_norm.forward"/".backward").
+    assert not hasattr(fused_module, "_add_layer_norm_forward_kernel")
+    assert not hasattr(fused_module, "_add_layer_norm_backward_kernel")
+    if max_block_n is not None:
+        monkeypatch.setattr(ln_module, "MAX_BLOCK_N", max_block_n)
+    monkeypatch.setenv("FASTGPT_AUTOTUNE", "0")  # a GPU launches the pinned tile, untimed
+    picked, launched = [], []
+
+    def tuned_tile(pass_name, x2, launch, op="layer_norm"):
+        tile = ln_module._tuned_tile(pass_name, x2, launch, op=op)
+        picked.append((op, pass_name, tuple(x2.shape), tile))
+        return tile
+
+    def spy(kernel, flag):
+        class Spy:  # kernel[grid](...) as a launch, its flag and tile recorded
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    tile = {k: kwargs[k] for k in ln_module.TILE_KEYS}
+                    launched.append((flag, kwargs[flag], tile))
+                    return kernel[grid](*args, **kwargs)
+
+                return run
+
+        return Spy()
+
+    monkeypatch.setattr(fused_module, "_tuned_tile", tuned_tile)
+    for name, flag in (("forward", "HAS_RESIDUAL"), ("backward", "HAS_DRESIDUAL")):
+        attr = f"_layer_norm_{name}_kernel"
+        monkeypatch.setattr(fused_module, attr, spy(getattr(ln_module, attr), flag))
+    shape = (37, 97)
+    x, residual, weight, bias = make_inputs(shape, torch.float32, device)
+    check_add_layer_norm(x, residual, weight, bias)
+    m, n = 37, 97
+    assert [(op, p, s) for op, p, s, _ in picked] == [
+        ("add_layer_norm", "forward", (m, n)),
+        ("add_layer_norm", "backward", (m, n)),
+    ]
+    for _, pass_name, _, tile in picked:  # pinned (FASTGPT_AUTOTUNE=0 on a GPU): no timing
+        assert tile == ln_module._tile_candidates(m, n)[0], pass_name
+    assert launched == [
+        ("HAS_RESIDUAL", True, picked[0][3]),
+        ("HAS_DRESIDUAL", True, picked[1][3]),
+    ]
+    assert launched[0][2]["SINGLE_TILE"] == (max_block_n is None)
+
+
 @pytest.mark.filterwarnings("ignore:var... degrees of freedom")  # the reference, on 0 rows
 def test_empty_input(device):
     leaves = [torch.randn(0, 8, device=device, requires_grad=True) for _ in range(2)]

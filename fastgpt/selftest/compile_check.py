@@ -37,7 +37,15 @@ COMPILE_DIR = (
     Path(importlib.import_module("fastgpt.benchmarks").__file__).parent / "results" / "compile"
 )
 BUDGET_FILE = COMPILE_DIR / "budget.json"
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK", "SINGLE_TILE")
+CONFIG_KEYS = (
+    "BLOCK_M",
+    "BLOCK_N",
+    "BLOCK_D",
+    "BLOCK",
+    "SINGLE_TILE",
+    "HAS_RESIDUAL",
+    "HAS_DRESIDUAL",
+)
 
 
 @dataclass

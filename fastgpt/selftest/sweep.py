@@ -256,12 +256,16 @@ def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
 
 
 def add_layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
-    """The fused residual add + LayerNorm at every width class of LayerNorm's `_tile` (it
-    shares them), training rows and decoding, rows contiguous; x and the residual in one
-    dtype (the heaviest mix: 16-bit loads of both)."""
+    """The fused residual add + LayerNorm: LayerNorm's kernels with their residual flags on
+    (HAS_RESIDUAL, HAS_DRESIDUAL), at every width class of LayerNorm's `_tile` (each of its
+    tuning candidates, as `layer_norm_cases`), training rows and decoding, rows contiguous; x
+    and the residual in one dtype (the heaviest mix: 16-bit loads of both), and (the full
+    sweep's forward) a 16-bit x into an fp32 residual stream, the model's add under autocast
+    (its backward is all fp32: the fp32 case's)."""
+    L = importlib.import_module("fastgpt.kernels.layer_norm")
     A = importlib.import_module("fastgpt.kernels.fused_add_layer_norm")
     _gpu_path(A)
-    for dt, m, n, params in _row_shapes(options, A._tile):
+    for dt, m, n, params in _row_shapes(options, L._tile):
         rows = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)  # (M, N)
         vector = lambda n=n, dt=dt: torch.empty(n, dtype=dt)  # (N,)
 
@@ -275,6 +279,14 @@ def add_layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
         for pass_name, launch in (("forward", forward), ("backward", backward)):
             if options.wants(pass_name):
                 yield Case("add_layer_norm", pass_name, params, launch)
+        if dt != torch.float32 and options.subset != "ci" and options.wants("forward"):
+
+            def mixed(m=m, n=n, dt=dt):
+                stream = torch.empty(m, n, dtype=torch.float32)
+                w = torch.empty(n, dtype=torch.float32)
+                A._add_layer_norm_forward(torch.empty(m, n, dtype=dt), stream, w, w, 1e-5)
+
+            yield Case("add_layer_norm", "forward", {**params, "residual": "fp32"}, mixed)
 
 
 def _row_shapes(options: SweepOptions, tile) -> Iterator[tuple[torch.dtype, int, int, dict]]:
