@@ -44,7 +44,7 @@ class LayerKVCache:
         self.length = 0  # tokens cached so far (per-row lengths: the longest row's)
         self.lengths: torch.Tensor | None = None  # (B,) int32 on the device, or None
         self.step: tuple[torch.Tensor, ...] | None = None  # `step_masks` shared in one forward
-        self.decode_lengths: torch.Tensor | None = None  # (B,) int32 of a uniform one-token step
+        self.decode_lengths: list[torch.Tensor] | None = None  # shared by a step's layers
         self.k: torch.Tensor | None = None  # (B, H, capacity, hd)
         self.v: torch.Tensor | None = None  # (B, H, capacity, hd)
 
@@ -93,11 +93,17 @@ class LayerKVCache:
             return self._attend_rows(q, k, v, ops)
         k_all, v_all = self.update(k, v)  # (B, H, T_past + T_new, hd)
         if q.shape[2] == 1 and ops.decode_attention is not None:
-            lengths = self.decode_lengths  # made once for every layer by `KVCache.positions`
-            if lengths is None or lengths.shape[0] != q.shape[0]:
-                lengths = torch.full((q.shape[0],), self.length, dtype=torch.int32, device=q.device)
+            lengths = self._step_lengths(q.shape[0], q.device)
             return ops.decode_attention(q[:, :, 0], k_all, v_all, lengths)[:, :, None]
         return ops.attention(q, k_all, v_all, causal=True, dropout_p=0.0)
+
+    def _step_lengths(self, batch: int, device) -> torch.Tensor:
+        """(B,) int32, every row `length` keys: made by the first layer of a step that needs it
+        and kept in the list `KVCache.positions` hands every layer (one tensor per step)."""
+        shared = self.decode_lengths if self.decode_lengths is not None else []
+        if not shared or shared[0].shape[0] != batch:
+            shared[:] = [torch.full((batch,), self.length, dtype=torch.int32, device=device)]
+        return shared[0]
 
     def _attend_rows(self, q, k, v, ops: Ops) -> torch.Tensor:
         """Per-row lengths: write row b's k, v (B, H, T, hd) at lengths[b] ..., attend each new
@@ -180,24 +186,19 @@ class KVCache:
             layer.lengths, layer.length = self._lengths, max(lengths)
             layer.step = None
 
-    def positions(self, t: int, device, batch: int | None = None) -> torch.Tensor:
+    def positions(self, t: int, device) -> torch.Tensor:
         """Positions of t new tokens: (T,) when every row has `length`, (B, T) with per-row
         lengths. Raises ValueError past the capacity (a host check, skipped under compile,
-        where the caller keeps the lengths in range). With `batch` (B), a one-token step of
-        rows of one length also gets its decode lengths (B,) int32 made here, once for every
-        layer, instead of in each."""
+        where the caller keeps the lengths in range)."""
         if not torch.compiler.is_compiling() and self.length + t > self.capacity:
             past = f" after {self.length} cached tokens" if self.length else ""
             raise ValueError(
                 f"sequence too long: {t} tokens{past} > context_length {self.capacity}"
             )
         if self.lengths is None:
-            decode_lengths = None
-            if t == 1 and batch is not None:  # keys 0 .. length, the new one included
-                end = self.length + 1
-                decode_lengths = torch.full((batch,), end, dtype=torch.int32, device=device)
+            step_lengths: list[torch.Tensor] = []  # a decoding step's lengths, made lazily
             for layer in self.layers:
-                layer.decode_lengths = decode_lengths
+                layer.decode_lengths = step_lengths
             return torch.arange(self.length, self.length + t, device=device)
         step = self.layers[0].step_masks(t)
         if not torch.compiler.is_compiling():  # eager: one set of masks for every layer

@@ -309,9 +309,9 @@ class GPTModel(nn.Module):
         (B, vocab_size): the output head (a third of gpt2-small's FLOPs per token) then runs on
         B rows instead of B·T (generation needs one position per row)."""
         self.check_token_ids(token_ids)  # before the embedding: no device-side assert
-        b, t = token_ids.shape
+        _, t = token_ids.shape
         if kv_cache is not None:  # (T,), or (B, T) when the rows have lengths of their own
-            positions = kv_cache.positions(t, token_ids.device, b)  # raises past the context
+            positions = kv_cache.positions(t, token_ids.device)  # raises past the context
         elif t > self.config.context_length:
             raise ValueError(
                 f"sequence too long: {t} tokens > context_length {self.config.context_length}"
