@@ -71,7 +71,14 @@ class RunOptions:
 
 class SuiteSkipped(Exception):
     """Raised by a suite that cannot run here at all (e.g. the hf suite without transformers):
-    `run_benchmarks` prints the reason on one line and writes no results for the suite."""
+    `run_benchmarks` prints the reason on one line and writes no results for the suite; a suite
+    named in `only` that skips so fails the run."""
+
+
+class SuitesFailed(Exception):
+    """Raised by `run_benchmarks` once every suite has run and its results are written, when a
+    whole suite did not run: an import failed (every row skipped with an ImportError, or the
+    suite's own import), or a suite named in `only` was skipped. The message is one line."""
 
 
 # --- formulas ------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def bench_hf(
     try:
         import transformers  # noqa: F401  (a broken install says so here, once)
     except ImportError as exc:
-        raise harness.SuiteSkipped(f"transformers does not import: {exc}") from None
+        raise harness.SuitesFailed(f"transformers does not import: {exc}") from None
     grid = hf_grid(device, options.quick)
     peak_flops = hardware["matmul_tflops"] * 1e12
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"

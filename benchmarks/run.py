@@ -194,6 +194,7 @@ def run_benchmarks(
     )
     functions = suite_functions()
     written: dict[str, Path] = {}
+    failed: list[str] = []  # "suite (reason)" of each suite that did not run
     for suite in suites:
         print_fn(f"\n== {suite} ==")
         notes = suite_notes(suite, device, quick)
@@ -207,7 +208,16 @@ def run_benchmarks(
             records = report.add_ratios(functions[suite](device, hardware, options))
         except harness.SuiteSkipped as exc:  # e.g. hf without transformers: nothing written
             print_fn(f"{suite}: skipped, {exc}")
+            if only is not None:  # asked for by name
+                failed.append(f"{suite} ({exc})")
             continue
+        except harness.SuitesFailed as exc:
+            print_fn(f"{suite}: failed, {exc}")
+            failed.append(f"{suite} ({exc})")
+            continue
+        reason = import_failure(records)
+        if reason is not None:
+            failed.append(f"{suite} ({reason})")
         written[f"{suite}.json"] = report.write_suite_json(
             out, suite, records, env, hardware, notes
         )
@@ -221,4 +231,15 @@ def run_benchmarks(
             )
     written.update(report.write_all(out))
     print_fn(f"\nresults: {out}/ ({', '.join(sorted(p.name for p in written.values()))})")
+    if failed:
+        raise harness.SuitesFailed(f"suites that did not run: {'; '.join(failed)}")
     return written
+
+
+def import_failure(records: list[dict]) -> str | None:
+    """The import error that skipped every row of a suite (a suite that ran nothing because a
+    module would not import is a failed run, not a result), or None when a row ran."""
+    if any(r["status"] == "ok" for r in records):
+        return None
+    notes = (r.get("note") or "" for r in records)
+    return next((n for n in notes if n.startswith(("ImportError", "ModuleNotFoundError"))), None)

@@ -10,11 +10,34 @@ the Triton kernel runs.
 """
 
 if __name__ == "kernels":
-    # This folder found as a top-level package: a fastgpt source checkout on sys.path (pytest,
-    # `python` run in the checkout). The name is Hugging Face's kernel hub's, and transformers
-    # probes it by importing it: stay an empty package (no version, so transformers takes the
-    # hub as absent), lest every op be defined a second time beside fastgpt.kernels's.
+    # This folder was found as the top-level package `kernels`: a fastgpt source checkout is on
+    # sys.path (pytest, `python` run in the checkout, PYTHONPATH=<checkout>). That name belongs to
+    # Hugging Face's kernel hub, which transformers imports whenever its distribution is
+    # installed. Load that package in this one's place (`import` returns what sys.modules holds
+    # once this file has run); without it, stay an empty package that has no submodules, so no
+    # op is ever defined a second time beside fastgpt.kernels's. Standard library only.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
     __all__: list[str] = []
+    _checkout = _os.path.realpath(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    _spec = _machinery.PathFinder.find_spec(
+        "kernels", [p for p in _sys.path if _os.path.realpath(p or ".") != _checkout]
+    )
+    if _spec is not None and _spec.loader is not None:
+        _sys.modules[__name__] = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(_sys.modules[__name__])  # if it raises, `import` drops the name
+    else:
+        __path__: list[str] = []  # kernels.attention would define every op a second time
+
+        def __getattr__(name: str):
+            raise AttributeError(
+                f"module 'kernels' has no attribute {name!r}: this is fastgpt's kernels/ folder, "
+                "found as a top-level package because a fastgpt checkout is on sys.path; "
+                "import fastgpt.kernels"
+            )
 else:
     from .attention import attention, attention_reference
     from .attention_varlen import (

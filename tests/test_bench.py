@@ -560,13 +560,40 @@ def test_hf_bench_models_are_patched_and_share_weights():
 
 
 def test_bench_hf_suite_skips_without_transformers(tmp_path, monkeypatch):
+    """Without transformers the hf suite is skipped with a line; named by --only, the run
+    fails (exit 1) once the other suites are written."""
     from fastgpt.benchmarks import run
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails, find_spec is None
     monkeypatch.setattr(harness, "measure_hardware_limits", lambda *a, **k: HARDWARE)
     lines: list[str] = []
-    run.run_benchmarks(only=["hf"], device="cpu", out_dir=tmp_path, print_fn=lines.append)
+    with pytest.raises(harness.SuitesFailed, match=r"^suites that did not run: hf \(trans"):
+        run.run_benchmarks(only=["hf"], device="cpu", out_dir=tmp_path, print_fn=lines.append)
     skips = [line for line in lines if line.startswith("hf: skipped")]
     assert skips == ["hf: skipped, transformers is not installed (pip install -e '.[hf]' in a "
                      "checkout)"]  # fmt: skip
     assert not (tmp_path / "hf.json").exists()
+
+
+def test_a_suite_whose_every_row_failed_to_import_fails_bench(tmp_path, monkeypatch, capsys):
+    """A skipped row is fine; a suite that ran nothing because an import failed is a failed
+    run: `fastgpt bench` writes what it has, says so in one line and exits 1."""
+    from fastgpt.benchmarks import hf_train_bench, run
+
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels'")
+
+    monkeypatch.setattr(hf_train_bench, "build_hf_model", broken)
+    monkeypatch.setattr(harness, "measure_hardware_limits", lambda *a, **k: HARDWARE)
+    pytest.importorskip("transformers")
+    argv = ["bench", "--quick", "--device", "cpu", "--only", "hf", "--out", str(tmp_path)]
+    assert cli.main(argv) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error == [
+        "fastgpt bench: error: suites that did not run: hf (ImportError: cannot import name "
+        "'CUDAProperties' from 'kernels')"
+    ]
+    assert (tmp_path / "hf.json").exists()  # the skipped rows are still written
+    records = [{"status": "skipped", "note": "out of memory"}, {"status": "ok", "note": None}]
+    assert run.import_failure(records) is None
+    assert run.import_failure(records[:1]) is None  # skipped, but not by an import

@@ -130,18 +130,73 @@ def test_a_source_checkout_imports_the_same_names(tmp_path):
     assert Path(run.stdout.strip()) == ROOT / "kernels" / "__init__.py"
 
 
-def test_the_checkout_folder_as_top_level_kernels_is_empty():
-    """Run inside a checkout, `import kernels` (transformers probes Hugging Face's kernel hub
-    so) finds the kernels/ folder: it must stay empty, or every op would be defined twice
-    and the second definitions would replace fastgpt.kernels's."""
+FILES_UNDER_KERNELS = (
+    "import sys; from pathlib import Path; "
+    "mods = {n: Path(getattr(m, '__file__', None) or '.').resolve() for n, m in "
+    "list(sys.modules.items())}; "
+    f"folder = Path({str(ROOT / 'kernels')!r}); "
+    "print(sorted(n for n, f in mods.items() if f.is_relative_to(folder)))"
+)
+
+
+@pytest.mark.parametrize(
+    "first", ["transformers", "fastgpt.kernels"], ids=["hf-first", "fastgpt-first"]
+)
+def test_transformers_builds_gpt2_from_the_checkout_root(first):
+    """Run in a checkout (pytest, `python`, PYTHONPATH=<checkout>), the kernels/ folder is found
+    as top-level `kernels`, the name of Hugging Face's kernel hub, which transformers >= 5.13
+    imports whenever its distribution is installed (5.25 requires it). `import kernels` must give
+    Hugging Face's package there, in either import order, and no kernel file may be loaded a
+    second time under a `kernels.` name (that would define every op twice)."""
+    other = "fastgpt.kernels" if first == "transformers" else "transformers"
     code = (
-        "import sys, fastgpt.kernels, kernels; "
-        "assert kernels.__all__ == [] and not hasattr(kernels, 'attention'), dir(kernels); "
-        "assert not [m for m in sys.modules if m.startswith('kernels.')]; "
-        "from transformers.utils import is_kernels_available; "
-        "assert not is_kernels_available()"
+        textwrap.dedent(f"""
+        import importlib, importlib.metadata as metadata
+        from pathlib import Path
+        importlib.import_module({first!r}); importlib.import_module({other!r})
+        import kernels, fastgpt.kernels
+        from transformers import GPT2Config, GPT2LMHeadModel
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=97))
+        try:
+            metadata.distribution("kernels")
+            ours = Path(kernels.__file__).resolve().is_relative_to(Path.cwd())
+            assert not ours, kernels.__file__  # Hugging Face's, wherever it is installed
+        except metadata.PackageNotFoundError:
+            assert kernels.__path__ == [], kernels.__path__
+        assert Path(fastgpt.kernels.__file__).resolve() == Path.cwd() / "kernels" / "__init__.py"
+        assert fastgpt.kernels.attention.__module__ == "fastgpt.kernels.attention"
+    """)
+        + FILES_UNDER_KERNELS
     )
-    result = subprocess.run(
+    run = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
-    assert result.returncode == 0, result.stderr
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = eval(run.stdout.strip().splitlines()[-1])
+    assert loaded and all(name.startswith("fastgpt.kernels") for name in loaded), loaded
+
+
+def test_without_hugging_faces_kernels_the_folder_is_an_empty_named_package(tmp_path):
+    """No `kernels` distribution on the path (-S: no site-packages): `import kernels` from a
+    checkout gives an empty package that imports no submodule and names fastgpt.kernels."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import kernels
+        assert kernels.__path__ == [] and kernels.__all__ == [], kernels.__path__
+        try:
+            import kernels.attention
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise AssertionError("kernels.attention was imported a second time")
+        try:
+            kernels.attention
+        except AttributeError as error:
+            print(error)
+    """)
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "import fastgpt.kernels" in run.stdout and "'attention'" in run.stdout, run.stdout

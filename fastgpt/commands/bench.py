@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastgpt.cli import command_error
 from fastgpt.errors import UsageError
 
 SUITE_HELP = "layernorm, gelu, attention, loss, train, generate, hf"
@@ -81,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fastgpt.benchmarks.harness import SuitesFailed
     from fastgpt.benchmarks.run import default_out_dir, run_benchmarks
     from fastgpt.devices import resolve_device
     from fastgpt.files import check_writable_folder
@@ -96,5 +98,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"rebuilt {', '.join(sorted(p.name for p in written.values()))} in {out}")
         return 0
     check_writable_folder(out, "out")
-    run_benchmarks(only=args.only, quick=args.quick, out_dir=out, device=device, dtypes=args.dtypes)
+    try:
+        run_benchmarks(
+            only=args.only, quick=args.quick, out_dir=out, device=device, dtypes=args.dtypes
+        )
+    except SuitesFailed as exc:  # what did run is written; the run as a whole failed
+        return command_error("bench", exc, code=1)
     return 0

@@ -298,9 +298,13 @@ def _gpu(args: argparse.Namespace) -> int:
     (out / "selftest.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     print(f"wrote {out / 'selftest.json'}")
     if args.bench:
+        from fastgpt.benchmarks.harness import SuitesFailed
         from fastgpt.benchmarks.run import run_benchmarks
 
-        run_benchmarks(quick=True, out_dir=out, device=device)
+        try:
+            run_benchmarks(quick=True, out_dir=out, device=device)
+        except SuitesFailed as exc:
+            return command_error("selftest", exc, code=1)
     return 1 if failed else 0
 
 
