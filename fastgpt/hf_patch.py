@@ -262,10 +262,18 @@ def fastgpt_attention_mask(*, q_length, kv_length, q_offset=0, kv_offset=0, **kw
 
 
 def register_attention() -> str:
-    """Register "fastgpt" with transformers' attention and mask interfaces; returns the name."""
+    """Register "fastgpt" with transformers' attention and mask interfaces; returns the name.
+    ImportError for a transformers older than 5.4, whose mask interface passes cache_position
+    where `fastgpt_attention_mask` takes q_length/q_offset."""
+    import transformers
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    if tuple(int(n) for n in transformers.__version__.split(".")[:2]) < (5, 4):
+        raise ImportError(
+            f"patch_hf_gpt2 needs transformers >= 5.4 (found {transformers.__version__}): "
+            "pip install -U transformers"
+        )
     AttentionInterface.register(ATTENTION_NAME, fastgpt_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, fastgpt_attention_mask)
     return ATTENTION_NAME

@@ -196,7 +196,7 @@ def test_without_hugging_faces_kernels_the_folder_is_an_empty_named_package(tmp_
             print(error)
     """)
     run = subprocess.run(
-        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "import fastgpt.kernels" in run.stdout and "'attention'" in run.stdout, run.stdout
