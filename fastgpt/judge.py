@@ -160,9 +160,16 @@ class Judge:
                 self.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.endpoint, data=body, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     raw = response.read()
             except urllib.error.HTTPError as exc:
+                if 300 <= exc.code < 400:  # not followed: the key would go to another host
+                    raise JudgeError(
+                        f"the judge at {self.endpoint} answered with a redirect (HTTP "
+                        f"{exc.code}) to {exc.headers.get('Location', '?')}: fastgpt follows "
+                        "none (it would send the request and API key there); give the final "
+                        "address with --judge-url"
+                    ) from None
                 detail = _error_detail(exc)
                 if exc.code >= 500:
                     last = f"HTTP {exc.code}{detail}"
@@ -299,6 +306,17 @@ class JudgeOptions:
             api=self.api, url=self.judge_url, model=model, api_key=api_key,
             stream=self.stream, timeout=self.timeout, retries=self.retries,
         )  # fmt: skip
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer stays an HTTPError: the request, API key included, goes only to the
+    address the user named."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:

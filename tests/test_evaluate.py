@@ -53,7 +53,8 @@ ENTRIES = [
 class JudgeServer:
     """A loopback HTTP server playing a judge. `replies` maps a substring of the prompt to the
     reply text (default "50"); `script` is a list of actions used up one per request:
-    ("status", code) answers that HTTP error, ("delay", seconds) waits before answering."""
+    ("status", code) answers that HTTP error, ("delay", seconds) waits before answering,
+    ("redirect", url) answers 302 to url."""
 
     def __init__(self, models=("llama3",)):
         self.models = set(models)
@@ -67,6 +68,11 @@ class JudgeServer:
             def log_message(self, *args):  # quiet
                 pass
 
+            def do_GET(self):  # what a redirected POST becomes in urllib: seen, refused
+                server.requests.append({"path": self.path})
+                server.headers.append(dict(self.headers))
+                return self._send(405, {"error": "method not allowed"})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append({"path": self.path, **body})
@@ -76,6 +82,12 @@ class JudgeServer:
                     time.sleep(action[1])
                 if action and action[0] == "status":
                     return self._send(int(action[1]), {"error": "internal error"})
+                if action and action[0] == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", str(action[1]))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
                 if self.path not in ("/api/chat", "/v1/chat/completions"):
                     return self._send(404, {"error": "404 page not found"})
                 if body["model"] not in server.models:
@@ -473,3 +485,15 @@ def test_finetune_instruct_judge_options_fail_before_training(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and "missing.json" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_redirect_is_refused_and_the_key_goes_nowhere_else(server):
+    """A 302 from the judge's address is not followed: the API key reaches only the host the
+    user named, and the error says what happened."""
+    with JudgeServer() as elsewhere:
+        server.script = [("redirect", f"{elsewhere.url}/v1/chat/completions")]
+        judge = _judge(server, api="openai", model="llama3", api_key="sk-test")
+        with pytest.raises(JudgeError, match=r"redirect \(HTTP 302\) to http://127\.0\.0\.1"):
+            judge.ask("score this")
+        assert elsewhere.requests == [] and elsewhere.headers == []
+    assert server.headers[0]["Authorization"] == "Bearer sk-test"

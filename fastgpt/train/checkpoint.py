@@ -25,10 +25,19 @@ CHECKPOINT_FORMAT = "fastgpt-train-v1"
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from: Python, NumPy, torch CPU and each CUDA device."""
+    """Every RNG this process draws from: Python, NumPy, torch CPU and each CUDA device, in
+    tensors and plain Python values only, so that checkpoint.pt loads with weights_only=True."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "state": torch.tensor(mt), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # uint32 (624,)
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -38,8 +47,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what `rng_state` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -100,9 +111,9 @@ class Checkpointer:
             raise MissingFileError(
                 f"cannot resume: no checkpoint at {path} (train once without {{resume}} first)"
             )
-        try:  # our own file: it holds Python/NumPy RNG states, which weights_only would refuse
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torn, or not torch's
+        try:  # weights_only: a pickle that would run code is refused, never executed
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torn, not ours, unsafe
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(
                 f"{path}: cannot read it as a training checkpoint ({first_line})"
