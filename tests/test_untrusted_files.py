@@ -45,3 +45,29 @@ def test_a_checkpoints_rng_states_load_without_pickled_objects(tmp_path):
     set_rng_state(state["rng"][0])
     assert (random.random(), np.random.randn(), torch.rand(2).tolist()) == draws
     assert state["step"] == 3 and set(rng_state()) <= set(state["rng"][0])
+
+
+@pytest.mark.parametrize("name", ["../secret.bin", "/etc/hostname", "sub/../../secret.bin", 7])
+def test_a_corpus_manifest_naming_a_file_outside_its_folder_is_refused(tmp_path, name):
+    import json
+
+    from fastgpt.corpus.manifest import FORMAT, MANIFEST_NAME
+    from fastgpt.corpus.tokens import open_split
+    from fastgpt.errors import UsageError
+
+    (tmp_path / "secret.bin").write_bytes(b"\x01\x00\x02\x00")  # two uint16 tokens
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shard = {"file": name, "tokens": 2, "max_id": 2}
+    manifest = {
+        "format": FORMAT,
+        "complete": True,
+        "splits": {"train": {"shards": [shard]}, "val": {"shards": []}},
+    }
+    (corpus / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"is not inside the corpus folder"):
+        open_split(corpus, "train")
+    shard["file"] = "train-000000.bin"  # the same manifest naming its own shard opens
+    (corpus / "train-000000.bin").write_bytes(b"\x01\x00\x02\x00")
+    (corpus / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert open_split(corpus, "train").tolist() == [1, 2]

@@ -126,6 +126,18 @@ class ShardedTokens:
         return {**self.__dict__, "_maps": [None] * len(self.files)}
 
 
+def _shard_path(folder: Path, name: object) -> Path:
+    """The shard file a manifest names, which must be a file inside the corpus folder (a
+    manifest is data a user may have been handed: "../secret.txt" is refused)."""
+    path = folder / str(name)
+    if not isinstance(name, str) or not path.resolve().is_relative_to(folder.resolve()):
+        raise UsageError(
+            f"{folder / MANIFEST_NAME}: shard file {name!r} is not inside the corpus folder; "
+            "prepare the corpus again"
+        )
+    return path
+
+
 def open_split(folder: str | Path, split: str) -> ShardedTokens | None:
     """The tokens of one split ("train" or "val") of a complete prepared corpus, or None when
     it has none. UsageError for an unfinished preparation or a shard of the wrong size."""
@@ -141,7 +153,7 @@ def open_split(folder: str | Path, split: str) -> ShardedTokens | None:
     shards = manifest["splits"][split]["shards"]
     if not shards:
         return None
-    files = [folder / s["file"] for s in shards]
+    files = [_shard_path(folder, s.get("file")) for s in shards]
     for path, shard in zip(files, shards, strict=True):
         size = path.stat().st_size if path.is_file() else None
         if size != shard["tokens"] * DTYPE.itemsize:
