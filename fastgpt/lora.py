@@ -26,7 +26,7 @@ from torch import nn
 
 from fastgpt import hf_format
 from fastgpt.errors import ConfigError
-from fastgpt.weights import save_safetensors
+from fastgpt.weights import read_safetensors, save_safetensors
 
 LORA_TARGETS = ("att.qkv", "att.out_proj", "ff.fc1", "ff.fc2")
 """The Linear modules of each transformer block that `apply_lora` wraps."""
@@ -219,8 +219,6 @@ def _read_adapters(directory: Path) -> tuple[Path, int, float, dict[str, torch.T
     """(config path, rank, alpha, {"<our module>.lora_A"/".lora_B": tensor}) of the adapters
     in `directory`: PEFT's adapter_config.json, else fastgpt's older lora.json; None when
     there are none. ValueError for a malformed config or adapters fastgpt cannot hold."""
-    from safetensors.torch import load_file
-
     peft = (directory / PEFT_ADAPTERS_CONFIG).is_file()
     config_path = directory / (PEFT_ADAPTERS_CONFIG if peft else ADAPTERS_CONFIG)
     if not config_path.is_file():
@@ -241,7 +239,7 @@ def _read_adapters(directory: Path) -> tuple[Path, int, float, dict[str, torch.T
     tensors_path = directory / (PEFT_ADAPTERS_FILE if peft else ADAPTERS_FILE)
     if not tensors_path.is_file():
         raise ValueError(f"{config_path}: {tensors_path.name} is missing beside it")
-    tensors = load_file(str(tensors_path))
+    tensors = read_safetensors(tensors_path)
     if not peft:  # our names already; only the modules lora.json lists
         return config_path, rank, alpha, {f"{n}.{p}": tensors.get(f"{n}.{p}") for n in names
                                           for p in ("lora_A", "lora_B")}  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from fastgpt.config import GPTConfig, config_from_hf, is_hf_config
+from fastgpt.errors import UsageError
 from fastgpt.hf_format import HF_BLOCK_NAMES
 
 FORMAT_NAME = "fastgpt"
@@ -73,12 +75,33 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     safetensors_path = directory / WEIGHTS_NAME
     bin_path = directory / "pytorch_model.bin"
     if safetensors_path.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors_path))
+        return read_safetensors(safetensors_path)
     if bin_path.is_file():
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        try:  # weights_only: tensors and plain containers, a pickle that runs code is refused
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise UsageError(
+                f"{bin_path}: not a readable weights file ({_first_line(exc)})"
+            ) from None
     raise FileNotFoundError(f"no {WEIGHTS_NAME} or pytorch_model.bin in {directory}")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file; UsageError naming the file when it is empty,
+    truncated or not safetensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UsageError(
+            f"{path}: not a readable safetensors file ({_first_line(exc)}); save the model again"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 def hf_to_fastgpt(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:

@@ -71,3 +71,24 @@ def test_a_corpus_manifest_naming_a_file_outside_its_folder_is_refused(tmp_path,
     (corpus / "train-000000.bin").write_bytes(b"\x01\x00\x02\x00")
     (corpus / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert open_split(corpus, "train").tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+@pytest.mark.parametrize("file", ["model.safetensors", "adapter_model.safetensors"])
+def test_a_damaged_safetensors_file_is_a_one_line_error_naming_it(tmp_path, damage, file):
+    from fastgpt.config import GPTConfig
+    from fastgpt.errors import UsageError
+    from fastgpt.lora import apply_lora, save_pretrained_with_lora
+    from fastgpt.model import GPTModel
+
+    model = GPTModel(GPTConfig.from_name("tiny", vocab_size=97, context_length=16))
+    apply_lora(model, rank=2, alpha=4.0)
+    save_pretrained_with_lora(model, tmp_path)
+    path = tmp_path / file
+    data = path.read_bytes()
+    path.write_bytes(
+        {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"x" * 64}[damage]
+    )
+    with pytest.raises(UsageError, match=rf"{file}: not a readable safetensors file \(") as info:
+        GPTModel.from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
