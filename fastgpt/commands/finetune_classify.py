@@ -27,13 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
 from fastgpt.train.distributed import is_main_process
-from fastgpt.train.runner import (
-    Task,
-    TrainingParts,
-    add_task_arguments,
-    check_vocabulary,
-    run_task,
-)
+from fastgpt.train.runner import Task, TrainingParts, add_task_arguments, check_vocabulary, run_task
 
 if TYPE_CHECKING:
     from fastgpt.classification import ClassificationDataset, Splits

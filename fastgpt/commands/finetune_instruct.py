@@ -28,13 +28,7 @@ from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
 from fastgpt.evaluate import JudgeOptions
 from fastgpt.train.distributed import is_main_process
-from fastgpt.train.runner import (
-    Task,
-    TrainingParts,
-    add_task_arguments,
-    check_vocabulary,
-    run_task,
-)
+from fastgpt.train.runner import Task, TrainingParts, add_task_arguments, check_vocabulary, run_task
 
 if TYPE_CHECKING:
     from fastgpt.classification import Splits

@@ -25,13 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastgpt.errors import UsageError, require
 from fastgpt.train.distributed import is_main_process
-from fastgpt.train.runner import (
-    Task,
-    TrainingParts,
-    add_task_arguments,
-    check_vocabulary,
-    run_task,
-)
+from fastgpt.train.runner import Task, TrainingParts, add_task_arguments, check_vocabulary, run_task
 
 if TYPE_CHECKING:
     from fastgpt.text_data import SlidingWindowDataset
