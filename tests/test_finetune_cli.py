@@ -239,6 +239,30 @@ def test_max_length_errors(tmp_path, capsys, tiktoken_available):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["finetune-classify", "finetune-instruct"])
+def test_a_vocabulary_too_small_for_the_data_is_one_line(
+    tmp_path, capsys, tiktoken_available, command
+):
+    """A fresh --model whose vocab_size is below GPT-2 BPE's: refused before training, as the
+    loop would otherwise fail at its first step."""
+    from fastgpt.config import GPTConfig
+
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({**GPTConfig.from_name("tiny").to_dict(), "vocab_size": 100}))
+    if command == "finetune-classify":
+        data = tmp_path / "sms.txt"
+        data.write_text("".join(f"{'ham' if i % 2 else 'spam'}\ttext {i}\n" for i in range(20)))
+    else:
+        data = tmp_path / "d.json"
+        records = [{"instruction": f"task {i}", "input": "", "output": "done"} for i in range(20)]
+        data.write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / "out"
+    rc = run_cli(command, "--model", small, "--data", data, "--out", out, "--no-progress")
+    err = capsys.readouterr().err
+    assert rc == 2 and "token id 50256, but the model's vocab_size is 100" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_missing_data_file_and_bad_options(tmp_path, capsys):
     out = tmp_path / "out"
     rc = run_cli(

@@ -143,6 +143,8 @@ def test_bad_options_and_missing_files(tmp_path, tiktoken_available, capsys):
     assert "--val-fraction" in capsys.readouterr().err
     assert run_cli("pretrain", "--batch-size", 0, "--out", out) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err  # the flag, not the field
+    assert run_cli("pretrain", "--betas", 1.5, 0.9, "--out", out) == 2  # before any work
+    assert "--betas must be two numbers in [0, 1), got [1.5, 0.9]" in capsys.readouterr().err
 
     data = tmp_path / "story.txt"
     data.write_text("Once upon a time there was a model. " * 40, encoding="utf-8")

@@ -6,8 +6,11 @@ is one line before any work. On the tiny model and a short text, through the CLI
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 import fastgpt.losses
 from fastgpt.cli import main
@@ -93,7 +96,7 @@ def test_overwrite_replaces_the_run_once_it_has_its_own_files(earlier_run, story
     assert not (out / (METRICS_NAME + ".partial")).exists()
 
 
-def test_resume_that_cannot_continue_says_why(earlier_run, story, capsys):
+def test_resume_that_cannot_continue_says_why(tmp_path, earlier_run, story, capsys):
     out, before = earlier_run
     capsys.readouterr()
     rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 2, "--resume")
@@ -106,6 +109,50 @@ def test_resume_that_cannot_continue_says_why(earlier_run, story, capsys):
     assert snapshot(out) == before
     rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--resume", "--overwrite")
     assert rc == 2 and "exclude each other" in capsys.readouterr().err
+    # A file that is not a checkpoint: found inside the loop, still one line of bad input.
+    notes, other = tmp_path / "notes.txt", tmp_path / "other.pt"
+    notes.write_text("garbage\n")
+    torch.save({"step": 3}, other)
+    for path, message in ((notes, "cannot read it as a training checkpoint"),
+                          (other, "is not a fastgpt training checkpoint")):  # fmt: skip
+        rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--resume", path)
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{path}" in err and message in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert snapshot(out) == before
+
+
+# `python -m fastgpt` with a programming error planted in the training step: a real one, an
+# unpacking of too many values, in a function the traceback must name.
+PLANTED_BUG = """
+import runpy
+
+from fastgpt.train.loop import Trainer
+
+
+def planted_train_step(self, micro_batches):
+    loss, grad_norm = (1.0, 2.0, 3.0)
+    return loss, grad_norm
+
+
+Trainer._train_step = planted_train_step
+runpy.run_module("fastgpt", run_name="__main__")
+"""
+
+
+def test_a_bug_inside_the_training_loop_is_a_traceback_not_bad_input(tmp_path, story):
+    """An error of the code inside the loop ends the command as Python ends it (the traceback,
+    exit status 1), not as one line of bad input with exit status 2 that hides where it is."""
+    argv = ["pretrain", "--data", story, *TINY, "--out", tmp_path / "run", "--max-steps", 2]
+    done = subprocess.run(
+        [sys.executable, "-c", PLANTED_BUG, *map(str, argv)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    err = done.stderr
+    assert done.returncode == 1, err
+    assert "Traceback (most recent call last)" in err and "in planted_train_step" in err, err
+    assert "ValueError: too many values to unpack" in err
+    assert "error: too many values" not in err
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune-classify", "finetune-instruct"])

@@ -29,8 +29,10 @@ from fastgpt.train.optim import lr_multiplier, make_optimizer
 from fastgpt.train.runner import (
     ModelOptions,
     Task,
+    TrainingParts,
     add_task_arguments,
     build_model,
+    run_task,
     train_config_from_args,
 )
 
@@ -304,13 +306,13 @@ def test_resume_from_a_torn_or_foreign_checkpoint_names_the_file(tmp_path):
     text.write_text("{}")
     for path, message in ((torn, "cannot read it"), (text, "cannot read it")):
         cfg = config(tmp_path, max_steps=2, resume=str(path))
-        with pytest.raises(ValueError, match=rf"{path.name}: {message} as a training checkpoint"):
+        with pytest.raises(UsageError, match=rf"{path.name}: {message} as a training checkpoint"):
             Trainer(tiny_model(), data, None, next_token_loss, cfg).fit()
     # Another architecture (a longer context): one short message naming what differs.
     other = GPTModel(GPTConfig.from_name("tiny", vocab_size=VOCAB, context_length=32))
     cfg = config(tmp_path, max_steps=2, resume=str(good))
     with pytest.raises(
-        ValueError, match=r"checkpoint.pt is of another run: context_length 16 vs 32"
+        UsageError, match=r"checkpoint.pt is of another run: context_length 16 vs 32"
     ):
         Trainer(other, data, None, next_token_loss, cfg).fit()
     # The same config but other tensors (LoRA adapters): still one short line, not every key.
@@ -318,12 +320,12 @@ def test_resume_from_a_torn_or_foreign_checkpoint_names_the_file(tmp_path):
 
     adapted = tiny_model()
     apply_lora(adapted, rank=2, alpha=4)
-    with pytest.raises(ValueError, match=r"checkpoint.pt does not match .*lora") as info:
+    with pytest.raises(UsageError, match=r"checkpoint.pt does not match .*lora") as info:
         Trainer(adapted, data, None, next_token_loss, cfg).fit()
     assert len(str(info.value).replace(str(good), "")) < 300
     # Another task or data: named too.
     cfg = config(tmp_path, max_steps=2, resume=str(good))
-    with pytest.raises(ValueError, match=r"task pretrain vs finetune-classify"):
+    with pytest.raises(UsageError, match=r"task pretrain vs finetune-classify"):
         Trainer(tiny_model(), data, None, next_token_loss, cfg,
                 run_info={"task": "finetune-classify"}).fit()  # fmt: skip
 
@@ -658,6 +660,94 @@ def test_build_model(tmp_path):
         build_model(model_options(parse("--model", "gpt5")))
     with pytest.raises(FileNotFoundError):
         build_model(model_options(parse("--model", tmp_path / "missing.json")))
+
+
+class _RandomWindowsTask(Task, name="pretrain", options=_Options):
+    """A training command on random windows whose hooks record what they were handed."""
+
+    latest: _RandomWindowsTask  # the instance run_task made last
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handed: dict[str, object] = {}
+        self.collated = 0
+        type(self).latest = self
+
+    def load_data(self) -> dict[str, SlidingWindowDataset]:
+        self.handed["loaded"] = {"train": random_windows(), "val": random_windows(16 * 4 + 1, 1)}
+        return self.handed["loaded"]
+
+    def model_overrides(self, data) -> dict[str, int]:
+        self.handed["overrides"] = data
+        return {"vocab_size": VOCAB, "context_length": 16}
+
+    def build(self, model, data) -> TrainingParts:
+        self.handed["build"] = (model, data)
+
+        def collate(items):
+            self.collated += 1
+            return torch.utils.data.default_collate(items)
+
+        def metrics(model, loader) -> dict[str, float]:
+            return {"answer": 42.0}
+
+        parts = TrainingParts(data["train"], data["val"], collate, metrics, lambda m: "sample")
+        self.handed["parts"] = parts
+        return parts
+
+    def loss(self, model, batch):
+        return next_token_loss(model, batch)
+
+    def finish(self, model, parts, out_dir, final) -> None:
+        self.handed["finish"] = (model, parts, out_dir, final)
+
+
+def run_random_windows(tmp_path) -> _RandomWindowsTask:
+    """run_task on _RandomWindowsTask for 2 steps; returns the task it made."""
+    args = parse("--model", "tiny", "--backend", "torch", "--device", "cpu", "--out",
+                 tmp_path / "run", "--max-steps", 2, "--batch-size", 4, "--no-progress",
+                 "--no-plot", "--no-checkpoint", task=_RandomWindowsTask)  # fmt: skip
+    assert run_task(_RandomWindowsTask, args) == 0
+    return _RandomWindowsTask.latest
+
+
+def test_run_task_hands_each_hook_what_the_one_before_returned(tmp_path):
+    task = run_random_windows(tmp_path)
+    data = task.handed["loaded"]
+    assert task.handed["overrides"] is data
+    model, built_from = task.handed["build"]
+    assert built_from is data and model.config.vocab_size == VOCAB  # the overrides shaped it
+    finished_model, parts, out_dir, final = task.handed["finish"]
+    assert finished_model is model and parts is task.handed["parts"]
+    assert out_dir == tmp_path / "run" and final["step"] == 2
+    assert final["answer"] == 42.0 and task.collated > 0  # the Trainer got parts' functions
+    records = read_metrics(out_dir / METRICS_NAME)
+    assert [r["sample"] for r in records if "sample" in r] == ["sample"]  # at the last step
+
+
+def test_run_task_reports_bad_input_in_one_line_but_a_bug_in_the_loop_as_it_is(
+    tmp_path, monkeypatch
+):
+    """A ValueError while the data is read is bad input (UsageError, exit status 2 at the
+    CLI); one from inside the training loop is a bug and propagates as it was raised."""
+
+    def bad_file(self):
+        raise ValueError("data.txt: line 3 is not UTF-8")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_RandomWindowsTask, "load_data", bad_file)
+        with pytest.raises(UsageError, match="line 3 is not UTF-8"):
+            run_random_windows(tmp_path)
+
+    def planted_train_step(self, micro_batches):
+        loss, grad_norm = (1.0, 2.0, 3.0)
+        return loss, grad_norm
+
+    monkeypatch.setattr(Trainer, "_train_step", planted_train_step)
+    with pytest.raises(ValueError, match="too many values to unpack") as info:
+        run_random_windows(tmp_path)
+    assert not isinstance(info.value, UsageError)
+    assert info.traceback[-1].name == "planted_train_step"
 
 
 def test_mfu_formula_and_peak_table(tmp_path, monkeypatch):

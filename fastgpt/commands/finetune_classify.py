@@ -22,12 +22,15 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
 from fastgpt.train.distributed import is_main_process
-from fastgpt.train.runner import Task, add_task_arguments, run_task
+from fastgpt.train.runner import Task, TrainingParts, add_task_arguments, check_vocabulary, run_task
+
+if TYPE_CHECKING:
+    from fastgpt.classification import ClassificationDataset, Splits
 
 
 @dataclass
@@ -64,6 +67,16 @@ class ClassifyOptions:
         return [s.strip() for s in self.labels.split(",")] if self.labels else None
 
 
+@dataclass(kw_only=True)
+class ClassifierParts(TrainingParts):
+    """ClassifyTask's TrainingParts, with what `finish` evaluates and saves besides them."""
+
+    test_set: ClassificationDataset
+    pad_to: int
+    """The length every sequence is padded or truncated to."""
+    label_names: list[str]
+
+
 # The book's chapter 6 settings: 5 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1, no dropout.
 class ClassifyTask(
     Task, name="finetune-classify", options=ClassifyOptions, uses_lora=True,
@@ -71,8 +84,9 @@ class ClassifyTask(
 ):  # fmt: skip
     """The book's chapter 6: a classifier head on GPT-2, trained on labelled texts."""
 
-    def load_data(self) -> None:
-        """Read, validate, balance and split the data (touches no weights, writes nothing)."""
+    def load_data(self) -> Splits:
+        """Read, validate, balance and split the data (touches no weights, writes nothing):
+        Splits(train, val, test) of LabeledTexts."""
         from fastgpt.classification import (
             balance_by_undersampling,
             read_labeled_texts,
@@ -90,15 +104,14 @@ class ClassifyTask(
         if not opts.no_balance:
             data = balance_by_undersampling(data, seed=seed)
         splits = split_train_val_test(data, (0.7, 0.1, 0.2), seed=seed)
-        self.texts = {"train": splits.train, "validation": splits.val, "test": splits.test}
         if not is_main_process():
-            return
-        n = {k: len(v) for k, v in self.texts.items()}
+            return splits
+        label_names = splits.train.label_names
         print(
-            f"data: {n['train']} train, {n['validation']} validation, {n['test']} test; "
-            f"labels {self.label_names}"
+            f"data: {len(splits.train)} train, {len(splits.val)} validation, "
+            f"{len(splits.test)} test; labels {label_names}"
         )
-        present = sorted({self.label_names[i] for i in self.texts["train"].labels})
+        present = sorted({label_names[i] for i in splits.train.labels})
         if len(present) < 2:
             print(
                 f"fastgpt finetune-classify: warning: the training split holds one class only "
@@ -106,12 +119,9 @@ class ClassifyTask(
                 "(check the data and --label-column)",
                 file=sys.stderr,
             )
+        return splits
 
-    @property
-    def label_names(self) -> list[str]:
-        return self.texts["train"].label_names
-
-    def prepare_model(self, model) -> None:
+    def build(self, model, data: Splits) -> ClassifierParts:
         from fastgpt.classification import (
             ClassificationCollate,
             ClassificationDataset,
@@ -121,26 +131,23 @@ class ClassifyTask(
             saved_label_names,
             set_trainable,
         )
-        from fastgpt.tokenizer import get_tokenizer
+        from fastgpt.tokenizer import EOT_ID, get_tokenizer
 
         opts, init = self.options, self.model_options.init
         parse_trainable(opts.trainable, len(model.trf_blocks))
         context = model.config.context_length
         if opts.max_length is not None and opts.max_length > context:
             raise UsageError(f"--max-length {opts.max_length} > the model's context {context}")
+        check_vocabulary(model, EOT_ID)  # GPT-2 BPE ids, and <|endoftext|> pads: EOT_ID at most
         limit, tokenizer = opts.max_length or context, get_tokenizer()
-        self.datasets = {
-            k: ClassificationDataset(v, tokenizer, max_length=limit) for k, v in self.texts.items()
-        }
-        self.train_set, self.val_set = self.datasets["train"], self.datasets["validation"]
+        train, val, test = (ClassificationDataset(d, tokenizer, max_length=limit) for d in data)
         # The book pads everything to the longest training text; longer val/test texts are cut.
-        self.pad_to = limit if opts.max_length else self.train_set.longest
-        self.collate_fn = ClassificationCollate(pad_to=self.pad_to)
-        self.metrics_fn = accuracy_metrics
+        pad_to = limit if opts.max_length else train.longest
+        label_names = data.train.label_names
         # A classifier given as --init keeps its trained head when it has the same labels.
-        keep_head = bool(init) and saved_label_names(init) == self.label_names
+        keep_head = bool(init) and saved_label_names(init) == label_names
         if not keep_head:
-            replace_head(model, len(self.label_names))
+            replace_head(model, len(label_names))
         if self.lora.lora_rank:
             self.lora.apply(model)
             if not self.lora.lora_head:
@@ -148,16 +155,20 @@ class ClassifyTask(
         else:
             set_trainable(model, opts.trainable)
         if is_main_process():
-            print(f"sequences padded/truncated to {self.pad_to} tokens")
+            print(f"sequences padded/truncated to {pad_to} tokens")
             if keep_head:
-                print(f"keeping the classifier head of {init} (labels {self.label_names})")
+                print(f"keeping the classifier head of {init} (labels {label_names})")
+        return ClassifierParts(
+            train, val, ClassificationCollate(pad_to=pad_to), accuracy_metrics,
+            test_set=test, pad_to=pad_to, label_names=label_names,
+        )  # fmt: skip
 
     def loss(self, model, batch):
         from fastgpt.classification import classification_loss
 
         return classification_loss(model, batch)
 
-    def finish(self, model, out_dir: Path, final: dict[str, Any]) -> None:
+    def finish(self, model, parts: ClassifierParts, out_dir: Path, final: dict[str, Any]) -> None:
         import torch
 
         from fastgpt.classification import evaluate_classifier, save_classifier_metadata
@@ -165,9 +176,10 @@ class ClassifyTask(
         from fastgpt.tokenizer import EOT_ID
 
         metrics = {}
-        for split, dataset in self.datasets.items():
+        splits = {"train": parts.train_set, "validation": parts.val_set, "test": parts.test_set}
+        for split, dataset in splits.items():
             loader = torch.utils.data.DataLoader(
-                dataset, batch_size=self.config.batch_size, collate_fn=self.collate_fn
+                dataset, batch_size=self.config.batch_size, collate_fn=parts.collate_fn
             )
             metrics[split] = evaluate_classifier(model, loader)
             loss, accuracy = metrics[split]["loss"], 100 * metrics[split]["accuracy"]
@@ -176,8 +188,8 @@ class ClassifyTask(
         save_pretrained_with_lora(model, out_dir, merge=lora.merge)
         info = {
             "task": "classification",
-            "num_classes": len(self.label_names),
-            "max_length": self.pad_to,
+            "num_classes": len(parts.label_names),
+            "max_length": parts.pad_to,
             "pad_id": EOT_ID,
             "text_column": self.options.text_column,
             "label_column": self.options.label_column,
@@ -186,7 +198,7 @@ class ClassifyTask(
             if lora.lora_rank
             else None,
         }
-        save_classifier_metadata(out_dir, self.label_names, info)
+        save_classifier_metadata(out_dir, parts.label_names, info)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
         print(f"saved the classifier to {out_dir}")
 

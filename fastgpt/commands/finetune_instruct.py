@@ -22,13 +22,17 @@ import sys
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
 from fastgpt.evaluate import JudgeOptions
 from fastgpt.train.distributed import is_main_process
-from fastgpt.train.runner import Task, add_task_arguments, run_task
+from fastgpt.train.runner import Task, TrainingParts, add_task_arguments, check_vocabulary, run_task
+
+if TYPE_CHECKING:
+    from fastgpt.classification import Splits
+    from fastgpt.instruction import InstructionDataset
 
 RESPONSES_FILE = "test_responses.json"
 
@@ -82,6 +86,23 @@ class InstructJudgeOptions(JudgeOptions, InstructOptions):
                 )
 
 
+@dataclass
+class InstructData:
+    """What `InstructTask.load_data` read: the records, split, and the training and validation
+    records tokenized (those longer than --max-length dropped)."""
+
+    records: Splits
+    train_set: InstructionDataset
+    val_set: InstructionDataset
+
+
+@dataclass(kw_only=True)
+class InstructParts(TrainingParts):
+    """InstructTask's TrainingParts, with the test records `finish` generates responses for."""
+
+    test_records: list[dict[str, str]]
+
+
 # The book's chapter 7 settings: 2 epochs, batch 8, AdamW lr 5e-5, weight decay 0.1, no dropout.
 class InstructTask(
     Task, name="finetune-instruct", options=InstructJudgeOptions, uses_lora=True,
@@ -89,75 +110,51 @@ class InstructTask(
 ):  # fmt: skip
     """The book's chapter 7: GPT-2 fine-tuned on instruction/response records."""
 
-    def load_data(self) -> None:
+    def load_data(self) -> InstructData:
         """Read, validate and split the records; with --max-length, records that cannot fit
         are found here, before any weights are loaded."""
         from fastgpt.instruction import load_instruction_data, split_instruction_data
-        from fastgpt.tokenizer import get_tokenizer
 
         if self.options.pack and self.model_options.compile:
             # the runs' cu_seqlens have a data-dependent length: no full graph
             raise UsageError("--pack does not work with --compile")
         path = data_file(self.options.data, "instruction-data.json")
-        self.train, self.val, self.test = split_instruction_data(load_instruction_data(path))
+        records = split_instruction_data(load_instruction_data(path))
         if is_main_process():
             print(
-                f"data: {len(self.train)} train, {len(self.test)} test, {len(self.val)} "
-                "validation records"
+                f"data: {len(records.train)} train, {len(records.test)} test, "
+                f"{len(records.val)} validation records"
             )
-        self.tokenizer = get_tokenizer()
-        self._make_datasets(self.options.max_length)
+        return InstructData(records, *_datasets(records, self.options.max_length))
 
-    def _make_datasets(self, max_length: int | None) -> None:
-        self.train_set = self._dataset(self.train, "training", max_length)
-        self.val_set = self._dataset(self.val, "validation", max_length)
-
-    def _dataset(self, records, split: str, max_length: int | None):
-        from fastgpt.instruction import InstructionDataset
-
-        # Records dropped for their length: a plain line from rank 0, not a Python warning.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                return InstructionDataset(records, self.tokenizer, max_length)
-            finally:
-                for warning in caught if is_main_process() else ():
-                    message = f"warning: {split} split: {warning.message}"
-                    print(f"fastgpt finetune-instruct: {message}", file=sys.stderr)
-
-    def prepare_model(self, model) -> None:
+    def build(self, model, data: InstructData) -> InstructParts:
         from fastgpt.instruction import InstructionCollate, generate_responses
         from fastgpt.model import check_language_model
+        from fastgpt.tokenizer import EOT_ID, get_tokenizer
 
         check_language_model(model, self.model_options.init or self.model_options.model)
         context, max_length = model.config.context_length, self.options.max_length
         if max_length is not None and max_length > context:
             raise UsageError(f"--max-length {max_length} > the model's context {context}")
+        check_vocabulary(model, EOT_ID)  # GPT-2 BPE ids, and <|endoftext|> ends each example
         max_length = max_length or context
-        if max(self.train_set.longest_prompt, self.val_set.longest_prompt) > max_length:
-            self._make_datasets(max_length)  # drop prompts longer than the context
+        train_set, val_set = data.train_set, data.val_set
+        if max(train_set.longest_prompt, val_set.longest_prompt) > max_length:
+            train_set, val_set = _datasets(data.records, max_length)  # drop prompts too long
         self.lora.apply(model)
-        self.collate_fn = InstructionCollate(
-            max_length=max_length, mask_prompt=self.options.mask_prompt
-        )
+        mask_prompt = self.options.mask_prompt
+        collate_fn = InstructionCollate(max_length=max_length, mask_prompt=mask_prompt)
         if self.options.pack:
-            self._pack(max_length)
-        sample_record = self.val[0]
-        self.sample_fn = lambda m: generate_responses(
-            m, [sample_record], self.tokenizer, 35, progress=False
-        )[0]["model_response"]
+            train_set, val_set, collate_fn = _packed(train_set, val_set, max_length, mask_prompt)
+        sample_record, tokenizer = data.records.val[0], get_tokenizer()
 
-    def _pack(self, row_length: int) -> None:
-        """Both splits as packed rows of up to row_length tokens (`PackedInstructionDataset`)."""
-        from fastgpt.instruction import PackedInstructionCollate, PackedInstructionDataset
+        def sample_fn(m) -> str:
+            responses = generate_responses(m, [sample_record], tokenizer, 35, progress=False)
+            return responses[0]["model_response"]
 
-        examples = len(self.train_set)
-        self.train_set = PackedInstructionDataset(self.train_set, row_length)
-        self.val_set = PackedInstructionDataset(self.val_set, row_length)
-        self.collate_fn = PackedInstructionCollate(row_length, self.options.mask_prompt)
-        if is_main_process():
-            print(f"packed: {examples} training examples into {len(self.train_set)} rows of up to "
-                  f"{row_length} tokens")  # fmt: skip
+        return InstructParts(
+            train_set, val_set, collate_fn, sample_fn=sample_fn, test_records=data.records.test
+        )
 
     def run_info(self) -> dict[str, Any]:
         info = super().run_info()
@@ -168,15 +165,16 @@ class InstructTask(
 
         return instruction_loss(model, batch)
 
-    def finish(self, model, out_dir: Path, final: dict[str, Any]) -> None:
+    def finish(self, model, parts: InstructParts, out_dir: Path, final: dict[str, Any]) -> None:
         import torch
 
         from fastgpt.instruction import generate_responses, perplexity
         from fastgpt.lora import save_pretrained_with_lora
+        from fastgpt.tokenizer import get_tokenizer
         from fastgpt.train import evaluate_loss
 
         loader = torch.utils.data.DataLoader(
-            self.val_set, batch_size=self.config.batch_size, collate_fn=self.collate_fn
+            parts.val_set, batch_size=self.config.batch_size, collate_fn=parts.collate_fn
         )
         val_loss = float(evaluate_loss(model, loader, self.loss, None))
         print(f"validation loss {val_loss:.4f}  perplexity {perplexity(val_loss):.2f}")
@@ -187,14 +185,15 @@ class InstructTask(
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
         print(f"saved the model to {out_dir}")
         count = self.options.num_responses
-        records = self.test[:count] if count is not None else self.test
+        records = parts.test_records
+        records = records[:count] if count is not None else records
         print(
             f"generating {len(records)} test responses of up to {self.options.max_new_tokens} "
             "tokens each (--num-responses N limits them)",
             flush=True,
         )
         responses = generate_responses(
-            model, records, self.tokenizer, self.options.max_new_tokens,
+            model, records, get_tokenizer(), self.options.max_new_tokens,
             progress=self.config.progress,
         )  # fmt: skip
         path = out_dir / RESPONSES_FILE
@@ -216,6 +215,45 @@ class InstructTask(
                 f"`fastgpt evaluate {path}`)"
             ) from exc
         print(summary.line())
+
+
+def _datasets(
+    records: Splits, max_length: int | None
+) -> tuple[InstructionDataset, InstructionDataset]:
+    """The training and validation InstructionDatasets of `records` (records whose prompt is
+    longer than max_length dropped)."""
+    return (
+        _dataset(records.train, "training", max_length),
+        _dataset(records.val, "validation", max_length),
+    )
+
+
+def _dataset(records, split: str, max_length: int | None) -> InstructionDataset:
+    from fastgpt.instruction import InstructionDataset
+    from fastgpt.tokenizer import get_tokenizer
+
+    # Records dropped for their length: a plain line from rank 0, not a Python warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return InstructionDataset(records, get_tokenizer(), max_length)
+        finally:
+            for warning in caught if is_main_process() else ():
+                message = f"warning: {split} split: {warning.message}"
+                print(f"fastgpt finetune-instruct: {message}", file=sys.stderr)
+
+
+def _packed(train_set, val_set, row_length: int, mask_prompt: bool):
+    """Both splits as packed rows of up to row_length tokens (`PackedInstructionDataset`), and
+    their collate function."""
+    from fastgpt.instruction import PackedInstructionCollate, PackedInstructionDataset
+
+    packed_train = PackedInstructionDataset(train_set, row_length)
+    packed_val = PackedInstructionDataset(val_set, row_length)
+    if is_main_process():
+        print(f"packed: {len(train_set)} training examples into {len(packed_train)} rows of up "
+              f"to {row_length} tokens")  # fmt: skip
+    return packed_train, packed_val, PackedInstructionCollate(row_length, mask_prompt)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,11 +21,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastgpt.errors import UsageError, require
 from fastgpt.train.distributed import is_main_process
-from fastgpt.train.runner import Task, add_task_arguments, run_task
+from fastgpt.train.runner import Task, TrainingParts, add_task_arguments, check_vocabulary, run_task
+
+if TYPE_CHECKING:
+    from fastgpt.text_data import SlidingWindowDataset
 
 
 @dataclass
@@ -72,27 +75,30 @@ class PretrainOptions:
         require(self, "tokenize_workers", workers is None or workers >= 1, ">= 1")
 
 
+@dataclass
+class TextWindows:
+    """What `PretrainTask.load_data` read: windows of `context_length` tokens."""
+
+    train: SlidingWindowDataset
+    val: SlidingWindowDataset | None
+    context_length: int
+
+
 # AdamW, lr 4e-4, weight decay 0.1 as the book's chapter 5 (which trains 10 epochs of batch 2).
 class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"epochs": 1}):
     """The book's chapter 5: next-token prediction on plain text."""
 
-    def load_data(self) -> None:
-        from fastgpt.config import GPTConfig
+    def load_data(self) -> TextWindows:
         from fastgpt.text_data import load_text_datasets
 
         if self.options.document_mask and self.model_options.compile:
             # the runs' cu_seqlens have a data-dependent length: no full graph
             raise UsageError("--document-mask does not work with --compile")
         opts, main = self.options, is_main_process()
-        spec = self.model_options.model
-        user_config = spec is not None and Path(spec).expanduser().exists()  # not a preset
-        if "context_length" not in self.explicit and user_config and not self.model_options.init:
-            # A context length the user wrote in a config.json stands unless the flag is given.
-            context = GPTConfig.from_spec(spec).context_length
-            opts.context_length = context
-        self.train_set, self.val_set = load_text_datasets(
+        context = self._context_length()
+        train, val = load_text_datasets(
             opts.data,
-            opts.context_length,
+            context,
             opts.stride,
             opts.val_fraction,
             cache_dir=opts.token_cache,
@@ -101,20 +107,28 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
             workers=opts.tokenize_workers,
         )
         if main:
-            n_val = len(self.val_set) if self.val_set else 0
-            print(
-                f"data: {len(self.train_set)} training and {n_val} validation windows of "
-                f"{opts.context_length} tokens"
-            )
+            n_val = len(val) if val else 0
+            print(f"data: {len(train)} training and {n_val} validation windows of {context} tokens")
+        return TextWindows(train, val, context)
 
-    def model_overrides(self) -> dict[str, Any]:
-        return {"context_length": self.options.context_length}
+    def _context_length(self) -> int:
+        """--context-length; unless it is given, a fresh model's config.json's own."""
+        from fastgpt.config import GPTConfig
 
-    def prepare_model(self, model) -> None:
+        spec = self.model_options.model
+        user_config = spec is not None and Path(spec).expanduser().exists()  # not a preset
+        if "context_length" not in self.explicit and user_config and not self.model_options.init:
+            return GPTConfig.from_spec(spec).context_length
+        return self.options.context_length
+
+    def model_overrides(self, data: TextWindows) -> dict[str, Any]:
+        return {"context_length": data.context_length}
+
+    def build(self, model, data: TextWindows) -> TrainingParts:
         from fastgpt.model import check_language_model
 
         check_language_model(model, self.model_options.init or self.model_options.model)
-        context = self.options.context_length
+        context = data.context_length
         if context > model.config.context_length:
             raise UsageError(
                 f"--context-length {context} is longer than the model's context length "
@@ -122,18 +136,13 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
             )
         # Check every token id once here, so the model need not range-check each batch (on
         # CUDA that check costs a device-to-host sync per forward).
-        sets = (self.train_set, self.val_set)
-        largest = max(int(d.token_ids.max()) for d in sets if d is not None)
-        if largest >= model.config.vocab_size:
-            raise UsageError(
-                f"the data holds token id {largest}, but the model's vocab_size is "
-                f"{model.config.vocab_size} (GPT-2 BPE needs 50257)"
-            )
+        sets = [d for d in (data.train, data.val) if d is not None]
+        check_vocabulary(model, max(int(d.token_ids.max()) for d in sets))
         model.check_inputs = False
+        sample_fn = None
         if self.options.sample_prompt and self.options.sample_tokens > 0:
-            self.sample_fn = greedy_sample_fn(
-                self.options.sample_prompt, self.options.sample_tokens
-            )
+            sample_fn = greedy_sample_fn(self.options.sample_prompt, self.options.sample_tokens)
+        return TrainingParts(data.train, data.val, sample_fn=sample_fn)
 
     def run_info(self) -> dict[str, Any]:
         info = super().run_info()
@@ -147,7 +156,7 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
             return next_token_loss(model, batch, document_start_id=EOT_ID)
         return next_token_loss(model, batch)
 
-    def finish(self, model, out_dir: Path, final: dict[str, Any]) -> None:
+    def finish(self, model, parts: TrainingParts, out_dir: Path, final: dict[str, Any]) -> None:
         model.save_pretrained(out_dir)
         summary = f"done: {final['step']} steps, {final['tokens_seen']:,} tokens"
         if final.get("val_loss") is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastgpt.errors import MissingFileError
+from fastgpt.errors import MissingFileError, UsageError
 from fastgpt.train.distributed import DistInfo
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -104,22 +104,25 @@ class Checkpointer:
 
     @staticmethod
     def read(path: str | Path) -> dict[str, Any]:
-        """The state a checkpoint file holds; MissingFileError (a FileNotFoundError) / ValueError
-        naming the file when it is missing, torn, or not one of ours."""
+        """The state a checkpoint file holds; MissingFileError (a FileNotFoundError) /
+        UsageError naming the file when it is missing, torn, or not one of ours (it is read
+        inside the training loop, where only a UsageError counts as bad input)."""
         path = Path(path)
         if not path.is_file():
             raise MissingFileError(
                 f"cannot resume: no checkpoint at {path} (train once without {{resume}} first)"
             )
-        try:  # weights_only: a pickle that would run code is refused, never executed
+        # weights_only: a pickle that would run code is refused, never executed. A torn file,
+        # or one not torch's, fails as one of these (a text file: often a ValueError).
+        try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # torn, not ours, unsafe
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(
+            raise UsageError(
                 f"{path}: cannot read it as a training checkpoint ({first_line})"
             ) from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a fastgpt training checkpoint")
+            raise UsageError(f"{path} is not a fastgpt training checkpoint")
         return state
 
     def restore_rng(self, state: dict[str, Any], fallback_seed: int) -> None:

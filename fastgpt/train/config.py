@@ -96,6 +96,8 @@ class TrainConfig:
             require(self, "min_lr", 0 <= self.min_lr <= self.lr, f"in [0, lr={self.lr}]")
         for name in ("weight_decay", "grad_clip", "seed"):
             require(self, name, getattr(self, name) >= 0, ">= 0")
+        betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)
+        require(self, "betas", betas_ok, "two numbers in [0, 1)")  # AdamW's own check, earlier
         resolve_device(self.device)  # an unknown or absent device fails before any work
         check_writable_folder(Path(self.out_dir), "out_dir")
         if self.overwrite and self.resume:

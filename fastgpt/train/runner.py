@@ -2,14 +2,19 @@
 
 A training command is a `Task`: its own options (a dataclass), its defaults for the loop's
 options, and what only it knows (data, how the model is adapted, loss, collate, metrics, sample,
-what to save). The runner does the rest, in this order:
+what to save). The runner does the rest, in this order, each hook given what the one before
+returned:
 
-    options -> TrainConfig -> task.load_data()        (a bad file fails before any weights)
-      -> the model (--init weights or a fresh --model, seeded) -> task.prepare_model(model)
-      -> Trainer.fit() -> rank 0: task.finish(model, out_dir, final metrics)
+    options -> TrainConfig -> data = task.load_data()     (a bad file fails before any weights)
+      -> model: --init weights or a fresh --model (seeded, shaped by task.model_overrides(data))
+      -> parts = task.build(model, data)                  (TrainingParts: sets and functions)
+      -> Trainer(model, parts..., task.loss).fit() -> rank 0: task.finish(model, parts, ...)
 
-Bad input raises `UsageError` (the CLI prints one line, exit status 2); a non-finite loss is
-`NonFiniteLossError` (exit status 1).
+Bad input raises `UsageError` (the CLI prints one line, exit status 2). Up to the Trainer, where
+options, data and the starting model are read, a ValueError / FileNotFoundError is bad input
+too; from the Trainer on, only a UsageError is (the loop raises one for what it finds wrong with
+--resume or the batch sizes), and any other exception is a bug, with its traceback (exit status
+1). A non-finite loss is `NonFiniteLossError` (exit status 1).
 """
 
 from __future__ import annotations
@@ -60,8 +65,9 @@ class ModelOptions:
 
 @contextlib.contextmanager
 def usage_errors():
-    """Report the ValueError / FileNotFoundError of a step the user's input can fail as a
-    UsageError (one line, exit status 2)."""
+    """Report the ValueError / FileNotFoundError of the steps that read the user's input
+    (options, data, the model to start from) as a UsageError (one line, exit status 2); not for
+    the training loop, whose own errors of that kind are bugs."""
     try:
         yield
     except UsageError:
@@ -106,6 +112,20 @@ def compile_model(model: nn.Module) -> nn.Module:
     return model
 
 
+@dataclass
+class TrainingParts:
+    """What a task's `build` makes for the Trainer (see `Trainer` for the functions' calls):
+    the training and validation sets, and the collate, metrics and sample functions (None: the
+    Trainer's default, no extra metrics, no sample). A task whose `finish` needs more (a test
+    split, ...) returns a subclass holding it."""
+
+    train_set: Dataset
+    val_set: Dataset | None
+    collate_fn: Callable | None = None
+    metrics_fn: Callable[[nn.Module, Iterable], dict[str, float]] | None = None
+    sample_fn: Callable[[nn.Module], str] | None = None
+
+
 class Task:
     """A training command. A subclass declares itself in its class line and overrides the
     hooks below:
@@ -117,6 +137,15 @@ class Task:
     any of its options (a field of ModelOptions, `options`, TrainConfig or, with uses_lora,
     LoRAOptions; a key that is none of these is a TypeError here, at the class line);
     uses_lora: whether --lora-rank and friends apply.
+
+    The runner calls the hooks in this order, each with what the one before returned; a hook
+    keeps nothing on the task for a later one:
+
+        data = task.load_data()                   the task's own type (read, validated)
+        overrides = task.model_overrides(data)    fields of a fresh model's config
+        parts = task.build(model, data)           TrainingParts (or a subclass)
+        ... training with parts, task.loss and task.run_info() ...
+        task.finish(model, parts, out_dir, final)   rank 0 only
     """
 
     name: ClassVar[str]
@@ -150,23 +179,21 @@ class Task:
         self.options, self.config = options, config
         self.model_options, self.lora = model_options, lora
         self.explicit = explicit  # the options given on the command line
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.collate_fn: Callable | None = None
-        self.metrics_fn: Callable[[nn.Module, Iterable], dict[str, float]] | None = None
-        self.sample_fn: Callable[[nn.Module], str] | None = None
 
-    def load_data(self) -> None:
-        """Read and validate the data, set train_set / val_set; print what was read."""
+    def load_data(self) -> Any:
+        """Read and validate the data (no weights are touched yet); print what was read.
+        Returns it as the task's own type, which `model_overrides` and `build` receive."""
         raise NotImplementedError
 
-    def model_overrides(self) -> dict[str, Any]:
-        """Config fields a fresh model gets from this task's options (e.g. context_length)."""
+    def model_overrides(self, data: Any) -> dict[str, Any]:
+        """Config fields a fresh model gets from this task's options and data (e.g.
+        context_length)."""
         return {}
 
-    def prepare_model(self, model: nn.Module) -> None:
+    def build(self, model: nn.Module, data: Any) -> TrainingParts:
         """Check the model against the data, adapt it (a new head, LoRA adapters from
-        `self.lora`, frozen layers), set the collate/metrics/sample functions."""
+        `self.lora`, frozen layers); return the sets and functions to train with."""
+        raise NotImplementedError
 
     def run_info(self) -> dict[str, Any]:
         """What defines this run besides the model, kept in checkpoints so that --resume
@@ -176,9 +203,23 @@ class Task:
     def loss(self, model: nn.Module, batch) -> Any:
         raise NotImplementedError
 
-    def finish(self, model: nn.Module, out_dir: Path, final: dict[str, Any]) -> None:
-        """Rank 0, after training: evaluate and save into out_dir."""
+    def finish(
+        self, model: nn.Module, parts: TrainingParts, out_dir: Path, final: dict[str, Any]
+    ) -> None:
+        """Rank 0, after training: evaluate and save into out_dir (`parts`: what `build`
+        returned; `final`: the Trainer's last metrics)."""
         raise NotImplementedError
+
+
+def check_vocabulary(model: nn.Module, largest_id: int) -> None:
+    """UsageError unless token id `largest_id`, the largest the batches will hold, lies in the
+    model's vocabulary: checked once before training rather than failing at its first step."""
+    vocab_size = model.config.vocab_size
+    if largest_id >= vocab_size:
+        raise UsageError(
+            f"the data holds token id {largest_id}, but the model's vocab_size is {vocab_size} "
+            "(GPT-2 BPE needs 50257)"
+        )
 
 
 def option_classes(task: type[Task]) -> list[type]:
@@ -214,7 +255,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
     """Run a training command from its parsed options (see the module docstring)."""
     main = is_main_process()
-    with usage_errors():
+    with usage_errors():  # where bad input shows up: options, data, the model to start from
         lora = options_from_args(LoRAOptions, args) if task_cls.uses_lora else None
         task = task_cls(
             options_from_args(task_cls.Options, args),
@@ -224,24 +265,26 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
             frozenset(explicit_options(args)),
         )
         earlier = check_out_dir_is_free(task.config)  # before any work: another run's files stay
-        task.load_data()  # a bad file fails before any weights are built, loaded or downloaded
-    with usage_errors():
-        model = build_model(task.model_options, task.config.seed, **task.model_overrides())
-        task.prepare_model(model)
+        # A bad file fails before any weights are built, loaded or downloaded.
+        data = task.load_data()
+        overrides = task.model_overrides(data)
+        model = build_model(task.model_options, task.config.seed, **overrides)
+        parts = task.build(model, data)
         if task.model_options.compile:
             compile_model(model)
     if main and task.uses_lora:
         from fastgpt.lora import describe_parameters
 
         print(describe_parameters(model))
-    with usage_errors():
-        trainer = Trainer(
-            model, task.train_set, task.val_set, task.loss, task.config,
-            collate_fn=task.collate_fn, metrics_fn=task.metrics_fn, sample_fn=task.sample_fn,
-            run_info=task.run_info(),
-        )  # fmt: skip
-        final = trainer.fit()
+    # No usage_errors() from here on: what the loop finds wrong with the input (--resume, the
+    # batch sizes, the out_dir) it raises as a UsageError itself; a ValueError is a bug.
+    trainer = Trainer(
+        model, parts.train_set, parts.val_set, task.loss, task.config,
+        collate_fn=parts.collate_fn, metrics_fn=parts.metrics_fn, sample_fn=parts.sample_fn,
+        run_info=task.run_info(),
+    )  # fmt: skip
+    final = trainer.fit()
     if main:  # rank 0 alone evaluates and writes; the process group is gone by now
-        task.finish(model, Path(task.config.out_dir), final)
+        task.finish(model, parts, Path(task.config.out_dir), final)
         remove_files_not_replaced(task.config, earlier)  # --overwrite: no old file left over
     return 0
