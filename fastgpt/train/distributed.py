@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastgpt.errors import UsageError
+
 
 @dataclass
 class DistInfo:
@@ -52,6 +54,12 @@ def init_distributed() -> DistInfo:
         backend = "nccl"
     else:
         backend = "gloo"
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT", "RANK") if v not in os.environ]
+    if missing:  # WORLD_SIZE set by hand, not by torchrun
+        raise UsageError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun "
+            "(torchrun --nproc_per_node N -m fastgpt ...), or unset WORLD_SIZE"
+        )
     dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, True)
 

@@ -21,17 +21,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastgpt.errors import UsageError
+
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "loss.png"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file ([] when it does not exist)."""
+    """The records of a metrics.jsonl file ([] when it does not exist); UsageError naming the
+    file and line when one is not a JSON object."""
     path = Path(path)
     if not path.is_file():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                record = exc
+            if not isinstance(record, dict):
+                raise UsageError(
+                    f"{path}, line {number}: not a metrics record (a JSON object); restore the "
+                    "file or start the run over with --overwrite"
+                )
+            records.append(record)
+    return records
 
 
 class MetricsLog:

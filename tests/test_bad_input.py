@@ -1,5 +1,6 @@
-"""Nothing a user was handed is executed: a checkpoint.pt whose pickle would run code is
-refused with a one-line error, and the code never runs (torch.load with weights_only=True)."""
+"""Files and settings a user was handed: nothing in them is executed or read beyond the folder
+it belongs to (a checkpoint.pt whose pickle would run code, a corpus manifest naming
+../secret.txt), and a damaged one is a one-line error naming it, never a traceback."""
 
 from __future__ import annotations
 
@@ -92,3 +93,25 @@ def test_a_damaged_safetensors_file_is_a_one_line_error_naming_it(tmp_path, dama
     with pytest.raises(UsageError, match=rf"{file}: not a readable safetensors file \(") as info:
         GPTModel.from_pretrained(tmp_path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("line", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_a_damaged_metrics_file_is_a_one_line_error_naming_it(tmp_path, line):
+    from fastgpt.errors import UsageError
+    from fastgpt.train.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train_loss": 2.0}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"metrics.jsonl, line 2: not a metrics record"):
+        read_metrics(path)
+
+
+def test_world_size_without_torchrun_is_a_one_line_error(monkeypatch):
+    from fastgpt.errors import UsageError
+    from fastgpt.train.distributed import init_distributed
+
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match=r"WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT, RANK"):
+        init_distributed()
