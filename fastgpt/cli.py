@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from fastgpt import __version__
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if sys.stdout is None:  # started with stdout closed (`>&-`): Python leaves it None
+        return command_error(" ".join(argv[:1]) or "", "standard output is closed")
     parser = build_parser()
     # Find the subcommand first, then let its module add the arguments and parse again.
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -104,6 +107,10 @@ def _run(module, args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (130 = 128 + SIGINT)
         print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
+        # What Python would still flush to the closed pipe at exit goes to /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -115,3 +115,39 @@ def test_world_size_without_torchrun_is_a_one_line_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match=r"WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT, RANK"):
         init_distributed()
+
+
+def _tiny_folder(path):
+    from fastgpt.config import GPTConfig
+    from fastgpt.model import GPTModel
+
+    GPTModel(GPTConfig.from_name("tiny", context_length=32)).save_pretrained(path)
+    return path
+
+
+def test_generate_into_a_pipe_that_closes_stops_quietly(tmp_path, tiktoken_available):
+    """`fastgpt generate ... | head -c 20`: the reader leaves, generate stops with 141 (128 +
+    SIGPIPE, as cat does) and prints no traceback."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "fastgpt", "generate", "--model", str(_tiny_folder(tmp_path)),
+            "--prompt", "Every effort", "--max-new-tokens", "50"]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the first token: its write meets a closed pipe
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def test_a_command_started_with_stdout_closed_says_so():
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "fastgpt", "generate", "--help"],
+        capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == "fastgpt generate: error: standard output is closed"
