@@ -144,6 +144,8 @@ def read_labeled_table(
                     )
                 if not any((v or "").strip() for v in row.values()):
                     continue  # blank line
+                if not row[label_column].strip():
+                    raise ValueError(f"{where}: empty label (column {label_column!r})")
                 rows.append((row[text_column], row[label_column].strip(), where))
         except csv.Error as exc:  # e.g. a field longer than csv.field_size_limit()
             line = reader.reader.line_num  # DictReader.line_num lags a failed row
@@ -433,6 +435,9 @@ def load_classifier_metadata(directory: str | Path) -> tuple[list[str], dict[str
         raise ValueError(f'{labels_path}: no "labels" list')
     info_path = directory / CLASSIFIER_FILE
     info = _read_json(info_path) if info_path.is_file() else {}
+    max_length = info.get("max_length")
+    if max_length is not None and (type(max_length) is not int or max_length < 1):
+        raise ValueError(f"{info_path}: max_length must be an integer >= 1, got {max_length!r}")
     return labels, info
 
 

@@ -41,8 +41,8 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
-        if alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        if not (math.isfinite(alpha) and alpha > 0):  # NaN would pass `alpha <= 0`
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha}")
         self.base = base
         base.requires_grad_(False)
         self.rank = rank
@@ -234,6 +234,8 @@ def _read_adapters(directory: Path) -> tuple[Path, int, float, dict[str, torch.T
             rank, alpha = hf_format.read_peft_adapter_config(info)
         else:
             rank, alpha, names = int(info["rank"]), float(info["alpha"]), list(info["modules"])
+        if not (math.isfinite(alpha) and alpha > 0):  # JSON may hold NaN or Infinity
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{config_path}: malformed LoRA config ({exc!r})") from exc
     tensors_path = directory / (PEFT_ADAPTERS_FILE if peft else ADAPTERS_FILE)

@@ -40,7 +40,7 @@ def test_a_checkpoints_rng_states_load_without_pickled_objects(tmp_path):
 
     checkpointer = Checkpointer(tmp_path, True, 1, DistInfo())
     np.random.randn()  # a cached Gaussian is part of NumPy's state
-    path = checkpointer.save({"step": 3})
+    path = checkpointer.save({"model": {}, "optimizer": {}, "step": 3})
     draws = (random.random(), np.random.randn(), torch.rand(2).tolist())
     state = Checkpointer.read(path)
     set_rng_state(state["rng"][0])
@@ -151,3 +151,62 @@ def test_a_command_started_with_stdout_closed_says_so():
     )  # fmt: skip
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip() == "fastgpt generate: error: standard output is closed"
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -1.0])
+def test_saved_adapters_with_a_bad_alpha_are_refused(tmp_path, alpha):
+    import json
+
+    from fastgpt.config import GPTConfig
+    from fastgpt.lora import apply_lora, save_pretrained_with_lora
+    from fastgpt.model import GPTModel
+
+    model = GPTModel(GPTConfig.from_name("tiny", vocab_size=97, context_length=16))
+    apply_lora(model, rank=2, alpha=4.0)
+    save_pretrained_with_lora(model, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "lora_alpha": alpha}))  # json writes NaN / Infinity
+    with pytest.raises(ValueError, match=r"adapter_config.json: malformed LoRA config"):
+        GPTModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("max_length", [0, -3, "12", 2.5, True])
+def test_a_classifier_json_with_a_bad_max_length_is_refused(tmp_path, max_length):
+    from fastgpt.classification import load_classifier_metadata, save_classifier_metadata
+
+    save_classifier_metadata(tmp_path, ["ham", "spam"], {"max_length": max_length, "pad_id": 0})
+    with pytest.raises(ValueError, match=r"classifier.json: max_length must be an integer >= 1"):
+        load_classifier_metadata(tmp_path)
+
+
+def test_an_empty_label_in_a_table_is_refused(tmp_path):
+    from fastgpt.classification import read_labeled_table
+
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\nhello,ham\nbuy now,spam\nno label here,\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data.csv:4: empty label \(column 'label'\)"):
+        read_labeled_table(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"step": -5}, r"step must be an integer >= 0, got -5"),
+        ({"step": "12"}, r"step must be an integer >= 0, got '12'"),
+        ({"optimizer": None}, r"an incomplete training checkpoint \(no optimizer\)"),
+    ],
+)
+def test_a_malformed_checkpoint_is_a_one_line_error(tmp_path, change, message):
+    from fastgpt.errors import UsageError
+    from fastgpt.train.distributed import DistInfo
+
+    path = Checkpointer(tmp_path, True, 1, DistInfo()).save(
+        {"model": {}, "optimizer": {}, "step": 3}
+    )
+    state = torch.load(path, weights_only=True)
+    state.update(change)
+    state = {k: v for k, v in state.items() if v is not None}
+    torch.save(state, path)
+    with pytest.raises(UsageError, match=message):
+        Checkpointer.read(path)

@@ -123,6 +123,11 @@ class Checkpointer:
             ) from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"{path} is not a fastgpt training checkpoint")
+        missing = [key for key in ("model", "optimizer", "step", "rng") if key not in state]
+        if missing:
+            raise UsageError(f"{path}: an incomplete training checkpoint (no {', '.join(missing)})")
+        if type(state["step"]) is not int or state["step"] < 0:
+            raise UsageError(f"{path}: step must be an integer >= 0, got {state['step']!r}")
         return state
 
     def restore_rng(self, state: dict[str, Any], fallback_seed: int) -> None:
