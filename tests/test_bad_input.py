@@ -210,3 +210,27 @@ def test_a_malformed_checkpoint_is_a_one_line_error(tmp_path, change, message):
     torch.save(state, path)
     with pytest.raises(UsageError, match=message):
         Checkpointer.read(path)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dropout", "1"], "--dropout must be in [0, 1)"),
+        (["--dropout", "nan"], "--dropout must be in [0, 1)"),
+        (["--out", ""], "--out must be a folder name, got ''"),
+        (["--data", ""], "--data is empty: give a file, folder or glob"),
+        (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),
+    ],
+)
+def test_training_options_that_would_silently_misbehave_are_refused(
+    tmp_path, capsys, monkeypatch, flags, message
+):
+    """--out "" would write into the current folder, --data "" train on it recursively."""
+    from fastgpt.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["pretrain", "--model", "tiny", "--max-steps", "1", "--out", "run", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fastgpt pretrain: error: {message}") and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []

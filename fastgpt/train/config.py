@@ -94,8 +94,10 @@ class TrainConfig:
         require(self, "lr", 0 < self.lr < math.inf, "> 0 and finite")
         if self.min_lr is not None:
             require(self, "min_lr", 0 <= self.min_lr <= self.lr, f"in [0, lr={self.lr}]")
-        for name in ("weight_decay", "grad_clip", "seed"):
+        for name in ("weight_decay", "grad_clip"):
             require(self, name, getattr(self, name) >= 0, ">= 0")
+        require(self, "seed", 0 <= self.seed < 2**64, "in [0, 2**64)")  # torch's seed range
+        require(self, "out_dir", bool(str(self.out_dir).strip()), "a folder name")
         betas_ok = len(self.betas) == 2 and all(0 <= beta < 1 for beta in self.betas)
         require(self, "betas", betas_ok, "two numbers in [0, 1)")  # AdamW's own check, earlier
         resolve_device(self.device)  # an unknown or absent device fails before any work

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastgpt.errors import ConfigError, UsageError
+from fastgpt.errors import ConfigError, UsageError, require
 from fastgpt.lora import LoRAOptions
 from fastgpt.options import add_options, explicit_options, options_from_args
 from fastgpt.train.config import TrainConfig, check_out_dir_is_free, remove_files_not_replaced
@@ -61,6 +61,10 @@ class ModelOptions:
     backend's math is compiled by Inductor). The first steps pay the compile (tens of seconds
     for gpt2-small; again whenever a batch brings a new sequence length, until dynamic shapes
     take over); worth it for long runs, not for a few steps."""
+
+    def __post_init__(self) -> None:
+        ok = self.dropout is None or 0 <= self.dropout < 1
+        require(self, "dropout", ok, "in [0, 1) (or unset: the model's own)")
 
 
 @contextlib.contextmanager
@@ -264,6 +268,8 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
             lora,
             frozenset(explicit_options(args)),
         )
+        if str(getattr(task.options, "data", None)).strip() == "":  # "" would be the cwd
+            raise ConfigError("data", "is empty: give a file, folder or glob")
         earlier = check_out_dir_is_free(task.config)  # before any work: another run's files stay
         # A bad file fails before any weights are built, loaded or downloaded.
         data = task.load_data()
