@@ -183,7 +183,7 @@ def test_bad_config_values():
     assert TrainConfig().epochs == 1 and TrainConfig(max_steps=5).epochs is None
     with pytest.raises(ValueError, match="lr must be > 0 and finite, got inf"):
         TrainConfig(lr=float("inf"))
-    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got -1"):
         TrainConfig(seed=-1)
     with pytest.raises(ValueError, match="grad_clip must be >= 0, got -1"):
         TrainConfig(grad_clip=-1)
