@@ -16,7 +16,8 @@ option; a bool that defaults to False is a switch, one that defaults to True is
 `--no-field-name`; a `Literal[...]` gives the choices; `tuple[float, float]` takes two numbers,
 `tuple[int, ...]` a comma-separated list ("64,128"); `list[str]` is repeated (`--prompt A
 --prompt B`); `int | None` takes an int. A field's `metadata` may set "flag" (another name),
-"metavar", "nargs" and "const" (for `--resume [CHECKPOINT]`), "type" (a function from the
+"metavar", "nargs" and "const" (for `--resume [CHECKPOINT]`), "positional": True (an
+argument without a flag: `fastgpt classify TEXT [TEXT ...]`), "type" (a function from the
 option's text to its value, in place of the annotation's; a ValueError it raises is argparse's
 one-line error), "default_note" (words after the default in the help), "default_text" (shown in
 place of the default's value), or "cli": False (not an option). A command may change a default
@@ -178,8 +179,13 @@ def _default_of(field: dataclasses.Field, defaults: dict[str, Any]) -> Any:
 def _add_option(group, field: dataclasses.Field, kind: Any, doc: str, defaults: dict) -> None:
     """One field's option: its flag, how its text becomes a value, its help."""
     meta = field.metadata
-    default = _default_of(field, defaults)
     help_text = doc.replace("%", "%%")
+    if meta.get("positional"):  # required: a field without a default
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
+        nargs = {key: meta[key] for key in ("nargs", "metavar") if key in meta}
+        group.add_argument(field.name, type=item, help=help_text, **nargs)
+        return
+    default = _default_of(field, defaults)
     kwargs: dict[str, Any] = {"dest": field.name}
     if default is dataclasses.MISSING:
         kwargs["required"] = True

@@ -149,25 +149,42 @@ def test_options_from_fields_required_repeated_lists_and_parsed(capsys):
     assert "An empty default, not shown. --level" in text and "(default one)" in text
 
 
-COMMAND_OPTIONS = {  # command -> its options dataclasses, as (module, name)
-    "generate": [("commands.generate", "GenerateOptions"), ("devices", "InferenceOptions")],
-    "selftest": [
-        ("commands.selftest", "SelftestOptions"),
-        ("commands.selftest", "CompileCheckOptions"),
-    ],
-    "bench": [("commands.bench", "BenchOptions")],
+COMMAND_OPTIONS = {  # command -> (its options dataclasses as (module, name), required values)
+    "generate": (
+        [("commands.generate", "GenerateOptions"), ("devices", "InferenceOptions")],
+        {"model": "gpt2"},
+    ),
+    "selftest": (
+        [("commands.selftest", "SelftestOptions"), ("commands.selftest", "CompileCheckOptions")],
+        {},
+    ),
+    "bench": ([("commands.bench", "BenchOptions")], {}),
+    "classify": (
+        [("commands.classify", "ClassifyOptions"), ("devices", "InferenceOptions")],
+        {"model": "runs/spam", "texts": ["a", "b"]},
+    ),
+    "evaluate": (
+        [("commands.evaluate", "EvaluateOptions"), ("judge", "JudgeOptions")],
+        {"responses": "r.json"},
+    ),
+    "prepare-data": (
+        [
+            ("commands.prepare_data", "InputOptions"),
+            ("corpus.prepare", "CorpusOptions"),
+            ("commands.prepare_data", "OutputOptions"),
+        ],
+        {"inputs": ["a.txt"], "out": "data/a"},
+    ),
 }
 
 
 @pytest.mark.parametrize("command", sorted(COMMAND_OPTIONS))
 def test_every_option_of_a_command_is_a_field_with_its_docstring(command):
-    """generate, selftest and bench: each option is a field of the command's dataclasses, its
-    help the field's docstring (other fields named by their flags), and the options not given
-    are the fields' defaults."""
-    classes = [
-        getattr(importlib.import_module(f"fastgpt.{module}"), name)
-        for module, name in COMMAND_OPTIONS[command]
-    ]
+    """Each option of these commands is a field of the command's dataclasses, its help the
+    field's docstring (other fields named by their flags), and the options not given are the
+    fields' defaults."""
+    names, required = COMMAND_OPTIONS[command]
+    classes = [getattr(importlib.import_module(f"fastgpt.{m}"), name) for m, name in names]
     parser = argparse.ArgumentParser(prog=f"fastgpt {command}")
     importlib.import_module(SUBCOMMANDS[command][0]).add_arguments(parser)
     options = {a.dest: a for a in parser._actions if a.dest != "help"}
@@ -181,10 +198,13 @@ def test_every_option_of_a_command_is_a_field_with_its_docstring(command):
         if typing.get_type_hints(cls)[name] is bool and field.default:
             doc = "Don't " + doc[0].lower() + doc[1:]
         assert re.sub(r" \(default [^:][^)]*\)$", "", action.help) == doc
-    required = ["--model", "gpt2"] if command == "generate" else []
-    args = resolve_defaults(parser.parse_args(required))
+    argv = []
+    for name, value in required.items():
+        values = value if isinstance(value, list) else [value]
+        argv += values if not options[name].option_strings else [f"--{name}", *values]
+    args = resolve_defaults(parser.parse_args(argv))
     for cls in classes:
-        given = {"model": "gpt2"} if "model" in {f.name for f in dataclasses.fields(cls)} else {}
+        given = {f.name: required[f.name] for f in dataclasses.fields(cls) if f.name in required}
         assert options_from_args(cls, args) == cls(**given)
 
 
