@@ -11,12 +11,17 @@ written once, as a field with a docstring (the idea behind litgpt's CLI).
     args = parser.parse_args(argv); resolve_defaults(args)
     options = options_from_args(PretrainOptions, args)           # PretrainOptions(...)
 
-How a field becomes an option: `--field-name`; a bool that defaults to False is a switch, one
-that defaults to True is `--no-field-name`; a `Literal[...]` gives the choices; `tuple[float,
-float]` takes two numbers; `int | None` takes an int. A field's `metadata` may set "flag"
-(another name), "metavar", "nargs" and "const" (for `--resume [CHECKPOINT]`), "default_note"
-(words after the default in the help), or "cli": False (not an option). A command may change
-a default (`defaults={"lr": 5e-5}`): that command's default, written once, in that command.
+How a field becomes an option: `--field-name`; a field without a default is a required
+option; a bool that defaults to False is a switch, one that defaults to True is
+`--no-field-name`; a `Literal[...]` gives the choices; `tuple[float, float]` takes two numbers,
+`tuple[int, ...]` a comma-separated list ("64,128"); `list[str]` is repeated (`--prompt A
+--prompt B`); `int | None` takes an int. A field's `metadata` may set "flag" (another name),
+"metavar", "nargs" and "const" (for `--resume [CHECKPOINT]`), "positional": True (an
+argument without a flag: `fastgpt classify TEXT [TEXT ...]`), "type" (a function from the
+option's text to its value, in place of the annotation's; a ValueError it raises is argparse's
+one-line error), "default_note" (words after the default in the help), "default_text" (shown in
+place of the default's value), or "cli": False (not an option). A command may change a default
+(`defaults={"lr": 5e-5}`): that command's default, written once, in that command.
 
 `explicit_options(args)` tells which options the user actually gave, so a value a file holds
 (a model's context length, say) can stand unless a flag overrides it.
@@ -34,6 +39,7 @@ import re
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 _EXPLICIT = "_explicit_options"
@@ -83,6 +89,46 @@ def _docs_with_flags(cls: type) -> dict[str, str]:
     }
 
 
+class _Append(argparse.Action):
+    """argparse's "append" for a default wrapped in _Default: the first use starts from a copy
+    of the default list."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = getattr(namespace, self.dest)
+        items = list(items.value if isinstance(items, _Default) else items)
+        setattr(namespace, self.dest, [*items, values])
+
+
+def option_type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`convert` as an argparse type whose ValueError message is the one-line error (argparse
+    itself would print "invalid <function name> value")."""
+
+    @functools.wraps(convert)
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def comma_separated(convert: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """A field's "type" for a list in one option: "a,b,," -> (convert("a"), convert("b")),
+    empty items skipped."""
+
+    def parse(text: str) -> tuple:
+        return tuple(convert(v) for v in text.split(",") if v.strip())
+
+    return parse
+
+
+def _is_list_of_values(kind: Any) -> bool:
+    """tuple[X, ...]: a comma-separated option."""
+    args = typing.get_args(kind)
+    return typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(the type without None, whether None is allowed) of a field annotation."""
     origin = typing.get_origin(annotation)
@@ -97,9 +143,9 @@ def _flag(field: dataclasses.Field) -> str:
     return field.metadata.get("flag", "--" + field.name.replace("_", "-"))
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, kind: Any) -> str:
     if isinstance(value, tuple):
-        return " ".join(str(v) for v in value)
+        return (",".join if _is_list_of_values(kind) else " ".join)(str(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -116,39 +162,70 @@ def add_options(
     defaults = defaults or {}
     group = parser.add_argument_group(title) if title else parser
     for field in dataclasses.fields(cls):
-        if not field.metadata.get("cli", True):
-            continue
-        if field.name in defaults:
-            default = defaults[field.name]
-        elif field.default is not dataclasses.MISSING:
-            default = field.default
-        else:
-            default = field.default_factory()  # type: ignore[misc]
-        kind, _ = _base_type(hints[field.name])
-        help_text = docs.get(field.name, "").replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": field.name, "default": _Default(default)}
-        flag = _flag(field)
-        if kind is bool and "nargs" not in field.metadata:
-            if default:  # the flag turns it off: "Show a bar." -> "Don't show a bar."
-                flag = field.metadata.get("flag", "--no-" + field.name.replace("_", "-"))
-                help_text = "Don't " + help_text[:1].lower() + help_text[1:]
-            kwargs["action"] = "store_false" if default else "store_true"
-        else:
-            if typing.get_origin(kind) is Literal:
-                kwargs["choices"] = typing.get_args(kind)
-            elif typing.get_origin(kind) is tuple:
-                item_types = typing.get_args(kind)
-                kwargs.update(type=item_types[0], nargs=len(item_types))
-            elif kind in (int, float, str):
-                kwargs["type"] = kind
-            for key in ("nargs", "const", "metavar"):
-                if key in field.metadata:
-                    kwargs[key] = field.metadata[key]
-            if default is not None and default is not False:
-                note = field.metadata.get("default_note", "")
-                shown = f"{_show(default)} {note}".strip()
-                help_text += f" (default {shown})".replace("%", "%%")
+        if field.metadata.get("cli", True):
+            kind, _ = _base_type(hints[field.name])
+            _add_option(group, field, kind, docs.get(field.name, ""), defaults)
+
+
+def _default_of(field: dataclasses.Field, defaults: dict[str, Any]) -> Any:
+    """The option's default: the command's, else the field's; MISSING for a required one."""
+    if field.name in defaults:
+        return defaults[field.name]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _add_option(group, field: dataclasses.Field, kind: Any, doc: str, defaults: dict) -> None:
+    """One field's option: its flag, how its text becomes a value, its help."""
+    meta = field.metadata
+    help_text = doc.replace("%", "%%")
+    if meta.get("positional"):  # required: a field without a default
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is list else kind
+        nargs = {key: meta[key] for key in ("nargs", "metavar") if key in meta}
+        group.add_argument(field.name, type=item, help=help_text, **nargs)
+        return
+    default = _default_of(field, defaults)
+    kwargs: dict[str, Any] = {"dest": field.name}
+    if default is dataclasses.MISSING:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = _Default(default)
+    flag = _flag(field)
+    if kind is bool and "nargs" not in meta:
+        if default:  # the flag turns it off: "Show a bar." -> "Don't show a bar."
+            flag = meta.get("flag", "--no-" + field.name.replace("_", "-"))
+            help_text = "Don't " + help_text[:1].lower() + help_text[1:]
+        kwargs["action"] = "store_false" if default else "store_true"
         group.add_argument(flag, help=help_text, **kwargs)
+        return
+    if "type" in meta:
+        kwargs["type"] = option_type(meta["type"])
+    elif typing.get_origin(kind) is Literal:
+        kwargs["choices"] = typing.get_args(kind)
+    elif _is_list_of_values(kind):
+        kwargs["type"] = option_type(comma_separated(typing.get_args(kind)[0]))
+    elif typing.get_origin(kind) is tuple:
+        item_types = typing.get_args(kind)
+        kwargs.update(type=item_types[0], nargs=len(item_types))
+    elif typing.get_origin(kind) is list:
+        kwargs.update(action=_Append, type=typing.get_args(kind)[0])
+    elif kind in (int, float, str):
+        kwargs["type"] = kind
+    for key in ("nargs", "const", "metavar"):
+        if key in meta:
+            kwargs[key] = meta[key]
+    if _shows_default(default):
+        shown = f"{meta.get('default_text') or _show(default, kind)} {meta.get('default_note', '')}"
+        help_text += f" (default {shown.strip()})".replace("%", "%%")
+    group.add_argument(flag, help=help_text, **kwargs)
+
+
+def _shows_default(default: Any) -> bool:
+    """Whether the help names the default: not for a required option, None, False or empty."""
+    if default is dataclasses.MISSING or default is None or default is False:
+        return False
+    return not (isinstance(default, tuple | list) and not default)
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:

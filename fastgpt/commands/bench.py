@@ -16,69 +16,56 @@ torch backend is measured on CPU: Triton kernels are never timed through the int
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastgpt.cli import command_error
 from fastgpt.errors import UsageError
+from fastgpt.options import add_options, options_from_args
 
-SUITE_HELP = "layernorm, gelu, attention, loss, train, generate, hf"
 
-
-def suites_arg(value: str) -> list[str]:
-    """argparse type of --only: a comma-separated list of known suites."""
+def _suites(text: str) -> list[str]:
+    """--only: a comma-separated list of known suites (ValueError names an unknown one)."""
     from fastgpt.benchmarks.run import parse_only
 
-    try:
-        return parse_only(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_only(text)
 
 
-def dtypes_arg(value: str) -> tuple[str, ...] | None:
-    """argparse type of --dtypes: a comma-separated list of bf16, fp16, fp32."""
+def _dtypes(text: str) -> tuple[str, ...] | None:
+    """--dtypes: a comma-separated list of bf16, fp16, fp32."""
     from fastgpt.benchmarks.run import parse_dtypes
 
-    try:
-        return parse_dtypes(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse_dtypes(text)
+
+
+@dataclass
+class BenchOptions:
+    """What `fastgpt bench` measures, where, and where its results go."""
+
+    only: list[str] | None = field(
+        default=None, metadata={"type": _suites, "metavar": "SUITE[,SUITE...]"}
+    )
+    """Run only these suites (comma-separated): layernorm, gelu, attention, loss, train,
+    generate, hf (default: all)."""
+    quick: bool = False
+    """A few shapes per suite."""
+    out: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Results folder (default: ./benchmarks/results/<gpu-name>/ under the current folder, or
+    cpu-<cpu-name>/)."""
+    dtypes: tuple[str, ...] | None = field(
+        default=None, metadata={"type": _dtypes, "metavar": "DTYPE[,DTYPE...]"}
+    )
+    """Kernel benchmarks only in these dtypes: bf16, fp16, fp32 (default: bf16 and fp16 on GPU,
+    bf16 alone with --quick; fp32 on CPU)."""
+    device: str | None = None
+    """cuda, cuda:1, cpu (default: cuda if available, else cpu)."""
+    report_only: bool = False
+    """Measure nothing: rebuild summary.md and the plots from the JSON files in --out (e.g.
+    after suites ran separately or a run was cut short)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--only",
-        type=suites_arg,
-        default=None,
-        metavar="SUITE[,SUITE...]",
-        help=f"run only these suites (comma-separated): {SUITE_HELP} (default: all)",
-    )
-    parser.add_argument("--quick", action="store_true", help="a few shapes per suite")
-    parser.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="results folder (default: ./benchmarks/results/<gpu-name>/ under the current "
-        "folder, or cpu-<cpu-name>/)",
-    )
-    parser.add_argument(
-        "--dtypes",
-        type=dtypes_arg,
-        default=None,
-        metavar="DTYPE[,DTYPE...]",
-        help="kernel benchmarks only in these dtypes: bf16, fp16, fp32 "
-        "(default: bf16 and fp16 on GPU, bf16 alone with --quick; fp32 on CPU)",
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="cuda, cuda:1, cpu (default: cuda if available, else cpu)",
-    )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="measure nothing: rebuild summary.md and the plots from the JSON files in --out "
-        "(e.g. after suites ran separately or a run was cut short)",
-    )
+    add_options(parser, BenchOptions)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.devices import resolve_device
     from fastgpt.files import check_writable_folder
 
-    device = resolve_device(args.device)
-    out = Path(args.out) if args.out is not None else default_out_dir(device)
-    if args.report_only:
+    options = options_from_args(BenchOptions, args)
+    device = resolve_device(options.device)
+    out = Path(options.out) if options.out is not None else default_out_dir(device)
+    if options.report_only:
         from fastgpt.benchmarks.report import load_results, write_all
 
         if not load_results(out):
@@ -100,7 +88,11 @@ def run(args: argparse.Namespace) -> int:
     check_writable_folder(out, "out")
     try:
         run_benchmarks(
-            only=args.only, quick=args.quick, out_dir=out, device=device, dtypes=args.dtypes
+            only=options.only,
+            quick=options.quick,
+            out_dir=out,
+            device=device,
+            dtypes=options.dtypes,
         )
     except SuitesFailed as exc:  # what did run is written; the run as a whole failed
         return command_error("bench", exc, code=1)

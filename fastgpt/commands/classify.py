@@ -9,21 +9,28 @@ One line per text: the predicted label, its probability, and the text (tab-separ
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 
 from fastgpt.devices import InferenceOptions
 from fastgpt.errors import UsageError
 from fastgpt.options import add_options, options_from_args
 
 
+@dataclass
+class ClassifyOptions:
+    """Which classifier labels which texts (how the model runs is InferenceOptions)."""
+
+    model: str
+    """Folder written by `fastgpt finetune-classify --out`."""
+    texts: list[str] = field(metadata={"positional": True, "nargs": "+", "metavar": "TEXT"})
+    """Text(s) to classify."""
+    all_probs: bool = False
+    """Also print every label's probability."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", required=True, help="folder written by `fastgpt finetune-classify --out`"
-    )
-    parser.add_argument("texts", nargs="+", metavar="TEXT", help="text(s) to classify")
+    add_options(parser, ClassifyOptions)
     add_options(parser, InferenceOptions, "how the model runs")
-    parser.add_argument(
-        "--all-probs", action="store_true", help="also print every label's probability"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,24 +38,26 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.model import GPTModel
     from fastgpt.tokenizer import get_tokenizer
 
-    device, dtype = options_from_args(InferenceOptions, args).resolve()
+    options = options_from_args(ClassifyOptions, args)
+    inference = options_from_args(InferenceOptions, args)
+    device, dtype = inference.resolve()
     try:
-        label_names, info = load_classifier_metadata(args.model)
+        label_names, info = load_classifier_metadata(options.model)
         model = GPTModel.from_pretrained(
-            args.model, backend=args.backend, device=device, dtype=dtype
+            options.model, backend=inference.backend, device=device, dtype=dtype
         )
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise UsageError(f"cannot load {args.model!r}: {exc}") from exc
+        raise UsageError(f"cannot load {options.model!r}: {exc}") from exc
     if model.out_head.out_features != len(label_names):
         raise UsageError(
-            f"{args.model} has {model.out_head.out_features} outputs but "
+            f"{options.model} has {model.out_head.out_features} outputs but "
             f"{len(label_names)} labels in labels.json"
         )
-    probs = classify_texts(model, args.texts, get_tokenizer(), info.get("max_length"))  # (N, C)
-    for text, row in zip(args.texts, probs.tolist(), strict=True):
+    probs = classify_texts(model, options.texts, get_tokenizer(), info.get("max_length"))  # (N, C)
+    for text, row in zip(options.texts, probs.tolist(), strict=True):
         best = max(range(len(row)), key=row.__getitem__)
         line = f"{label_names[best]}\t{row[best]:.4f}\t{text}"
-        if args.all_probs:
+        if options.all_probs:
             line += "\t" + " ".join(f"{n}={p:.4f}" for n, p in zip(label_names, row, strict=True))
         print(line)
     return 0

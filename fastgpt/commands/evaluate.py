@@ -16,33 +16,40 @@ from __future__ import annotations
 
 import argparse
 import functools
+from dataclasses import dataclass, field
 
 from fastgpt.cli import command_error
+from fastgpt.options import add_options, options_from_args
+
+
+@dataclass
+class EvaluateOptions:
+    """Which responses are scored and where the scores go (the judge is JudgeOptions)."""
+
+    responses: str = field(metadata={"positional": True})
+    """test_responses.json written by finetune-instruct."""
+    scores: str | None = None
+    """Scores file (JSON lines, appended; default: RESPONSES.scores.jsonl beside it)."""
+    progress: bool = True
+    """Show a progress bar."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fastgpt.evaluate import JudgeOptions
-    from fastgpt.options import add_options
 
-    parser.add_argument("responses", help="test_responses.json written by finetune-instruct")
+    add_options(parser, EvaluateOptions)
     add_options(parser, JudgeOptions, "judge")  # finetune-instruct takes the same options
-    parser.add_argument(
-        "--scores",
-        default=None,
-        help="scores file (JSON lines, appended; default: RESPONSES.scores.jsonl beside it)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from fastgpt.evaluate import JudgeError, JudgeOptions, evaluate_responses
-    from fastgpt.options import options_from_args
 
     fail = functools.partial(command_error, "evaluate")
+    options = options_from_args(EvaluateOptions, args)
     judge = options_from_args(JudgeOptions, args).judge()  # a ConfigError names the flag
     try:
         summary = evaluate_responses(
-            args.responses, judge, scores_path=args.scores, progress=not args.no_progress
+            options.responses, judge, scores_path=options.scores, progress=options.progress
         )
     except (ValueError, FileNotFoundError) as exc:
         return fail(exc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,52 +24,51 @@ from fastgpt.errors import UsageError
 from fastgpt.options import add_options, options_from_args
 
 
+@dataclass
+class GenerateOptions:
+    """What `fastgpt generate` generates, from which prompts (how the model runs is
+    InferenceOptions)."""
+
+    model: str
+    """Checkpoint folder (ours or Hugging Face GPT-2) or a hub name: gpt2, gpt2-medium,
+    gpt2-large, gpt2-xl."""
+    prompt: list[str] = field(default_factory=list)
+    """Text to continue (repeat for a batch)."""
+    prompts_file: str | None = None
+    """A file of prompts, one a line (blank lines skipped)."""
+    max_new_tokens: int = 50
+    """Tokens to generate."""
+    temperature: float = 0.0
+    """0 is greedy; higher is more random."""
+    top_k: int | None = None
+    """Sample from the k likeliest."""
+    top_p: float | None = None
+    """Sample from the smallest set with mass p."""
+    seed: int | None = None
+    """Random seed for sampling."""
+    cache: bool = True
+    """Keep a KV cache; without it the whole sequence reruns at each step."""
+    stop_at_eos: bool = False
+    """Stop at <|endoftext|> (token 50256)."""
+    compile: bool = False
+    """torch.compile the decoding step (CUDA graphs on CUDA); pays a compile first."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="checkpoint folder (ours or Hugging Face GPT-2) or a hub name: gpt2, gpt2-medium, "
-        "gpt2-large, gpt2-xl",
-    )
-    parser.add_argument(
-        "--prompt", action="append", default=[], help="text to continue (repeat for a batch)"
-    )
-    parser.add_argument(
-        "--prompts-file", default=None, help="a file of prompts, one a line (blank lines skipped)"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0 = greedy (default); higher = more random"
-    )
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
-    parser.add_argument(
-        "--top-p", type=float, default=None, help="sample from the smallest set with mass p"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    add_options(parser, GenerateOptions)
     add_options(parser, InferenceOptions, "how the model runs")
-    parser.add_argument(
-        "--no-cache", action="store_true", help="rerun the whole sequence at each step"
-    )
-    parser.add_argument(
-        "--stop-at-eos", action="store_true", help="stop at <|endoftext|> (token 50256)"
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decoding step (CUDA graphs on CUDA); pays a compile first",
-    )
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
+def _read_prompts(options: GenerateOptions) -> list[str]:
     """The --prompt texts, then the --prompts-file lines; UsageError when there are none or one
     is empty."""
-    prompts = list(args.prompt)
-    if args.prompts_file is not None:
+    prompts = list(options.prompt)
+    if options.prompts_file is not None:
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
+            with open(options.prompts_file, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as exc:
-            raise UsageError(f"cannot read --prompts-file {args.prompts_file!r}: {exc}") from exc
+            raise UsageError(f"cannot read --prompts-file {options.prompts_file!r}: {exc}") from exc
     if not prompts:
         raise UsageError("give a prompt: --prompt TEXT or --prompts-file FILE")
     if any(not p for p in prompts):
@@ -94,18 +94,22 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.model import GPTModel, check_language_model
     from fastgpt.tokenizer import EOT_ID, get_tokenizer, text_to_token_ids
 
-    texts = _read_prompts(args)
-    check_generation_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    if args.compile and args.no_cache:
+    options = options_from_args(GenerateOptions, args)
+    inference = options_from_args(InferenceOptions, args)
+    texts = _read_prompts(options)
+    check_generation_options(
+        options.max_new_tokens, options.temperature, options.top_k, options.top_p
+    )
+    if options.compile and not options.cache:
         raise UsageError("--compile needs the KV cache (leave out --no-cache)")
-    device, dtype = options_from_args(InferenceOptions, args).resolve()
+    device, dtype = inference.resolve()
     try:
         model = GPTModel.from_pretrained(
-            args.model, backend=args.backend, device=device, dtype=dtype
+            options.model, backend=inference.backend, device=device, dtype=dtype
         )
-        check_language_model(model, args.model)
+        check_language_model(model, options.model)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise UsageError(f"cannot load {args.model!r}: {exc}") from exc
+        raise UsageError(f"cannot load {options.model!r}: {exc}") from exc
     tokenizer = get_tokenizer()
     context = model.config.context_length
     many = len(texts) > 1
@@ -114,30 +118,31 @@ def run(args: argparse.Namespace) -> int:
         for i, t in enumerate(texts, 1)
     ]
     generator = None
-    if args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-    options = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_id=EOT_ID if args.stop_at_eos else None,
-        use_cache=not args.no_cache,
+    if options.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(options.seed)
+    sampling = dict(
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        eos_id=EOT_ID if options.stop_at_eos else None,
+        use_cache=options.cache,
         generator=generator,
-        compile=args.compile,
+        compile=options.compile,
     )
     if many:
-        rows = generate(model, [p[0].to(device) for p in prompts], args.max_new_tokens, **options)
+        ids = [p[0].to(device) for p in prompts]
+        rows = generate(model, ids, options.max_new_tokens, **sampling)
         for i, (text, prompt, row) in enumerate(zip(texts, prompts, rows, strict=True), 1):
             new = [
-                t for t in row[prompt.shape[1] :].tolist() if t != EOT_ID or not args.stop_at_eos
+                t for t in row[prompt.shape[1] :].tolist() if t != EOT_ID or not options.stop_at_eos
             ]
             sys.stdout.write(f"[{i}] {text}{tokenizer.decode(new)}\n")
         sys.stdout.flush()
         return 0
-    return _stream_one(model, texts[0], prompts[0].to(device), args, tokenizer, options)
+    return _stream_one(model, texts[0], prompts[0].to(device), options, tokenizer, sampling)
 
 
-def _stream_one(model, text, prompt, args, tokenizer, options) -> int:
+def _stream_one(model, text, prompt, options: GenerateOptions, tokenizer, sampling) -> int:
     """Generate from one (1, T) prompt, printing text as it is produced."""
     from fastgpt.generation import generate
     from fastgpt.tokenizer import EOT_ID
@@ -148,14 +153,14 @@ def _stream_one(model, text, prompt, args, tokenizer, options) -> int:
 
     def print_token(step: torch.Tensor) -> None:  # (1, 1)
         token = int(step[0, 0])
-        if token != EOT_ID or not args.stop_at_eos:
+        if token != EOT_ID or not options.stop_at_eos:
             sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
             sys.stdout.flush()
 
     sys.stdout.write(text)
     sys.stdout.flush()
     try:
-        generate(model, prompt, args.max_new_tokens, on_step=print_token, **options)
+        generate(model, prompt, options.max_new_tokens, on_step=print_token, **sampling)
     finally:  # also on Ctrl-C: end the text's line, so "interrupted" is not glued to it
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
         sys.stdout.flush()

@@ -24,6 +24,14 @@ from fastgpt.options import add_options, options_from_args
 
 
 @dataclass
+class InputOptions:
+    """What is tokenized."""
+
+    inputs: list[str] = field(metadata={"positional": True, "nargs": "+", "metavar": "INPUT"})
+    """A .txt, .jsonl or .parquet file, a folder of them, or a quoted glob pattern."""
+
+
+@dataclass
 class OutputOptions:
     """Where the shards go."""
 
@@ -40,10 +48,7 @@ class OutputOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT",
-        help="a .txt, .jsonl or .parquet file, a folder of them, or a quoted glob pattern",
-    )  # fmt: skip
+    add_options(parser, InputOptions)
     add_options(parser, CorpusOptions, "tokenizing")
     add_options(parser, OutputOptions, "output")
 
@@ -52,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     from fastgpt.corpus.prepare import prepare_corpus
 
     try:
+        inputs = options_from_args(InputOptions, args)
         options = options_from_args(CorpusOptions, args)
         output = options_from_args(OutputOptions, args)
         prepare_corpus(
-            args.inputs, output.out, options, overwrite=output.overwrite,
+            inputs.inputs, output.out, options, overwrite=output.overwrite,
             progress=output.progress, log=print,
         )  # fmt: skip
     except UsageError:

@@ -21,21 +21,14 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from fastgpt.cli import command_error
+from fastgpt.options import add_options, comma_separated, options_from_args
 
 COMMAND = "selftest"
-
-
-def _csv(convert):
-    def parse(value: str):
-        try:
-            return tuple(convert(v) for v in value.split(",") if v.strip())
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 def _arch(value: str) -> int:
@@ -44,80 +37,76 @@ def _arch(value: str) -> int:
     return parse_arch(value)
 
 
-def _switch(group, flag: str, help_text: str) -> None:
-    group.add_argument(flag, action="store_true", help=help_text)
+@dataclass
+class SelftestOptions:
+    """Which check `fastgpt selftest` runs (the GPU checks, or --compile-only), and where its
+    results go."""
+
+    compile_only: bool = False
+    """No GPU needed: compile every kernel specialization for --arch and judge registers,
+    spills, shared memory and tensor-core use."""
+    dry_run: bool = False
+    """List what would run (checks or compile cases)."""
+    out: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Where selftest.json (and with --bench the benchmark results) go (default:
+    benchmarks/results/<gpu-name>/; --compile-only: no JSON unless given)."""
+    bench: bool = False
+    """After the checks, run `fastgpt bench --quick`."""
+    small: bool = False
+    """The tests' small sizes (on CPU: with TRITON_INTERPRET=1 --device cpu)."""
+    device: str = "cuda"
+    """Device of the GPU checks."""
 
 
-def _unset(group, flag: str, metavar: str, help_text: str) -> None:
-    """An option that is None unless given."""
-    group.add_argument(flag, default=None, metavar=metavar, help=help_text)
+@dataclass
+class CompileCheckOptions:
+    """What `fastgpt selftest --compile-only` compiles and judges, and where the reports go."""
+
+    arch: tuple[int, ...] = field(
+        default=(90, 80),
+        metadata={
+            "type": comma_separated(_arch),
+            "metavar": "ARCH[,ARCH]",
+            "default_text": "sm_90,sm_80",
+        },
+    )
+    """Target archs: sm_90 (H100/H200), sm_80 (A100)."""
+    subset: Literal["full", "ci"] = "full"
+    """full: every specialization; ci: head dims 64 and 128, widths 768 and 50257."""
+    only: tuple[str, ...] = field(default=(), metadata={"metavar": "OP[,OP]"})
+    """Only these ops."""
+    dtypes: tuple[str, ...] = field(default=(), metadata={"metavar": "fp16,bf16,fp32"})
+    """Only these dtypes."""
+    head_dims: tuple[int, ...] = field(default=(), metadata={"metavar": "D[,D]"})
+    """Only these attention head dims."""
+    widths: tuple[int, ...] = field(default=(), metadata={"metavar": "N[,N]"})
+    """Only these row widths."""
+    budget: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """Spill budget (default: the committed one)."""
+    report_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
+    """Write <arch>-triton-<version>.md reports there."""
+    from_json: str | None = field(default=None, metadata={"metavar": "FILE"})
+    """Compile nothing: judge the records of a JSON file written by --out against the budget,
+    print them and (with report_dir) rewrite the reports."""
+    quiet: bool = False
+    """No progress line per compiled kernel on stderr."""
+    jobs: int = field(
+        default_factory=lambda: min(2, os.cpu_count() or 1),
+        metadata={"default_text": "up to 2"},
+    )
+    """Compile in this many processes."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _switch(
-        parser,
-        "--compile-only",
-        "no GPU needed: compile every kernel specialization for --arch and judge "
-        "registers, spills, shared memory and tensor-core use",
-    )
-    _switch(parser, "--dry-run", "list what would run (checks or compile cases)")
-    _unset(
-        parser,
-        "--out",
-        "DIR",
-        "where selftest.json (and with --bench the benchmark results) go "
-        "(default: benchmarks/results/<gpu-name>/; --compile-only: no JSON unless given)",
-    )
-    _switch(parser, "--bench", "after the checks, run `fastgpt bench --quick`")
-    _switch(
-        parser, "--small", "the tests' small sizes (on CPU: with TRITON_INTERPRET=1 --device cpu)"
-    )
-    parser.add_argument("--device", default="cuda", help="device of the GPU checks (cuda)")
-    _add_compile_arguments(parser.add_argument_group("compile check (--compile-only)"))
-
-
-def _add_compile_arguments(group) -> None:
-    group.add_argument(
-        "--arch",
-        type=_csv(_arch),
-        default=(90, 80),
-        metavar="ARCH[,ARCH]",
-        help="target archs: sm_90 (H100/H200), sm_80 (A100) (default: sm_90,sm_80)",
-    )
-    group.add_argument(
-        "--subset",
-        choices=("full", "ci"),
-        default="full",
-        help="full: every specialization; ci: head dims 64 and 128, widths 768 and 50257",
-    )
-    group.add_argument(
-        "--only", type=_csv(str), default=(), metavar="OP[,OP]", help="only these ops"
-    )
-    group.add_argument("--dtypes", type=_csv(str), default=(), metavar="fp16,bf16,fp32")
-    group.add_argument("--head-dims", type=_csv(int), default=(), metavar="D[,D]")
-    group.add_argument("--widths", type=_csv(int), default=(), metavar="N[,N]")
-    _unset(group, "--budget", "FILE", "spill budget (default: the committed one)")
-    _unset(group, "--report-dir", "DIR", "write <arch>-triton-<version>.md reports there")
-    _unset(
-        group,
-        "--from-json",
-        "FILE",
-        "compile nothing: judge the records of a JSON file written by --out against the "
-        "budget, print them and (with --report-dir) rewrite the reports",
-    )
-    _switch(group, "--quiet", "no progress line per compiled kernel on stderr")
-    group.add_argument(
-        "--jobs",
-        type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="compile in this many processes (default: up to 2)",
-    )
+    add_options(parser, SelftestOptions)
+    add_options(parser, CompileCheckOptions, "compile check (--compile-only)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.compile_only:
-        return _compile_only(args)
-    return _gpu(args)
+    options = options_from_args(SelftestOptions, args)
+    if options.compile_only:
+        return _compile_only(options, options_from_args(CompileCheckOptions, args))
+    return _gpu(options)
 
 
 # --- compile check -----------------------------------------------------------------------
@@ -134,44 +123,44 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _compile_only(args: argparse.Namespace) -> int:
+def _compile_only(options: SelftestOptions, check: CompileCheckOptions) -> int:
     from fastgpt.selftest import compile_check
 
     # The sweep needs the kernels compiled, never interpreted (and the GPU configs they pick);
     # the environment is put back after, for a caller that goes on interpreting (a test).
     with compile_check.environment(TRITON_INTERPRET=None):
-        return _run_compile_only(args)
+        return _run_compile_only(options, check)
 
 
-def _run_compile_only(args: argparse.Namespace) -> int:
+def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> int:
     from fastgpt.selftest import compile_check, report, sweep
 
-    options = sweep.SweepOptions(
-        ops=args.only,
-        dtypes=args.dtypes,
-        head_dims=args.head_dims,
-        widths=args.widths,
-        subset=args.subset,
+    sweep_options = sweep.SweepOptions(
+        ops=check.only,
+        dtypes=check.dtypes,
+        head_dims=check.head_dims,
+        widths=check.widths,
+        subset=check.subset,
     )
-    unknown = [d for d in args.dtypes if d not in sweep.DTYPES]
+    unknown = [d for d in check.dtypes if d not in sweep.DTYPES]
     if unknown:
         return command_error(COMMAND, f"unknown dtype {unknown[0]!r}; dtypes: fp16, bf16, fp32")
     versions = _versions()
     started = time.perf_counter()
     try:
-        budget = compile_check.load_budget(args.budget or compile_check.BUDGET_FILE)
-        if args.dry_run:
-            return _list_compile_plan(options, args.arch)
-        if args.from_json:
-            payload = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        budget = compile_check.load_budget(check.budget or compile_check.BUDGET_FILE)
+        if options.dry_run:
+            return _list_compile_plan(sweep_options, check.arch)
+        if check.from_json:
+            payload = json.loads(Path(check.from_json).read_text(encoding="utf-8"))
             records = compile_check.records_from_json(payload)
-            records = [r for r in records if r.arch in args.arch]
+            records = [r for r in records if r.arch in check.arch]
             versions = {k: payload.get(k, "?") for k in versions}
             for record in records:
                 compile_check.judge(record, budget)
         else:
             records = compile_check.run_compile_check(
-                list(args.arch), options, budget, args.jobs, progress=not args.quiet
+                list(check.arch), sweep_options, budget, check.jobs, progress=not check.quiet
             )
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         return command_error(COMMAND, exc)
@@ -179,15 +168,15 @@ def _run_compile_only(args: argparse.Namespace) -> int:
     if not records:
         return command_error(COMMAND, "nothing to compile: the filters match no case")
     rows = [report.compile_row(i, r) for i, r in enumerate(records)]
-    for arch in args.arch:
+    for arch in check.arch:
         print(f"\n{report.ARCHS[arch].name}")
         mine = [row for row, r in zip(rows, records, strict=True) if r.arch == arch]
         print(report.text_table(report.COMPILE_COLUMNS, mine))
     print()
     print(report.compile_summary(records))
-    how = f"judged from {args.from_json}" if args.from_json else f"{wall:.0f} s wall"
+    how = f"judged from {check.from_json}" if check.from_json else f"{wall:.0f} s wall"
     print(f"triton {versions['triton']}, torch {versions['torch']}: {how}")
-    _write_compile_results(args, records, versions, wall)
+    _write_compile_results(options, check, records, versions, wall)
     failed = [r for r in records if not r.ok]
     if failed:
         print(f"{len(failed)} specializations FAIL", file=sys.stderr)
@@ -195,20 +184,22 @@ def _run_compile_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_compile_results(args: argparse.Namespace, records, versions, wall: float) -> None:
+def _write_compile_results(
+    options: SelftestOptions, check: CompileCheckOptions, records, versions, wall: float
+) -> None:
     """The markdown reports (--report-dir) and the JSON records (--out)."""
     from fastgpt.selftest import report
 
-    if args.report_dir:
-        folder = Path(args.report_dir)
+    if check.report_dir:
+        folder = Path(check.report_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        for arch in args.arch:
+        for arch in check.arch:
             name = f"{report.ARCHS[arch].name}-triton-{versions['triton']}.md"
-            text = report.compile_markdown(records, arch, versions, _command_line(args))
+            text = report.compile_markdown(records, arch, versions, _command_line(check))
             (folder / name).write_text(text, encoding="utf-8")
             print(f"wrote {folder / name}")
-    if args.out:
-        out = Path(args.out)
+    if options.out:
+        out = Path(options.out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"compile-triton-{versions['triton']}.json"
         payload = {**versions, "wall_s": round(wall, 1), "records": [r.as_dict() for r in records]}
@@ -216,20 +207,20 @@ def _write_compile_results(args: argparse.Namespace, records, versions, wall: fl
         print(f"wrote {path}")
 
 
-def _command_line(args: argparse.Namespace) -> str:
+def _command_line(check: CompileCheckOptions) -> str:
     """The options that shaped a compile sweep, as a command to rerun it."""
-    parts = ["fastgpt selftest --compile-only", "--arch " + ",".join(f"sm_{a}" for a in args.arch)]
-    if args.subset != "full":
-        parts.append(f"--subset {args.subset}")
+    parts = ["fastgpt selftest --compile-only", "--arch " + ",".join(f"sm_{a}" for a in check.arch)]
+    if check.subset != "full":
+        parts.append(f"--subset {check.subset}")
     for flag, values in (
-        ("--only", args.only),
-        ("--dtypes", args.dtypes),
-        ("--head-dims", args.head_dims),
-        ("--widths", args.widths),
+        ("--only", check.only),
+        ("--dtypes", check.dtypes),
+        ("--head-dims", check.head_dims),
+        ("--widths", check.widths),
     ):
         if values:
             parts.append(f"{flag} " + ",".join(map(str, values)))
-    return " ".join([*parts, f"--report-dir {args.report_dir}"])
+    return " ".join([*parts, f"--report-dir {check.report_dir}"])
 
 
 def _list_compile_plan(options, archs) -> int:
@@ -249,22 +240,22 @@ def _list_compile_plan(options, archs) -> int:
 # --- GPU checks --------------------------------------------------------------------------
 
 
-def _gpu(args: argparse.Namespace) -> int:
+def _gpu(options: SelftestOptions) -> int:
     from fastgpt.selftest import gpu_check, report
 
-    sizes = gpu_check.SMALL if args.small else gpu_check.GPU
-    checks = gpu_check.plan(sizes, args.device)
-    if args.dry_run:
-        print(f"fastgpt selftest: {len(checks)} checks at {sizes.name} sizes on {args.device}")
+    sizes = gpu_check.SMALL if options.small else gpu_check.GPU
+    checks = gpu_check.plan(sizes, options.device)
+    if options.dry_run:
+        print(f"fastgpt selftest: {len(checks)} checks at {sizes.name} sizes on {options.device}")
         print(report.text_table(("group", "check"), [(c.group, c.name) for c in checks]))
-        if args.bench:
+        if options.bench:
             print("then: fastgpt bench --quick (same results folder)")
         return 0
     import torch
 
     from fastgpt.kernels._dispatch import triton_interpreter_enabled
 
-    device = torch.device(args.device)
+    device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return command_error(
             COMMAND,
@@ -276,8 +267,8 @@ def _gpu(args: argparse.Namespace) -> int:
             COMMAND, "on CPU the kernels need Triton's interpreter: set TRITON_INTERPRET=1"
         )
     if device.type not in ("cuda", "cpu"):
-        return command_error(COMMAND, f"unsupported device {args.device!r}: use cuda or cpu")
-    out = Path(args.out) if args.out else _default_out(device)
+        return command_error(COMMAND, f"unsupported device {options.device!r}: use cuda or cpu")
+    out = Path(options.out) if options.out else _default_out(device)
     print(f"fastgpt selftest: {len(checks)} checks at {sizes.name} sizes on {_device_name(device)}")
     started = time.perf_counter()
     results = gpu_check.run_checks(checks)
@@ -297,7 +288,7 @@ def _gpu(args: argparse.Namespace) -> int:
     }
     (out / "selftest.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     print(f"wrote {out / 'selftest.json'}")
-    if args.bench:
+    if options.bench:
         from fastgpt.benchmarks.harness import SuitesFailed
         from fastgpt.benchmarks.run import run_benchmarks
 
