@@ -19,7 +19,7 @@ Judges (standard library HTTP only):
 Failures are `JudgeError`s with one-line messages: server unreachable (names the URL and how to
 start Ollama), unknown model (Ollama's 404), bad API key, and timeouts or 5xx answers after
 `retries` further attempts with exponential backoff. Scoring a whole responses file (resumable,
-a scores file beside it) is `fastgpt.evaluate`.
+a scores file beside it) is `fastgpt.response_scoring`.
 """
 
 from __future__ import annotations

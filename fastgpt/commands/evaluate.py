@@ -8,8 +8,8 @@ OPENAI_API_KEY=... fastgpt evaluate RESPONSES.json --api openai --judge-model gp
 
 Each score is appended to RESPONSES.scores.jsonl beside the file as it comes; a second run asks
 only about entries not yet scored (by the same judge model). Prints the mean score, the number
-of entries scored and the number of answers that held no integer. See fastgpt/evaluate.py and
-fastgpt/judge.py.
+of entries scored and the number of answers that held no integer. See
+fastgpt/response_scoring.py and fastgpt/judge.py.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ class EvaluateOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastgpt.evaluate import JudgeOptions
+    from fastgpt.response_scoring import JudgeOptions
 
     add_options(parser, EvaluateOptions)
     add_options(parser, JudgeOptions, "judge")  # finetune-instruct takes the same options
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.evaluate import JudgeError, JudgeOptions, evaluate_responses
+    from fastgpt.response_scoring import JudgeError, JudgeOptions, evaluate_responses
 
     fail = functools.partial(command_error, "evaluate")
     options = options_from_args(EvaluateOptions, args)

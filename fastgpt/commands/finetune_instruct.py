@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastgpt.download import data_file
 from fastgpt.errors import ConfigError, UsageError
-from fastgpt.evaluate import JudgeOptions
+from fastgpt.response_scoring import JudgeOptions
 from fastgpt.train.distributed import is_main_process
 from fastgpt.train.runner import Task, TrainingParts, add_task_arguments, check_vocabulary, run_task
 
@@ -70,7 +70,7 @@ class InstructOptions:
 @dataclass
 class InstructJudgeOptions(JudgeOptions, InstructOptions):
     """InstructOptions followed by `fastgpt evaluate`'s judge options (declared once, in
-    `fastgpt.evaluate.JudgeOptions`): given --judge-url, the test responses are scored after
+    `fastgpt.response_scoring.JudgeOptions`): given --judge-url, the test responses are scored after
     training, into test_responses.scores.jsonl beside them."""
 
     def __post_init__(self) -> None:
@@ -204,7 +204,7 @@ class InstructTask(
 
     def _score(self, path: Path) -> None:
         """The book's model-graded evaluation of the written responses (fastgpt evaluate)."""
-        from fastgpt.evaluate import JudgeError, evaluate_responses
+        from fastgpt.response_scoring import JudgeError, evaluate_responses
 
         try:
             judge = self.options.judge()  # the API key is read from the environment now

@@ -6,7 +6,7 @@
 | `loop.py` | `Trainer`: set-up and the loop, which delegates to the parts below |
 | `batches.py` | the data order (a permutation per epoch, split over ranks) and the position in it |
 | `optim.py` | AdamW groups and the warmup + cosine schedule |
-| `evaluation.py` | validation loss, a task's metrics, a text sample; autocast |
+| `validation.py` | validation loss, a task's metrics, a text sample; autocast |
 | `metrics.py` | metrics.jsonl, loss.png, tokens/s and MFU |
 | `checkpoint.py` | checkpoint.pt: when to save, atomic writes, RNG states |
 | `distributed.py` | joining torchrun's process group |
@@ -15,7 +15,7 @@
 
 from fastgpt.errors import NonFiniteLossError
 from fastgpt.train.config import TrainConfig
-from fastgpt.train.evaluation import evaluate_loss
 from fastgpt.train.loop import Trainer
+from fastgpt.train.validation import evaluate_loss
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "evaluate_loss"]

@@ -39,7 +39,6 @@ from fastgpt.train.batches import BatchOrder
 from fastgpt.train.checkpoint import Checkpointer, seed_everything
 from fastgpt.train.config import TrainConfig, check_out_dir_is_free
 from fastgpt.train.distributed import init_distributed
-from fastgpt.train.evaluation import Evaluator, LossFn, autocast_context
 from fastgpt.train.metrics import (
     PLOT_NAME,
     DivergenceWatch,
@@ -49,6 +48,7 @@ from fastgpt.train.metrics import (
     save_loss_plot,
 )
 from fastgpt.train.optim import Schedule, make_optimizer
+from fastgpt.train.validation import Evaluator, LossFn, autocast_context
 
 
 def batch_token_count(batch) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""fastgpt.evaluate and `fastgpt evaluate`, against a loopback judge server.
+"""fastgpt.response_scoring and `fastgpt evaluate`, against a loopback judge server.
 
 The server (127.0.0.1, a free port, a thread of this process, stopped by each test) emulates
 Ollama's /api/chat (streamed JSON lines or one object, as the request asks; 404 for an unknown
@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fastgpt.cli import main
-from fastgpt.evaluate import (
+from fastgpt.instruction import format_input
+from fastgpt.response_scoring import (
     OLLAMA_OPTIONS,
     Judge,
     JudgeError,
@@ -26,7 +27,6 @@ from fastgpt.evaluate import (
     parse_score,
     scores_path_for,
 )
-from fastgpt.instruction import format_input
 
 ENTRIES = [
     {
