@@ -181,17 +181,19 @@ class KVCache:
         rows = torch.tensor(lengths, dtype=torch.int32).to(k.device, non_blocking=True)
         self.filled = CacheLengths(max(lengths), rows)
 
-    def step(self, lengths: CacheLengths, batch: int, t: int, device, decode: bool) -> CacheStep:
-        """Where t new tokens of `batch` rows go after `lengths` (no side effects); `decode`:
-        make the (B,) lengths a one-token decode op reads. Raises ValueError past the capacity
-        (a host check, skipped under compile, where the caller keeps the lengths in range)."""
+    def step(self, token_ids: torch.Tensor, lengths: CacheLengths | None, ops: Ops) -> CacheStep:
+        """Where the new tokens token_ids (B, T) go after `lengths` (None: `filled`), for layers
+        running `ops` (no side effects). Raises ValueError past the capacity (a host check,
+        skipped under compile, where the caller keeps the lengths in range)."""
+        lengths = self.filled if lengths is None else lengths
+        (batch, t), device = token_ids.shape, token_ids.device
         compiling = torch.compiler.is_compiling()
         if not compiling and lengths.longest + t > self.capacity:
             past = f" after {lengths.longest} cached tokens" if lengths.longest else ""
             raise ValueError(
                 f"sequence too long: {t} tokens{past} > context_length {self.capacity}"
             )
-        decode = decode and t == 1
+        decode = t == 1 and ops.decode_attention is not None  # (B,) lengths for its kernel
         if lengths.rows is None:
             start = lengths.longest
             positions = torch.arange(start, start + t, device=device)  # (T,)

@@ -168,8 +168,7 @@ class TransformerBlock(nn.Module):
         """x (B, T, d) the residual stream, pending (B, T, d) or None still to be added to it
         -> (x + pending + attention's output, the feed-forward's output still to be added)."""
         h, x = self.norm1.add_and_norm(x, pending)  # x = x + pending, h = norm1(x) (B, T, d)
-        att = self.att(h, kv_cache=kv_cache, packed=packed, cache_step=cache_step)
-        att = self.drop_shortcut(att)  # (B, T, d)
+        att = self.drop_shortcut(self.att(h, kv_cache, packed, cache_step))  # (B, T, d)
         h, x = self.norm2.add_and_norm(x, att)  # x = x + att, h = norm2(x)
         return x, self.drop_shortcut(self.ff(h))  # (B, T, d) each
 
@@ -302,10 +301,8 @@ class GPTModel(nn.Module):
         ignore_index left out), which the triton backend computes without ever forming the
         (B·T, vocab_size) logits (`kernels.fused_linear_cross_entropy`).
 
-        With `kv_cache`, the tokens continue each row's cached tokens, `cache_lengths` of them
-        (`fastgpt.kv_cache`): they get the positions that follow and attend to the cached keys
-        as well. The caller advances its `cache_lengths`; without one the forward continues and
-        advances the cache's own, `kv_cache.filled`.
+        With `kv_cache`, the tokens continue each row's `cache_lengths` cached tokens (None: the
+        cache's own count, advanced here) and attend to the cached keys as well.
 
         With `segment_ids` (B, T) integer, each maximal run of equal consecutive values in a
         row is a sequence of its own (a document, a packed example): its positions restart at
@@ -316,19 +313,15 @@ class GPTModel(nn.Module):
         (B, vocab_size): the output head (a third of gpt2-small's FLOPs per token) then runs on
         B rows instead of B·T (generation needs one position per row)."""
         self.check_token_ids(token_ids)  # before the embedding: no device-side assert
-        b, t = token_ids.shape
-        step = None
-        if kv_cache is not None:  # positions (T,), or (B, T) when rows have lengths of their own
-            lengths = kv_cache.filled if cache_lengths is None else cache_lengths
-            decode = self.final_norm.ops.decode_attention is not None
-            step = kv_cache.step(lengths, b, t, token_ids.device, decode)  # raises past context
-            positions = step.positions
+        _, t = token_ids.shape
+        step = None  # with kv_cache: positions (T,), or (B, T) for rows of their own lengths
+        if kv_cache is not None:  # raises past the context
+            step = kv_cache.step(token_ids, cache_lengths, self.final_norm.ops)
         elif t > self.config.context_length:
             raise ValueError(
                 f"sequence too long: {t} tokens > context_length {self.config.context_length}"
             )
-        else:
-            positions = torch.arange(t, device=token_ids.device)  # (T,)
+        positions = torch.arange(t, device=token_ids.device) if step is None else step.positions
         packed = None if segment_ids is None else self._packed(token_ids, segment_ids, kv_cache)
         if packed is not None:
             positions = packed.positions  # (B, T), restarting at each run
@@ -342,10 +335,7 @@ class GPTModel(nn.Module):
             kv_cache.filled.advance(t)  # a caller's own lengths are the caller's to advance
         x = self.final_norm.add_and_norm(x, pending)[0]  # final_norm(x + pending) (B, T, d)
         if logits_at is not None:  # (B, T, d) -> (B, d): one position per row
-            if targets is not None:
-                raise ValueError("logits_at cannot be combined with targets (a loss reads all)")
-            rows = torch.arange(x.shape[0], device=x.device)
-            x = x[rows, self._checked_logits_at(logits_at, token_ids.shape)]
+            x = self._rows_at(x, logits_at, targets)
         vocab = self.config.vocab_size
         language_head = self.out_head.out_features == self.config.padded_vocab_size
         if targets is not None:
@@ -355,10 +345,13 @@ class GPTModel(nn.Module):
         logits = self.out_head(x)  # (B, T, padded vocab) or (B, T, classes) for a classifier
         return logits[..., :vocab] if language_head else logits  # (B, T, vocab_size)
 
-    def _checked_logits_at(self, logits_at: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """logits_at as (B,) long for token ids of `shape` (B, T), after checking its shape,
-        dtype and (a device sync, so skipped like the ids' check) its range [0, T)."""
-        b, t = shape
+    def _rows_at(self, x: torch.Tensor, logits_at: torch.Tensor, targets) -> torch.Tensor:
+        """x (B, T, d) at position logits_at[b] of each row b -> (B, d), after checking that
+        there are no targets and logits_at's shape, dtype and (a device sync, so skipped like
+        the ids' check) range [0, T)."""
+        if targets is not None:
+            raise ValueError("logits_at cannot be combined with targets (a loss reads all)")
+        b, t = x.shape[:2]
         if not isinstance(logits_at, torch.Tensor) or logits_at.shape != (b,):
             got = tuple(logits_at.shape) if isinstance(logits_at, torch.Tensor) else logits_at
             raise ValueError(f"logits_at must be a ({b},) tensor, one position per row, got {got}")
@@ -368,7 +361,7 @@ class GPTModel(nn.Module):
             lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()  # one sync
             if lo < 0 or hi >= t:
                 raise ValueError(f"logits_at must lie in [0, {t}) (positions), got {lo}..{hi}")
-        return logits_at.long()
+        return x[torch.arange(b, device=x.device), logits_at.long()]  # (B, d)
 
     # --- sizes and cost --------------------------------------------------------------------
 
