@@ -14,10 +14,13 @@ it), each row's cache length set to its prompt's length; each step then writes r
 keys at its own length and attends to its keys only (see `fastgpt/kv_cache.py`). Greedy output
 is what each prompt gives alone.
 
+The loop owns how many tokens each row has cached (a `CacheLengths`): it passes them to every
+forward and advances them after it.
+
 `compile=True` runs the one-token step under `torch.compile` (CUDA graphs, mode
-"reduce-overhead", on CUDA; Inductor's default on CPU) on a static cache allocated once and
-kept on the model for later calls. No step syncs with the host: eos is checked on the device
-and looked at every EOS_CHECK_EVERY steps (every step when `on_step` streams tokens).
+"reduce-overhead", on CUDA; Inductor's default on CPU) on a static cache allocated once (a
+`DecodeStep`, kept per model for later calls). No step syncs with the host: eos is checked on
+the device and looked at every EOS_CHECK_EVERY steps (every step when `on_step` streams tokens).
 
 Past the context window: both paths condition on the last `context_length` tokens. GPT-2's
 position embeddings are absolute, so once the window slides every token's position changes and
@@ -28,12 +31,13 @@ tokens).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 
 from fastgpt.errors import ConfigError
-from fastgpt.kv_cache import KVCache
+from fastgpt.kv_cache import CacheLengths, KVCache
 from fastgpt.model import GPTModel
 
 EOS_CHECK_EVERY = 16  # decoding steps between looks at "has every row finished?"
@@ -218,16 +222,18 @@ def _generate_cached(model, prompts, max_new_tokens, sample, eos_id, on_step, co
         seq[i, : len(p)] = p
     ends = torch.tensor(lengths, device=device)  # (B,) where row i's next token goes
     rows = torch.arange(b, device=device)
-    cache, step = _decode_step(model, b, compile)
+    step = _decode_step(model, b, compile)
+    cached = CacheLengths()  # the tokens each row holds in step.cache, set by each prefill
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     finish_step = torch.full((b,), max_new_tokens, dtype=torch.long, device=device)
     check_every = 1 if on_step is not None else EOS_CHECK_EVERY
     context, steps, next_ids = model.config.context_length, 0, None
     for i in range(max_new_tokens):
         if next_ids is not None and max(lengths) + i <= context:
-            logits = step(next_ids)  # (B, V): one new position per row
+            logits = step(model, next_ids, cached)  # (B, V): one new position per row
+            cached.advance(1)
         else:  # first step, or a row's window slid: re-prefill every row's last tokens
-            logits = _prefill(model, seq, [n + i for n in lengths], cache, per_row=compile)
+            logits, cached = _prefill(model, seq, [n + i for n in lengths], step)
         next_ids = sample(logits)  # (B, 1)
         if eos_id is not None:
             next_ids = next_ids.masked_fill(finished[:, None], eos_id)
@@ -249,57 +255,85 @@ def _generate_cached(model, prompts, max_new_tokens, sample, eos_id, on_step, co
 
 
 def _prefill(
-    model: GPTModel, seq: torch.Tensor, ends: list[int], cache: KVCache, per_row: bool
-) -> torch.Tensor:
+    model: GPTModel, seq: torch.Tensor, ends: list[int], step: DecodeStep
+) -> tuple[torch.Tensor, CacheLengths]:
     """Run row i's last min(ends[i], context) tokens of seq (B, W) right-padded through the
-    model into a reset cache -> each row's last logits (B, V). Rows of different lengths (or
-    `per_row`: a compiled step's static cache) get their own cache lengths; rows of one length
-    keep the cache's plain append path (no masks, no scattered writes: cheaper in eager)."""
+    model into step.cache from position 0 -> (each row's last logits (B, V), the lengths the
+    cache now holds). Rows of different lengths (or a compiled step's static cache, whose
+    lengths always live in `step.rows`) get lengths of their own; rows of one length keep the
+    cache's plain append path (no masks, no scattered writes: cheaper in eager)."""
     context = model.config.context_length
     starts = [max(0, e - context) for e in ends]
     widths = [e - s for s, e in zip(starts, ends, strict=True)]
     padded = seq.new_zeros(seq.shape[0], max(widths))  # (B, W) padding after short rows
     for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
         padded[i, : e - s] = seq[i, s:e]
-    cache.reset()
     last = torch.tensor([w - 1 for w in widths], device=seq.device)  # each row's last token
-    logits = model(padded, kv_cache=cache, logits_at=last)  # (B, V), causal: padding unseen
-    if per_row or len(set(widths)) > 1:
-        cache.set_lengths(widths)
-    return logits
+    # (B, V), causal: the padding is unseen
+    logits = model(padded, kv_cache=step.cache, logits_at=last, cache_lengths=CacheLengths())
+    if step.rows is None and len(set(widths)) == 1:
+        return logits, CacheLengths(widths[0])
+    rows = torch.tensor(widths, dtype=torch.int32)
+    if step.rows is None:
+        return logits, CacheLengths(max(widths), rows.to(seq.device, non_blocking=True))
+    step.rows.copy_(rows, non_blocking=True)  # the static tensor a compiled step reads
+    return logits, CacheLengths(max(widths), step.rows)
 
 
-def _decode_logits(model: GPTModel, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One new position per row: ids (B, 1) -> last logits (B, V). What torch.compile captures."""
-    return model(ids, kv_cache=cache)[:, -1]
+def _decode_logits(
+    model: GPTModel, ids: torch.Tensor, cache: KVCache, cached: CacheLengths
+) -> torch.Tensor:
+    """One new position per row after `cached` tokens: ids (B, 1) -> last logits (B, V). What
+    torch.compile captures."""
+    return model(ids, kv_cache=cache, cache_lengths=cached)[:, -1]
 
 
-def _decode_step(model: GPTModel, batch: int, compile: bool):
-    """(cache, step(ids (B, 1)) -> logits (B, V)). Compiled: a static cache of `batch` rows and
-    the compiled step, made once per (batch, dtype, device) and kept on the model (so a later
-    call reuses the compiled graphs and the buffers they were captured with)."""
-    if not compile:
-        cache = model.new_kv_cache()
-        return cache, lambda ids: _decode_logits(model, ids, cache)
-    param = next(model.parameters())
-    key = (batch, param.dtype, param.device, model.backend)
-    saved = model.__dict__.get("_compiled_decode")
-    if saved is None or saved[0] != key:
-        cache = model.new_kv_cache(batch_size=batch)
-        cuda = param.device.type == "cuda"
-        if cuda:  # CUDA graphs replay on fixed addresses: the buffers are written in place
-            for t in [cache._lengths, *(x for layer in cache.layers for x in (layer.k, layer.v))]:
+class DecodeStep:
+    """The one-token step on its own cache: `step(model, ids (B, 1), cached) -> logits (B, V)`.
+
+    Eager: a cache allocated on first use; `rows` None (each prefill makes its lengths).
+    Compiled: torch.compile of the step on a static cache of `batch` rows and a static (B,)
+    int32 per-row lengths tensor `rows`, made once per `key` (batch, dtype, device, backend) of
+    a model and kept for later calls, which reuse the compiled graphs and the buffers they were
+    captured with (CUDA graphs replay on fixed addresses, so the buffers are written in place)."""
+
+    def __init__(self, model: GPTModel, batch: int, compile: bool):
+        param = next(model.parameters())
+        self.key = step_key(model, batch)
+        self.cuda = compile and param.device.type == "cuda"
+        if not compile:
+            self.cache, self.rows, self.run = model.new_kv_cache(), None, _decode_logits
+            return
+        self.cache = model.new_kv_cache(batch_size=batch)
+        self.rows = torch.zeros(batch, dtype=torch.int32, device=param.device)
+        if self.cuda:
+            for t in [self.rows, *(x for layer in self.cache.layers for x in (layer.k, layer.v))]:
                 torch._dynamo.mark_static_address(t)
-        compiled = torch.compile(_decode_logits, mode="reduce-overhead" if cuda else None)
-        saved = (key, cache, compiled)
-        model.__dict__["_compiled_decode"] = saved
-    _, cache, compiled = saved
+        self.run = torch.compile(_decode_logits, mode="reduce-overhead" if self.cuda else None)
 
-    def step(ids: torch.Tensor) -> torch.Tensor:
-        if ids.device.type == "cuda":
+    def __call__(self, model: GPTModel, ids: torch.Tensor, cached: CacheLengths) -> torch.Tensor:
+        if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        logits = compiled(model, ids, cache)
-        cache.note_advanced(1)  # the compiled step advanced the device lengths only
-        return logits
+        return self.run(model, ids, self.cache, cached)
 
-    return cache, step
+
+def step_key(model: GPTModel, batch: int) -> tuple:
+    """What a compiled step is made for: (batch, dtype, device, backend)."""
+    param = next(model.parameters())
+    return (batch, param.dtype, param.device, model.backend)
+
+
+# Each model's last compiled DecodeStep: a later generate() with the same step_key reuses it;
+# the entry goes when the model does.
+_compiled_steps: weakref.WeakKeyDictionary[GPTModel, DecodeStep] = weakref.WeakKeyDictionary()
+
+
+def _decode_step(model: GPTModel, batch: int, compile: bool) -> DecodeStep:
+    """The eager step on a new cache, or the model's compiled one for `batch` rows (made anew
+    when its step_key changed)."""
+    if not compile:
+        return DecodeStep(model, batch, compile=False)
+    saved = _compiled_steps.get(model)
+    if saved is None or saved.key != step_key(model, batch):
+        saved = _compiled_steps[model] = DecodeStep(model, batch, compile=True)
+    return saved

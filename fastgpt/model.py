@@ -29,7 +29,7 @@ from torch import nn
 from fastgpt import hf_format, weights
 from fastgpt.backends import Ops, resolve_backend
 from fastgpt.config import GPTConfig
-from fastgpt.kv_cache import KVCache, LayerKVCache
+from fastgpt.kv_cache import CacheLengths, CacheStep, KVCache, LayerKVCache
 from fastgpt.lora import load_lora_adapters
 from fastgpt.segments import PackedRows, check_segment_ids, packed_rows
 
@@ -94,16 +94,18 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         kv_cache: LayerKVCache | None = None,
         packed: PackedRows | None = None,
+        cache_step: CacheStep | None = None,
     ) -> torch.Tensor:
         """x (B, T, d_in) -> (B, T, d_out). With `packed`, each token attends only within
-        its own run of the rows' segment_ids (`fastgpt.segments`)."""
+        its own run of the rows' segment_ids (`fastgpt.segments`); with `kv_cache`, over the
+        cached keys too, the new ones written where `cache_step` says."""
         b, t, _ = x.shape  # (B, T, d_in)
         qkv = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
         if packed is not None:
             return self.out_proj(self._attend_packed(qkv, packed))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd), strided views
         if kv_cache is not None:  # caches k, v; the queries see the cached past too
-            ctx = kv_cache.attend(q, k, v, self.ops)  # (B, H, T, hd)
+            ctx = kv_cache.attend(q, k, v, cache_step, self.ops)  # (B, H, T, hd)
         else:
             dropout_p = self.dropout if self.training else 0.0
             ctx = self.ops.attention(q, k, v, causal=True, dropout_p=dropout_p)  # (B, H, T, hd)
@@ -161,11 +163,12 @@ class TransformerBlock(nn.Module):
         kv_cache: LayerKVCache | None = None,
         pending: torch.Tensor | None = None,
         packed: PackedRows | None = None,
+        cache_step: CacheStep | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, d) the residual stream, pending (B, T, d) or None still to be added to it
         -> (x + pending + attention's output, the feed-forward's output still to be added)."""
         h, x = self.norm1.add_and_norm(x, pending)  # x = x + pending, h = norm1(x) (B, T, d)
-        att = self.drop_shortcut(self.att(h, kv_cache=kv_cache, packed=packed))  # (B, T, d)
+        att = self.drop_shortcut(self.att(h, kv_cache, packed, cache_step))  # (B, T, d)
         h, x = self.norm2.add_and_norm(x, att)  # x = x + att, h = norm2(x)
         return x, self.drop_shortcut(self.ff(h))  # (B, T, d) each
 
@@ -291,14 +294,15 @@ class GPTModel(nn.Module):
         ignore_index: int = -100,
         segment_ids: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        cache_lengths: CacheLengths | None = None,
     ) -> torch.Tensor:
         """token_ids (B, T) integer -> logits (B, T, vocab_size); with `targets` (B, T) long,
         the mean next-token cross-entropy instead (fp32 scalar, targets equal to
         ignore_index left out), which the triton backend computes without ever forming the
         (B·T, vocab_size) logits (`kernels.fused_linear_cross_entropy`).
 
-        With `kv_cache`, the tokens continue the cached sequence: they get positions
-        cache.length ... cache.length + T - 1 and attend to the cached keys as well.
+        With `kv_cache`, the tokens continue each row's `cache_lengths` cached tokens (None: the
+        cache's own count, advanced here) and attend to the cached keys as well.
 
         With `segment_ids` (B, T) integer, each maximal run of equal consecutive values in a
         row is a sequence of its own (a document, a packed example): its positions restart at
@@ -310,31 +314,28 @@ class GPTModel(nn.Module):
         B rows instead of B·T (generation needs one position per row)."""
         self.check_token_ids(token_ids)  # before the embedding: no device-side assert
         _, t = token_ids.shape
-        if kv_cache is not None:  # (T,), or (B, T) when the rows have lengths of their own
-            positions = kv_cache.positions(t, token_ids.device)  # raises past the context
+        step = None  # with kv_cache: positions (T,), or (B, T) for rows of their own lengths
+        if kv_cache is not None:  # raises past the context
+            step = kv_cache.step(token_ids, cache_lengths, self.final_norm.ops)
         elif t > self.config.context_length:
             raise ValueError(
                 f"sequence too long: {t} tokens > context_length {self.config.context_length}"
             )
-        else:
-            positions = torch.arange(t, device=token_ids.device)  # (T,)
+        positions = torch.arange(t, device=token_ids.device) if step is None else step.positions
         packed = None if segment_ids is None else self._packed(token_ids, segment_ids, kv_cache)
         if packed is not None:
             positions = packed.positions  # (B, T), restarting at each run
         x = self.tok_emb(token_ids) + self.pos_emb(positions)  # (B, T, d)
         x = self.drop_emb(x)
         pending = None  # each block's last residual add, done by the next norm
-        for i, block in enumerate(self.trf_blocks):
-            layer_cache = kv_cache[i] if kv_cache is not None else None
-            x, pending = block(x, kv_cache=layer_cache, pending=pending, packed=packed)
-        if kv_cache is not None:
-            kv_cache.advance(t)  # per-row lengths grow once, after every layer wrote its keys
+        layer_caches = kv_cache.layers if kv_cache is not None else [None] * len(self.trf_blocks)
+        for block, layer_cache in zip(self.trf_blocks, layer_caches, strict=True):
+            x, pending = block(x, layer_cache, pending, packed, cache_step=step)
+        if kv_cache is not None and cache_lengths is None:
+            kv_cache.filled.advance(t)  # a caller's own lengths are the caller's to advance
         x = self.final_norm.add_and_norm(x, pending)[0]  # final_norm(x + pending) (B, T, d)
         if logits_at is not None:  # (B, T, d) -> (B, d): one position per row
-            if targets is not None:
-                raise ValueError("logits_at cannot be combined with targets (a loss reads all)")
-            rows = torch.arange(x.shape[0], device=x.device)
-            x = x[rows, self._checked_logits_at(logits_at, token_ids.shape)]
+            x = self._rows_at(x, logits_at, targets)
         vocab = self.config.vocab_size
         language_head = self.out_head.out_features == self.config.padded_vocab_size
         if targets is not None:
@@ -344,10 +345,13 @@ class GPTModel(nn.Module):
         logits = self.out_head(x)  # (B, T, padded vocab) or (B, T, classes) for a classifier
         return logits[..., :vocab] if language_head else logits  # (B, T, vocab_size)
 
-    def _checked_logits_at(self, logits_at: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """logits_at as (B,) long for token ids of `shape` (B, T), after checking its shape,
-        dtype and (a device sync, so skipped like the ids' check) its range [0, T)."""
-        b, t = shape
+    def _rows_at(self, x: torch.Tensor, logits_at: torch.Tensor, targets) -> torch.Tensor:
+        """x (B, T, d) at position logits_at[b] of each row b -> (B, d), after checking that
+        there are no targets and logits_at's shape, dtype and (a device sync, so skipped like
+        the ids' check) range [0, T)."""
+        if targets is not None:
+            raise ValueError("logits_at cannot be combined with targets (a loss reads all)")
+        b, t = x.shape[:2]
         if not isinstance(logits_at, torch.Tensor) or logits_at.shape != (b,):
             got = tuple(logits_at.shape) if isinstance(logits_at, torch.Tensor) else logits_at
             raise ValueError(f"logits_at must be a ({b},) tensor, one position per row, got {got}")
@@ -357,7 +361,7 @@ class GPTModel(nn.Module):
             lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()  # one sync
             if lo < 0 or hi >= t:
                 raise ValueError(f"logits_at must lie in [0, {t}) (positions), got {lo}..{hi}")
-        return logits_at.long()
+        return x[torch.arange(b, device=x.device), logits_at.long()]  # (B, d)
 
     # --- sizes and cost --------------------------------------------------------------------
 

@@ -331,7 +331,7 @@ def test_kv_cache_buffers_reset_and_overflow():
     torch.testing.assert_close(model(x[:, :3], kv_cache=cache), model(x[:, :3]))
     assert cache[0].k is k_buffer  # buffers are reused
     with pytest.raises(ValueError, match="overflow"):
-        cache[0].update(torch.zeros(1, 4, 30, 8), torch.zeros(1, 4, 30, 8))
+        cache[0].update(torch.zeros(1, 4, 30, 8), torch.zeros(1, 4, 30, 8), start=cache.length)
     with pytest.raises(ValueError, match="reset"):
         model(torch.zeros(3, 1, dtype=torch.long), kv_cache=cache)  # another batch size
 
