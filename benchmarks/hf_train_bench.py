@@ -43,7 +43,7 @@ from fastgpt.benchmarks.train_bench import (
 )
 from tqdm import tqdm
 
-from fastgpt.config import GPTConfig
+from fastgpt.model_config import GPTConfig
 
 MISSING_TRANSFORMERS = "transformers is not installed (pip install -e '.[hf]' in a checkout)"
 CPU_PATCHED_NOTE = "on CPU: the kernels' plain-PyTorch references (no Triton)"

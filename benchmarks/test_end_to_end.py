@@ -18,8 +18,8 @@ from fastgpt.benchmarks.train_bench import (
     train_providers,
 )
 
-from fastgpt.config import GPTConfig
 from fastgpt.model import flops_per_token
+from fastgpt.model_config import GPTConfig
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")

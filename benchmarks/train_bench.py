@@ -34,8 +34,8 @@ from fastgpt.benchmarks import harness
 from fastgpt.benchmarks.kernels_bench import measured, short_error, skipped
 from tqdm import tqdm
 
-from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel, flops_per_token
+from fastgpt.model_config import GPTConfig
 
 
 @dataclass(frozen=True)

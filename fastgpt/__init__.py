@@ -44,7 +44,7 @@ if not (Path(__file__).parent / "kernels").is_dir():  # not an installed wheel
 
 # public name -> module that defines it
 _LAZY_NAMES = {
-    "GPTConfig": "fastgpt.config",
+    "GPTConfig": "fastgpt.model_config",
     "GPTModel": "fastgpt.model",
     "generate": "fastgpt.generation",
     "patch_hf_gpt2": "fastgpt.hf_patch",

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fastgpt.config import GPTConfig
+from fastgpt.model_config import GPTConfig
 
 GPT2_EOT_ID = 50256  # <|endoftext|>: GPT-2's bos/eos, and the classifiers' padding
 # Tensors of transformer block i: Hugging Face "h.{i}.<key>" -> ours "trf_blocks.{i}.<value>".

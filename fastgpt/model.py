@@ -28,9 +28,9 @@ from torch import nn
 
 from fastgpt import hf_format, weights
 from fastgpt.backends import Ops, resolve_backend
-from fastgpt.config import GPTConfig
 from fastgpt.kv_cache import CacheLengths, CacheStep, KVCache, LayerKVCache
 from fastgpt.lora import load_lora_adapters
+from fastgpt.model_config import GPTConfig
 from fastgpt.segments import PackedRows, check_segment_ids, packed_rows
 
 # --- Layers ------------------------------------------------------------------------------

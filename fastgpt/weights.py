@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from fastgpt.config import GPTConfig, config_from_hf, is_hf_config
 from fastgpt.errors import UsageError
 from fastgpt.hf_format import HF_BLOCK_NAMES
+from fastgpt.model_config import GPTConfig, config_from_hf, is_hf_config
 
 FORMAT_NAME = "fastgpt"
 FORMAT_VERSION = 2  # 1: our own tensor names; 2: Hugging Face's GPT-2 layout (hf_format.py)

@@ -77,10 +77,10 @@ def test_a_corpus_manifest_naming_a_file_outside_its_folder_is_refused(tmp_path,
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
 @pytest.mark.parametrize("file", ["model.safetensors", "adapter_model.safetensors"])
 def test_a_damaged_safetensors_file_is_a_one_line_error_naming_it(tmp_path, damage, file):
-    from fastgpt.config import GPTConfig
     from fastgpt.errors import UsageError
     from fastgpt.lora import apply_lora, save_pretrained_with_lora
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     model = GPTModel(GPTConfig.from_name("tiny", vocab_size=97, context_length=16))
     apply_lora(model, rank=2, alpha=4.0)
@@ -118,8 +118,8 @@ def test_world_size_without_torchrun_is_a_one_line_error(monkeypatch):
 
 
 def _tiny_folder(path):
-    from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     GPTModel(GPTConfig.from_name("tiny", context_length=32)).save_pretrained(path)
     return path
@@ -157,9 +157,9 @@ def test_a_command_started_with_stdout_closed_says_so():
 def test_saved_adapters_with_a_bad_alpha_are_refused(tmp_path, alpha):
     import json
 
-    from fastgpt.config import GPTConfig
     from fastgpt.lora import apply_lora, save_pretrained_with_lora
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     model = GPTModel(GPTConfig.from_name("tiny", vocab_size=97, context_length=16))
     apply_lora(model, rank=2, alpha=4.0)

@@ -57,8 +57,8 @@ def test_throughput_and_mfu_known_numbers():
 
 
 def test_gpt2_small_flops_per_token_matches_6n_plus_attention():
-    from fastgpt.config import GPTConfig
     from fastgpt.model import count_parameters, flops_per_token
+    from fastgpt.model_config import GPTConfig
 
     config = GPTConfig.from_name("gpt2-small")
     n = count_parameters(config, non_embedding=True)
@@ -287,8 +287,8 @@ def test_summary_merges_suites_written_by_separate_runs(tmp_path):
 
 
 def test_sdpa_baseline_matches_torch_backend():
-    from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     config = GPTConfig.from_name("tiny", vocab_size=97)
     torch.manual_seed(0)
@@ -543,7 +543,7 @@ def test_hf_bench_models_are_patched_and_share_weights():
     pytest.importorskip("transformers")
     from fastgpt.benchmarks import hf_train_bench as hb
 
-    from fastgpt.config import GPTConfig
+    from fastgpt.model_config import GPTConfig
 
     config = GPTConfig.from_name("tiny")
     cpu = torch.device("cpu")

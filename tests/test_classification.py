@@ -23,8 +23,8 @@ from fastgpt.classification import (
     set_trainable,
     split_train_val_test,
 )
-from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from fastgpt.tokenizer import EOT_ID
 
 

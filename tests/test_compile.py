@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fastgpt.cli import main
-from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from fastgpt.train.metrics import METRICS_NAME, read_metrics
 from fastgpt.train.runner import compile_model
 from tests.tolerance import assert_close_to_reference

@@ -106,8 +106,8 @@ def test_finetune_classify_freezes_all_but_trainable(
     """Frozen parameters come out bitwise equal to the fresh model's (same --seed), the trained
     ones changed: --trainable head trains only the new head, last-1 also the last block and
     the final LayerNorm (the default, as the book)."""
-    from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     out = tmp_path / trainable
     rc = run_cli(
@@ -245,7 +245,7 @@ def test_a_vocabulary_too_small_for_the_data_is_one_line(
 ):
     """A fresh --model whose vocab_size is below GPT-2 BPE's: refused before training, as the
     loop would otherwise fail at its first step."""
-    from fastgpt.config import GPTConfig
+    from fastgpt.model_config import GPTConfig
 
     small = tmp_path / "small.json"
     small.write_text(json.dumps({**GPTConfig.from_name("tiny").to_dict(), "vocab_size": 100}))
@@ -290,8 +290,8 @@ def test_language_model_commands_refuse_a_classifier(tmp_path, capsys, tiktoken_
     """generate, pretrain --init and finetune-instruct --init given a classifier's folder: a
     clear error (was: '!"!"' generated, or a cross-entropy traceback)."""
     from fastgpt.classification import replace_head
-    from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     model = GPTModel(GPTConfig.from_name("tiny"), backend="torch")
     replace_head(model, 2)

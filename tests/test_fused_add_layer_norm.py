@@ -305,8 +305,8 @@ def test_model_logits_are_the_unfused_ones_bit_for_bit(backend):
     # The blocks fuse every residual add with the next norm (across blocks too); on the
     # reference backends that is the same arithmetic, so the logits stay identical, in
     # training mode (dropout drawn in the same order) as in eval.
-    from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     config = GPTConfig(vocab_size=97, context_length=16, emb_dim=32, n_heads=4, n_layers=3)
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from fastgpt.config import GPTConfig
 from fastgpt.generation import generate, sample_next_token
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 
 
 def tiny_model(backend="torch", seed=0, context_length=32, vocab_size=97) -> GPTModel:

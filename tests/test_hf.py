@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import fastgpt
-from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from tests.tolerance import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastgpt.config import GPTConfig
 from fastgpt.initialization import init_book_weights_
 from fastgpt.losses import next_token_loss
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from fastgpt.text_data import SlidingWindowDataset
 from fastgpt.tokenizer import get_tokenizer
 from fastgpt.train import TrainConfig, Trainer, evaluate_loss

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fastgpt.classification import Splits
-from fastgpt.config import GPTConfig
 from fastgpt.instruction import (
     IGNORE_INDEX,
     InstructionCollate,
@@ -26,6 +25,7 @@ from fastgpt.instruction import (
     split_instruction_data,
 )
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from fastgpt.tokenizer import EOT_ID
 
 X = IGNORE_INDEX

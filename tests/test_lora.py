@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from fastgpt.config import GPTConfig
 from fastgpt.lora import (
     LoRALinear,
     apply_lora,
@@ -17,6 +16,7 @@ from fastgpt.lora import (
     merge_lora,
 )
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 
 
 @pytest.mark.parametrize("in_features, out_features, rank", [(17, 5, 1), (8, 97, 4), (1, 1, 2)])

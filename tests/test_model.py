@@ -9,8 +9,8 @@ from fastgpt.kernels import attention_reference
 from torch import nn
 
 from fastgpt.backends import BACKENDS
-from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel, KVCache, MultiHeadAttention, count_parameters, flops_per_token
+from fastgpt.model_config import GPTConfig
 from tests.tolerance import assert_close_to_reference
 
 

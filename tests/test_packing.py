@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from fastgpt.cli import main
-from fastgpt.config import GPTConfig
 from fastgpt.instruction import (
     IGNORE_INDEX,
     InstructionCollate,
@@ -21,6 +20,7 @@ from fastgpt.instruction import (
 )
 from fastgpt.losses import next_token_loss
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from fastgpt.segments import document_segment_ids, packed_rows
 from fastgpt.tokenizer import EOT_ID
 

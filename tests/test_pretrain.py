@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastgpt.cli import main
-from fastgpt.config import GPTConfig
+from fastgpt.model_config import GPTConfig
 from fastgpt.train.checkpoint import CHECKPOINT_NAME
 from fastgpt.train.metrics import METRICS_NAME, PLOT_NAME, read_metrics
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastgpt.config import GPTConfig
 from fastgpt.errors import UsageError
 from fastgpt.losses import next_token_loss
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from fastgpt.options import resolve_defaults
 from fastgpt.text_data import SlidingWindowDataset
 from fastgpt.train import NonFiniteLossError, TrainConfig, Trainer, evaluate_loss

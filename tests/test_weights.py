@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastgpt.config import GPTConfig
 from fastgpt.model import GPTModel
+from fastgpt.model_config import GPTConfig
 from tests.tolerance import assert_close_to_reference
 
 transformers = pytest.importorskip("transformers")

@@ -113,7 +113,7 @@ class PretrainTask(Task, name="pretrain", options=PretrainOptions, defaults={"ep
 
     def _context_length(self) -> int:
         """--context-length; unless it is given, a fresh model's config.json's own."""
-        from fastgpt.config import GPTConfig
+        from fastgpt.model_config import GPTConfig
 
         spec = self.model_options.model
         user_config = spec is not None and Path(spec).expanduser().exists()  # not a preset

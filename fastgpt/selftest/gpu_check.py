@@ -268,8 +268,8 @@ def cross_entropy_check(device, dtype, n, d, v) -> str:
 
 
 def _model(sizes: Sizes, device, dtype=torch.float32, backend="triton", seed=0):
-    from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     torch.manual_seed(seed)
     config = GPTConfig.from_name(sizes.model, **dict(sizes.model_overrides))

@@ -86,8 +86,8 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
     (e.g. context_length) shape a fresh model only; --dropout applies to both."""
     import torch
 
-    from fastgpt.config import GPTConfig
     from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
 
     if seed is not None:
         torch.manual_seed(seed)
