@@ -12,6 +12,7 @@ Every public op in `kernels/` calls `use_triton(...)` after validating its input
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -52,3 +53,14 @@ def use_triton(device: torch.device) -> bool:
     if device.type == "cpu":
         return triton_interpreter_enabled()
     return False
+
+
+def define_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """Decorator registering a launcher as the torch.library op `name`, so that
+    torch.compile(fullgraph=True) traces through it. On a GPU a `triton_op`, which Inductor can
+    see into (it schedules the Triton kernels itself); under TRITON_INTERPRET=1 the kernels are
+    plain Python that cannot run on tracing tensors, so there an opaque `custom_op` (traced
+    through the fake impl the op registers)."""
+    if triton_interpreter_enabled():
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+    return torch.library.triton_op(name, mutates_args=mutates_args)

@@ -5,7 +5,7 @@
 
 Sequence i is rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and rows
 cu_seqlens_k[i]:cu_seqlens_k[i+1] of k and v; its queries attend only to its own keys, with the
-conventions of `attention` (kernels/attention.py, whose tile loops these kernels reuse): causal
+conventions of `attention` (kernels/flash_core.py, whose tile loops both run): causal
 alignment bottom-right per sequence, base-2 scores and log-sum-exp, a row that sees no key gives
 0 and zero gradients, dropout regenerated from Philox in the backward pass.
 
@@ -19,11 +19,12 @@ How the work is laid out, and why
   num_slots = min(cdiv(total, BLOCK) + batch, batch * cdiv(max_seqlen, BLOCK)) bounds the real
   tile count (each sequence adds at most one partial tile); spare slots are idle programs that
   see Tq = Tk = 0 and loop zero times.
-- Inside its sequence a program runs `attention`'s own inner loops on base pointers moved to
-  the sequence's first row, with Tq, Tk the sequence's lengths: a query tile visits only its
-  sequence's keys, up to its diagonal when causal. The cost is sum_i Tq_i * Tk_i (about half
-  that causal), not (sum_i T_i)^2 as attention over the whole packed axis with a block-diagonal
-  mask would be, and no padding to the longest sequence is computed or stored.
+- Inside its sequence a program runs `attention`'s inner loops (kernels/flash_core.py) on base
+  pointers moved to the sequence's first row, with Tq, Tk the sequence's lengths: a query tile
+  visits only its sequence's keys, up to its diagonal when causal. The cost is
+  sum_i Tq_i * Tk_i (about half that causal), not (sum_i T_i)^2 as attention over the whole
+  packed axis with a block-diagonal mask would be, and no padding to the longest sequence is
+  computed or stored.
 - Forward and dq: slots are query tiles; dk/dv: slots are key tiles (looping over the query
   tiles of the same sequence that see them). Each gradient element is written by one program in
   a fixed order: no atomics, bitwise deterministic. Within a sequence the query tiles are
@@ -53,24 +54,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import check_float, check_same_device, define_op, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
-from .attention import (
+from .flash_core import (
     LOG2E,
     SUPPORTED_HEAD_DIMS,
-    _attention_backward_dkdv_inner,
-    _attention_backward_dq_inner,
-    _attention_forward_inner,
-    _attention_tile_bounds,
-    _dot_precision,
-    _dropout_keep,
-    _load_seed,
-    _load_tile,
-    _padded_head_dim,
-    _program_tile,
-    _seed_tensor,
-    _store_tile,
+    TileTable,
     attention_reference,
+    block_config,
+    dkdv_tile,
+    dot_precision,
+    dq_tile,
+    dropout_mask_tile,
+    forward_tile,
+    load_seed,
+    load_tile,
+    padded_head_dim,
+    program_tile,
+    seed_tensor,
+    store_dkdv,
+    store_tile,
+    target_arch,
 )
 
 # --- reference ---------------------------------------------------------------------------
@@ -291,35 +295,18 @@ def _varlen_forward_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = q_ptr + q0 * stride_qt + h * stride_qh
-    q = _load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, Tq, D)  # (BLOCK_M, BLOCK_D)
+    q = load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, Tq, D)  # (BLOCK_M, BLOCK_D)
     k_base = k_ptr + k0 * stride_kt + h * stride_kh
     v_base = v_ptr + k0 * stride_vt + h * stride_vh
-    seed = _load_seed(seed_ptr, DROPOUT)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _attention_forward_inner(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, bh, 0, 0, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, False,  # no TMA here
+    seed = load_seed(seed_ptr, DROPOUT)
+    out, lse = forward_tile(  # (b, h) are TMA's only: 0, 0 here
+        q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
+        bh, 0, 0, m_start, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False,
     )  # fmt: skip
-    acc, m_i, l_i = _attention_forward_inner(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, bh, 0, 0, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, False,
-    )  # fmt: skip
-
-    # As in attention: a row that saw no key gets out = 0 and lse = +inf.
-    sees_a_key = l_i > 0.0
-    inv_l = tl.where(sees_a_key, 1.0 / tl.where(sees_a_key, l_i, 1.0), 0.0)
-    if DROPOUT:
-        inv_l = inv_l / (1.0 - dropout_p)
-    lse = tl.where(sees_a_key, m_i + tl.math.log2(tl.where(sees_a_key, l_i, 1.0)), float("inf"))
     tl.store(lse_ptr + h * total_q + q0 + offs_m, lse, mask=offs_m < Tq)
     out_base = out_ptr + q0 * stride_ot + h * stride_oh
-    _store_tile(out_base, acc * inv_l[:, None], offs_m, offs_d, stride_ot, stride_od, Tq, D)
+    store_tile(out_base, out, offs_m, offs_d, stride_ot, stride_od, Tq, D)
 
 
 @triton.jit
@@ -335,7 +322,7 @@ def _varlen_delta_kernel(
 ):  # fmt: skip
     # Rows are independent here, so tiles run over the packed axis regardless of sequences;
     # row offsets are int64 (total_q · stride can pass 2^31).
-    h, _, _, m_start = _program_tile(total_q, H, BLOCK_M, False)  # (h, 0, h, start) at B = 1
+    h, _, _, m_start = program_tile(total_q, H, BLOCK_M, False)  # (h, 0, h, start) at B = 1
     offs_m = (m_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < total_q)[:, None] & (offs_d < D)[None, :]
@@ -346,28 +333,6 @@ def _varlen_delta_kernel(
     dout = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
     delta = tl.sum(out * dout, axis=1)
     tl.store(delta_ptr + h * total_q + offs_m, delta, mask=offs_m < total_q)
-
-
-@triton.jit
-def _varlen_dkdv_bounds(
-    n_start, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
-):
-    """For the key tile at n_start, attention's bounds (m_lo, m_masked_end, m_end): query tiles
-    [m_lo, m_masked_end) are masked, [m_masked_end, m_end) see the whole key tile, and those
-    before m_lo see none of it."""
-    m_end = ((Tq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        first_row = tl.maximum(n_start - (Tk - Tq), 0)  # first query that sees key n_start
-        m_lo = tl.minimum((first_row // BLOCK_M) * BLOCK_M, m_end)
-        # first query that sees the last key of the tile, rounded up to a tile start
-        all_rows = tl.maximum(n_start + BLOCK_N - 1 - (Tk - Tq), 0)
-        m_masked_end = tl.minimum(((all_rows + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m_end)
-    else:
-        m_lo = m_end * 0
-        m_masked_end = m_end * 0
-    # The last key tile, when it runs past Tk, is masked against every query tile.
-    m_masked_end = tl.where(n_start + BLOCK_N > Tk, m_end, m_masked_end)
-    return m_lo, tl.maximum(m_masked_end, m_lo), m_end
 
 
 @triton.jit
@@ -405,35 +370,23 @@ def _varlen_backward_dkdv_kernel(
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_base = k_ptr + k0 * stride_kt + h * stride_kh
-    k = _load_tile(k_base, offs_n, offs_d, stride_kt, stride_kd, Tk, D)  # (BLOCK_N, BLOCK_D)
+    k = load_tile(k_base, offs_n, offs_d, stride_kt, stride_kd, Tk, D)  # (BLOCK_N, BLOCK_D)
     v_base = v_ptr + k0 * stride_vt + h * stride_vh
-    v = _load_tile(v_base, offs_n, offs_d, stride_vt, stride_vd, Tk, D)  # (BLOCK_N, BLOCK_D)
+    v = load_tile(v_base, offs_n, offs_d, stride_vt, stride_vd, Tk, D)  # (BLOCK_N, BLOCK_D)
     q_base = q_ptr + q0 * stride_qt + h * stride_qh
     do_base = dout_ptr + q0 * stride_dot + h * stride_doh
     lse_base = lse_ptr + h * total_q + q0  # this sequence's rows of this head, (Tq,)
     delta_base = delta_ptr + h * total_q + q0
-    seed = _load_seed(seed_ptr, DROPOUT)
-
-    m_lo, m_full, m_end = _varlen_dkdv_bounds(n_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _attention_backward_dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-        stride_dot, stride_dod, offs_n, offs_d, m_lo, m_full, Tq, Tk, D, qk_scale,
-        dropout_p, seed, bh, CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_M,
+    seed = load_seed(seed_ptr, DROPOUT)
+    dk, dv = dkdv_tile(
+        k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
+        offs_n, offs_d, n_start, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
+        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, True,  # CLAMP_ONCE
     )  # fmt: skip
-    dk, dv = _attention_backward_dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd,
-        stride_dot, stride_dod, offs_n, offs_d, m_full, m_end, Tq, Tk, D, qk_scale,
-        dropout_p, seed, bh, CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_M,
-    )  # fmt: skip
-
-    # dk and dv share one layout: the offsets are computed once for both stores.
-    kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
-    offsets = k0 * stride_dkt + h * stride_dkh
-    offsets += offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptr + offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    start = k0 * stride_dkt + h * stride_dkh  # dv has dk's strides (the launcher's)
+    store_dkdv(
+        dk_ptr, dv_ptr, start, dk, dv, offs_n, offs_d, stride_dkt, stride_dkd, Tk, D, sm_scale
+    )
 
 
 @triton.jit
@@ -469,31 +422,16 @@ def _varlen_backward_dq_kernel(
     bh = seq * H + h
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Tq
-    q_base = q_ptr + q0 * stride_qt + h * stride_qh
-    q = _load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, Tq, D)  # (BLOCK_M, BLOCK_D)
-    do_base = dout_ptr + q0 * stride_dot + h * stride_doh
-    dout = _load_tile(do_base, offs_m, offs_d, stride_dot, stride_dod, Tq, D)
-    lse = tl.load(lse_ptr + h * total_q + q0 + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(delta_ptr + h * total_q + q0 + offs_m, mask=m_ok, other=0.0)
-    k_base = k_ptr + k0 * stride_kt + h * stride_kh
-    v_base = v_ptr + k0 * stride_vt + h * stride_vh
-    seed = _load_seed(seed_ptr, DROPOUT)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_end, hi = _attention_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _attention_backward_dq_inner(
-        dq, q, dout, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, bh, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
-    )  # fmt: skip
-    dq = _attention_backward_dq_inner(
-        dq, q, dout, lse, delta, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
+    dq = dq_tile(
+        q_ptr + q0 * stride_qt + h * stride_qh, dout_ptr + q0 * stride_dot + h * stride_doh,
+        lse_ptr + h * total_q + q0, delta_ptr + h * total_q + q0,
+        k_ptr + k0 * stride_kt + h * stride_kh, v_ptr + k0 * stride_vt + h * stride_vh, seed_ptr,
+        stride_qt, stride_qd, stride_dot, stride_dod, stride_kt, stride_kd, stride_vt, stride_vd,
+        offs_m, offs_d, bh, m_start, Tq, Tk, D, qk_scale, dropout_p,
+        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
     )  # fmt: skip
     dq_base = dq_ptr + q0 * stride_dqt + h * stride_dqh
-    _store_tile(dq_base, dq * sm_scale, offs_m, offs_d, stride_dqt, stride_dqd, Tq, D)
+    store_tile(dq_base, dq * sm_scale, offs_m, offs_d, stride_dqt, stride_dqd, Tq, D)
 
 
 @triton.jit
@@ -505,84 +443,43 @@ def _varlen_dropout_mask_kernel(
     dropout_p,
     BLOCK: tl.constexpr,
 ):
-    # One program per BLOCK elements of one head of sequence i, the kernels' offsets r·Tk_i + c.
-    h, _, _, start = _program_tile(n_per_head, 1, BLOCK, False)
-    offsets = start + tl.arange(0, BLOCK)
-    keep = _dropout_keep(tl.load(seed_ptr), first_bh + h, offsets, dropout_p)
-    tl.store(keep_ptr + h * n_per_head + offsets, keep.to(tl.int8), mask=offsets < n_per_head)
+    dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, first_bh, dropout_p, BLOCK)
 
 
 # --- launchers ---------------------------------------------------------------------------
 
 
+# The pinned tiles (the varlen kernels hold a few more values than attention's, the sequence's
+# row starts and lengths); the layout, and where each entry's reasons are: "tile tables" in
+# kernels/flash_core.py.
+VARLEN_TILES: TileTable = {
+    # key: (forward, dkdv, dq), each (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    ("sm_90", "16-bit", 16): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "16-bit", 128): ((128, 32, 8, 2), (16, 64, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "fp32", 16): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
+    ("sm_90", "fp32", 32): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
+    ("sm_90", "fp32", 64): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
+    ("sm_90", "fp32", 128): ((32, 16, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)),
+    ("sm_80", "16-bit", 16): ((64, 64, 8, 2), (32, 64, 8, 2), (128, 16, 8, 2)),
+    ("sm_80", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_80", "16-bit", 128): ((64, 32, 4, 2), (16, 64, 8, 2), (64, 32, 8, 2)),
+    ("sm_80", "fp32", 16): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
+    ("sm_80", "fp32", 32): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
+    ("sm_80", "fp32", 64): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
+    ("sm_80", "fp32", 128): ((32, 32, 8, 1), (16, 32, 8, 2), (32, 16, 4, 2)),
+}
+
+
 def _varlen_block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
-    """Tile sizes and launch settings per kernel, the varlen kernels' own (they start from
-    attention's configs of the same kernels' inner loops). The interpreter gets small tiles of
-    different query and key sizes, so that the CPU tests cross several masked tiles."""
-    if triton_interpreter_enabled():
-        small = {"num_warps": 1, "num_stages": 1}
-        return {
-            "forward": {"BLOCK_M": 32, "BLOCK_N": 16, **small},
-            "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, **small},
-            "dq": {"BLOCK_M": 32, "BLOCK_N": 16, **small},
-        }
-    # Checked without a GPU for spills with `fastgpt selftest --compile-only --only
-    # attention_varlen` (sm_90, sm_80); not timed.
-    arch = triton.runtime.driver.active.get_current_target().arch
-    ampere = not isinstance(arch, int) or arch < 90  # mma.sync: operands live in registers
-    wide = head_dim > 64  # BLOCK_D = 128
-    narrow = head_dim <= 16  # BLOCK_D = 16
-    # Where they differ from attention's: the varlen kernels hold a few more values (the
-    # sequence's row starts and lengths), which at BLOCK_D = 128 tipped attention's tiles into
-    # spills (Triton 3.9): 16-bit dk/dv with dropout on sm_90, 48 B at 32 query rows a tile
-    # (16 rows: none); 16-bit forward on sm_80, 32 B at 128 query rows and 16 B at 64 over 8
-    # warps (64 rows over 4 warps: none); fp32 dk/dv, 32-96 B at 32 query rows (16: none);
-    # fp32 forward with dropout, 24-40 B: on sm_90 16 keys a tile fix it, on sm_80 only one
-    # pipeline stage did (255 registers, no cp.async; 16 query rows or 4 warps still spilled),
-    # sm_80 fp32 dk/dv at head dims 48/64 spilled 8 B at 32 query rows (16: none). Still open:
-    # sm_80 fp32 at D = 8/16 spills 8-24 B (forward at D = 8, dk/dv, dq with dropout); one
-    # pipeline stage there made it worse (16-48 B).
-    if dtype == torch.float32:  # exact fp32 dots run on FMA units: small tiles
-        configs = {
-            "forward": {
-                "BLOCK_M": 32,
-                "BLOCK_N": 16 if wide and not ampere else 32,
-                "num_warps": 8 if wide else 4,
-                "num_stages": 1 if wide and ampere else 2,
-            },
-            "dkdv": {"BLOCK_M": 16 if wide or ampere else 32, "BLOCK_N": 32, "num_warps": 8},
-            "dq": {"BLOCK_M": 32, "BLOCK_N": 16 if wide else 32, "num_warps": 4},
-        }
-    else:
-        configs = {
-            "forward": {
-                "BLOCK_M": 64 if (narrow or wide) and ampere else 128,
-                "BLOCK_N": 32 if wide else 64,
-                "num_warps": 4 if wide and ampere else 8,
-            },
-            # At BLOCK_D = 16 on sm_80 (Triton 3.6): 64-key dk/dv tiles (128 spilled 8 B at
-            # head dim 16; 16 query rows over them instead spilled 8-16 B at head dim 8) and
-            # 16-key dq tiles (32 spilled 72 B with dropout at head dim 8).
-            "dkdv": {
-                "BLOCK_M": 16 if wide else 32,
-                "BLOCK_N": 64 if wide or (narrow and ampere) else 128,
-                "num_warps": 8,
-            },
-            "dq": {
-                "BLOCK_M": 64 if wide and ampere else 128,
-                "BLOCK_N": 16 if narrow and ampere else 32,
-                "num_warps": 8,
-            },
-        }
-    return {name: {"num_stages": 2, **cfg} for name, cfg in configs.items()}
+    """Tile sizes and launch settings per kernel ("forward", "dkdv", "dq"): the entry of
+    VARLEN_TILES for the target's arch (the interpreter's small tiles under it). Not tuned."""
+    return block_config(VARLEN_TILES, dtype, head_dim, target_arch)
 
 
-# torch.library ops, as attention's: `triton_op`s on a GPU (Inductor sees into them), opaque
-# `custom_op`s under the interpreter (traced through the fake impls below).
-_define_op = torch.library.custom_op if triton_interpreter_enabled() else torch.library.triton_op
-
-
-@_define_op("fastgpt::flash_attention_varlen_forward", mutates_args=())
+@define_op("fastgpt::flash_attention_varlen_forward")
 def _flash_attention_varlen_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -607,13 +504,13 @@ def _flash_attention_varlen_forward(
         q, k, v, out, lse, seed, cu_seqlens_q, cu_seqlens_k, lookup,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, total_q, num_slots, head_dim, sm_scale * LOG2E, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=_padded_head_dim(head_dim), **cfg,
+        CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=padded_head_dim(head_dim), **cfg,
     )  # fmt: skip
     return out, lse
 
 
-@_define_op("fastgpt::flash_attention_varlen_backward", mutates_args=())
+@define_op("fastgpt::flash_attention_varlen_backward")
 def _flash_attention_varlen_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -638,8 +535,8 @@ def _flash_attention_varlen_backward(
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     common = {
-        "CAUSAL": causal, "DROPOUT": dropout_p > 0.0, "DOT_PRECISION": _dot_precision(q.dtype),
-        "BLOCK_D": _padded_head_dim(head_dim),
+        "CAUSAL": causal, "DROPOUT": dropout_p > 0.0, "DOT_PRECISION": dot_precision(q.dtype),
+        "BLOCK_D": padded_head_dim(head_dim),
     }  # fmt: skip
     scalars = (heads, total_q)
     pre_block_m = configs["dq"]["BLOCK_M"]
@@ -775,7 +672,7 @@ def attention_varlen(
     if dropout_p > 0.0:
         if not compiling:
             _check_dropout_offsets(cu_seqlens_q, cu_seqlens_k)
-        seed_t = _seed_tensor(seed, q.device)
+        seed_t = seed_tensor(seed, q.device)
     out, _ = _flash_attention_varlen_forward(q, k, v, *args, float(dropout_p), seed_t)
     return out
 
@@ -796,7 +693,7 @@ def attention_varlen_dropout_mask(
     if not use_triton(device):
         raise RuntimeError(f"attention_varlen_dropout_mask needs the Triton kernel on {device}")
     _check_dropout_offsets(cu_seqlens_q, cu_seqlens_k)
-    seed_t = _seed_tensor(seed, device)
+    seed_t = seed_tensor(seed, device)
     masks = []
     bounds = zip(_sequence_bounds(cu_seqlens_q), _sequence_bounds(cu_seqlens_k), strict=True)
     for i, ((q0, q1), (k0, k1)) in enumerate(bounds):

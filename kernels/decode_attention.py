@@ -29,10 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import check_float, check_same_device, define_op, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
+from .flash_core import LOG2E, load_tile, padded_head_dim
 
-LOG2E = 1.4426950408889634  # exp(x) == exp2(x · LOG2E)
 MAX_SPLITS = 64
 
 
@@ -88,18 +88,14 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(
-            k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=mask, other=0.0
-        ).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        k = load_tile(k_base, offs_n, offs_d, stride_kt, stride_kd, end, D).to(tl.float32)
         s = tl.sum(k * q[None, :], axis=1) * qk_scale  # (BLOCK_N,) base-2 scores
         s = tl.where(mask_n, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))  # finite: the tile has a visible key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)  # (BLOCK_N,), 0 where masked
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=mask, other=0.0
-        ).to(tl.float32)  # (BLOCK_N, BLOCK_D)
+        # (BLOCK_N, BLOCK_D) each: keys and values past `end` and columns past D read as 0
+        v = load_tile(v_base, offs_n, offs_d, stride_vt, stride_vd, end, D).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
@@ -154,12 +150,7 @@ def split_plan(capacity: int, num_splits: int | None = None) -> tuple[int, int, 
     return triton.cdiv(capacity, chunk), chunk, block_n
 
 
-# On a GPU a triton_op (Inductor sees the kernels); under the interpreter an opaque custom_op
-# traced through the fake impl below (the kernels there are Python that cannot take fake tensors).
-_define_op = torch.library.custom_op if triton_interpreter_enabled() else torch.library.triton_op
-
-
-@_define_op("fastgpt::decode_attention", mutates_args=())
+@define_op("fastgpt::decode_attention")
 def _decode_attention_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -172,7 +163,7 @@ def _decode_attention_op(
     batch, heads, head_dim = q.shape
     capacity = k_cache.shape[2]
     splits, chunk, block_n = split_plan(capacity, num_splits if num_splits > 0 else None)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = padded_head_dim(head_dim)
     parts = batch * heads * splits
     m = _empty((parts,), torch.float32, q.device)
     l_s = _empty((parts,), torch.float32, q.device)

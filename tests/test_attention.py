@@ -404,6 +404,32 @@ def test_causality_later_keys_do_not_change_earlier_outputs(device, tq, tk):
     assert not torch.equal(out[:, :, t + 1 :], out2[:, :, t + 1 :])  # later rows do see them
 
 
+@pytest.mark.parametrize(
+    ("op", "table"), [("attention", "ATTENTION_TILES"), ("attention_varlen", "VARLEN_TILES")]
+)
+def test_tile_tables_cover_every_arch_dtype_and_head_dim(monkeypatch, op, table):
+    # A GPU reads its tiles from the op's table by (arch family, precision, BLOCK_D); the CPU
+    # tests run the interpreter's tiles, so a head dim missing from a table would show only on a
+    # GPU. Here the GPU path of the lookup is asked for every supported case.
+    core = importlib.import_module("fastgpt.kernels.flash_core")
+    tiles = getattr(importlib.import_module(f"fastgpt.kernels.{op}"), table)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for arch in (80, 90):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for head_dim in SUPPORTED_HEAD_DIMS:
+                configs = core.block_config(tiles, dtype, head_dim, lambda arch=arch: arch)
+                assert list(configs) == ["forward", "dkdv", "dq"]
+                for cfg in configs.values():
+                    assert set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}
+                    for name in ("BLOCK_M", "BLOCK_N", "num_warps"):  # powers of two
+                        assert cfg[name] & (cfg[name] - 1) == 0, (arch, dtype, head_dim, cfg)
+                    assert cfg["BLOCK_M"] >= 16 and cfg["BLOCK_N"] >= 16  # tl.dot's least
+                    assert cfg["num_stages"] >= 1
+    # no entry that no supported case reads
+    used = {core.padded_head_dim(d) for d in SUPPORTED_HEAD_DIMS}
+    assert {block_d for _, _, block_d in tiles} == used
+
+
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over nan rows
 @pytest.mark.parametrize("key_offset", [0, 1], ids=["square", "more_keys"])
 def test_tiles_above_the_diagonal_are_never_read(device, key_offset):

@@ -146,7 +146,7 @@ def attention_cases(options: SweepOptions) -> Iterator[Case]:
                 return q, k, v
 
             def seed(dropout=dropout):
-                return A._seed_tensor(1234, "cpu") if dropout else None
+                return A.seed_tensor(1234, "cpu") if dropout else None
 
             p = 0.1 if dropout else 0.0
             if options.wants("forward"):
@@ -194,7 +194,7 @@ def attention_varlen_cases(options: SweepOptions) -> Iterator[Case]:
     for dname, d, variants in options.attention_grid(V.SUPPORTED_HEAD_DIMS):
         dtype = DTYPES[dname]
         for causal, dropout, params in variants:
-            seed = V._seed_tensor(1234, "cpu") if dropout else None
+            seed = V.seed_tensor(1234, "cpu") if dropout else None
             rest = (cu, cu, t, t, causal, d**-0.5, 0.1 if dropout else 0.0, seed)
 
             def qkv(d=d, dtype=dtype):

@@ -1,0 +1,564 @@
+"""The flash-attention core: the Triton building blocks that `attention`, `attention_varlen` and
+`decode_attention` are made of, and the host helpers they share.
+
+    tile loads and stores (TMA included), visibility mask, dropout keep-mask, tile bounds,
+    the three inner loops (forward, dk/dv, dq) and what runs around them in one program
+
+Conventions shared by every kernel built from these
+- Causal alignment is bottom-right: query i sees key j iff j <= i + (Tk - Tq). With Tq == Tk that
+  is the usual lower triangle; with a KV cache (Tq < Tk) the new queries see the whole past. When
+  Tq > Tk the first Tq - Tk rows see no key at all: their output is 0 and their gradients are 0.
+- Scores are kept in base 2: s = (q·kᵀ) · sm_scale · log2(e), so exp(x) becomes exp2(s), one
+  instruction on the GPU. The saved log-sum-exp `lse` is in the same base-2 units.
+- Loop bounds skip every tile that lies wholly above the diagonal; only tiles crossing the
+  diagonal (or the end of the keys) pay for a mask.
+- Dropout on the attention weights draws one uniform per weight from Philox (`tl.philox`, the
+  generator behind `tl.rand`), keyed by `seed`, with the 4-word counter (i·Tk + j, b·H + h, 0, 0):
+  the position inside the head's Tq×Tk matrix in the first word (int32, hence Tq·Tk < 2^31),
+  the head in the second. So no offset ever wraps however large B·H·Tq·Tk gets (the flat index
+  ((b·H + h)·Tq + i)·Tk + j would pass 2^31 easily), and per tile only an int32 offset tile is
+  built. The weight is kept iff its uniform >= p. The forward, the backward and the dropout-mask
+  kernels compute the same counters, so the backward regenerates the forward's mask instead of
+  storing it.
+- Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); offsets inside one head
+  (i·stride_t + d·stride_d) stay int32, which the ops check. The grid is one flat axis (axis 0
+  allows 2^31 - 1 programs, axes 1 and 2 only 65535), so B·H > 65535 works.
+
+The @triton.jit functions here are plain functions that Triton inlines into each kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import triton_interpreter_enabled
+
+# Head dims are padded to a power of two of at least 16 (tl.dot's smallest inner size), masked.
+# 8 is here for small test models (the "tiny" preset has 4 heads of 8).
+SUPPORTED_HEAD_DIMS = (8, 16, 32, 48, 64, 80, 96, 128)
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
+
+
+# --- reference ---------------------------------------------------------------------------
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """The book's attention in plain PyTorch: scores, -inf above the (bottom-right aligned)
+    diagonal, softmax, dropout, weighted sum. q: (B, H, Tq, D), k/v: (B, H, Tk, D) -> (B, H, Tq, D).
+
+    upcast: compute in at least fp32 (fp64 inputs stay fp64); False computes in the inputs' own
+    dtype (what "PyTorch in the same dtype" means in the tests' tolerance rule).
+    dropout_mask: a (B, H, Tq, Tk) keep-mask (e.g. `attention_dropout_mask`) applied with scaling
+    1 / (1 - dropout_p); without it dropout_p > 0 draws from PyTorch's generator.
+    A query row that sees no key (Tq > Tk, causal) returns zeros and gets zero gradients."""
+    tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    compute_dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
+    qc, kc, vc = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
+    scores = (qc @ kc.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if causal and tq > 1:  # one query (a decoding step) sees every key: nothing to mask
+        i = torch.arange(tq, device=q.device)[:, None]
+        j = torch.arange(tk, device=q.device)[None, :]
+        hidden = j > i + (tk - tq)  # (Tq, Tk)
+        sees_nothing = hidden.all(dim=-1, keepdim=True)  # (Tq, 1): rows before the first key
+        # -inf above the diagonal; an all-hidden row is softmaxed as zeros and then zeroed, so
+        # neither its output nor any gradient becomes nan (softmax of all -inf is 0/0).
+        scores = scores.masked_fill(hidden & ~sees_nothing, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).masked_fill(sees_nothing, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+    if dropout_mask is not None:
+        weights = weights * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        weights = torch.nn.functional.dropout(weights, dropout_p)
+    return (weights @ vc).to(q.dtype)  # (B, H, Tq, D)
+
+
+# --- tiles, masks, dropout and bounds ----------------------------------------------------
+
+
+@triton.jit
+def program_tile(T, H, BLOCK: tl.constexpr, HEAVIEST_FIRST: tl.constexpr):
+    """This program's place on a flat grid of B·H·cdiv(T, BLOCK) programs, a head's tiles
+    side by side: (bh, b, h, start) with bh = b·H + h (int64) and `start` the first of its BLOCK
+    rows of T. HEAVIEST_FIRST numbers a head's tiles from the last: under a causal mask the last
+    query rows see the most keys, so the longest programs are scheduled first."""
+    num_tiles = (T + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    bh = (pid // num_tiles).to(tl.int64)
+    tile = pid % num_tiles
+    if HEAVIEST_FIRST:
+        tile = num_tiles - 1 - tile
+    return bh, bh // H, bh % H, tile * BLOCK
+
+
+@triton.jit
+def load_tile(base, offs_t, offs_d, stride_t, stride_d, T, D):
+    """Rows offs_t (R,) of one head's (T, D) matrix at `base` as an (R, BLOCK_D) tile; rows past
+    T and columns past D read as 0."""
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    return tl.load(
+        base + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d, mask=mask, other=0.0
+    )
+
+
+@triton.jit
+def load_tile_transposed(base, offs_t, offs_d, stride_t, stride_d, T, D):
+    """The same rows as `load_tile`, transposed: a (BLOCK_D, R) tile (kᵀ for q·kᵀ)."""
+    mask = (offs_t < T)[None, :] & (offs_d < D)[:, None]
+    return tl.load(
+        base + offs_t[None, :] * stride_t + offs_d[:, None] * stride_d, mask=mask, other=0.0
+    )
+
+
+@triton.jit
+def store_tile(base, tile, offs_t, offs_d, stride_t, stride_d, T, D):
+    """Write an (R, BLOCK_D) fp32 tile, cast to the pointer's dtype, to rows offs_t of one
+    head's (T, D) matrix at `base`; rows past T and columns past D are left alone."""
+    mask = (offs_t < T)[:, None] & (offs_d < D)[None, :]
+    ptrs = base + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def tma_load_tile(desc, b, h, row, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [row, row + ROWS) of head (b, h) as a (ROWS, BLOCK_D) tile, through a host
+    TensorDescriptor over the whole (B, H, T, D) tensor with blocks (1, 1, ROWS, BLOCK_D): one
+    TMA copy on sm_90. The hardware fills rows past T and columns past D with zeros (what
+    `load_tile`'s masks do)."""
+    return desc.load([b.to(tl.int32), h.to(tl.int32), row, 0]).reshape(ROWS, BLOCK_D)
+
+
+@triton.jit
+def is_visible(offs_m, offs_n, Tq, Tk, CAUSAL: tl.constexpr):
+    """Whether query offs_m sees key offs_n: the key exists and, causal, j <= i + (Tk - Tq).
+    offs_m and offs_n come as a column and a row (either way round) and broadcast to a tile."""
+    visible = offs_n < Tk
+    if CAUSAL:
+        visible = visible & (offs_n <= offs_m + (Tk - Tq))
+    return visible
+
+
+@triton.jit
+def load_seed(seed_ptr, DROPOUT: tl.constexpr):
+    """The Philox seed; seed_ptr is None without dropout, and the seed then unused."""
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    return seed
+
+
+@triton.jit
+def dropout_keep(seed, bh, offsets, dropout_p):
+    """Keep-mask of the attention weights at within-head offsets i·Tk + j of head bh = b·H + h:
+    Philox(key = seed, counter = (i·Tk + j, b·H + h, 0, 0)), uniform in [0, 1), kept iff >= p."""
+    c0 = offsets.to(tl.uint32, bitcast=True)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
+    return tl.uint_to_uniform_float(r) >= dropout_p
+
+
+@triton.jit
+def dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, first_bh, dropout_p, BLOCK: tl.constexpr):
+    """One program of a dropout-mask kernel: BLOCK elements of one head's n_per_head weights,
+    keep_ptr's heads in a row (int8, 1 = kept), the program's head h drawn as Philox head
+    first_bh + h. Within a head the flat index of (i, j) in a contiguous (Tq, Tk) slice is the
+    attention kernels' offset i·Tk + j, so the mask is the one the kernels apply."""
+    h, _, _, start = program_tile(n_per_head, 1, BLOCK, False)  # each head's weights are a row
+    offsets = start + tl.arange(0, BLOCK)
+    keep = dropout_keep(tl.load(seed_ptr), first_bh + h, offsets, dropout_p)
+    tl.store(keep_ptr + h * n_per_head + offsets, keep.to(tl.int8), mask=offsets < n_per_head)
+
+
+@triton.jit
+def key_tile_bounds(
+    m_start, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """For the query tile starting at m_start: (full_end, hi). Key tiles in [0, full_end) are
+    wholly visible to every row of the tile (no mask); [full_end, hi) cross the diagonal or the
+    end of the keys (masked); keys >= hi are never visited."""
+    if CAUSAL:
+        last_row = tl.minimum(m_start + BLOCK_M, Tq) - 1
+        hi = tl.minimum(tl.maximum(last_row + (Tk - Tq) + 1, 0), Tk)
+        visible_to_all = tl.minimum(tl.maximum(m_start + (Tk - Tq) + 1, 0), hi)
+    else:
+        hi = Tk
+        visible_to_all = Tk
+    full_end = (visible_to_all // BLOCK_N) * BLOCK_N
+    return full_end, hi
+
+
+@triton.jit
+def query_tile_bounds(
+    n_start, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """For the key tile starting at n_start: (m_lo, m_masked_end, m_end). Query tiles in
+    [m_lo, m_masked_end) cross the diagonal (or this key tile runs past Tk) and are masked;
+    [max(m_masked_end, m_lo), m_end) see the whole key tile; those before m_lo see none of it."""
+    m_end = ((Tq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        first_row = tl.maximum(n_start - (Tk - Tq), 0)  # first query that sees key n_start
+        m_lo = tl.minimum((first_row // BLOCK_M) * BLOCK_M, m_end)
+        # first query that sees the last key of the tile, rounded up to a tile start
+        all_rows = tl.maximum(n_start + BLOCK_N - 1 - (Tk - Tq), 0)
+        m_masked_end = tl.minimum(((all_rows + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m_end)
+    else:
+        m_lo = 0
+        m_masked_end = 0
+    # The last key tile, when it runs past Tk, is masked against every query tile.
+    m_masked_end = tl.where(n_start + BLOCK_N > Tk, m_end, m_masked_end)
+    return m_lo, m_masked_end, m_end
+
+
+# --- forward -----------------------------------------------------------------------------
+#
+# FlashAttention-2 forward, one program per tile of BLOCK_M query rows of one head.
+# For each row i it keeps, over the key tiles seen so far,
+#   m_i = running max of the base-2 scores s_ij,
+#   l_i = Σ_j exp2(s_ij - m_i)                      (the softmax denominator, rescaled to m_i),
+#   acc_i = Σ_j exp2(s_ij - m_i) · keep_ij · v_j    (the numerator, fp32).
+# A new tile with max m' rescales the old sums by alpha = exp2(m_i - m') before adding its own
+# terms. At the end out_i = acc_i / l_i / (1 - p) and lse_i = m_i + log2(l_i). While a row has
+# seen only masked keys, m_i = -inf; the max is then replaced by 0 so that -inf - -inf never
+# happens (masked terms give exp2(-inf) = 0), and a row that never sees a key keeps l_i = 0 and
+# gets out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0 for it).
+# The key tiles are walked in two loops: first those every row of the tile sees (no mask), then
+# those crossing the diagonal or the end of the keys (MASKED); tiles above the diagonal never.
+
+
+@triton.jit
+def forward_inner(
+    acc, m_i, l_i,  # (BLOCK_M, BLOCK_D), (BLOCK_M,), (BLOCK_M,) fp32: the running sums above
+    q,  # (BLOCK_M, BLOCK_D): this program's query tile
+    k_base, v_base,  # (Tk, D) each: this head's keys and values
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m,  # (BLOCK_M,) query rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    bh, b, h, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """Fold key tiles [n_lo, n_hi) into the running (acc, m_i, l_i) of one query tile.
+    TMA: k_base and v_base are the whole (B, H, Tk, D) tensors' descriptors (see
+    `tma_load_tile`), read at head (b, h); else pointers to this head's keys and values."""
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        if TMA:
+            kt = tl.trans(tma_load_tile(k_base, b, h, n_start, BLOCK_N, BLOCK_D))
+        else:
+            kt = load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = is_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+        p = tl.math.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N), unnormalized weights
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        if TMA:
+            v = tma_load_tile(v_base, b, h, n_start, BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        else:
+            v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def forward_tile(
+    q,  # (BLOCK_M, BLOCK_D): this program's query tile
+    k_base, v_base,  # (Tk, D) each, or TMA descriptors (see `forward_inner`)
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m,  # (BLOCK_M,) query rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    bh, b, h, m_start, Tq, Tk, D, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """One query tile's forward: (out (BLOCK_M, BLOCK_D) fp32, lse (BLOCK_M,) fp32), the
+    unmasked key tiles first, then the masked ones; a row that saw no key gets out = 0 and
+    lse = +inf."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi = key_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = forward_inner(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, bh, b, h, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
+    )  # fmt: skip
+    acc, m_i, l_i = forward_inner(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, bh, b, h, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
+    )  # fmt: skip
+
+    sees_a_key = l_i > 0.0
+    inv_l = tl.where(sees_a_key, 1.0 / tl.where(sees_a_key, l_i, 1.0), 0.0)
+    if DROPOUT:
+        inv_l = inv_l / (1.0 - dropout_p)
+    out = acc * inv_l[:, None]
+    lse = tl.where(sees_a_key, m_i + tl.math.log2(tl.where(sees_a_key, l_i, 1.0)), float("inf"))
+    return out, lse
+
+
+# --- backward ----------------------------------------------------------------------------
+#
+# With P = softmax(S) (S = sm_scale·q·kᵀ, masked), K the keep-mask and Pd = P∘K/(1-p):
+#   out = Pd·v,   dv = Pdᵀ·dout,   dPd = dout·vᵀ,   dP = dPd∘K/(1-p),
+#   dS = P∘(dP - delta) with delta_i = Σ_j dP_ij·P_ij = Σ_j dPd_ij·Pd_ij = Σ_d dout_id·out_id,
+#   dq = sm_scale·dS·k,   dk = sm_scale·dSᵀ·q.
+# P is recomputed tile by tile from the saved lse: P_ij = exp2(s_ij - lse_i).
+# 1. A delta kernel: delta = rowsum(dout ∘ out).
+# 2. A dk/dv kernel (`dkdv_tile`): one program per key tile, looping over the query tiles that
+#    can see it (causal: from the diagonal down), accumulating dk and dv in registers.
+# 3. A dq kernel (`dq_tile`): one program per query tile, looping over the key tiles it sees
+#    (the forward's bounds), accumulating dq in registers.
+# Every gradient element is written by exactly one program, summed in a fixed order: no atomics,
+# so the same inputs give bitwise identical gradients.
+
+
+@triton.jit
+def dkdv_inner(
+    dk, dv,  # (BLOCK_N, BLOCK_D) fp32 each: the key tile's gradients so far
+    k, v,  # (BLOCK_N, BLOCK_D) each: the key tile and its values
+    q_base, do_base,  # (Tq, D) each: this head's queries and upstream gradient
+    lse_base, delta_base,  # (Tq,) fp32 each: this head's lse and delta
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n,  # (BLOCK_N,) key rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    m_lo, m_hi, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Add the contributions of query tiles [m_lo, m_hi) to one key tile's dk and dv. Works on
+    transposed tiles (keys along rows) so that dk and dv come out of plain dots."""
+    for m_start in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Tq
+        qt = load_tile_transposed(q_base, offs_m, offs_d, stride_qm, stride_qd, Tq, D)
+        # Rows past Tq get lse = +inf, hence P = 0: they add nothing.
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,)
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        pt = tl.math.exp2(st - lse[None, :])  # P transposed
+        if MASKED:
+            visible = is_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, CAUSAL)
+            pt = tl.where(visible, pt, 0.0)
+        dout = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Tq, D)
+        dpt = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, offs_m[None, :] * Tk + offs_n[:, None], dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            pdt = tl.where(keep, pt * inv_keep, 0.0)
+            dpt = tl.where(keep, dpt * inv_keep, 0.0)
+        else:
+            pdt = pt
+        dv += tl.dot(pdt.to(dout.dtype), dout, input_precision=DOT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+        dst = pt * (dpt - delta[None, :])  # (BLOCK_N, BLOCK_M)
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def dkdv_tile(
+    k, v,  # (BLOCK_N, BLOCK_D) each: the key tile and its values
+    q_base, do_base,  # (Tq, D) each: this head's queries and upstream gradient
+    lse_base, delta_base,  # (Tq,) fp32 each: this head's lse and delta
+    stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n,  # (BLOCK_N,) key rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    n_start, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CLAMP_ONCE: tl.constexpr,
+):  # fmt: skip
+    """One key tile's (dk without sm_scale, dv), (BLOCK_N, BLOCK_D) fp32 each: the masked
+    query tiles first, then those that see the whole key tile. CLAMP_ONCE: the split between
+    the two is clamped to m_lo once, before both loops, else at the second loop's start: the
+    same tiles either way, but ptxas allocates registers differently for the two forms, and
+    each op keeps the form its binaries were checked with (benchmarks/results/compile/)."""
+    m_lo, m_masked_end, m_end = query_tile_bounds(n_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    if CLAMP_ONCE:
+        m_masked_end = tl.maximum(m_masked_end, m_lo)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+        stride_dom, stride_dod, offs_n, offs_d, m_lo, m_masked_end, Tq, Tk, D, qk_scale,
+        dropout_p, seed, bh, CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+    m_full = m_masked_end if CLAMP_ONCE else tl.maximum(m_masked_end, m_lo)
+    dk, dv = dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
+        stride_dom, stride_dod, offs_n, offs_d, m_full, m_end, Tq, Tk, D, qk_scale,
+        dropout_p, seed, bh, CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
+def store_dkdv(dk_ptr, dv_ptr, start, dk, dv, offs_n, offs_d, stride_n, stride_d, Tk, D, sm_scale):
+    """Write one key tile's dk · sm_scale and dv (rows offs_n of Tk, columns offs_d of D) to
+    dk_ptr + start and dv_ptr + start, two tensors of one layout: the offsets are computed once
+    for both stores."""
+    kv_mask = (offs_n < Tk)[:, None] & (offs_d < D)[None, :]
+    offsets = start + (offs_n[:, None] * stride_n + offs_d[None, :] * stride_d)
+    tl.store(dk_ptr + offsets, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def dq_inner(
+    dq,  # (BLOCK_M, BLOCK_D) fp32: the query tile's gradient so far (without sm_scale)
+    q, dout,  # (BLOCK_M, BLOCK_D) each: the query tile and its upstream gradient
+    lse, delta,  # (BLOCK_M,) fp32 each
+    k_base, v_base,  # (Tk, D) each: this head's keys and values
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m,  # (BLOCK_M,) query rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    bh, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+    CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Add the contributions of key tiles [n_lo, n_hi) to one query tile's dq (unscaled)."""
+    for n_start in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n_start + tl.arange(0, BLOCK_N)
+        kt = load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
+        vt = load_tile_transposed(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, D)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            visible = is_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
+            p = tl.where(visible, p, 0.0)
+        dp = tl.dot(dout, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            keep = dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def dq_tile(
+    q_base, do_base,  # (Tq, D) each: this head's queries and upstream gradient
+    lse_base, delta_base,  # (Tq,) fp32 each: this head's lse and delta
+    k_base, v_base,  # (Tk, D) each: this head's keys and values
+    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
+    stride_qm, stride_qd, stride_dom, stride_dod, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m,  # (BLOCK_M,) query rows of the tile
+    offs_d,  # (BLOCK_D,) head-dim columns
+    bh, m_start, Tq, Tk, D, qk_scale, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One query tile's dq without sm_scale, (BLOCK_M, BLOCK_D) fp32: the unmasked key tiles
+    first (the forward's bounds), then the masked ones."""
+    m_ok = offs_m < Tq
+    q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, Tq, D)  # (BLOCK_M, BLOCK_D)
+    dout = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Tq, D)
+    lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,)
+    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+    seed = load_seed(seed_ptr, DROPOUT)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    full_end, hi = key_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = dq_inner(
+        dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, bh, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    dq = dq_inner(
+        dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    return dq
+
+
+# --- host helpers ------------------------------------------------------------------------
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D: the head dim rounded up to a power of two, at least 16 for tl.dot."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (not tf32); 16-bit inputs ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def seed_tensor(seed: int | None, device: torch.device | str) -> torch.Tensor:
+    """The Philox seed as a (1,) int64 tensor on `device`; None draws one from torch's generator
+    for that device (so torch.manual_seed makes dropout reproducible). Kept as a tensor so that
+    torch.compile can trace the draw instead of breaking the graph on .item()."""
+    if seed is None:
+        return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def target_arch():
+    """The compute capability Triton compiles for (90 for sm_90), from its active driver (a stub
+    one in the compile check)."""
+    return triton.runtime.driver.active.get_current_target().arch
+
+
+# --- tile tables -------------------------------------------------------------------------
+#
+# An op's tiles per kernel ("forward", "dkdv", "dq") as a table keyed by (arch family, "16-bit"
+# or "fp32", BLOCK_D), each entry (BLOCK_M, BLOCK_N, num_warps, num_stages) for the three kernels
+# in that order. sm_80 stands for mma.sync targets (operands in registers), sm_90 for wgmma ones.
+# Each entry is the tiles that ptxas compiles without register spills for that arch with the
+# supported Tritons, in the heaviest variant (causal, with dropout), chosen without a GPU and not
+# timed: the per-entry evidence is in benchmarks/results/compile/ (README.md, the reports, and
+# budget.json for what still spills and its cost).
+
+TileConfig = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+TileTable = dict[tuple[str, str, int], tuple[TileConfig, TileConfig, TileConfig]]
+KERNELS = ("forward", "dkdv", "dq")
+# The interpreter's tiles: small (it is slow and runs programs one at a time), query and key
+# tiles of different sizes in the GPU tiles' ratios, so that the CPU tests walk the same
+# tile-bound arithmetic (several masked tiles per diagonal).
+INTERPRETER_TILES = ((32, 16, 1, 1), (16, 32, 1, 1), (32, 16, 1, 1))
+
+
+def arch_family(arch: object) -> str:
+    """The tile tables' arch key: "sm_90" for compute capability 90 and above, else "sm_80"."""
+    return "sm_90" if isinstance(arch, int) and arch >= 90 else "sm_80"
+
+
+def block_config(
+    table: TileTable, dtype: torch.dtype, head_dim: int, arch: Callable[[], object]
+) -> dict[str, dict[str, int]]:
+    """{kernel: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}} for `dtype` and `head_dim`
+    from `table` on the arch that `arch()` names; the interpreter's small tiles under
+    TRITON_INTERPRET=1 (arch() is then not asked)."""
+    if triton_interpreter_enabled():
+        tiles = INTERPRETER_TILES
+    else:
+        precision = "fp32" if dtype == torch.float32 else "16-bit"
+        tiles = table[(arch_family(arch()), precision, padded_head_dim(head_dim))]
+    names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    pairs = zip(KERNELS, tiles, strict=True)
+    return {kernel: dict(zip(names, tile, strict=True)) for kernel, tile in pairs}
