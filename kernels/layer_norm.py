@@ -314,9 +314,13 @@ _INTERPRETER_TILES = _Tiles(
 )  # fmt: skip
 
 
+def _target_tiles() -> _Tiles:
+    return _INTERPRETER_TILES if triton_interpreter_enabled() else _GPU_TILES
+
+
 def _tile(m: int, n: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_N, SINGLE_TILE, num_warps) for M rows of width N on this target."""
-    tiles = _INTERPRETER_TILES if triton_interpreter_enabled() else _GPU_TILES
+    tiles = _target_tiles()
     block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N, tiles.widest or MAX_BLOCK_N)
     single = block_n >= n
     if not single:
@@ -340,7 +344,7 @@ def _tile_candidates(m: int, n: int) -> list[dict[str, int]]:
     pinned = _tile(m, n)
     block_m, block_n, single, num_warps = pinned
     tiles = [pinned]
-    more_warps_over = None if triton_interpreter_enabled() else _GPU_TILES.more_warps_over
+    more_warps_over = _target_tiles().more_warps_over
     if more_warps_over is not None:
         if num_warps < 16 and block_n > more_warps_over:
             tiles.append((block_m, block_n, single, num_warps * 2))
