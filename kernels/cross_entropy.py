@@ -50,6 +50,7 @@ import triton.language as tl
 
 from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
+from ._rowwise import program_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -130,8 +131,7 @@ def _cross_entropy_forward_kernel(
     SINGLE_TILE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
-    row_mask = rows < M
+    rows, row_mask = program_rows(M, BLOCK_M)  # (BLOCK_M,) int64, (BLOCK_M,)
     z_rows = logits_ptr + rows * logits_row_stride  # (BLOCK_M,) pointers to each row's start
     cols = tl.arange(0, BLOCK_V)  # (BLOCK_V,)
     target = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)  # (BLOCK_M,)
@@ -364,7 +364,11 @@ def _chunked(
     return loss, grad_hidden, grad_weight, grad_bias
 
 
-def _fused_forward(
+# --- torch.library ops -------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastgpt::fused_linear_cross_entropy_forward", mutates_args=())
+def _fused_forward_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -392,25 +396,6 @@ def _fused_forward(
         gh if gh is not None else hidden.new_empty((0,)),
         gw if gw is not None else hidden.new_empty((0,), dtype=f32),
         gb if gb is not None else hidden.new_empty((0,), dtype=f32),
-    )
-
-
-# --- torch.library ops -------------------------------------------------------------------
-
-
-@torch.library.custom_op("fastgpt::fused_linear_cross_entropy_forward", mutates_args=())
-def _fused_forward_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    ignore_index: int,
-    reduction: str,
-    compute_grad: bool,
-    use_kernel: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fused_forward(
-        hidden, weight, bias, targets, ignore_index, reduction, compute_grad, use_kernel
     )
 
 

@@ -87,15 +87,23 @@ def _gelu_parts(x):
 
 
 @triton.jit
+def _load_flat_block(x_ptr, numel, BLOCK: tl.constexpr):
+    """This program's block of a flat (numel,) tensor: its offsets (BLOCK,) int64, their mask,
+    and x there in fp32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return offs, mask, x
+
+
+@triton.jit
 def _gelu_forward_kernel(
     x_ptr,  # (numel,) contiguous
     y_ptr,  # (numel,)
     numel,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int64
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, x = _load_flat_block(x_ptr, numel, BLOCK)
     s, _ = _gelu_parts(x)
     tl.store(y_ptr + offs, (x * s).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -108,9 +116,7 @@ def _gelu_backward_kernel(
     numel,
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int64
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    offs, mask, x = _load_flat_block(x_ptr, numel, BLOCK)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s, ds = _gelu_parts(x)
     tl.store(dx_ptr + offs, (dy * (s + x * ds)).to(dx_ptr.dtype.element_ty), mask=mask)

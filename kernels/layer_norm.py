@@ -20,6 +20,8 @@ sliced or row-strided x is read in place and a transposed one is copied once.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,7 @@ from torch import nn
 from . import _autotune
 from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
+from ._rowwise import program_rows
 
 # Widest row handled as one tile (elements); wider rows loop over column chunks of this size.
 # Module-level so tests can shrink it to exercise the looping path cheaply.
@@ -81,6 +84,16 @@ def layer_norm_reference(
 
 
 @triton.jit
+def _add_residual(x, res_rows, s_rows, offs, mask):
+    """s = residual + x, added in fp32, rounded to s's dtype and stored; returned in fp32.
+    x, offs, mask (BLOCK_M, BLOCK_N); res_rows, s_rows (BLOCK_M, 1) row pointers."""
+    r = tl.load(res_rows + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (r + x).to(s_rows.dtype.element_ty)
+    tl.store(s_rows + offs, s, mask=mask)
+    return s.to(tl.float32)
+
+
+@triton.jit
 def _layer_norm_forward_kernel(
     x_ptr,  # (M, N), rows x_row_stride apart, columns contiguous
     res_ptr,  # HAS_RESIDUAL: (M, N) residual stream, rows res_row_stride apart; else None
@@ -101,8 +114,7 @@ def _layer_norm_forward_kernel(
     SINGLE_TILE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64
-    row_mask = rows < M
+    rows, row_mask = program_rows(M, BLOCK_M)  # (BLOCK_M,) int64, (BLOCK_M,)
     x_rows = x_ptr + rows[:, None] * x_row_stride  # (BLOCK_M, 1) pointers
     y_rows = y_ptr + rows[:, None] * y_row_stride
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -120,10 +132,7 @@ def _layer_norm_forward_kernel(
         mask = row_mask[:, None] & (cols[None, :] < N)  # (BLOCK_M, BLOCK_N)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
-            r = tl.load(res_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            s = (r + x).to(s_dtype)
-            tl.store(s_rows + cols[None, :], s, mask=mask)
-            x = s.to(tl.float32)
+            x = _add_residual(x, res_rows, s_rows, cols[None, :], mask)
         d = tl.where(mask, x - x0, 0.0)
         mean_d = tl.sum(d, axis=1) / N  # (BLOCK_M,)
         xm = tl.where(mask, d - mean_d[:, None], 0.0)
@@ -140,10 +149,7 @@ def _layer_norm_forward_kernel(
             mask = row_mask[:, None] & (c[None, :] < N)
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                r = tl.load(res_rows + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                s = (r + x).to(s_dtype)
-                tl.store(s_rows + c[None, :], s, mask=mask)
-                x = s.to(tl.float32)
+                x = _add_residual(x, res_rows, s_rows, c[None, :], mask)
             total += tl.sum(tl.where(mask, x - x0, 0.0), axis=1)
         if HAS_RESIDUAL:
             tl.debug_barrier()  # the passes below read back the s this program stored
@@ -280,40 +286,49 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 or n == 1 else t2.contiguous()
 
 
+class _Tiles(NamedTuple):
+    """The bounds `_tile` picks within on one target. BLOCK_N is the width's next power of two
+    up to `widest` (and MAX_BLOCK_N): the whole row in one tile when it fits, else the
+    looping path over chunks of up to `chunk` columns. Rows share a tile up to its elements."""
+
+    widest: int | None  # BLOCK_N of a one-tile row at most (None: MAX_BLOCK_N alone)
+    chunk: int | None  # BLOCK_N of the looping path at most (None: as one tile)
+    elements: int  # BLOCK_M · BLOCK_N at most
+    rows: int  # BLOCK_M at most
+    warps: tuple[tuple[int, int], ...]  # (tile elements at most, num_warps); 16 past the last
+    chunk_warps: int | None  # num_warps of the looping path (None: by its elements, as above)
+    more_warps_over: int | None  # tuning tries twice the warps above this BLOCK_N (None: untuned)
+
+
+# Why these numbers (registers and spills at every width, dtype and arch, of each tile and
+# tuning candidate): benchmarks/results/compile/ (README.md there, budget.json). A GPU tile
+# holds up to 16 fp32 elements a thread per array (512 a warp); the interpreter runs programs
+# one by one, so its tiles are large (few programs) and it runs one config, untuned.
+_GPU_TILES = _Tiles(
+    widest=8192, chunk=4096, elements=4096, rows=64, warps=((2048, 4), (4096, 8)),
+    chunk_warps=16, more_warps_over=256,
+)  # fmt: skip
+_INTERPRETER_TILES = _Tiles(
+    widest=None, chunk=None, elements=65536, rows=64, warps=((2048, 4), (8192, 8)),
+    chunk_warps=None, more_warps_over=None,
+)  # fmt: skip
+
+
+def _target_tiles() -> _Tiles:
+    return _INTERPRETER_TILES if triton_interpreter_enabled() else _GPU_TILES
+
+
 def _tile(m: int, n: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_M, BLOCK_N, SINGLE_TILE, num_warps) for M rows of width N.
-
-    The whole row in one tile when it fits (BLOCK_N = next power of two ≥ N), with several rows
-    per program for narrow rows. The interpreter runs programs one by one, so there the tiles
-    are made large to have few programs (one config, no autotuning).
-
-    On a GPU a tile holds at most 16 fp32 elements per thread per array (num_warps = elements
-    / 512): the backward keeps about seven such arrays live (x, dy, x̂, g, w and the dw/db
-    sums), which then fit in ~120 registers (no spills at widths 768 and 50257 on sm_90 and
-    sm_80, Triton 3.6 and 3.9: fastgpt selftest --compile-only), where 32 per thread needed up
-    to 241 registers, and 16384-wide chunks spilled up to 1108 bytes. The fused residual add's
-    backward (HAS_DRESIDUAL) loads one more array, the incoming residual gradient, once the
-    row sums are done: up to 128 registers on these tiles, no spills (the same check).
-    As 16 warps cap a thread at 128 registers, rows wider than 8192 take the looping path in
-    chunks of 4096 rather than one 16384-wide tile; the chunks run 16 warps (8 elements per
-    thread), as with 8 warps the bf16 backward at width 16384 spilled 24 B (sm_90, Triton 3.9)."""
-    if triton_interpreter_enabled():
-        block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N)
-        block_m = max(1, min(65536 // block_n, triton.next_power_of_2(m), 64))
-        elements = block_m * block_n
-        return (
-            block_m,
-            block_n,
-            block_n >= n,
-            4 if elements <= 2048 else 8 if elements <= 8192 else 16,
-        )
-    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N, 8192)
+    """(BLOCK_M, BLOCK_N, SINGLE_TILE, num_warps) for M rows of width N on this target."""
+    tiles = _target_tiles()
+    block_n = min(triton.next_power_of_2(n), MAX_BLOCK_N, tiles.widest or MAX_BLOCK_N)
     single = block_n >= n
     if not single:
-        block_n = min(block_n, 4096)
-    block_m = max(1, min(4096 // block_n, triton.next_power_of_2(m), 64))
-    elements = block_m * block_n
-    num_warps = max(4, min(16, elements // 512)) if single else 16
+        block_n = min(block_n, tiles.chunk or block_n)
+    block_m = max(1, min(tiles.elements // block_n, triton.next_power_of_2(m), tiles.rows))
+    num_warps = next((w for most, w in tiles.warps if block_m * block_n <= most), 16)
+    if not single and tiles.chunk_warps is not None:
+        num_warps = tiles.chunk_warps
     return block_m, block_n, single, num_warps
 
 
@@ -323,26 +338,26 @@ TILE_KEYS = ("BLOCK_M", "BLOCK_N", "SINGLE_TILE", "num_warps")
 def _tile_candidates(m: int, n: int) -> list[dict[str, int]]:
     """The configs a GPU may tune among for M rows of width N, `_tile`'s first (the pinned
     one: the interpreter and CPU run only it). The others hold no more elements per thread,
-    so no more registers: twice the warps over the same tile, or half the rows of a
-    multi-row tile over half the warps. Each is compiled by the compile check. (Rows of 256
-    or fewer columns keep their warps: 16 warps over them spilled 8 B in the 16-bit backward on
-    sm_90 with Triton 3.9.)"""
+    so no more registers: twice the warps over the same tile (above `more_warps_over`
+    columns), or half the rows of a multi-row tile over half the warps. Each is compiled by
+    the compile check."""
     pinned = _tile(m, n)
     block_m, block_n, single, num_warps = pinned
     tiles = [pinned]
-    if not triton_interpreter_enabled():
-        if num_warps < 16 and block_n > 256:
+    more_warps_over = _target_tiles().more_warps_over
+    if more_warps_over is not None:
+        if num_warps < 16 and block_n > more_warps_over:
             tiles.append((block_m, block_n, single, num_warps * 2))
         if block_m > 1 and num_warps > 4:
             tiles.append((block_m // 2, block_n, single, num_warps // 2))
     return [dict(zip(TILE_KEYS, tile, strict=True)) for tile in tiles]
 
 
-def _tuned_tile(pass_name: str, x2: torch.Tensor, launch, op: str = "layer_norm") -> dict[str, int]:
+def _tuned_tile(pass_name: str, x2: torch.Tensor, launch, op: str) -> dict[str, int]:
     """The tile config to launch `x2`'s (M, N) rows with: tuned once per bucket on a GPU
     (kernels/_autotune.py; `launch(config)` runs the pass with a config), pinned elsewhere.
-    `op` names the bucket's op ("add_layer_norm": the fused residual add, the kernels' flags
-    on, is tuned apart from the plain LayerNorm)."""
+    `op` names the bucket's op: "layer_norm", or "add_layer_norm" (the fused residual add,
+    the kernels' flags on, tuned apart)."""
     m, n = x2.shape
     key = _autotune.bucket_key(
         f"{op}.{pass_name}", x2.dtype, f"N<={triton.next_power_of_2(n)}", m,
@@ -353,35 +368,53 @@ def _tuned_tile(pass_name: str, x2: torch.Tensor, launch, op: str = "layer_norm"
     return _autotune.choose(key, candidates, launch, device_key, no_timing=_autotune.tracing(x2))
 
 
-def _layer_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., N) -> y (..., N) contiguous in x's dtype, mean and rstd (...,) fp32."""
+def layer_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward pass of LayerNorm and, given a residual, of the residual add fused with it
+    (kernels/fused_add_layer_norm.py), no autograd. x, residual (..., N), weight/bias (N,) ->
+    (y, mean, rstd, s): the rows normalized are x, or s = residual + x (..., N) contiguous in
+    result_type(residual, x) (None without a residual); y (..., N) contiguous in their dtype,
+    mean and rstd (...,) fp32."""
+    if residual is not None and not use_triton(x.device):  # PyTorch's add, then the fallback
+        s = residual + x
+        y, mean, rstd, _ = layer_norm_forward(s, weight, bias, eps)
+        return y, mean, rstd, s
     n = x.shape[-1]
-    y = _empty(x.shape, x.dtype, x.device)
+    dtype = x.dtype if residual is None else torch.result_type(residual, x)
+    y = _empty(x.shape, dtype, x.device)
+    s = None if residual is None else _empty(x.shape, dtype, x.device)
     mean = _empty(x.shape[:-1], torch.float32, x.device)
     rstd = _empty(x.shape[:-1], torch.float32, x.device)
     if x.numel() == 0:
-        return y, mean, rstd
+        return y, mean, rstd, s
     if not use_triton(x.device):  # CPU without the interpreter: the same math in PyTorch
         xf = x.float()
         mean.copy_(xf.mean(dim=-1))
         rstd.copy_(torch.rsqrt(xf.var(dim=-1, unbiased=False) + eps))
         xhat = (xf - mean[..., None]) * rstd[..., None]
         y.copy_(xhat * weight.float() + bias.float())
-        return y, mean, rstd
+        return y, mean, rstd, s
     x2 = _rows(x, n)  # (M, N)
+    r2 = None if residual is None else _rows(residual, n)  # (M, N)
     m = x2.shape[0]
     w, b = weight.contiguous(), bias.contiguous()
+    r_stride = None if r2 is None else r2.stride(0)
 
     def launch(tile: dict[str, int]) -> None:  # every output written whole by each launch
         _layer_norm_forward_kernel[(triton.cdiv(m, tile["BLOCK_M"]),)](
-            x2, None, w, b, y, None, mean, rstd, x2.stride(0), None, n, m, n, eps,
-            **tile, HAS_RESIDUAL=False,
+            x2, r2, w, b, y, s, mean, rstd, x2.stride(0), r_stride, n, m, n, eps,
+            **tile, HAS_RESIDUAL=r2 is not None,
         )  # fmt: skip
 
-    launch(_tuned_tile("forward", x2, launch))
-    return y, mean, rstd
+    # tuned by the dtype of the rows normalized (s's, as y's), the fused op in buckets apart
+    tuning_rows, op = (x2, "layer_norm") if s is None else (s.view(m, n), "add_layer_norm")
+    launch(_tuned_tile("forward", tuning_rows, launch, op=op))
+    return y, mean, rstd, s
 
 
 def _num_backward_programs(device: torch.device, num_row_tiles: int) -> int:
@@ -392,11 +425,21 @@ def _num_backward_programs(device: torch.device, num_row_tiles: int) -> int:
     return max(1, min(num_row_tiles, 8))
 
 
-def _layer_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+def layer_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dresidual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dy, x (..., N), weight (N,), mean/rstd (...,) fp32 -> dx (..., N) in x's dtype,
-    dweight and dbias (N,) in weight's dtype."""
+    """The backward pass of `layer_norm_forward`, no autograd. dy, x (..., N) (x: the rows
+    normalized, the forward's x or s), weight (N,), mean/rstd (...,) fp32, and with the fused
+    residual add dresidual (..., N), the gradient reaching s from its other uses, added to dx
+    -> dx (..., N) in x's dtype, dweight and dbias (N,) in weight's dtype."""
+    if dresidual is not None and not use_triton(x.device):
+        dx, dw, db = layer_norm_backward(dy, x, weight, mean, rstd)
+        return dx + dresidual, dw, db
     n = x.shape[-1]
     dx = _empty(x.shape, x.dtype, x.device)
     if x.numel() == 0:
@@ -413,8 +456,10 @@ def _layer_norm_backward(
         db = dyf.reshape(-1, n).sum(0)
         return dx, dw.to(weight.dtype), db.to(weight.dtype)
     x2, dy2 = _rows(x, n), _rows(dy, n)  # (M, N)
+    dres2 = None if dresidual is None else _rows(dresidual, n)  # (M, N)
     m = x2.shape[0]
     w, mean1, rstd1 = weight.contiguous(), mean.reshape(-1), rstd.reshape(-1)
+    dres_stride = None if dres2 is None else dres2.stride(0)
 
     def launch(tile: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """dx written whole; the (P, N) partial sums of dw and db, fresh for each launch."""
@@ -426,12 +471,14 @@ def _layer_norm_backward(
             dw_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
             db_partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device)
         _layer_norm_backward_kernel[(programs,)](
-            dy2, x2, w, mean1, rstd1, None, dx, dw_partial, db_partial,
-            dy2.stride(0), x2.stride(0), None, n, m, n, **tile, HAS_DRESIDUAL=False,
+            dy2, x2, w, mean1, rstd1, dres2, dx, dw_partial, db_partial,
+            dy2.stride(0), x2.stride(0), dres_stride, n, m, n, **tile,
+            HAS_DRESIDUAL=dres2 is not None,
         )  # fmt: skip
         return dw_partial, db_partial
 
-    dw_partial, db_partial = launch(_tuned_tile("backward", x2, launch))
+    op = "layer_norm" if dres2 is None else "add_layer_norm"
+    dw_partial, db_partial = launch(_tuned_tile("backward", x2, launch, op=op))
     # torch's sum over dim 0 of a fixed-shape buffer runs in a fixed order: deterministic.
     return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
 
@@ -443,7 +490,8 @@ def _layer_norm_backward(
 def _layer_norm_forward_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _layer_norm_forward(x, weight, bias, eps)
+    y, mean, rstd, _ = layer_norm_forward(x, weight, bias, eps)
+    return y, mean, rstd
 
 
 @_layer_norm_forward_op.register_fake
@@ -460,7 +508,7 @@ def _(x, weight, bias, eps):
 def _layer_norm_backward_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _layer_norm_backward(dy, x, weight, mean, rstd)
+    return layer_norm_backward(dy, x, weight, mean, rstd)
 
 
 @_layer_norm_backward_op.register_fake
@@ -489,6 +537,35 @@ _layer_norm_forward_op.register_autograd(_backward, setup_context=_setup_context
 # --- Public API --------------------------------------------------------------------------
 
 
+def check_layer_norm_inputs(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None = None,
+) -> torch.device:
+    """The device of `layer_norm`'s inputs (with a residual: `add_layer_norm`'s); TypeError /
+    ValueError naming the first bad one, the message starting with `op`."""
+    device = check_same_device(x=x, residual=residual, weight=weight, bias=bias)
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        check_float(name, t)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension, got a scalar")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(
+            f"{op}: residual must have x's shape {tuple(x.shape)}, "
+            f"got {tuple(residual.shape)} (no broadcasting)"
+        )
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (n,):
+            raise ValueError(
+                f"{op}: {name} must have shape ({n},) to match x's last dimension "
+                f"(x is {tuple(x.shape)}), got {tuple(t.shape)}"
+            )
+    return device
+
+
 def layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
@@ -504,18 +581,7 @@ def layer_norm(
     TRITON_INTERPRET=1, else `layer_norm_reference`. Empty x goes to the reference too.
     Raises TypeError for non-float tensors, ValueError for mixed devices or weight/bias shapes
     other than (N,)."""
-    device = check_same_device(x=x, weight=weight, bias=bias)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        check_float(name, t)
-    if x.dim() == 0:
-        raise ValueError("layer_norm: x must have at least one dimension, got a scalar")
-    n = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if tuple(t.shape) != (n,):
-            raise ValueError(
-                f"layer_norm: {name} must have shape ({n},) to match x's last dimension "
-                f"(x is {tuple(x.shape)}), got {tuple(t.shape)}"
-            )
+    device = check_layer_norm_inputs("layer_norm", x, weight, bias)
     if x.numel() == 0 or not use_triton(device):
         return layer_norm_reference(x, weight, bias, eps)
     y, _, _ = torch.ops.fastgpt.layer_norm_forward(x, weight, bias, float(eps))

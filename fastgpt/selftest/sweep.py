@@ -242,12 +242,12 @@ def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
                 torch.empty(n, dtype=dt),
                 torch.empty(n, dtype=dt),
             )
-            L._layer_norm_forward(x, w, b, 1e-5)
+            L.layer_norm_forward(x, w, b, 1e-5)
 
         def backward(m=m, n=n, dt=dt):
             x, w = torch.empty(m, n, dtype=dt), torch.empty(n, dtype=dt)
             mean = torch.empty(m, dtype=torch.float32)
-            L._layer_norm_backward(torch.empty_like(x), x, w, mean, torch.empty_like(mean))
+            L.layer_norm_backward(torch.empty_like(x), x, w, mean, torch.empty_like(mean))
 
         if options.wants("forward"):
             yield Case("layer_norm", "forward", params, forward)
@@ -263,18 +263,17 @@ def add_layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
     sweep's forward) a 16-bit x into an fp32 residual stream, the model's add under autocast
     (its backward is all fp32: the fp32 case's)."""
     L = importlib.import_module("fastgpt.kernels.layer_norm")
-    A = importlib.import_module("fastgpt.kernels.fused_add_layer_norm")
-    _gpu_path(A)
+    _gpu_path(L)
     for dt, m, n, params in _row_shapes(options, L._tile):
         rows = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)  # (M, N)
         vector = lambda n=n, dt=dt: torch.empty(n, dtype=dt)  # (N,)
 
         def forward(rows=rows, vector=vector):
-            A._add_layer_norm_forward(rows(), rows(), vector(), vector(), 1e-5)
+            L.layer_norm_forward(rows(), vector(), vector(), 1e-5, residual=rows())
 
         def backward(rows=rows, vector=vector, m=m):
             stats = torch.empty(m, dtype=torch.float32)
-            A._add_layer_norm_backward(rows(), rows(), rows(), vector(), stats, stats.clone())
+            L.layer_norm_backward(rows(), rows(), vector(), stats, stats.clone(), dresidual=rows())
 
         for pass_name, launch in (("forward", forward), ("backward", backward)):
             if options.wants(pass_name):
@@ -284,7 +283,7 @@ def add_layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
             def mixed(m=m, n=n, dt=dt):
                 stream = torch.empty(m, n, dtype=torch.float32)
                 w = torch.empty(n, dtype=torch.float32)
-                A._add_layer_norm_forward(torch.empty(m, n, dtype=dt), stream, w, w, 1e-5)
+                L.layer_norm_forward(torch.empty(m, n, dtype=dt), w, w, 1e-5, residual=stream)
 
             yield Case("add_layer_norm", "forward", {**params, "residual": "fp32"}, mixed)
 
