@@ -34,6 +34,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def nan_outputs(monkeypatch):
+    """Every kernel output starts as nan: the launchers allocate through their module's `_empty`
+    (kernels/_dispatch.py's empty_output), swapped here for a nan-filled allocator in every
+    loaded fastgpt.kernels module, so an element a kernel forgets to write shows (a fresh
+    torch.empty is often 0, the very value a row that sees no key must get)."""
+    import sys
+
+    import fastgpt.kernels  # noqa: F401  (every op module loaded)
+
+    def nan_filled(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fastgpt.kernels.") and hasattr(module, "_empty"):
+            monkeypatch.setattr(module, "_empty", nan_filled)
+
+
+@pytest.fixture
 def device() -> str:
     """Where kernel tests run: the GPU when there is one, else CPU through the interpreter."""
     return DEVICE

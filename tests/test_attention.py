@@ -26,22 +26,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastgpt.backends import BACKENDS
 from fastgpt.model import MultiHeadAttention
+from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
+
+pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/conftest.py
 
 # `kernels.attention` as an attribute is the function (re-exported by kernels/__init__)
 attention_module = importlib.import_module("fastgpt.kernels.attention")
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    """Every kernel output (out, lse, delta, dq, dk, dv) starts as nan in every test here, so an
-    element a kernel forgets to write shows (a fresh torch.empty is often 0, the very value a
-    row that sees no key must get)."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(attention_module, "_empty", nan_empty)
 
 
 class LaunchRecorder:
@@ -86,14 +77,6 @@ def _inputs(batch, heads, tq, tk, head_dim, dtype, device, seed=0):
     ]
 
 
-def _out_and_grads(fn, q, k, v, dout):
-    """fn(q, k, v) and the gradients of <fn(q, k, v), dout> w.r.t. q, k, v (fresh leaves)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
-
-
 def _check_against_reference(
     q, k, v, dout, causal, sm_scale=None, dropout_p=0.0, seed=None, names=("out", "dq", "dk", "dv"),
     heads=(),
@@ -105,19 +88,19 @@ def _check_against_reference(
     if dropout_p > 0.0:
         b, h, tq, tk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         mask = attention_dropout_mask(seed, b, h, tq, tk, dropout_p, q.device)[heads]
-    kernel = _out_and_grads(
-        lambda q, k, v: attention(q, k, v, causal, sm_scale, dropout_p, seed), q, k, v, dout
+    kernel = outputs_and_grads(
+        lambda q, k, v: attention(q, k, v, causal, sm_scale, dropout_p, seed), (q, k, v), dout
     )
     q, k, v, dout = (t[heads] for t in (q, k, v, dout))
-    same_dtype = _out_and_grads(
+    same_dtype = outputs_and_grads(
         lambda q, k, v: attention_reference(
             q, k, v, causal, sm_scale, dropout_p, mask, upcast=False
         ),
-        q, k, v, dout,
+        (q, k, v), dout,
     )  # fmt: skip
-    ref64 = _out_and_grads(
+    ref64 = outputs_and_grads(
         lambda q, k, v: attention_reference(q, k, v, causal, sm_scale, dropout_p, mask),
-        q.double(), k.double(), v.double(), dout.double(),
+        (q.double(), k.double(), v.double()), dout.double(),
     )  # fmt: skip
     for name, got, same, ref, backward in zip(
         ("out", "dq", "dk", "dv"), kernel, same_dtype, ref64, (False, True, True, True), strict=True
@@ -442,12 +425,12 @@ def test_tiles_above_the_diagonal_are_never_read(device, key_offset):
     tq, tk = 2 * edge, (2 + key_offset) * edge
     key_edge = edge + (tk - tq)
     q, k, v, dout = _inputs(1, 1, tq, tk, 16, torch.float32, device)
-    clean = _out_and_grads(attention, q, k, v, dout)
+    clean = outputs_and_grads(attention, (q, k, v), dout)
 
     k_nan, v_nan = k.clone(), v.clone()
     k_nan[:, :, key_edge:] = float("nan")
     v_nan[:, :, key_edge:] = float("nan")
-    out, dq, _, _ = _out_and_grads(attention, q, k_nan, v_nan, dout)
+    out, dq, _, _ = outputs_and_grads(attention, (q, k_nan, v_nan), dout)
     assert torch.equal(out[:, :, :edge], clean[0][:, :, :edge])
     assert torch.equal(dq[:, :, :edge], clean[1][:, :, :edge])
     assert attention(q, k_nan, v_nan, causal=False)[:, :, :edge].isnan().all()  # it would show
@@ -455,7 +438,7 @@ def test_tiles_above_the_diagonal_are_never_read(device, key_offset):
     q_nan, dout_nan = q.clone(), dout.clone()
     q_nan[:, :, :edge] = float("nan")
     dout_nan[:, :, :edge] = float("nan")
-    out, dq, dk, dv = _out_and_grads(attention, q_nan, k, v, dout_nan)
+    out, dq, dk, dv = outputs_and_grads(attention, (q_nan, k, v), dout_nan)
     assert torch.equal(out[:, :, edge:], clean[0][:, :, edge:])
     assert torch.equal(dq[:, :, edge:], clean[1][:, :, edge:])
     assert torch.equal(dk[:, :, key_edge:], clean[2][:, :, key_edge:])
@@ -464,8 +447,8 @@ def test_tiles_above_the_diagonal_are_never_read(device, key_offset):
 
 def test_backward_is_deterministic(device):
     q, k, v, dout = _inputs(2, 3, 33, 33, 16, torch.float32, device)
-    first = _out_and_grads(attention, q, k, v, dout)
-    second = _out_and_grads(attention, q, k, v, dout)
+    first = outputs_and_grads(attention, (q, k, v), dout)
+    second = outputs_and_grads(attention, (q, k, v), dout)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -492,8 +475,8 @@ def test_dropout_same_seed_same_output_and_grads(device):
     def fn(q, k, v):
         return attention(q, k, v, dropout_p=0.3, seed=123)
 
-    first = _out_and_grads(fn, q, k, v, dout)
-    second = _out_and_grads(fn, q, k, v, dout)
+    first = outputs_and_grads(fn, (q, k, v), dout)
+    second = outputs_and_grads(fn, (q, k, v), dout)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     other_seed = attention(q, k, v, dropout_p=0.3, seed=124)
@@ -637,8 +620,8 @@ def test_torch_compile_fullgraph_traces_the_op(device):
     # and the registered autograd (aot_eager runs forward and backward through the op).
     q, k, v, dout = _inputs(1, 2, 17, 17, 16, torch.float32, device)
     compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
-    got = _out_and_grads(compiled, q, k, v, dout)
-    expected = _out_and_grads(attention, q, k, v, dout)
+    got = outputs_and_grads(compiled, (q, k, v), dout)
+    expected = outputs_and_grads(attention, (q, k, v), dout)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -713,8 +696,8 @@ def test_dropout_offsets_past_2_pow_31_gpu():
 def test_torch_compile_inductor_gpu(dtype):
     q, k, v, dout = _inputs(2, 3, 129, 129, 64, dtype, "cuda")
     compiled = torch.compile(attention, fullgraph=True)
-    got = _out_and_grads(compiled, q, k, v, dout)
-    expected = _out_and_grads(attention, q, k, v, dout)
+    got = outputs_and_grads(compiled, (q, k, v), dout)
+    expected = outputs_and_grads(attention, (q, k, v), dout)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     module = MultiHeadAttention(128, 128, 2, BACKENDS["triton"], dropout=0.1).to("cuda", dtype)

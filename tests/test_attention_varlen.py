@@ -21,20 +21,12 @@ from fastgpt.kernels.attention_varlen import (
     attention_varlen_reference,
 )
 
+from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
 
+pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/conftest.py
+
 varlen_module = importlib.import_module("fastgpt.kernels.attention_varlen")
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    """Every kernel output (out, lse, delta, dq, dk, dv) starts as nan, so an element no program
-    writes shows (zero rows of empty sequences included)."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(varlen_module, "_empty", nan_empty)
 
 
 def _cu(lengths, device):
@@ -51,14 +43,6 @@ def _packed(lengths_q, lengths_k, heads, head_dim, dtype, device, seed=0):
         torch.randn(*shape, generator=gen).to(device, dtype) for shape in (*shapes, shapes[0])
     )
     return q, k, v, dout, _cu(lengths_q, device), _cu(lengths_k, device)
-
-
-def _out_and_grads(fn, q, k, v, dout):
-    """fn(q, k, v) and the gradients of <fn(q, k, v), dout> w.r.t. q, k, v (fresh leaves)."""
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
 
 
 def _max_lengths(cu_q, cu_k):
@@ -80,9 +64,9 @@ def _check(q, k, v, dout, cu_q, cu_k, causal, dropout_p=0.0, seed=None):
             q, k, v, cu_q, cu_k, mq, mk, causal, None, dropout_p, None, masks, upcast
         )
 
-    got = _out_and_grads(kernel, q, k, v, dout)
-    same = _out_and_grads(reference(False), q, k, v, dout)
-    ref64 = _out_and_grads(reference(True), q.double(), k.double(), v.double(), dout.double())
+    got = outputs_and_grads(kernel, (q, k, v), dout)
+    same = outputs_and_grads(reference(False), (q, k, v), dout)
+    ref64 = outputs_and_grads(reference(True), (q.double(), k.double(), v.double()), dout.double())
     for name, a, b, c, backward in zip(
         ("out", "dq", "dk", "dv"), got, same, ref64, (False, True, True, True), strict=True
     ):
@@ -171,8 +155,8 @@ def test_strided_views_of_a_fused_projection(device, dtype):
 def test_empty_sequences_give_zero_rows_and_zero_gradients(device):
     # sequence 0 has queries but no keys, sequence 1 keys but no queries
     q, k, v, dout, cu_q, cu_k = _packed([5, 0, 3], [0, 4, 3], 1, 16, torch.float32, device)
-    out, dq, dk, dv = _out_and_grads(
-        lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, 5, 4, causal=False), q, k, v, dout
+    out, dq, dk, dv = outputs_and_grads(
+        lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, 5, 4, causal=False), (q, k, v), dout
     )
     assert torch.all(out[:5] == 0) and torch.all(dq[:5] == 0)
     assert torch.all(dk[:4] == 0) and torch.all(dv[:4] == 0)
@@ -194,14 +178,14 @@ def test_sequences_never_read_each_other(device):
     def fn(q, k, v):
         return attention_varlen(q, k, v, cu_q, cu_k, 45, 50, causal=False)
 
-    clean = _out_and_grads(fn, q, k, v, dout)
+    clean = outputs_and_grads(fn, (q, k, v), dout)
     mid_q, mid_k = slice(20, 65), slice(20, 70)  # sequence 1
     poisoned = [t.clone() for t in (q, k, v, dout)]
     for t, keep in zip(poisoned, (mid_q, mid_k, mid_k, mid_q), strict=True):
         saved = t[keep].clone()
         t.fill_(float("nan"))
         t[keep] = saved
-    got = _out_and_grads(fn, *poisoned)
+    got = outputs_and_grads(fn, poisoned[:3], poisoned[3])
     for a, b, rows in zip(got, clean, (mid_q, mid_q, mid_k, mid_k), strict=True):
         assert torch.equal(a[rows], b[rows])
 
@@ -229,7 +213,7 @@ def test_backward_is_deterministic(device):
     def fn(q, k, v):
         return attention_varlen(q, k, v, cu_q, cu_k, 33, 33)
 
-    first, second = _out_and_grads(fn, q, k, v, dout), _out_and_grads(fn, q, k, v, dout)
+    first, second = outputs_and_grads(fn, (q, k, v), dout), outputs_and_grads(fn, (q, k, v), dout)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -257,7 +241,10 @@ def test_dropout_same_seed_same_output_different_seed_different(device):
             q, k, v, cu_q, cu_k, 17, 17, dropout_p=0.3, seed=seed
         )
 
-    first, second = _out_and_grads(fn(5), q, k, v, dout), _out_and_grads(fn(5), q, k, v, dout)
+    first, second = (
+        outputs_and_grads(fn(5), (q, k, v), dout),
+        outputs_and_grads(fn(5), (q, k, v), dout),
+    )
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     assert not torch.equal(first[0], fn(6)(q, k, v))
@@ -298,7 +285,9 @@ def test_torch_compile_fullgraph_traces_the_op(device):
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for a, b in zip(
-        _out_and_grads(compiled, q, k, v, dout), _out_and_grads(fn, q, k, v, dout), strict=True
+        outputs_and_grads(compiled, (q, k, v), dout),
+        outputs_and_grads(fn, (q, k, v), dout),
+        strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fastgpt.benchmarks.harness import cpu_peak_bytes
 from fastgpt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
+from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
 
 ce = importlib.import_module("fastgpt.kernels.cross_entropy")
@@ -28,16 +29,6 @@ GPU = pytest.mark.gpu
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU)]
 REDUCTIONS = ["mean", "sum", "none"]
 GPT2_VOCAB = 50257
-
-
-def nan_filled_empty(shape, dtype, device):
-    """Stand-in for the launchers' allocator: an element the code forgets to write stays nan."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-@pytest.fixture
-def nan_outputs(monkeypatch):
-    monkeypatch.setattr(ce, "_empty", nan_filled_empty)
 
 
 def make_inputs(n, v, d, dtype, device, bias=True, logit_std=2.0, ignore_index=-100, seed=0):
@@ -61,16 +52,6 @@ def upstream(reduction, n, seed=1):
     return torch.randint(1, 16, shape, generator=g).float() / 8
 
 
-def run(loss_fn, dy, *tensors):
-    """[loss, grad of each tensor that is not None] of loss_fn(*leaves).backward(dy)."""
-    # detached views, not clones (a clone of a sliced tensor is contiguous): strided inputs
-    # reach the op as they are
-    leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
-    loss = loss_fn(*leaves)
-    loss.backward(dy.to(loss.device, loss.dtype))
-    return [loss.detach(), *(t.grad for t in leaves if t is not None)]
-
-
 def unfused_loss(hidden, weight, targets, bias=None, **kw):
     """PyTorch's loss in the inputs' dtype, as fastgpt's engine computes it: the logits in that
     dtype, the softmax of them upcast to fp32 (an fp16 loss would overflow past 65504)."""
@@ -92,11 +73,14 @@ def check_loss(
     dtype = hidden.dtype
     dy = upstream(reduction, targets.shape[0])
     kw = {"ignore_index": ignore_index, "reduction": reduction}
-    ours = run(lambda h, w, b: fn(h, w, targets, b, **kw), dy, hidden, weight, bias)
-    same = run(lambda h, w, b: unfused_loss(h, w, targets, b, **kw), dy, hidden, weight, bias)
+    tensors = (hidden, weight, bias)
+    ours = outputs_and_grads(lambda h, w, b: fn(h, w, targets, b, **kw), tensors, dy)
+    same = outputs_and_grads(lambda h, w, b: unfused_loss(h, w, targets, b, **kw), tensors, dy)
     b64 = None if bias is None else bias.double()
-    ref = run(lambda h, w, b: fused_linear_cross_entropy_reference(h, w, targets, b, **kw), dy,
-              hidden.double(), weight.double(), b64)  # fmt: skip
+    ref = outputs_and_grads(
+        lambda h, w, b: fused_linear_cross_entropy_reference(h, w, targets, b, **kw),
+        (hidden.double(), weight.double(), b64), dy,
+    )  # fmt: skip
     assert ours[0].dtype == torch.float32
     names = ("loss", "dhidden", "dweight", "dbias")
     for name, a, s, r in zip(names, ours, same, ref, strict=False):
@@ -246,9 +230,11 @@ def test_strided_inputs(layout, device):
     def loss_of(fn):
         return lambda h, w: fn(view_h(h), w.t(), targets)
 
-    ours = run(loss_of(fused_linear_cross_entropy), dy, base_h, base_w)
-    same = run(loss_of(unfused_loss), dy, base_h, base_w)
-    ref = run(loss_of(fused_linear_cross_entropy_reference), dy, base_h.double(), base_w.double())
+    ours = outputs_and_grads(loss_of(fused_linear_cross_entropy), (base_h, base_w), dy)
+    same = outputs_and_grads(loss_of(unfused_loss), (base_h, base_w), dy)
+    ref = outputs_and_grads(
+        loss_of(fused_linear_cross_entropy_reference), (base_h.double(), base_w.double()), dy
+    )
     for name, a, s, r in zip(("loss", "dhidden", "dweight"), ours, same, ref, strict=True):
         assert_close_to_reference(a, s, r, dtype=torch.float32, backward=name != "loss", name=name)
 
@@ -260,8 +246,8 @@ def test_gradients_are_deterministic(reduction, device, monkeypatch):
     hidden, weight, bias, targets = make_inputs(200, 300, 16, torch.float32, device)
     dy = upstream(reduction, 200)
     loss_fn = lambda h, w, b: fused_linear_cross_entropy(h, w, targets, b, reduction=reduction)
-    first = run(loss_fn, dy, hidden, weight, bias)
-    second = run(loss_fn, dy, hidden, weight, bias)
+    first = outputs_and_grads(loss_fn, (hidden, weight, bias), dy)
+    second = outputs_and_grads(loss_fn, (hidden, weight, bias), dy)
     for name, a, b in zip(("loss", "dhidden", "dweight", "dbias"), first, second, strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
@@ -295,8 +281,8 @@ def test_torch_compile_fullgraph(device):
     dy = upstream("mean", 20)
     loss_fn = lambda h, w, b: fused_linear_cross_entropy(h, w, targets, b)
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    eager = run(loss_fn, dy, hidden, weight, bias)
-    for a, b in zip(run(compiled, dy, hidden, weight, bias), eager, strict=True):
+    eager = outputs_and_grads(loss_fn, (hidden, weight, bias), dy)
+    for a, b in zip(outputs_and_grads(compiled, (hidden, weight, bias), dy), eager, strict=True):
         assert torch.equal(a, b)
 
 

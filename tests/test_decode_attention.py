@@ -14,19 +14,11 @@ from fastgpt.kernels import decode_attention, decode_attention_reference
 
 from tests.tolerance import assert_close_to_reference
 
+pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/conftest.py
+
 decode_module = importlib.import_module("fastgpt.kernels.decode_attention")
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
-
-
-@pytest.fixture(autouse=True)
-def nan_outputs(monkeypatch):
-    """Every kernel output and partial starts as nan, so an element left unwritten shows."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(decode_module, "_empty", nan_empty)
 
 
 def _inputs(lengths, heads, capacity, d, dtype, device, strided=False):

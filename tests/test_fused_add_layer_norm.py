@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastgpt.kernels import add_layer_norm, add_layer_norm_reference, layer_norm_reference
 
+from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
 
 fused_module = importlib.import_module("fastgpt.kernels.fused_add_layer_norm")
@@ -29,31 +30,11 @@ DTYPES = [
 NAMES = ("normed", "new_residual", "dx", "dresidual", "dweight", "dbias")
 
 
-def nan_filled_empty(shape, dtype, device):
-    """Stand-in for the launchers' allocator: an element the kernel forgets stays nan."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-@pytest.fixture
-def nan_outputs(monkeypatch):
-    monkeypatch.setattr(ln_module, "_empty", nan_filled_empty)
-
-
 def torch_same_dtype(x, residual, weight, bias, eps=1e-5):
     """PyTorch's own ops in the inputs' dtype: its error is the yardstick of the rule."""
     new_residual = residual + x
     normed = F.layer_norm(new_residual, (x.shape[-1],), weight, bias, eps)
     return normed, new_residual
-
-
-def run_with_grads(fn, tensors, grads):
-    """fn(*leaves) -> (normed, new_residual), backpropagated from `grads` into both outputs:
-    [normed, new_residual, dx, dresidual, dweight, dbias]. The leaves are detached views, not
-    clones (a clone of a sliced tensor is contiguous), so a strided input reaches the op."""
-    leaves = [t.detach().requires_grad_() for t in tensors]
-    outputs = fn(*leaves)
-    torch.autograd.backward(outputs, [g.to(o.dtype) for g, o in zip(grads, outputs, strict=True)])
-    return [o.detach() for o in outputs] + [t.grad for t in leaves]
 
 
 def make_inputs(shape, dtype, device, seed=0):
@@ -77,9 +58,9 @@ def check_add_layer_norm(x, residual, weight, bias, eps=1e-5, grads=None):
     dtype = x.dtype
     grads = grads if grads is not None else upstream_grads(x.shape, x.device)
     tensors = (x, residual, weight, bias)
-    ours = run_with_grads(lambda *t: add_layer_norm(*t, eps), tensors, grads)
-    same = run_with_grads(lambda *t: torch_same_dtype(*t, eps), tensors, grads)
-    ref64 = run_with_grads(
+    ours = outputs_and_grads(lambda *t: add_layer_norm(*t, eps), tensors, grads)
+    same = outputs_and_grads(lambda *t: torch_same_dtype(*t, eps), tensors, grads)
+    ref64 = outputs_and_grads(
         lambda *t: add_layer_norm_reference(*t, eps), [t.double() for t in tensors], grads
     )
     for name, a, s, r in zip(NAMES, ours, same, ref64, strict=True):
@@ -160,12 +141,12 @@ def test_mixed_dtypes_follow_pytorchs_add(x_dtype, residual_dtype, device):
     _, residual, _, _ = make_inputs((33, 97), residual_dtype, device, seed=1)
     grads = upstream_grads(x.shape, device)
     tensors = (x, residual, weight.float(), bias.float())
-    ours = run_with_grads(add_layer_norm, tensors, grads)
+    ours = outputs_and_grads(add_layer_norm, tensors, grads)
     assert ours[0].dtype == ours[1].dtype == torch.float32
     assert ours[2].dtype == x_dtype and ours[3].dtype == residual_dtype
     # PyTorch's way: the add promoted to fp32, the gradients rounded to each input's dtype.
-    same = run_with_grads(torch_same_dtype, tensors, grads)
-    ref64 = run_with_grads(add_layer_norm_reference, [t.double() for t in tensors], grads)
+    same = outputs_and_grads(torch_same_dtype, tensors, grads)
+    ref64 = outputs_and_grads(add_layer_norm_reference, [t.double() for t in tensors], grads)
     dtypes = (torch.float32, torch.float32, x_dtype, residual_dtype, torch.float32, torch.float32)
     for name, a, s, r, dt in zip(NAMES, ours, same, ref64, dtypes, strict=True):
         assert a.dtype == s.dtype == dt, name
@@ -180,7 +161,7 @@ def test_backward_is_deterministic(shape, max_block_n, device, monkeypatch):
         monkeypatch.setattr(ln_module, "MAX_BLOCK_N", max_block_n)
     tensors = make_inputs(shape, torch.float32, device)
     grads = upstream_grads(shape, device)
-    first, second = (run_with_grads(add_layer_norm, tensors, grads) for _ in range(2))
+    first, second = (outputs_and_grads(add_layer_norm, tensors, grads) for _ in range(2))
     for name, a, b in zip(NAMES, first, second, strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
@@ -278,9 +259,9 @@ def test_cpu_without_interpreter_falls_back(monkeypatch):
     # ... and the registered op computes the same math in PyTorch, forward and backward.
     grads = upstream_grads((6, 40), "cpu")
     op = lambda *t: torch.ops.fastgpt.add_layer_norm_forward(*t, 1e-5)[:2]
-    ours = run_with_grads(op, tensors, grads)
-    same = run_with_grads(torch_same_dtype, tensors, grads)
-    ref64 = run_with_grads(add_layer_norm_reference, [t.double() for t in tensors], grads)
+    ours = outputs_and_grads(op, tensors, grads)
+    same = outputs_and_grads(torch_same_dtype, tensors, grads)
+    ref64 = outputs_and_grads(add_layer_norm_reference, [t.double() for t in tensors], grads)
     for name, a, s, r in zip(NAMES, ours, same, ref64, strict=True):
         backward = name.startswith("d")
         assert_close_to_reference(a, s, r, dtype=torch.float32, backward=backward, name=name)

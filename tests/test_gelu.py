@@ -22,6 +22,7 @@ from fastgpt.kernels import (
 )
 from torch import nn
 
+from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
 
 gelu_module = importlib.import_module("fastgpt.kernels.gelu")
@@ -40,35 +41,15 @@ def torch_gelu(x):
     return F.gelu(x, approximate="tanh")
 
 
-@pytest.fixture
-def nan_outputs(monkeypatch):
-    """Every kernel output starts as nan, so an element the kernel forgets to write shows."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(gelu_module, "_empty", nan_empty)
-
-
-def run(fn, tensors, dy):
-    """fn(*leaves) and the leaves' gradients for upstream gradient dy: [y, *grads]."""
-    # detached views, not clones (a clone of a sliced tensor is contiguous): a strided input
-    # reaches the op as it is
-    leaves = [t.detach().requires_grad_() for t in tensors]
-    y = fn(*leaves)
-    y.backward(dy.to(y.dtype))
-    return [y.detach(), *(t.grad for t in leaves)]
-
-
 def check(ours_fn, torch_fn, ref_fn, tensors, names, dy=None):
     """ours_fn vs torch_fn (same dtype) vs ref_fn (float64), forward and every gradient."""
     dtype = tensors[0].dtype
     if dy is None:
         g = torch.Generator().manual_seed(7)
         dy = torch.randn(tensors[0].shape, generator=g).to(tensors[0].device, dtype)
-    ours = run(ours_fn, tensors, dy)
-    same = run(torch_fn, tensors, dy)
-    ref64 = run(ref_fn, [t.double() for t in tensors], dy.double())
+    ours = outputs_and_grads(ours_fn, tensors, dy)
+    same = outputs_and_grads(torch_fn, tensors, dy)
+    ref64 = outputs_and_grads(ref_fn, [t.double() for t in tensors], dy.double())
     for name, a, s, r in zip(("y", *names), ours, same, ref64, strict=True):
         assert a.dtype == s.dtype and a.shape == s.shape, name
         assert_close_to_reference(a, s, r, dtype=dtype, backward=name != "y", name=name)
@@ -181,8 +162,8 @@ def test_bias_gelu_mixed_dtypes_promote(device):
 def test_bias_gradient_is_deterministic(device):
     x, bias = inputs((1151, 768), torch.float32, device)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(device)
-    first = run(bias_gelu, [x, bias], dy)
-    second = run(bias_gelu, [x, bias], dy)
+    first = outputs_and_grads(bias_gelu, [x, bias], dy)
+    second = outputs_and_grads(bias_gelu, [x, bias], dy)
     for name, a, b in zip(("y", "dx", "dbias"), first, second, strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from fastgpt.kernels import LayerNorm, layer_norm, layer_norm_reference
 
+from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
 
 # `kernels.layer_norm` the attribute is the function; the module holds MAX_BLOCK_N and _empty.
@@ -27,16 +28,6 @@ DTYPES = [
 ]
 
 
-def nan_filled_empty(shape, dtype, device):
-    """Stand-in for the launchers' allocator: an element the kernel forgets stays nan."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
-@pytest.fixture
-def nan_outputs(monkeypatch):
-    monkeypatch.setattr(ln_module, "_empty", nan_filled_empty)
-
-
 def check_layer_norm(x, weight, bias, eps=1e-5, seed=0):
     """Compare forward and all three gradients of `layer_norm` with F.layer_norm in the same
     dtype (PyTorch's own error) and with the reference in float64."""
@@ -44,18 +35,14 @@ def check_layer_norm(x, weight, bias, eps=1e-5, seed=0):
     n = x.shape[-1]
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device, dtype)
 
-    def run(fn, *tensors):
-        # detached views, not clones (a clone of a sliced tensor is contiguous): a strided
-        # input reaches the op as it is
-        leaves = [t.detach().requires_grad_() for t in tensors]
-        y = fn(*leaves)
-        y.backward(dy.to(y.dtype))
-        return [y.detach(), *(t.grad for t in leaves)]
-
-    ours = run(lambda x, w, b: layer_norm(x, w, b, eps), x, weight, bias)
-    same = run(lambda x, w, b: F.layer_norm(x, (n,), w, b, eps), x, weight, bias)
+    ours = outputs_and_grads(lambda x, w, b: layer_norm(x, w, b, eps), (x, weight, bias), dy)
+    same = outputs_and_grads(
+        lambda x, w, b: F.layer_norm(x, (n,), w, b, eps), (x, weight, bias), dy
+    )
     x64, w64, b64 = x.double(), weight.double(), bias.double()
-    ref64 = run(lambda x, w, b: layer_norm_reference(x, w, b, eps), x64, w64, b64)
+    ref64 = outputs_and_grads(
+        lambda x, w, b: layer_norm_reference(x, w, b, eps), (x64, w64, b64), dy
+    )
     for name, a, s, r in zip(("y", "dx", "dweight", "dbias"), ours, same, ref64, strict=True):
         assert a.dtype == s.dtype and a.shape == s.shape, name
         assert_close_to_reference(a, s, r, dtype=dtype, backward=name != "y", name=name)

@@ -110,7 +110,7 @@ def test_the_import_graph_has_no_cycle():
     assert "fastgpt.model" in graph and "fastgpt.weights" in graph["fastgpt.model"]
     # every kind of import is seen: relative, through fastgpt.kernels / fastgpt.benchmarks,
     # `from package import submodule`, and import_module("literal")
-    assert "kernels.attention" in graph["kernels.attention_varlen"]  # from .attention import
+    assert "kernels.flash_core" in graph["kernels.attention_varlen"]  # from .flash_core import
     assert "kernels._dispatch" in graph["kernels.gelu"]  # from ._dispatch import
     assert {"kernels.gelu", "kernels.layer_norm"} <= graph["kernels"]  # kernels/__init__.py
     assert "kernels.attention" in graph["fastgpt.backends"]  # from fastgpt.kernels import
@@ -120,6 +120,26 @@ def test_the_import_graph_has_no_cycle():
     assert "fastgpt.train.runner" in graph["fastgpt.commands.pretrain"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# Modules of kernels/ that hold what several ops share (their private names are meant to be
+# imported); every other module of kernels/ is one op's.
+SHARED_KERNEL_MODULES = {"flash_core", "__init__"}
+
+
+def test_no_kernel_op_imports_another_ops_private_names():
+    """One home per mechanism: what two ops share lives in a shared module (kernels/_*.py,
+    flash_core.py), never in one op's file imported by another."""
+    found = []
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 1 and node.module):
+                continue
+            shared = node.module.startswith("_") or node.module in SHARED_KERNEL_MODULES
+            private = [a.name for a in node.names if a.name.startswith("_")]
+            if not shared and private:
+                found.append(f"kernels/{path.name} imports {private} from .{node.module}")
+    assert found == []
 
 
 def test_every_kind_of_import_is_an_edge():

@@ -23,3 +23,15 @@ def test_rule_requires_matching_nan_and_inf():
     assert_close_to_reference(good, good, ref, dtype=torch.float32)
     with pytest.raises(AssertionError):
         assert_close_to_reference(bad, good, ref, dtype=torch.float32)
+
+
+@pytest.mark.usefixtures("nan_outputs")
+def test_the_nan_outputs_fixture_reaches_every_kernel_allocator():
+    """tests/conftest.py's `nan_outputs`: every op module's output allocator gives nan."""
+    import sys
+
+    modules = [m for n, m in sys.modules.items() if n.startswith("fastgpt.kernels.")]
+    allocators = [m._empty for m in modules if hasattr(m, "_empty")]
+    assert len(allocators) >= 6  # attention, varlen, decode, layer norm, gelu, cross-entropy
+    for empty in allocators:
+        assert torch.isnan(empty((3,), torch.float32, "cpu")).all()
