@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fastgpt.kernels import attention, attention_varlen, bias_gelu, gelu, layer_norm
-from fastgpt.kernels.attention import SUPPORTED_HEAD_DIMS
+from fastgpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
 ATTENTION_NAME = "fastgpt"
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh form of GELU

@@ -30,7 +30,7 @@ if __name__ == "kernels":
         _sys.modules[__name__] = _util.module_from_spec(_spec)
         _spec.loader.exec_module(_sys.modules[__name__])  # if it raises, `import` drops the name
     else:
-        __path__: list[str] = []  # kernels.attention would define every op a second time
+        __path__: list[str] = []  # kernels.flash_attention would define every op again
 
         def __getattr__(name: str):
             raise AttributeError(
@@ -39,20 +39,20 @@ if __name__ == "kernels":
                 "import fastgpt.kernels"
             )
 else:
-    from .attention import attention, attention_reference
-    from .attention_varlen import (
-        attention_varlen,
-        attention_varlen_dropout_mask,
-        attention_varlen_reference,
-    )
+    from .activation import GELU, bias_gelu, bias_gelu_reference, gelu, gelu_reference
     from .cross_entropy import (
         fused_linear_cross_entropy,
         fused_linear_cross_entropy_reference,
     )
-    from .decode_attention import decode_attention, decode_attention_reference
+    from .flash_attention import attention, attention_reference
+    from .flash_attention_varlen import (
+        attention_varlen,
+        attention_varlen_dropout_mask,
+        attention_varlen_reference,
+    )
+    from .flash_decoding import decode_attention, decode_attention_reference
     from .fused_add_layer_norm import add_layer_norm, add_layer_norm_reference
-    from .gelu import GELU, bias_gelu, bias_gelu_reference, gelu, gelu_reference
-    from .layer_norm import LayerNorm, layer_norm, layer_norm_reference
+    from .normalization import LayerNorm, layer_norm, layer_norm_reference
 
     __all__ = [
         "GELU",

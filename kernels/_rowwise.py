@@ -1,4 +1,4 @@
-"""Triton helpers shared by the row-wise kernels (kernels/layer_norm.py, cross_entropy.py)."""
+"""Triton helpers shared by the row-wise kernels (kernels/normalization.py, cross_entropy.py)."""
 
 import triton
 import triton.language as tl

@@ -14,7 +14,7 @@ Dtypes: new_residual has the dtype of `residual + x` in PyTorch (`torch.result_t
 stream's dtype whenever the branch output is not wider, as in a model under autocast, an fp32
 stream plus a bf16 branch), rounded exactly as PyTorch's add rounds it, and normed is the
 LayerNorm of that rounded tensor, in the same dtype. Statistics are fp32 (biased variance), as
-in `kernels/layer_norm.py`; x and residual may each be fp32, fp16 or bf16.
+in `kernels/normalization.py`; x and residual may each be fp32, fp16 or bf16.
 
 Backward: the gradient reaching new_residual is the incoming one plus the LayerNorm backward
 of normed's gradient; that one tensor is the gradient of x and of residual both (cast to each
@@ -24,10 +24,10 @@ Where it runs (see `kernels/_dispatch.py`): CUDA tensors run the Triton kernels,
 run them through Triton's interpreter when TRITON_INTERPRET=1, else `add_layer_norm_reference`.
 Registered as the `torch.library` ops `fastgpt::add_layer_norm_forward` / `_backward` with an
 autograd formula, so `torch.compile(fullgraph=True)` traces it. The kernels and launchers are
-LayerNorm's (kernels/layer_norm.py: `layer_norm_forward` given the residual, `layer_norm_backward`
-given its gradient, the kernels' residual flags on), and so are the tiles, their tuning on a GPU
-and the widest single tile (`layer_norm.MAX_BLOCK_N`): the same row widths take the looping
-path.
+LayerNorm's (kernels/normalization.py: `layer_norm_forward` given the residual,
+`layer_norm_backward` given its gradient, the kernels' residual flags on), and so are the
+tiles, their tuning on a GPU and the widest single tile (`normalization.MAX_BLOCK_N`): the same
+row widths take the looping path.
 x and residual are viewed as (M, N) rows with `reshape`; only the last dimension must be
 contiguous (a row stride is passed), else they are copied once.
 """
@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import use_triton
-from .layer_norm import (
+from .normalization import (
     check_layer_norm_inputs,
     layer_norm_backward,
     layer_norm_forward,
@@ -60,7 +60,7 @@ def add_layer_norm_reference(
 
 # --- The kernels' math for this op -------------------------------------------------------
 #
-# LayerNorm's launchers and kernels run this op (kernels/layer_norm.py: `layer_norm_forward`
+# LayerNorm's launchers and kernels run this op (kernels/normalization.py: `layer_norm_forward`
 # with a residual launches `_layer_norm_forward_kernel` with HAS_RESIDUAL=True,
 # `layer_norm_backward` with dresidual `_layer_norm_backward_kernel` with HAS_DRESIDUAL=True),
 # with LayerNorm's tiles and their tuning (the buckets named "add_layer_norm.forward" /

@@ -1,4 +1,4 @@
-"""Flash attention (kernels/attention.py): forward and every gradient against the reference.
+"""Flash attention (kernels/flash_attention.py): forward and every gradient against the reference.
 
 Every numerical comparison uses the tolerance rule of tests/tolerance.py: the kernel's error
 against a float64 reference may be at most 2x (outputs) or 3x (gradients) PyTorch's own error in
@@ -16,7 +16,7 @@ import re
 
 import pytest
 import torch
-from fastgpt.kernels.attention import (
+from fastgpt.kernels.flash_attention import (
     SUPPORTED_HEAD_DIMS,
     attention,
     attention_dropout_mask,
@@ -31,8 +31,7 @@ from tests.tolerance import assert_close_to_reference
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/conftest.py
 
-# `kernels.attention` as an attribute is the function (re-exported by kernels/__init__)
-attention_module = importlib.import_module("fastgpt.kernels.attention")
+attention_module = importlib.import_module("fastgpt.kernels.flash_attention")
 
 
 class LaunchRecorder:
@@ -388,7 +387,8 @@ def test_causality_later_keys_do_not_change_earlier_outputs(device, tq, tk):
 
 
 @pytest.mark.parametrize(
-    ("op", "table"), [("attention", "ATTENTION_TILES"), ("attention_varlen", "VARLEN_TILES")]
+    ("op", "table"),
+    [("flash_attention", "ATTENTION_TILES"), ("flash_attention_varlen", "VARLEN_TILES")],
 )
 def test_tile_tables_cover_every_arch_dtype_and_head_dim(monkeypatch, op, table):
     # A GPU reads its tiles from the op's table by (arch family, precision, BLOCK_D); the CPU

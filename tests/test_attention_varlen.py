@@ -1,4 +1,4 @@
-"""Variable-length flash attention (kernels/attention_varlen.py) against its reference.
+"""Variable-length flash attention (kernels/flash_attention_varlen.py) against its reference.
 
 The reference is `attention_reference` looped over the packed sequences; it is itself checked
 against SDPA with a block-diagonal mask over the whole packed axis. Every comparison uses the
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from fastgpt.kernels import attention_varlen as attention_varlen_export
-from fastgpt.kernels.attention_varlen import (
+from fastgpt.kernels.flash_attention_varlen import (
     attention_varlen,
     attention_varlen_dropout_mask,
     attention_varlen_reference,
@@ -26,7 +26,7 @@ from tests.tolerance import assert_close_to_reference
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/conftest.py
 
-varlen_module = importlib.import_module("fastgpt.kernels.attention_varlen")
+varlen_module = importlib.import_module("fastgpt.kernels.flash_attention_varlen")
 
 
 def _cu(lengths, device):

@@ -144,7 +144,7 @@ def test_the_compile_check_launches_every_candidate_but_runs_the_pinned_one(monk
 def test_the_tma_forward_is_a_candidate_only_where_legal(monkeypatch, head_dim, dropout):
     """The TMA forward (pinned tiles plus "TMA": 1) comes last among the candidates on sm_90,
     16-bit, forward only, and only when the launcher found its tensors legal (`tma`)."""
-    attention = importlib.import_module("fastgpt.kernels.attention")
+    attention = importlib.import_module("fastgpt.kernels.flash_attention")
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
     for dtype in (torch.float16, torch.bfloat16):
@@ -199,7 +199,7 @@ def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, 
     """Attention's GPU candidates (16-bit, no dropout): the pinned config first, one more
     pipeline stage, and (sm_90 only) the program's own tile halved over half the warps;
     dropout, fp32 and the interpreter: pinned only. (The target arch is pinned here.)"""
-    attention = importlib.import_module("fastgpt.kernels.attention")
+    attention = importlib.import_module("fastgpt.kernels.flash_attention")
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
     pinned = attention._block_config(torch.bfloat16, head_dim)[kernel]

@@ -16,7 +16,7 @@ from tests.tolerance import assert_close_to_reference
 
 pytestmark = pytest.mark.usefixtures("nan_outputs")  # tests/conftest.py
 
-decode_module = importlib.import_module("fastgpt.kernels.decode_attention")
+decode_module = importlib.import_module("fastgpt.kernels.flash_decoding")
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 

@@ -18,7 +18,7 @@ from tests.tolerance import assert_close_to_reference
 
 fused_module = importlib.import_module("fastgpt.kernels.fused_add_layer_norm")
 # The fused op shares LayerNorm's tiles: MAX_BLOCK_N (the widest single tile) lives there.
-ln_module = importlib.import_module("fastgpt.kernels.layer_norm")
+ln_module = importlib.import_module("fastgpt.kernels.normalization")
 
 # Width 1, odd widths, GPT-2 small's 768 over a (3, 7) batch; 16385 takes the looping path.
 SHAPES = [(1, 1), (5, 1), (17, 97), (2, 1023), (3, 7, 768), (2, 16385)]

@@ -25,7 +25,7 @@ from torch import nn
 from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
 
-gelu_module = importlib.import_module("fastgpt.kernels.gelu")
+gelu_module = importlib.import_module("fastgpt.kernels.activation")
 
 SHAPES = [(1, 1), (5, 1), (17, 97), (2, 1023), (1151, 768), (3, 7, 1600), (2, 3000)]
 DTYPES = [

@@ -15,8 +15,7 @@ from fastgpt.kernels import LayerNorm, layer_norm, layer_norm_reference
 from tests.autograd_runs import outputs_and_grads
 from tests.tolerance import assert_close_to_reference
 
-# `kernels.layer_norm` the attribute is the function; the module holds MAX_BLOCK_N and _empty.
-ln_module = importlib.import_module("fastgpt.kernels.layer_norm")
+ln_module = importlib.import_module("fastgpt.kernels.normalization")
 
 # GPT-2's widths 768, 1024, 1280, 1600 among odd ones; width 1; a single row and 1151 rows.
 SHAPES = [(1, 1), (5, 1), (17, 97), (2, 1023), (1151, 768), (3, 1024), (4, 1280), (3, 7, 1600)]

@@ -28,7 +28,7 @@ def project_modules() -> dict[str, Path]:
 
 
 def canonical(name: str) -> str:
-    """The folder name of a module: "fastgpt.kernels.gelu" -> "kernels.gelu"."""
+    """The folder name of a module: "fastgpt.kernels.activation" -> "kernels.activation"."""
     for alias, folder in ALIASES.items():
         if name == alias or name.startswith(alias + "."):
             return folder + name[len(alias) :]
@@ -41,7 +41,7 @@ def _imported_names(node: ast.AST, package: str, known: set[str]) -> list[str]:
     if isinstance(node, ast.Import):
         return [canonical(alias.name) for alias in node.names]
     if isinstance(node, ast.ImportFrom):
-        if node.level:  # `from . import x` in kernels/gelu.py: x of kernels
+        if node.level:  # `from . import x` in kernels/activation.py: x of kernels
             parts = package.split(".")[: len(package.split(".")) - node.level + 1]
             base = ".".join([*parts, node.module or ""]).strip(".")
         else:
@@ -51,7 +51,7 @@ def _imported_names(node: ast.AST, package: str, known: set[str]) -> list[str]:
         # import GPTModel` the module fastgpt.model
         subs = [f"{base}.{alias.name}" for alias in node.names]
         return [sub if sub in known else base for sub in subs]
-    if (  # importlib.import_module("fastgpt.kernels.gelu"), a literal name
+    if (  # importlib.import_module("fastgpt.kernels.activation"), a literal name
         isinstance(node, ast.Call)
         and isinstance(node.func, (ast.Attribute, ast.Name))
         and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
@@ -110,13 +110,13 @@ def test_the_import_graph_has_no_cycle():
     assert "fastgpt.model" in graph and "fastgpt.weights" in graph["fastgpt.model"]
     # every kind of import is seen: relative, through fastgpt.kernels / fastgpt.benchmarks,
     # `from package import submodule`, and import_module("literal")
-    assert "kernels.flash_core" in graph["kernels.attention_varlen"]  # from .flash_core import
-    assert "kernels._dispatch" in graph["kernels.gelu"]  # from ._dispatch import
-    assert {"kernels.gelu", "kernels.layer_norm"} <= graph["kernels"]  # kernels/__init__.py
-    assert "kernels.attention" in graph["fastgpt.backends"]  # from fastgpt.kernels import
+    assert "kernels.flash_core" in graph["kernels.flash_attention_varlen"]  # from .flash_core
+    assert "kernels._dispatch" in graph["kernels.activation"]  # from ._dispatch import
+    assert {"kernels.activation", "kernels.normalization"} <= graph["kernels"]  # its __init__
+    assert "fastgpt.hf_format" in graph["fastgpt.lora"]  # from fastgpt import hf_format
     assert "kernels" in graph["fastgpt.hf_patch"]  # ... bias_gelu, a function of the package
     assert "benchmarks.run" in graph["fastgpt.commands.selftest"]  # fastgpt.benchmarks.run
-    assert "kernels.layer_norm" in graph["fastgpt.selftest.compile_check"]  # import_module
+    assert "kernels.normalization" in graph["fastgpt.selftest.compile_check"]  # import_module
     assert "fastgpt.train.runner" in graph["fastgpt.commands.pretrain"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
@@ -143,12 +143,12 @@ def test_no_kernel_op_imports_another_ops_private_names():
 
 
 def test_every_kind_of_import_is_an_edge():
-    known = {"kernels", "kernels.gelu", "kernels._dispatch", "fastgpt", "fastgpt.model"}
+    known = {"kernels", "kernels.activation", "kernels._dispatch", "fastgpt", "fastgpt.model"}
     source = """
 from .. import _dispatch
 from .._dispatch import use_triton
 from . import helper
-import fastgpt.kernels.gelu as G
+import fastgpt.kernels.activation as G
 from fastgpt.kernels import gelu_reference
 from fastgpt import model, __version__
 importlib.import_module("fastgpt.kernels._dispatch")
@@ -159,7 +159,7 @@ import_module(name)
     names = [_imported_names(node, "kernels.sub", known) for node in ast.parse(source).body]
     assert names == [
         ["kernels._dispatch"], ["kernels._dispatch"], ["kernels.sub"],
-        ["kernels.gelu"], ["kernels"], ["fastgpt.model", "fastgpt"], [], [], [],
+        ["kernels.activation"], ["kernels"], ["fastgpt.model", "fastgpt"], [], [], [],
     ]  # fmt: skip
     calls = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Call)]
     assert [_imported_names(n, "kernels.sub", known) for n in calls] == [

@@ -164,7 +164,7 @@ def test_transformers_builds_gpt2_from_the_checkout_root(first):
         except metadata.PackageNotFoundError:
             assert kernels.__path__ == [], kernels.__path__
         assert Path(fastgpt.kernels.__file__).resolve() == Path.cwd() / "kernels" / "__init__.py"
-        assert fastgpt.kernels.attention.__module__ == "fastgpt.kernels.attention"
+        assert fastgpt.kernels.attention.__module__ == "fastgpt.kernels.flash_attention"
     """)
         + FILES_UNDER_KERNELS
     )

@@ -49,7 +49,7 @@ def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_dry_run_lists_every_gpu_check(capsys):
     assert main(["selftest", "--dry-run", "--bench"]) == 0
     out = capsys.readouterr().out
-    from fastgpt.kernels.attention import SUPPORTED_HEAD_DIMS
+    from fastgpt.kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
     for dtype in ("fp32", "fp16", "bf16"):
         for d in SUPPORTED_HEAD_DIMS:
@@ -103,7 +103,7 @@ def test_every_check_passes_through_the_interpreter(device):
 def test_a_wrong_kernel_fails_its_check(device, monkeypatch):
     import importlib
 
-    gelu_module = importlib.import_module("fastgpt.kernels.gelu")
+    gelu_module = importlib.import_module("fastgpt.kernels.activation")
     real = gelu_module._gelu_forward
     monkeypatch.setattr(gelu_module, "_gelu_forward", lambda x: real(x) * 1.001)
     check = next(c for c in gpu_check.plan(TINY, device) if c.group == "gelu")
@@ -185,7 +185,7 @@ import importlib
 from fastgpt.selftest.compile_check import BUDGET_FILE, load_budget, run_compile_check
 from fastgpt.selftest.sweep import SweepOptions
 
-layer_norm = importlib.import_module("fastgpt.kernels.layer_norm")
+layer_norm = importlib.import_module("fastgpt.kernels.normalization")
 # A planted config: 8 x 1024 fp32 elements per array for one warp: 256 per thread, each.
 layer_norm._tile = lambda m, n: (8, 1024, True, 1)
 options = SweepOptions(ops=("layer_norm",), dtypes=("fp32",), widths=(768,), passes=("forward",))

@@ -230,7 +230,7 @@ def _a_project_kernel():
     """One of the project's kernels, to tell a JITFunction from an interpreted one."""
     import importlib
 
-    return importlib.import_module("fastgpt.kernels.layer_norm")._layer_norm_forward_kernel
+    return importlib.import_module("fastgpt.kernels.normalization")._layer_norm_forward_kernel
 
 
 def _worker(task: tuple[int, SweepOptions, int, int, bool]) -> list[Record]:

@@ -172,7 +172,11 @@ def _randn(shape, dtype, device, seed, scale=1.0, offset=0.0):
 def attention_check(device, dtype, shape, head_dim, causal=True, dropout_p=0.0) -> str:
     """Output and dq/dk/dv of `attention` against the reference (with the kernel's own
     dropout mask when dropout_p > 0). shape: (B, H, Tq, Tk)."""
-    from fastgpt.kernels.attention import attention, attention_dropout_mask, attention_reference
+    from fastgpt.kernels.flash_attention import (
+        attention,
+        attention_dropout_mask,
+        attention_reference,
+    )
 
     b, h, tq, tk = shape
     q = _randn((b, h, tq, head_dim), dtype, device, 1)
@@ -199,7 +203,7 @@ def layer_norm_check(device, dtype, rows, width) -> str:
     """layer_norm's y, dx, dweight, dbias against F.layer_norm and the float64 reference."""
     import torch.nn.functional as F
 
-    from fastgpt.kernels.layer_norm import layer_norm, layer_norm_reference
+    from fastgpt.kernels.normalization import layer_norm, layer_norm_reference
 
     x = _randn((rows, width), dtype, device, 1, scale=2.0, offset=0.5)
     w = _randn((width,), dtype, device, 2, scale=0.5, offset=1.0)
@@ -220,7 +224,7 @@ def gelu_check(device, dtype, rows, width, with_bias) -> str:
     """gelu / bias_gelu forward and gradients against F.gelu(tanh) and the reference."""
     import torch.nn.functional as F
 
-    from fastgpt.kernels.gelu import bias_gelu, bias_gelu_reference, gelu, gelu_reference
+    from fastgpt.kernels.activation import bias_gelu, bias_gelu_reference, gelu, gelu_reference
 
     x = _randn((rows, width), dtype, device, 1, scale=3.0)
     dy = _randn((rows, width), dtype, device, 4)

@@ -131,9 +131,7 @@ def attention_cases(options: SweepOptions) -> Iterator[Case]:
     """Forward and backward for every dtype × head dim × causal × dropout, the model's layout
     (q/k/v strided views of one (B, T, 3, H, D) projection, dout a transposed (B, T, H, D)); a
     decoding step (Tq = 1 against a contiguous cache); the dropout-mask kernel."""
-    # the modules by import_module: as attributes, kernels.attention (and gelu, layer_norm...)
-    # are the functions that kernels/__init__ re-exports
-    A = importlib.import_module("fastgpt.kernels.attention")
+    A = importlib.import_module("fastgpt.kernels.flash_attention")
     _gpu_path(A)
     batch, heads, t = ATTENTION_SHAPE
     for dname, d, variants in options.attention_grid(A.SUPPORTED_HEAD_DIMS):
@@ -186,7 +184,7 @@ def attention_varlen_cases(options: SweepOptions) -> Iterator[Case]:
     """attention_varlen's forward and backward for every dtype × head dim × causal × dropout:
     ATTENTION_SHAPE's B·T tokens packed as B sequences, q/k/v strided views of one
     (total, 3, H, D) projection, dout contiguous; its dropout-mask kernel."""
-    V = importlib.import_module("fastgpt.kernels.attention_varlen")
+    V = importlib.import_module("fastgpt.kernels.flash_attention_varlen")
     _gpu_path(V)
     batch, heads, t = ATTENTION_SHAPE
     total = batch * t
@@ -232,7 +230,7 @@ def _width_classes(widths: list[int], config: Callable[[int, int], object], rows
 def layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
     """Forward and backward at every width class, for training rows (M = ROWS) and decoding
     (M = 1), rows contiguous."""
-    L = importlib.import_module("fastgpt.kernels.layer_norm")
+    L = importlib.import_module("fastgpt.kernels.normalization")
     _gpu_path(L)
     for dt, m, n, params in _row_shapes(options, L._tile):
 
@@ -262,7 +260,7 @@ def add_layer_norm_cases(options: SweepOptions) -> Iterator[Case]:
     and the residual in one dtype (the heaviest mix: 16-bit loads of both), and (the full
     sweep's forward) a 16-bit x into an fp32 residual stream, the model's add under autocast
     (its backward is all fp32: the fp32 case's)."""
-    L = importlib.import_module("fastgpt.kernels.layer_norm")
+    L = importlib.import_module("fastgpt.kernels.normalization")
     _gpu_path(L)
     for dt, m, n, params in _row_shapes(options, L._tile):
         rows = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)  # (M, N)
@@ -302,7 +300,7 @@ def _row_shapes(options: SweepOptions, tile) -> Iterator[tuple[torch.dtype, int,
 
 def gelu_cases(options: SweepOptions) -> Iterator[Case]:
     """The flat elementwise kernels: one config, numel divisible by 16 or not."""
-    G = importlib.import_module("fastgpt.kernels.gelu")
+    G = importlib.import_module("fastgpt.kernels.activation")
     _gpu_path(G)
     for dname in options.pick_dtypes():
         dtype = DTYPES[dname]
@@ -317,7 +315,7 @@ def gelu_cases(options: SweepOptions) -> Iterator[Case]:
 
 def bias_gelu_cases(options: SweepOptions) -> Iterator[Case]:
     """bias_gelu forward and backward at every width class of `_bias_gelu_tile`."""
-    G = importlib.import_module("fastgpt.kernels.gelu")
+    G = importlib.import_module("fastgpt.kernels.activation")
     _gpu_path(G)
     for dt, m, n, params in _row_shapes(options, G._bias_gelu_tile):
         x = lambda m=m, n=n, dt=dt: torch.empty(m, n, dtype=dt)
@@ -371,8 +369,8 @@ def decode_attention_cases(options: SweepOptions) -> Iterator[Case]:
     of a (B, 1, 3, H, D) projection, k/v the static cache's (B, H, 1024, D) buffers (4 splits
     of 256 keys), per-row int32 lengths. Its only pass is the forward ("forward", so CI runs
     it too)."""
-    DA = importlib.import_module("fastgpt.kernels.decode_attention")
-    A = importlib.import_module("fastgpt.kernels.attention")
+    DA = importlib.import_module("fastgpt.kernels.flash_decoding")
+    A = importlib.import_module("fastgpt.kernels.flash_attention")
     _gpu_path(DA)
     batch, heads, capacity = ATTENTION_SHAPE
     for dname in options.pick_dtypes():
