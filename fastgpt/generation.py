@@ -31,6 +31,7 @@ tokens).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -43,6 +44,11 @@ from fastgpt.model import GPTModel
 EOS_CHECK_EVERY = 16  # decoding steps between looks at "has every row finished?"
 
 
+# Temperatures below this are greedy: logits / temperature would overflow fp32 to inf (and the
+# softmax to nan), where the distribution it stands for is all on the argmax anyway.
+GREEDY_BELOW = 1e-30
+
+
 def check_generation_options(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
@@ -50,8 +56,8 @@ def check_generation_options(
     None) and top_p in (0, 1] (or None)."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ConfigError("max_new_tokens", f"must be an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ConfigError("temperature", f"must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError("temperature", f"must be a finite number >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ConfigError("top_k", f"must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -67,11 +73,12 @@ def sample_next_token(
 ) -> torch.Tensor:
     """Pick the next token from last-position logits (B, V) -> (B, 1) long.
 
-    temperature 0 is greedy (argmax; top_k/top_p are then irrelevant). Otherwise the logits are
-    divided by the temperature, cut to the top_k most likely tokens and to the smallest set whose
-    probability reaches top_p (the most likely token always stays), and sampled. `generator`
+    temperature 0 (or below GREEDY_BELOW) is greedy (argmax; top_k/top_p are then irrelevant).
+    Otherwise the logits are divided by the temperature, cut to the top_k most likely tokens and
+    to the smallest set whose probability reaches top_p (the most likely token always stays),
+    and sampled. `generator`
     must live on the logits' device."""
-    if temperature == 0.0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature  # (B, V)
     if top_k is not None and top_k < logits.shape[-1]:

@@ -234,3 +234,29 @@ def test_training_options_that_would_silently_misbehave_are_refused(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fastgpt pretrain: error: {message}") and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
+def test_a_temperature_that_is_no_number_is_refused(temperature):
+    import fastgpt
+    from fastgpt.errors import ConfigError
+    from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
+
+    model = GPTModel(GPTConfig.from_name("tiny", vocab_size=97, context_length=16))
+    with pytest.raises(ConfigError, match=r"temperature must be a finite number >= 0"):
+        fastgpt.generate(model, torch.zeros(1, 3, dtype=torch.long), 2, temperature=temperature)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """logits / 1e-300 overflows to inf (softmax: nan, multinomial: an error); such a
+    temperature puts all probability on the argmax, which is what it gives."""
+    import fastgpt
+    from fastgpt.model import GPTModel
+    from fastgpt.model_config import GPTConfig
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_name("tiny", vocab_size=97, context_length=16)).eval()
+    ids = torch.randint(0, 97, (2, 3))
+    greedy = fastgpt.generate(model, ids, 4)
+    assert torch.equal(fastgpt.generate(model, ids, 4, temperature=1e-300), greedy)
