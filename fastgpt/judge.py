@@ -93,8 +93,8 @@ class Judge:
     URL that already ends in the endpoint path is used as is). model: the judge's name.
     api_key: sent as "Authorization: Bearer" (openai). stream: ask Ollama to stream JSON lines
     (the server's default, as the book reads it) instead of one object. timeout: seconds per
-    request. retries: further attempts after a timeout or a 5xx answer, waiting
-    backoff · 2**attempt seconds before each (sleep is injectable, for tests).
+    request, the whole reply included. retries: further attempts after a timeout or a 5xx
+    answer, waiting backoff · 2**attempt seconds before each (sleep is injectable, for tests).
     """
 
     api: str = "ollama"
@@ -160,8 +160,9 @@ class Judge:
                 self.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(self.endpoint, data=body, headers=headers)
             try:
+                deadline = time.monotonic() + self.timeout
                 with _OPENER.open(request, timeout=self.timeout) as response:
-                    raw = response.read()
+                    raw = _read_by(response, deadline)
             except urllib.error.HTTPError as exc:
                 if 300 <= exc.code < 400:  # not followed: the key would go to another host
                     raise JudgeError(
@@ -306,6 +307,17 @@ class JudgeOptions:
             api=self.api, url=self.judge_url, model=model, api_key=api_key,
             stream=self.stream, timeout=self.timeout, retries=self.retries,
         )  # fmt: skip
+
+
+def _read_by(response: http.client.HTTPResponse, deadline: float) -> bytes:
+    """The whole body, or TimeoutError once time.monotonic() passes `deadline`: the socket's
+    timeout bounds each read only, and a server that trickles a byte at a time never trips it."""
+    chunks = []
+    while chunk := response.read1(1 << 16):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the reply is still coming")
+    return b"".join(chunks)
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):

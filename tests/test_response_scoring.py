@@ -54,7 +54,7 @@ class JudgeServer:
     """A loopback HTTP server playing a judge. `replies` maps a substring of the prompt to the
     reply text (default "50"); `script` is a list of actions used up one per request:
     ("status", code) answers that HTTP error, ("delay", seconds) waits before answering,
-    ("redirect", url) answers 302 to url."""
+    ("redirect", url) answers 302 to url, ("trickle", _) sends its reply one byte per 0.1 s."""
 
     def __init__(self, models=("llama3",)):
         self.models = set(models)
@@ -82,6 +82,16 @@ class JudgeServer:
                     time.sleep(action[1])
                 if action and action[0] == "status":
                     return self._send(int(action[1]), {"error": "internal error"})
+                if action and action[0] == "trickle":  # the reply, one byte per 0.1 s
+                    data = json.dumps({"message": {"role": "assistant", "content": "50"}})
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    for byte in data.encode():
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    return None
                 if action and action[0] == "redirect":
                     self.send_response(302)
                     self.send_header("Location", str(action[1]))
@@ -497,3 +507,14 @@ def test_a_redirect_is_refused_and_the_key_goes_nowhere_else(server):
             judge.ask("score this")
         assert elsewhere.requests == [] and elsewhere.headers == []
     assert server.headers[0]["Authorization"] == "Bearer sk-test"
+
+
+def test_the_timeout_bounds_the_whole_reply_not_each_read(server):
+    """A server that trickles its reply (every read returns within the socket timeout) still
+    fails the request once --timeout seconds have passed."""
+    server.script = [("trickle", 0)] * 2
+    judge = _judge(server, api="ollama", stream=False, timeout=0.5, retries=1)
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=r"failed 2 times; last: no answer within 0\.5 s"):
+        judge.ask("hello")
+    assert time.monotonic() - started < 4  # two tries of 0.5 s, not 2 x 6 s of trickle
