@@ -103,7 +103,7 @@ def _attention_forward_kernel(
     out, lse = forward_tile(
         q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
         bh, b, h, m_start, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TMA,
+        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TMA, False,
     )  # fmt: skip
     tl.store(lse_ptr + bh * Tq + offs_m, lse, mask=offs_m < Tq)
     if TMA:  # rows past Tq and columns past D are clipped; out has q's dtype (the launcher's)

@@ -302,7 +302,7 @@ def _varlen_forward_kernel(
     out, lse = forward_tile(  # (b, h) are TMA's only: 0, 0 here
         q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
         bh, 0, 0, m_start, Tq, Tk, D, qk_scale, dropout_p, seed,
-        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False,
+        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False, True,
     )  # fmt: skip
     tl.store(lse_ptr + h * total_q + q0 + offs_m, lse, mask=offs_m < Tq)
     out_base = out_ptr + q0 * stride_ot + h * stride_oh
