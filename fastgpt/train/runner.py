@@ -268,7 +268,8 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
             lora,
             frozenset(explicit_options(args)),
         )
-        if str(getattr(task.options, "data", None)).strip() == "":  # "" would be the cwd
+        data_path = getattr(task.options, "data", None)  # every task's --data, when it has one
+        if data_path is not None and not data_path.strip():  # "" would read the current folder
             raise ConfigError("data", "is empty: give a file, folder or glob")
         earlier = check_out_dir_is_free(task.config)  # before any work: another run's files stay
         # A bad file fails before any weights are built, loaded or downloaded.
