@@ -9,6 +9,7 @@ process with TRITON_INTERPRET unset; it compiles only one or two small specializ
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -91,10 +92,7 @@ TINY = dataclasses.replace(
 
 def test_every_check_passes_through_the_interpreter(device):
     checks = gpu_check.plan(TINY, device)
-    assert {c.group for c in checks} == {
-        "attention", "layer_norm", "gelu", "bias_gelu", "cross_entropy", "model", "compile",
-        "train", "generate",
-    }  # fmt: skip
+    assert {c.group for c in checks} == set(gpu_check.GROUPS)
     results = gpu_check.run_checks(checks, print_fn=lambda line: None)
     failed = [(r.name, r.detail) for r in results if r.status != "pass"]
     assert not failed
@@ -109,6 +107,43 @@ def test_a_wrong_kernel_fails_its_check(device, monkeypatch):
     check = next(c for c in gpu_check.plan(TINY, device) if c.group == "gelu")
     (result,) = gpu_check.run_checks([check], print_fn=lambda line: None)
     assert result.status == "FAIL" and "kernel error" in result.detail
+
+
+def test_only_and_dtypes_pick_checks_and_unknown_names_are_refused(device):
+    checks = gpu_check.plan(TINY, device, groups=("gelu", "train"), dtypes=("fp16",))
+    assert [c.group for c in checks] == ["train"]  # TINY's kernels run in fp32 only
+    checks = gpu_check.plan(TINY, device, groups=("attention_varlen", "generate"))
+    assert {c.group for c in checks} == {"attention_varlen", "generate"}
+    with pytest.raises(ValueError, match="unknown check group 'attn'"):
+        gpu_check.plan(TINY, device, groups=("attn",))
+    with pytest.raises(ValueError, match="unknown dtype 'f16'"):
+        gpu_check.plan(TINY, device, dtypes=("f16",))
+
+
+def test_selftest_json_is_rewritten_after_every_check(tmp_path, monkeypatch, capsys):
+    """A run stopped between checks (a timeout's signal, here a KeyboardInterrupt planted in the
+    second check) leaves selftest.json with the checks it finished."""
+    real = gpu_check.layer_norm_check
+    calls = []
+
+    def stopped_after_one(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(gpu_check, "layer_norm_check", stopped_after_one)
+    small = ["selftest", "--small", "--device", "cpu", "--out", str(tmp_path)]
+    assert main([*small, "--only", "layer_norm", "--dtypes", "fp32"]) == 130  # interrupted
+    saved = json.loads((tmp_path / "selftest.json").read_text())
+    assert saved["complete"] is False and saved["planned"] == 2
+    assert [(r["group"], r["status"]) for r in saved["results"]] == [("layer_norm", "pass")]
+    monkeypatch.setattr(gpu_check, "layer_norm_check", real)
+    assert main([*small, "--only", "layer_norm", "--dtypes", "fp32"]) == 0
+    saved = json.loads((tmp_path / "selftest.json").read_text())
+    assert saved["complete"] is True and len(saved["results"]) == 2
+    assert main([*small, "--only", "layer_norm", "--dtypes", "bf16"]) == 2
+    assert "match no check" in capsys.readouterr().err
 
 
 # --- the rules of the compile check ------------------------------------------------------

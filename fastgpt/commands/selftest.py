@@ -56,6 +56,12 @@ class SelftestOptions:
     """The tests' small sizes (on CPU: with TRITON_INTERPRET=1 --device cpu)."""
     device: str = "cuda"
     """Device of the GPU checks."""
+    only: tuple[str, ...] = field(default=(), metadata={"metavar": "NAME[,NAME]"})
+    """Only these: compile-check ops (--compile-only), or GPU check groups (attention,
+    attention_varlen, layer_norm, gelu, bias_gelu, cross_entropy, model, compile, train,
+    generate)."""
+    dtypes: tuple[str, ...] = field(default=(), metadata={"metavar": "fp16,bf16,fp32"})
+    """Only these dtypes (the GPU checks that run in one dtype, or the compiled cases)."""
 
 
 @dataclass
@@ -73,10 +79,6 @@ class CompileCheckOptions:
     """Target archs: sm_90 (H100/H200), sm_80 (A100)."""
     subset: Literal["full", "ci"] = "full"
     """full: every specialization; ci: head dims 64 and 128, widths 768 and 50257."""
-    only: tuple[str, ...] = field(default=(), metadata={"metavar": "OP[,OP]"})
-    """Only these ops."""
-    dtypes: tuple[str, ...] = field(default=(), metadata={"metavar": "fp16,bf16,fp32"})
-    """Only these dtypes."""
     head_dims: tuple[int, ...] = field(default=(), metadata={"metavar": "D[,D]"})
     """Only these attention head dims."""
     widths: tuple[int, ...] = field(default=(), metadata={"metavar": "N[,N]"})
@@ -136,13 +138,13 @@ def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> i
     from fastgpt.selftest import compile_check, report, sweep
 
     sweep_options = sweep.SweepOptions(
-        ops=check.only,
-        dtypes=check.dtypes,
+        ops=options.only,
+        dtypes=options.dtypes,
         head_dims=check.head_dims,
         widths=check.widths,
         subset=check.subset,
     )
-    unknown = [d for d in check.dtypes if d not in sweep.DTYPES]
+    unknown = [d for d in options.dtypes if d not in sweep.DTYPES]
     if unknown:
         return command_error(COMMAND, f"unknown dtype {unknown[0]!r}; dtypes: fp16, bf16, fp32")
     versions = _versions()
@@ -195,7 +197,7 @@ def _write_compile_results(
         folder.mkdir(parents=True, exist_ok=True)
         for arch in check.arch:
             name = f"{report.ARCHS[arch].name}-triton-{versions['triton']}.md"
-            text = report.compile_markdown(records, arch, versions, _command_line(check))
+            text = report.compile_markdown(records, arch, versions, _command_line(options, check))
             (folder / name).write_text(text, encoding="utf-8")
             print(f"wrote {folder / name}")
     if options.out:
@@ -207,14 +209,14 @@ def _write_compile_results(
         print(f"wrote {path}")
 
 
-def _command_line(check: CompileCheckOptions) -> str:
+def _command_line(options: SelftestOptions, check: CompileCheckOptions) -> str:
     """The options that shaped a compile sweep, as a command to rerun it."""
     parts = ["fastgpt selftest --compile-only", "--arch " + ",".join(f"sm_{a}" for a in check.arch)]
     if check.subset != "full":
         parts.append(f"--subset {check.subset}")
     for flag, values in (
-        ("--only", check.only),
-        ("--dtypes", check.dtypes),
+        ("--only", options.only),
+        ("--dtypes", options.dtypes),
         ("--head-dims", check.head_dims),
         ("--widths", check.widths),
     ):
@@ -244,7 +246,12 @@ def _gpu(options: SelftestOptions) -> int:
     from fastgpt.selftest import gpu_check, report
 
     sizes = gpu_check.SMALL if options.small else gpu_check.GPU
-    checks = gpu_check.plan(sizes, options.device)
+    try:
+        checks = gpu_check.plan(sizes, options.device, options.only, options.dtypes)
+    except ValueError as exc:
+        return command_error(COMMAND, f"{exc} (--only, --dtypes)")
+    if not checks:
+        return command_error(COMMAND, "nothing to check: --only and --dtypes match no check")
     if options.dry_run:
         print(f"fastgpt selftest: {len(checks)} checks at {sizes.name} sizes on {options.device}")
         print(report.text_table(("group", "check"), [(c.group, c.name) for c in checks]))
@@ -269,24 +276,32 @@ def _gpu(options: SelftestOptions) -> int:
     if device.type not in ("cuda", "cpu"):
         return command_error(COMMAND, f"unsupported device {options.device!r}: use cuda or cpu")
     out = Path(options.out) if options.out else _default_out(device)
+    out.mkdir(parents=True, exist_ok=True)
     print(f"fastgpt selftest: {len(checks)} checks at {sizes.name} sizes on {_device_name(device)}")
+    header = {**_versions(), "device": _device_name(device), "sizes": sizes.name}
     started = time.perf_counter()
-    results = gpu_check.run_checks(checks)
+
+    def save(results: list, complete: bool = False) -> None:
+        # Rewritten after every check: a run stopped by a timeout keeps what it finished.
+        payload = {
+            **header,
+            "complete": complete,
+            "planned": len(checks),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "results": [r.as_dict() for r in results],
+        }
+        staged = out / "selftest.json.partial"
+        staged.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        staged.replace(out / "selftest.json")
+
+    results = gpu_check.run_checks(checks, on_result=save)
+    save(results, complete=True)
     wall = time.perf_counter() - started
     rows = [(r.group, r.name, r.status, f"{r.seconds:.1f}") for r in results]
     print()
     print(report.text_table(("group", "check", "status", "s"), rows))
     failed = [r for r in results if r.status != "pass"]
     print(f"{len(results) - len(failed)}/{len(results)} passed in {wall:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        **_versions(),
-        "device": _device_name(device),
-        "sizes": sizes.name,
-        "wall_s": round(wall, 1),
-        "results": [r.as_dict() for r in results],
-    }
-    (out / "selftest.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
     print(f"wrote {out / 'selftest.json'}")
     if options.bench:
         from fastgpt.benchmarks.harness import SuitesFailed

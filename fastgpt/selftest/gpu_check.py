@@ -3,7 +3,8 @@
 Checks, in order (`plan` lists them; `--dry-run` prints that list):
 
 1. ops: attention (every head dim, fp32/fp16/bf16, causal, long sequences, non-causal with
-   Tq ≠ Tk, dropout, one decoding step), LayerNorm, GELU and bias-GELU at GPT-2 widths up to
+   Tq ≠ Tk, dropout, one decoding step), variable-length attention over packed sequences
+   (with dropout), LayerNorm, GELU and bias-GELU at GPT-2 widths up to
    the vocabulary, the fused linear cross-entropy at GPT-2's head, each forward and every
    gradient, judged by the tolerance rule
    (`fastgpt.selftest.tolerance`) against a float64 reference and PyTorch in the same dtype.
@@ -22,6 +23,7 @@ the same code through Triton's interpreter on CPU in the tests. Model weights ar
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ class Sizes:
     head_dims: tuple[int, ...]
     attention: tuple[int, int, int, int]
     long_t: int
+    varlen: tuple[int, ...]  # lengths of the packed sequences of the varlen check (H 4, D 64)
     rows: int  # M of LayerNorm / GELU inputs
     widths: tuple[int, ...]
     gelu_width: int
@@ -70,6 +73,7 @@ GPU = Sizes(
     head_dims=(8, 16, 32, 48, 64, 80, 96, 128),
     attention=(2, 4, 2048, 2048),
     long_t=8192,
+    varlen=(1, 2048, 17, 900, 513, 0, 1000),
     rows=4096,
     widths=(768, 1600, 6400, 50257),
     gelu_width=3072,
@@ -91,6 +95,7 @@ SMALL = Sizes(
     head_dims=(8, 16, 64),
     attention=(1, 2, 33, 33),
     long_t=80,
+    varlen=(1, 9, 0, 5),
     rows=9,
     widths=(33, 768),
     gelu_width=40,
@@ -115,6 +120,7 @@ class Check:
     group: str
     name: str
     run: Callable[[], str] = field(repr=False)
+    dtype: str | None = None  # the dtype it checks, for `--dtypes`; None: not dtype-specific
 
 
 @dataclass
@@ -192,6 +198,39 @@ def attention_check(device, dtype, shape, head_dim, causal=True, dropout_p=0.0) 
         lambda q, k, v: attention(q, k, v, causal, dropout_p=dropout_p, seed=seed),
         lambda q, k, v: attention_reference(q, k, v, causal, scale, dropout_p, mask, False),
         lambda q, k, v: attention_reference(q, k, v, causal, scale, dropout_p, mask),
+        [q, k, v],
+        dy,
+        dtype,
+        ("out", "dq", "dk", "dv"),
+    )
+
+
+def varlen_check(device, dtype, lengths, causal=True, dropout_p=0.0) -> str:
+    """Output and dq/dk/dv of `attention_varlen` over packed sequences of `lengths` (an empty one
+    and one of a single token among them) against its reference, with the kernel's own dropout
+    masks when dropout_p > 0. 4 heads of dim 64."""
+    from fastgpt.kernels.flash_attention_varlen import (
+        attention_varlen,
+        attention_varlen_dropout_mask,
+        attention_varlen_reference,
+    )
+
+    heads, head_dim, total = 4, 64, sum(lengths)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    longest = max(lengths)
+    q, k, v, dy = (_randn((total, heads, head_dim), dtype, device, s) for s in (1, 2, 3, 4))
+    seed = 1234
+    masks = None
+    if dropout_p > 0.0:
+        masks = attention_varlen_dropout_mask(seed, cu, cu, heads, dropout_p)
+    scale = 1.0 / math.sqrt(head_dim)
+    args = (cu, cu, longest, longest, causal, scale, dropout_p)
+    return _three_way(
+        lambda q, k, v: attention_varlen(q, k, v, *args, seed=seed),
+        lambda q, k, v: attention_varlen_reference(
+            q, k, v, *args, dropout_masks=masks, upcast=False
+        ),
+        lambda q, k, v: attention_varlen_reference(q, k, v, *args, dropout_masks=masks),
         [q, k, v],
         dy,
         dtype,
@@ -368,9 +407,30 @@ def generate_check(sizes: Sizes, device) -> str:
 # --- plan and run ------------------------------------------------------------------------
 
 
-def plan(sizes: Sizes, device: str | torch.device) -> list[Check]:
-    """Every check of one run, in order: the kernels', then the model's."""
-    return [*_kernel_checks(sizes, device), *_model_checks(sizes, device)]
+GROUPS = (
+    "attention", "attention_varlen", "layer_norm", "gelu", "bias_gelu", "cross_entropy",
+    "model", "compile", "train", "generate",
+)  # fmt: skip
+
+
+def plan(
+    sizes: Sizes,
+    device: str | torch.device,
+    groups: tuple[str, ...] = (),
+    dtypes: tuple[str, ...] = (),
+) -> list[Check]:
+    """Every check of one run, in order: the kernels', then the model's; only those of
+    `groups` and (for a check in one dtype) of `dtypes` when they are given."""
+    for name, known, what in ((groups, GROUPS, "check group"), (dtypes, DTYPES, "dtype")):
+        unknown = [n for n in name if n not in known]
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown[0]!r}; {what}s: {', '.join(known)}")
+    checks = [*_kernel_checks(sizes, device), *_model_checks(sizes, device)]
+    return [
+        c
+        for c in checks
+        if (not groups or c.group in groups) and (not dtypes or c.dtype in (None, *dtypes))
+    ]
 
 
 def _kernel_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
@@ -378,13 +438,15 @@ def _kernel_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
     b, h, tq, tk = sizes.attention
     for dname in sizes.dtypes:
         dt = DTYPES[dname]
+
+        def add(group: str, name: str, run: Callable[[], str], dname: str = dname) -> None:
+            checks.append(Check(group, f"{dname} {name}", run, dname))
+
         for d in sizes.head_dims:
-            checks.append(
-                Check(
-                    "attention",
-                    f"{dname} D={d} causal B={b} H={h} T={tq}",
-                    lambda dt=dt, d=d: attention_check(device, dt, (b, h, tq, tk), d),
-                )
+            add(
+                "attention",
+                f"D={d} causal B={b} H={h} T={tq}",
+                lambda dt=dt, d=d: attention_check(device, dt, (b, h, tq, tk), d),
             )
         long_shape = (1, 2, sizes.long_t, sizes.long_t)
         odd = (b, h, tq - 17, tk)  # a length no tile divides, fewer queries than keys
@@ -396,30 +458,31 @@ def _kernel_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
             (f"dropout 0.1 causal T={tq}", (b, h, tq, tk), True, 0.1),
             (f"decode Tq=1 Tk={decode[3]}", decode, True, 0.0),
         ):
-            checks.append(
-                Check(
-                    "attention",
-                    f"{dname} D=64 {name}",
-                    lambda dt=dt, s=shape, c=causal, p=p: attention_check(device, dt, s, 64, c, p),
-                )
+            add(
+                "attention",
+                f"D=64 {name}",
+                lambda dt=dt, s=shape, c=causal, p=p: attention_check(device, dt, s, 64, c, p),
+            )
+        lengths = ",".join(map(str, sizes.varlen))
+        for name, causal, p in (("causal", True, 0.0), ("dropout 0.1 causal", True, 0.1)):
+            add(
+                "attention_varlen",
+                f"D=64 H=4 {name} lengths {lengths}",
+                lambda dt=dt, c=causal, p=p: varlen_check(device, dt, sizes.varlen, c, p),
             )
         for n in sizes.widths:
-            checks.append(
-                Check(
-                    "layer_norm",
-                    f"{dname} M={sizes.rows} N={n}",
-                    lambda dt=dt, n=n: layer_norm_check(device, dt, sizes.rows, n),
-                )
+            add(
+                "layer_norm",
+                f"M={sizes.rows} N={n}",
+                lambda dt=dt, n=n: layer_norm_check(device, dt, sizes.rows, n),
             )
         for with_bias, group in ((False, "gelu"), (True, "bias_gelu")):
-            checks.append(
-                Check(
-                    group,
-                    f"{dname} M={sizes.rows} N={sizes.gelu_width}",
-                    lambda dt=dt, wb=with_bias: gelu_check(
-                        device, dt, sizes.rows, sizes.gelu_width, wb
-                    ),
-                )
+            add(
+                group,
+                f"M={sizes.rows} N={sizes.gelu_width}",
+                lambda dt=dt, wb=with_bias: gelu_check(
+                    device, dt, sizes.rows, sizes.gelu_width, wb
+                ),
             )
     n, d, v = sizes.cross_entropy
     for dname in sizes.dtypes:
@@ -428,6 +491,7 @@ def _kernel_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
                 "cross_entropy",
                 f"{dname} fused linear N={n} d={d} V={v}",
                 lambda dt=DTYPES[dname]: cross_entropy_check(device, dt, n, d, v),
+                dname,
             )
         )
     return checks
@@ -442,6 +506,7 @@ def _model_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
                 "model",
                 f"{sizes.model} logits triton vs torch {dname} (B x T {batch})",
                 lambda dt=DTYPES[dname]: logits_check(sizes, device, dt),
+                dname,
             )
         )
     checks += [
@@ -454,6 +519,7 @@ def _model_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
             "train",
             f"{sizes.train_steps} {sizes.train_dtype} AdamW steps {sizes.model} (B x T {batch})",
             lambda: train_check(sizes, device),
+            sizes.train_dtype,
         ),
         Check(
             "generate",
@@ -464,8 +530,14 @@ def _model_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
     return checks
 
 
-def run_checks(checks: list[Check], print_fn: Callable[[str], None] = print) -> list[Result]:
-    """Run each check, catching its failure or exception so that the rest still run."""
+def run_checks(
+    checks: list[Check],
+    print_fn: Callable[[str], None] = print,
+    on_result: Callable[[list[Result]], None] | None = None,
+) -> list[Result]:
+    """Run each check, catching its failure or exception so that the rest still run;
+    `on_result` gets the results so far after each check (the caller saves them, so a run cut
+    short by a timeout keeps what it finished)."""
     results = []
     for check in checks:
         started = time.perf_counter()
@@ -478,4 +550,6 @@ def run_checks(checks: list[Check], print_fn: Callable[[str], None] = print) -> 
         seconds = time.perf_counter() - started
         results.append(Result(check.group, check.name, status, round(seconds, 2), detail))
         print_fn(f"{status:5s} {seconds:6.1f}s  {check.group}: {check.name}  {detail}")
+        if on_result is not None:
+            on_result(results)
     return results
