@@ -112,7 +112,7 @@ class TrainConfig:
 
 # What a training command leaves in its output folder (see the README's table).
 RUN_FILES = (
-    "checkpoint.pt", "metrics.jsonl", "loss.png", "model.safetensors", "config.json",
+    "checkpoint.pt", "metrics.jsonl", "run.json", "loss.png", "model.safetensors", "config.json",
     "lora.safetensors", "lora.json", "adapter_model.safetensors", "adapter_config.json",
     "labels.json", "classifier.json", "metrics.json", "test_responses.json",
 )  # fmt: skip

@@ -15,7 +15,8 @@ One optimizer step, in order:
 The loop itself only sequences the components it delegates to: the data order
 (`batches.BatchOrder`), the optimizer and schedule (`optim`), evaluation (`evaluation.Evaluator`),
 metrics and throughput (`metrics`), checkpoints (`checkpoint.Checkpointer`) and torchrun's process
-group (`distributed`). Rank 0 writes into out_dir: metrics.jsonl, checkpoint.pt, loss.png.
+group (`distributed`). Rank 0 writes into out_dir: run.json (before the first step),
+metrics.jsonl, checkpoint.pt, loss.png.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from fastgpt.train.metrics import (
     Interval,
     MetricsLog,
     Throughput,
+    environment,
     save_loss_plot,
 )
 from fastgpt.train.optim import Schedule, make_optimizer
@@ -89,6 +91,8 @@ class Trainer:
     parameters to optimize (default: those with requires_grad; only they get an optimizer
     state). run_info: what defines the run besides the model (e.g. {"task": "pretrain", "data":
     "corpus/"}), stored in checkpoints; --resume refuses a checkpoint of another run.
+    options: every option of the command that runs the Trainer, by name, for run.json (default:
+    the TrainConfig's fields).
     """
 
     def __init__(
@@ -103,8 +107,10 @@ class Trainer:
         sample_fn: Callable[[nn.Module], str] | None = None,
         params: Iterable[nn.Parameter] | None = None,
         run_info: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
     ):
         self.config, self.loss_fn = config, loss_fn
+        self.options = options if options is not None else config.to_dict()
         self.run_info = {**(run_info or {}), "training examples": len(train_data)}
         self.collate_fn = collate_fn or default_collate
         self.out_dir = Path(config.out_dir)
@@ -229,14 +235,15 @@ class Trainer:
 
     def _start(self) -> None:
         """Refuse to overwrite another run unasked; resume from a checkpoint or seed every
-        RNG; open metrics.jsonl; print the plan."""
+        RNG; write run.json and open metrics.jsonl; print the plan."""
         cfg = self.config
         check_out_dir_is_free(cfg)
         # Every rank looks at out_dir before rank 0 writes there: else a slower rank would see
         # this run's own new metrics.jsonl as another run's.
         self.dist.barrier()
+        resumed_from = None
         if cfg.resume:
-            path = self.checkpoint_path if cfg.resume is True else Path(cfg.resume)
+            path = resumed_from = self.checkpoint_path if cfg.resume is True else Path(cfg.resume)
             self.load_state_dict(Checkpointer.read(path), path)
             if self.step >= self.total_steps:
                 raise UsageError(
@@ -247,7 +254,10 @@ class Trainer:
             seed_everything(cfg.seed + self.dist.rank)  # dropout differs between ranks
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics.open(keep_up_to=self.step if cfg.resume else None)
+            record = {"start_step": self.step, "resumed_from": resumed_from,
+                      "options": self.options, "precision": self._precision_name(),
+                      **environment(self.device, self.dist.world_size)}  # fmt: skip
+            self.metrics.open(self.step if cfg.resume else None, record)
             print(self._plan())
 
     def _train_step(self, micro_batches: list[Any]) -> tuple[float, float, int, int]:
@@ -325,7 +335,8 @@ class Trainer:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         ranks = f" × {self.dist.world_size} ranks" if self.dist.world_size > 1 else ""
-        precision = "bf16 autocast" if self.amp_dtype is not None else "fp32"
+        precision = self._precision_name()
+        precision += " autocast" if self.amp_dtype is not None else ""
         resumed = f", resuming at step {self.step}" if self.step else ""
         return (
             f"training {trainable:,} of {total:,} parameters on {self.device}{ranks} "
@@ -334,6 +345,9 @@ class Trainer:
             f"{cfg.lr:g}, warmup {self.schedule.warmup_steps}, cosine to step "
             f"{self.schedule.decay_steps}; output in {self.out_dir}"
         )
+
+    def _precision_name(self) -> str:
+        return {torch.bfloat16: "bf16", None: "fp32"}[self.amp_dtype]
 
     def _non_finite_message(self, loss: float, norm: float) -> str:
         saved = self.checkpointer.saved_step

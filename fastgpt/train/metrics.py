@@ -1,4 +1,11 @@
-"""What a run reports: metrics.jsonl, loss.png, and throughput as tokens/s and MFU.
+"""What a run reports: run.json, metrics.jsonl, loss.png, and throughput as tokens/s and MFU.
+
+run.json, written before the first step, records how each run was started: {"runs": [one record
+per invocation, oldest first]}, a resumed run appending its own to those of the runs before it.
+A record holds the command line, every option's value, the step it started at and the
+checkpoint it resumed from, the device, GPU, number of ranks and precision, the versions of
+fastgpt, torch, triton and Python, and the git commit of fastgpt's code when it runs from a
+checkout (`environment`).
 
 metrics.jsonl has one JSON object per line; "kind" is "train" (the mean loss of a log interval,
 lr, gradient norm, tokens/s, MFU) or "eval" (train and validation loss, the task's extra
@@ -15,15 +22,22 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shlex
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fastgpt.errors import UsageError
 
 METRICS_NAME = "metrics.jsonl"
+RUN_RECORD_NAME = "run.json"
 PLOT_NAME = "loss.png"
 
 
@@ -52,36 +66,48 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """metrics.jsonl of one run, written by rank 0 only (`enabled`); `history` keeps this
-    run's records on every rank.
+    """metrics.jsonl and run.json of one run, written by rank 0 only (`enabled`); `history`
+    keeps this run's records on every rank.
 
-    A metrics.jsonl of an earlier run (resumed or overwritten) is never truncated before this
-    run has something to put in its place: the new file grows beside it as
-    metrics.jsonl.partial and replaces it at `commit()` (the trainer commits with every
-    checkpoint and at the end); a run that fails first leaves it byte-identical."""
+    An earlier run's metrics.jsonl or run.json (resumed or overwritten) is never replaced before
+    this run has something to put in its place: the new file is written beside it as
+    NAME.partial and replaces it at `commit()` (the trainer commits with every checkpoint and at
+    the end); a run that fails first leaves it byte-identical."""
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.path = Path(out_dir) / METRICS_NAME
-        self.partial = self.path.with_name(METRICS_NAME + ".partial")
+        self.run_path = Path(out_dir) / RUN_RECORD_NAME
         self.enabled = enabled
         self.history: list[dict[str, Any]] = []
         self._file = None
-        self._pending = False  # writing to the partial file
+        self._pending: list[Path] = []  # files of an earlier run this run's .partial replaces
 
-    def open(self, keep_up_to: int | None) -> None:
-        """Start the file; when resuming, keep the records up to step `keep_up_to` (those
-        logged after the checkpoint are dropped, they will be logged again)."""
+    def open(self, keep_up_to: int | None, run_record: dict[str, Any] | None = None) -> None:
+        """Write `run_record` to run.json (unless None) and start metrics.jsonl. When resuming,
+        keep the records up to step `keep_up_to` (those logged after the checkpoint are dropped,
+        they will be logged again) and the run.json records of the runs that started before it:
+        run.json lists every run that led to the checkpoint, oldest first."""
         if not self.enabled:
             return
-        kept = []
+        kept, runs = [], []
         if keep_up_to is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_up_to]
-        self._pending = self.path.exists()
-        target = self.partial if self._pending else self.path
-        self._file = open(target, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
+            runs = [r for r in read_run_records(self.run_path) if r["start_step"] < keep_up_to]
+        if run_record is not None:
+            with open(self._target(self.run_path), "w", encoding="utf-8") as f:
+                json.dump({"runs": [*runs, run_record]}, f, indent=2, default=str)
+                f.write("\n")
+        self._file = open(self._target(self.path), "w", encoding="utf-8")  # noqa: SIM115
         for record in kept:
             self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+    def _target(self, path: Path) -> Path:
+        """Where this run writes `path`: beside an earlier run's file, or in its place."""
+        if not path.exists():
+            return path
+        self._pending.append(path)
+        return _partial(path)
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -90,24 +116,93 @@ class MetricsLog:
             self._file.flush()
 
     def commit(self) -> None:
-        """Put this run's file in the place of the earlier one (it is written to from then on
-        as it is: the open file moves with the rename)."""
-        if self._pending and self._file is not None:
-            os.replace(self.partial, self.path)
-            self._pending = False
+        """Put this run's files in the place of the earlier ones (metrics.jsonl is written to
+        from then on as it is: the open file moves with the rename)."""
+        if self._file is not None:
+            for path in self._pending:
+                os.replace(_partial(path), path)
+            self._pending = []
 
     def close(self, completed: bool = True) -> None:
-        """Close the file; a run that did not complete drops its partial file (the earlier
-        run's metrics.jsonl stays as it was)."""
+        """Close the file; a run that did not complete drops its partial files
+        (the earlier run's stay as they were)."""
         if self._file is None:
             return
         if completed:
             self.commit()
         self._file.close()
         self._file = None
-        if self._pending:
-            self.partial.unlink(missing_ok=True)
-            self._pending = False
+        for path in self._pending:
+            _partial(path).unlink(missing_ok=True)
+        self._pending = []
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def read_run_records(path: str | Path) -> list[dict[str, Any]]:
+    """The run records of a run.json ([] when it does not exist), oldest first; UsageError
+    naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+        if not all(isinstance(r, dict) and type(r["start_step"]) is int for r in runs):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+        raise UsageError(
+            f"{path}: not a run record of fastgpt; restore the file or start the run over with "
+            "--overwrite"
+        ) from None
+    return runs
+
+
+def git_checkout(folder: Path) -> dict[str, Any] | None:
+    """{"commit": hash, "dirty": whether tracked files differ from it} of the git checkout that
+    holds `folder`; None outside one, or without git."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        changes = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, too slow
+        return None
+    return {"commit": commit, "dirty": bool(changes.strip())}
+
+
+def environment(device: torch.device, world_size: int) -> dict[str, Any]:
+    """What a run ran on and with: the command line, the versions of fastgpt, torch, triton and
+    Python, the git commit of fastgpt's code when it runs from a checkout, the device (and
+    GPU), the number of ranks."""
+    import fastgpt
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "command": shlex.join(sys.argv),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "fastgpt": fastgpt.__version__,
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "python": platform.python_version(),
+        },
+        "git": git_checkout(Path(fastgpt.__file__).parent),
+        "device": str(device),
+        "gpu": gpu,
+        "world_size": world_size,
+    }
 
 
 @dataclass
