@@ -7,6 +7,7 @@ The training commands turn these fields into their command-line options (`fastgp
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,12 @@ class TrainConfig:
     """Show a progress bar."""
     plot: bool = True
     """Save loss.png at the end."""
+    loggers: list[str] = field(
+        default_factory=list, metadata={"flag": "--logger", "metavar": "tensorboard|wandb"}
+    )
+    """Also send every record of metrics.jsonl to TensorBoard (event files in out_dir/tensorboard)
+    or Weights & Biases (a run named after out_dir, files in out_dir/wandb; the WANDB_*
+    variables apply); give it twice for both. metrics.jsonl and loss.png are written either way."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -105,9 +112,26 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ConfigError("overwrite", "and {resume} exclude each other: continue or replace")
         self.betas = tuple(self.betas)
+        self.loggers = list(dict.fromkeys(self.loggers))
+        for name in self.loggers:
+            check_logger_installed(name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The package each --logger needs (optional extras of the same names in pyproject.toml).
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_logger_installed(name: str) -> None:
+    """ConfigError unless `name` is a logger whose package is installed: one line naming the
+    option and what to install, before any work."""
+    if name not in LOGGER_PACKAGES:
+        raise ConfigError("loggers", f"{name!r} is not a logger: use tensorboard or wandb")
+    package = LOGGER_PACKAGES[name]
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError("loggers", f"{name} needs the {package} package: pip install {package}")
 
 
 # What a training command leaves in its output folder (see the README's table).

@@ -151,7 +151,7 @@ class Trainer:
             val_data, loss_fn, config.batch_size, self.collate_fn, config.seed,
             config.eval_batches, self.amp_dtype, metrics_fn, sample_fn,
         )  # fmt: skip
-        self.metrics = MetricsLog(self.out_dir, enabled=self.is_main)
+        self.metrics = MetricsLog(self.out_dir, enabled=self.is_main, loggers=config.loggers)
         self.checkpointer = Checkpointer(
             self.out_dir, config.save_checkpoint, config.save_every, self.dist
         )

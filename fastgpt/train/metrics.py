@@ -26,11 +26,11 @@ import platform
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -66,33 +66,38 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """metrics.jsonl and run.json of one run, written by rank 0 only (`enabled`); `history`
-    keeps this run's records on every rank.
+    """metrics.jsonl and run.json of one run, written by rank 0 only (`enabled`), and the
+    `loggers` (sinks) every record also goes to; `history` keeps this run's records on every
+    rank.
 
     An earlier run's metrics.jsonl or run.json (resumed or overwritten) is never replaced before
     this run has something to put in its place: the new file is written beside it as
     NAME.partial and replaces it at `commit()` (the trainer commits with every checkpoint and at
     the end); a run that fails first leaves it byte-identical."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, loggers: Sequence[str] = ()):
         self.path = Path(out_dir) / METRICS_NAME
         self.run_path = Path(out_dir) / RUN_RECORD_NAME
         self.enabled = enabled
+        self.loggers = tuple(loggers)
+        self.sinks: list[MetricsSink] = []
         self.history: list[dict[str, Any]] = []
         self._file = None
         self._pending: list[Path] = []  # files of an earlier run this run's .partial replaces
 
     def open(self, keep_up_to: int | None, run_record: dict[str, Any] | None = None) -> None:
-        """Write `run_record` to run.json (unless None) and start metrics.jsonl. When resuming,
-        keep the records up to step `keep_up_to` (those logged after the checkpoint are dropped,
-        they will be logged again) and the run.json records of the runs that started before it:
-        run.json lists every run that led to the checkpoint, oldest first."""
+        """Start the sinks, write `run_record` to run.json (unless None), start metrics.jsonl.
+        When resuming, keep the records up to step `keep_up_to` (those logged after the
+        checkpoint are dropped, they will be logged again) and the run.json records of the runs
+        that started before it: run.json lists every run that led to the checkpoint, oldest
+        first."""
         if not self.enabled:
             return
         kept, runs = [], []
         if keep_up_to is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_up_to]
             runs = [r for r in read_run_records(self.run_path) if r["start_step"] < keep_up_to]
+        self.sinks = open_sinks(self.loggers, self.path.parent, run_record or {}, keep_up_to)
         if run_record is not None:
             with open(self._target(self.run_path), "w", encoding="utf-8") as f:
                 json.dump({"runs": [*runs, run_record]}, f, indent=2, default=str)
@@ -114,6 +119,8 @@ class MetricsLog:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        for sink in self.sinks:
+            sink.log(record)
 
     def commit(self) -> None:
         """Put this run's files in the place of the earlier ones (metrics.jsonl is written to
@@ -124,7 +131,7 @@ class MetricsLog:
             self._pending = []
 
     def close(self, completed: bool = True) -> None:
-        """Close the file; a run that did not complete drops its partial files
+        """Close the file and the sinks; a run that did not complete drops its partial files
         (the earlier run's stay as they were)."""
         if self._file is None:
             return
@@ -135,6 +142,96 @@ class MetricsLog:
         for path in self._pending:
             _partial(path).unlink(missing_ok=True)
         self._pending = []
+        for sink in self.sinks:
+            sink.close(completed)
+        self.sinks = []
+
+
+class MetricsSink(Protocol):
+    """Where `--logger` sends each record metrics.jsonl gets (rank 0 only)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self, completed: bool) -> None: ...
+
+
+def _values(record: dict[str, Any]) -> Iterator[tuple[str, float | str]]:
+    """("<kind>/<key>", value) of every number and text of a record but its step: "train/loss",
+    "eval/val_loss", "eval/sample", "warning/message"."""
+    kind = record.get("kind", "record")
+    for key, value in record.items():
+        if key in ("kind", "step") or value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float, str)):
+            yield f"{kind}/{key}", value
+
+
+class TensorBoardSink:
+    """Event files in out_dir/tensorboard: numbers as scalars, texts (samples, warnings) as
+    text, at the record's step. A resumed run hides the earlier events after its checkpoint's
+    step (TensorBoard's purge_step), as metrics.jsonl drops them."""
+
+    def __init__(self, out_dir: Path, resumed_at: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = resumed_at + 1 if resumed_at is not None else None
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = record.get("step", 0)
+        for name, value in _values(record):
+            if isinstance(value, str):
+                self.writer.add_text(name, value, step)
+            else:
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self, completed: bool) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run named after out_dir (project WANDB_PROJECT or "fastgpt", files
+    in WANDB_DIR or out_dir; WANDB_MODE=offline keeps it on disk), its config the run record of
+    run.json, each record logged at its step. Each invocation, resumed or not, is a run of its
+    own."""
+
+    def __init__(self, out_dir: Path, run_record: dict[str, Any]):
+        import wandb
+
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "fastgpt"),
+                name=out_dir.name,
+                dir=os.environ.get("WANDB_DIR", str(out_dir)),
+                config=json.loads(json.dumps(run_record, default=str)),
+            )
+        except wandb.Error as exc:  # not logged in, no network, ...
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(
+                f"{{loggers}} wandb: {first_line} (log in with `wandb login`, or set "
+                "WANDB_MODE=offline)"
+            ) from None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(dict(_values(record)), step=record.get("step", 0))
+
+    def close(self, completed: bool) -> None:
+        self.run.finish(exit_code=0 if completed else 1)
+
+
+def open_sinks(
+    loggers: Sequence[str], out_dir: Path, run_record: dict[str, Any], resumed_at: int | None
+) -> list[MetricsSink]:
+    """A sink per name of `loggers` ("tensorboard", "wandb"; TrainConfig checked the names and
+    that their packages are installed)."""
+    sinks: list[MetricsSink] = []
+    for name in loggers:
+        if name == "tensorboard":
+            sinks.append(TensorBoardSink(out_dir, resumed_at))
+        else:
+            sinks.append(WandbSink(out_dir, run_record))
+    return sinks
 
 
 def _partial(path: Path) -> Path:
