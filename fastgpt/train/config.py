@@ -74,8 +74,10 @@ class TrainConfig:
     """DataLoader worker processes for the training batches."""
     device: str = "auto"
     """cuda, cuda:1, cpu, or auto (cuda:LOCAL_RANK when CUDA is available, else cpu)."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast dtype (the weights stay fp32): auto = bf16 on a GPU that has it, fp16 on one that
+    does not (T4, V100), fp32 on CPU. fp16 scales the loss (torch.amp.GradScaler): a step whose
+    gradient overflows is skipped and the scale halved; metrics.jsonl counts them."""
     progress: bool = True
     """Show a progress bar."""
     plot: bool = True

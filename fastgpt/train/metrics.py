@@ -21,6 +21,7 @@ the GPU's dense bf16 peak from `fastgpt.devices.GPU_SPECS` (None on CPU or an un
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
@@ -323,14 +324,16 @@ class Interval:
     """Sums over the steps since the last log line (or evaluation)."""
 
     def __init__(self):
-        self.loss, self.steps, self.tokens, self.time, self.norm = 0.0, 0, 0, 0.0, 0.0
+        self.loss, self.steps, self.tokens, self.time = 0.0, 0, 0, 0.0
+        self.norm: float | None = None
 
     def add(self, loss: float, tokens: int, seconds: float, grad_norm: float) -> None:
         self.loss += loss
         self.steps += 1
         self.tokens += tokens
         self.time += seconds
-        self.norm = grad_norm  # the last step's
+        if math.isfinite(grad_norm):  # fp16: a skipped step's overflowing norm is not kept
+            self.norm = grad_norm  # the last step's
 
     @property
     def mean_loss(self) -> float:
