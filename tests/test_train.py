@@ -473,15 +473,31 @@ def test_run_json_records_options_and_environment_before_the_first_step(tmp_path
     assert record["git"] == git_checkout(Path(fastgpt.__file__).parent)
 
 
-def test_git_checkout_outside_a_checkout_or_without_git_is_none(tmp_path, monkeypatch):
-    import fastgpt
+def test_git_checkout_is_the_commit_of_tracked_code_else_none(tmp_path, monkeypatch):
+    import subprocess
 
-    here = git_checkout(Path(fastgpt.__file__).parent)
-    if here is not None:  # tests run from a clone
-        assert len(here["commit"]) == 40 and isinstance(here["dirty"], bool)
-    assert git_checkout(tmp_path) is None
+    package = tmp_path / "repo" / "pkg"
+    package.mkdir(parents=True)
+    (package / "code.py").write_text("x = 1\n")
+    assert git_checkout(package) is None  # not in a checkout
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path / "repo"), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], check=True, capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "repo" / "README").write_text("a project\n")
+    git("add", "README")
+    git("commit", "-qm", "first")
+    assert git_checkout(package) is None  # in a checkout, but not its code (an ignored .venv)
+    git("add", "pkg")
+    git("commit", "-qm", "second")
+    assert git_checkout(package) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (package / "code.py").write_text("x = 2\n")
+    assert git_checkout(package)["dirty"] is True
     monkeypatch.setenv("PATH", str(tmp_path))  # no git program
-    assert git_checkout(Path(fastgpt.__file__).parent) is None
+    assert git_checkout(package) is None
 
 
 def test_a_resumed_run_appends_its_record_to_run_json(tmp_path):

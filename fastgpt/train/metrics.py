@@ -258,18 +258,20 @@ def read_run_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def git_checkout(folder: Path) -> dict[str, Any] | None:
-    """{"commit": hash, "dirty": whether tracked files differ from it} of the git checkout that
-    holds `folder`; None outside one, or without git."""
+    """{"commit": hash, "dirty": whether tracked files differ from it} of the git checkout whose
+    tracked files include `folder`'s; None outside one (an installed package inside a project's
+    ignored .venv is not that project's code), or without git."""
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(folder), *args]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+        return run.stdout
+
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-        changes = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, too slow
+        git("ls-files", "--error-unmatch", ".")  # fails unless git tracks files in folder
+        commit = git("rev-parse", "HEAD").strip()
+        changes = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, not tracked, too slow
         return None
     return {"commit": commit, "dirty": bool(changes.strip())}
 
