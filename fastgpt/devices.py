@@ -96,7 +96,8 @@ class InferenceOptions:
     device: str = "auto"
     """cpu, cuda, cuda:1, ... or auto (cuda if available)."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Weights and activations: auto is bf16 on a GPU that supports it, else fp32."""
+    """Weights and activations: auto is bf16 on a GPU that has it, fp16 on one that does not
+    (T4, V100), fp32 on CPU."""
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:
         """(device, dtype); ConfigError for an unknown or absent device."""
@@ -105,11 +106,14 @@ class InferenceOptions:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """A --dtype option: auto is bf16 on CUDA (half the memory traffic of fp32 per decoded
-    token) when the GPU supports it, fp32 otherwise (CPU bf16 matmuls are slow)."""
+    """A --dtype or --precision option: auto is a 16-bit type on CUDA (half the memory traffic
+    of fp32): bf16 where the GPU computes in it natively (compute capability 8.0 on), fp16 where
+    it does not (a T4 or V100, on which torch only emulates bf16, slowly, and our kernels have
+    no bf16); fp32 on CPU (CPU 16-bit matmuls are slow)."""
     named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name != "auto":
         return named[name]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native_bf16 else torch.float16

@@ -528,6 +528,6 @@ def test_generate_command_dtype(tmp_path, monkeypatch, tiktoken_available):
     assert ran_in == [torch.float32, torch.bfloat16]
 
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16

@@ -15,7 +15,7 @@ import torch
 import fastgpt.losses
 from fastgpt.cli import main
 from fastgpt.train.checkpoint import CHECKPOINT_NAME
-from fastgpt.train.metrics import METRICS_NAME, read_metrics
+from fastgpt.train.metrics import METRICS_NAME, RUN_RECORD_NAME, read_metrics
 
 TINY = ("--model", "tiny", "--context-length", 16, "--batch-size", 2, "--no-progress",
         "--sample-prompt", "", "--eval-every", 0, "--log-every", 1)  # fmt: skip
@@ -187,7 +187,7 @@ def test_overwrite_removes_the_earlier_runs_files_it_did_not_write(earlier_run, 
     printed = capsys.readouterr().out
     assert "removed the earlier run's checkpoint.pt, loss.png, labels.json" in printed
     after = snapshot(out)
-    assert set(after) == {METRICS_NAME, "model.safetensors", "config.json"}
+    assert set(after) == {METRICS_NAME, RUN_RECORD_NAME, "model.safetensors", "config.json"}
     assert all(after[name] != before[name] for name in (METRICS_NAME, "model.safetensors"))
     assert [r["step"] for r in read_metrics(out / METRICS_NAME) if r["kind"] == "train"] == [1, 2]
     rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 4, "--resume")

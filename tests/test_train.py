@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import math
 import os
+import shlex
 import socket
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +28,14 @@ from fastgpt.options import resolve_defaults
 from fastgpt.text_data import SlidingWindowDataset
 from fastgpt.train import NonFiniteLossError, TrainConfig, Trainer, evaluate_loss
 from fastgpt.train.checkpoint import CHECKPOINT_NAME
-from fastgpt.train.metrics import METRICS_NAME, PLOT_NAME, read_metrics
+from fastgpt.train.metrics import (
+    METRICS_NAME,
+    PLOT_NAME,
+    RUN_RECORD_NAME,
+    git_checkout,
+    read_metrics,
+    read_run_records,
+)
 from fastgpt.train.optim import lr_multiplier, make_optimizer
 from fastgpt.train.runner import (
     ModelOptions,
@@ -430,12 +441,86 @@ def test_metrics_plot_checkpoint_and_hooks(tmp_path):
     assert {"model", "optimizer", "scheduler", "rng", "tokens_seen"} <= set(ckpt)
     assert {"python", "numpy", "torch"} <= set(ckpt["rng"][0])
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [METRICS_NAME, PLOT_NAME, CHECKPOINT_NAME]
+        [METRICS_NAME, RUN_RECORD_NAME, PLOT_NAME, CHECKPOINT_NAME]
     )  # no temp files
     # the saved model is the trained one
     restored = tiny_model(seed=3)
     restored.load_state_dict(ckpt["model"])
     assert_same_weights(restored, model, exact=True)
+
+
+def test_run_json_records_options_and_environment_before_the_first_step(tmp_path):
+    import fastgpt
+
+    seen = []
+
+    def loss_fn(model, batch):
+        if not seen:  # the first step: run.json is already there
+            seen.extend(read_run_records(tmp_path / "run" / RUN_RECORD_NAME))
+        return next_token_loss(model, batch)
+
+    cfg = config(tmp_path, max_steps=2)
+    Trainer(tiny_model(), random_windows(), None, loss_fn, cfg).fit()
+    assert len(seen) == 1
+    record = seen[0]
+    assert record["options"] == json.loads(json.dumps(cfg.to_dict()))  # every option
+    assert record["start_step"] == 0 and record["resumed_from"] is None
+    assert record["device"] == "cpu" and record["gpu"] is None and record["world_size"] == 1
+    assert record["precision"] == "fp32"
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["versions"]["fastgpt"] == fastgpt.__version__
+    assert record["command"] == shlex.join(sys.argv)
+    assert record["git"] == git_checkout(Path(fastgpt.__file__).parent)
+
+
+def test_git_checkout_is_the_commit_of_tracked_code_else_none(tmp_path, monkeypatch):
+    import subprocess
+
+    package = tmp_path / "repo" / "pkg"
+    package.mkdir(parents=True)
+    (package / "code.py").write_text("x = 1\n")
+    assert git_checkout(package) is None  # not in a checkout
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path / "repo"), "-c", "user.name=t", "-c",
+                               "user.email=t@t", *args], check=True, capture_output=True,
+                              text=True).stdout.strip()  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "repo" / "README").write_text("a project\n")
+    git("add", "README")
+    git("commit", "-qm", "first")
+    assert git_checkout(package) is None  # in a checkout, but not its code (an ignored .venv)
+    git("add", "pkg")
+    git("commit", "-qm", "second")
+    assert git_checkout(package) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (package / "code.py").write_text("x = 2\n")
+    assert git_checkout(package)["dirty"] is True
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git program
+    assert git_checkout(package) is None
+
+
+def test_a_resumed_run_appends_its_record_to_run_json(tmp_path):
+    """run.json lists every run that led to the checkpoint: the first, then the resumed one
+    (with the step it started at and the checkpoint it read); a record of a run that started
+    after the checkpoint resumed from is dropped, as its metrics are."""
+    data = random_windows()
+    Trainer(tiny_model(), data, None, next_token_loss,
+            config(tmp_path, max_steps=3, save_checkpoint=True)).fit()  # fmt: skip
+    path = tmp_path / "run" / CHECKPOINT_NAME
+    saved = tmp_path / "step3.pt"
+    saved.write_bytes(path.read_bytes())
+    for max_steps in (5, 6):  # both resume from step 3: the second replaces the first's record
+        cfg = config(tmp_path, max_steps=max_steps, save_checkpoint=True, resume=str(saved))
+        Trainer(tiny_model(), data, None, next_token_loss, cfg).fit()
+        runs = read_run_records(tmp_path / "run" / RUN_RECORD_NAME)
+        assert [r["start_step"] for r in runs] == [0, 3]
+        assert [r["options"]["max_steps"] for r in runs] == [3, max_steps]
+        assert runs[1]["resumed_from"] == str(saved) and runs[0]["resumed_from"] is None
+    (tmp_path / "run" / RUN_RECORD_NAME).write_text("[1, 2]")
+    with pytest.raises(UsageError, match=r"run.json: not a run record of fastgpt"):
+        Trainer(tiny_model(), data, None, next_token_loss,
+                config(tmp_path, max_steps=7, resume=str(saved))).fit()  # fmt: skip
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -456,7 +541,9 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         trainer.save_checkpoint()
     assert path.read_bytes() == before
-    assert sorted(p.name for p in path.parent.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        CHECKPOINT_NAME, METRICS_NAME, RUN_RECORD_NAME
+    ]  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -723,6 +810,9 @@ def test_run_task_hands_each_hook_what_the_one_before_returned(tmp_path):
     assert final["answer"] == 42.0 and task.collated > 0  # the Trainer got parts' functions
     records = read_metrics(out_dir / METRICS_NAME)
     assert [r["sample"] for r in records if "sample" in r] == ["sample"]  # at the last step
+    options = read_run_records(out_dir / RUN_RECORD_NAME)[0]["options"]
+    assert options["model"] == "tiny" and options["backend"] == "torch"  # ModelOptions
+    assert options["max_steps"] == 2 and options["out_dir"] == str(out_dir)  # TrainConfig
 
 
 def test_run_task_reports_bad_input_in_one_line_but_a_bug_in_the_loop_as_it_is(

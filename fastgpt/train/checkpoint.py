@@ -1,8 +1,9 @@
 """checkpoint.pt: what it holds, when it is written, and writing it so a crash never tears it.
 
 A checkpoint holds the model, optimizer and scheduler states, the step, the data position,
-the number of tokens seen and the RNG states of every rank, so that `--resume` continues
-bit-for-bit on CPU (the Trainer builds the state and applies it: `Trainer.state_dict`).
+the number of tokens seen, the RNG states of every rank and, in fp16, the loss scaler's state
+and the steps it skipped, so that `--resume` continues bit-for-bit on CPU (the Trainer builds
+the state and applies it: `Trainer.state_dict`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ The training commands turn these fields into their command-line options (`fastgp
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +74,20 @@ class TrainConfig:
     """DataLoader worker processes for the training batches."""
     device: str = "auto"
     """cuda, cuda:1, cpu, or auto (cuda:LOCAL_RANK when CUDA is available, else cpu)."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Autocast dtype (the weights stay fp32): auto = bf16 on a GPU that has it, fp16 on one that
+    does not (T4, V100), fp32 on CPU. fp16 scales the loss (torch.amp.GradScaler): a step whose
+    gradient overflows is skipped and the scale halved; metrics.jsonl counts them."""
     progress: bool = True
     """Show a progress bar."""
     plot: bool = True
     """Save loss.png at the end."""
+    loggers: list[str] = field(
+        default_factory=list, metadata={"flag": "--logger", "metavar": "tensorboard|wandb"}
+    )
+    """Also send every record of metrics.jsonl to TensorBoard (event files in out_dir/tensorboard)
+    or Weights & Biases (a run named after out_dir, files in out_dir/wandb; the WANDB_*
+    variables apply); give it twice for both. metrics.jsonl and loss.png are written either way."""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -105,14 +114,31 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ConfigError("overwrite", "and {resume} exclude each other: continue or replace")
         self.betas = tuple(self.betas)
+        self.loggers = list(dict.fromkeys(self.loggers))
+        for name in self.loggers:
+            check_logger_installed(name)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+# The package each --logger needs (optional extras of the same names in pyproject.toml).
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_logger_installed(name: str) -> None:
+    """ConfigError unless `name` is a logger whose package is installed: one line naming the
+    option and what to install, before any work."""
+    if name not in LOGGER_PACKAGES:
+        raise ConfigError("loggers", f"{name!r} is not a logger: use tensorboard or wandb")
+    package = LOGGER_PACKAGES[name]
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError("loggers", f"{name} needs the {package} package: pip install {package}")
+
+
 # What a training command leaves in its output folder (see the README's table).
 RUN_FILES = (
-    "checkpoint.pt", "metrics.jsonl", "loss.png", "model.safetensors", "config.json",
+    "checkpoint.pt", "metrics.jsonl", "run.json", "loss.png", "model.safetensors", "config.json",
     "lora.safetensors", "lora.json", "adapter_model.safetensors", "adapter_config.json",
     "labels.json", "classifier.json", "metrics.json", "test_responses.json",
 )  # fmt: skip

@@ -6,16 +6,20 @@
 One optimizer step, in order:
 
     for each of grad_accum micro-batches (DDP gradient sync only on the last one):
-        loss = loss_fn(model, batch)           bf16 autocast on CUDA, fp32 on CPU
-        (loss / grad_accum).backward()         gradients of the mean over the whole step
+        loss = loss_fn(model, batch)           autocast per precision (auto: 16-bit on CUDA only)
+        (loss / grad_accum).backward()         gradients of the mean over the whole step (fp16:
+                                               of the loss times the loss scale, then unscaled)
     loss averaged over ranks; gradient norm clipped to grad_clip
     loss or norm not finite -> NonFiniteLossError naming the step, BEFORE optimizer.step()
+        (fp16: a non-finite norm is an overflow of the loss scale instead: the step is skipped,
+        counted in metrics.jsonl, and the scale halved; `torch.amp.GradScaler`)
     AdamW step (weight decay on matrices and embeddings only); LR schedule step
 
 The loop itself only sequences the components it delegates to: the data order
 (`batches.BatchOrder`), the optimizer and schedule (`optim`), evaluation (`evaluation.Evaluator`),
 metrics and throughput (`metrics`), checkpoints (`checkpoint.Checkpointer`) and torchrun's process
-group (`distributed`). Rank 0 writes into out_dir: metrics.jsonl, checkpoint.pt, loss.png.
+group (`distributed`). Rank 0 writes into out_dir: run.json (before the first step),
+metrics.jsonl, checkpoint.pt, loss.png.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from fastgpt.devices import peak_flops, resolve_device
+from fastgpt.devices import peak_flops, resolve_device, resolve_dtype
 from fastgpt.errors import NonFiniteLossError, UsageError
 from fastgpt.train.batches import BatchOrder
 from fastgpt.train.checkpoint import Checkpointer, seed_everything
@@ -45,6 +49,7 @@ from fastgpt.train.metrics import (
     Interval,
     MetricsLog,
     Throughput,
+    environment,
     save_loss_plot,
 )
 from fastgpt.train.optim import Schedule, make_optimizer
@@ -89,6 +94,8 @@ class Trainer:
     parameters to optimize (default: those with requires_grad; only they get an optimizer
     state). run_info: what defines the run besides the model (e.g. {"task": "pretrain", "data":
     "corpus/"}), stored in checkpoints; --resume refuses a checkpoint of another run.
+    options: every option of the command that runs the Trainer, by name, for run.json (default:
+    the TrainConfig's fields).
     """
 
     def __init__(
@@ -103,18 +110,21 @@ class Trainer:
         sample_fn: Callable[[nn.Module], str] | None = None,
         params: Iterable[nn.Parameter] | None = None,
         run_info: dict[str, Any] | None = None,
+        options: dict[str, Any] | None = None,
     ):
         self.config, self.loss_fn = config, loss_fn
+        self.options = options if options is not None else config.to_dict()
         self.run_info = {**(run_info or {}), "training examples": len(train_data)}
         self.collate_fn = collate_fn or default_collate
         self.out_dir = Path(config.out_dir)
         self.dist = init_distributed()
         self.is_main = self.dist.is_main
         self.device = resolve_device(config.device, self.dist.local_rank)
-        bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and self.device.type == "cuda"
-        )
-        self.amp_dtype = torch.bfloat16 if bf16 else None
+        dtype = resolve_dtype(config.precision, self.device)
+        self.amp_dtype = dtype if dtype != torch.float32 else None  # autocast to it, or none
+        # fp16: the loss is scaled so that small gradients do not flush to zero in fp16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == torch.float16)
+        self.skipped_steps = 0  # fp16: optimizer steps skipped for an overflowing gradient
         self.model = model.to(self.device)
         self.params = list(params if params is not None else trainable_parameters(self.model))
         if not self.params:
@@ -145,7 +155,7 @@ class Trainer:
             val_data, loss_fn, config.batch_size, self.collate_fn, config.seed,
             config.eval_batches, self.amp_dtype, metrics_fn, sample_fn,
         )  # fmt: skip
-        self.metrics = MetricsLog(self.out_dir, enabled=self.is_main)
+        self.metrics = MetricsLog(self.out_dir, enabled=self.is_main, loggers=config.loggers)
         self.checkpointer = Checkpointer(
             self.out_dir, config.save_checkpoint, config.save_every, self.dist
         )
@@ -229,14 +239,15 @@ class Trainer:
 
     def _start(self) -> None:
         """Refuse to overwrite another run unasked; resume from a checkpoint or seed every
-        RNG; open metrics.jsonl; print the plan."""
+        RNG; write run.json and open metrics.jsonl; print the plan."""
         cfg = self.config
         check_out_dir_is_free(cfg)
         # Every rank looks at out_dir before rank 0 writes there: else a slower rank would see
         # this run's own new metrics.jsonl as another run's.
         self.dist.barrier()
+        resumed_from = None
         if cfg.resume:
-            path = self.checkpoint_path if cfg.resume is True else Path(cfg.resume)
+            path = resumed_from = self.checkpoint_path if cfg.resume is True else Path(cfg.resume)
             self.load_state_dict(Checkpointer.read(path), path)
             if self.step >= self.total_steps:
                 raise UsageError(
@@ -247,7 +258,10 @@ class Trainer:
             seed_everything(cfg.seed + self.dist.rank)  # dropout differs between ranks
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.metrics.open(keep_up_to=self.step if cfg.resume else None)
+            record = {"start_step": self.step, "resumed_from": resumed_from,
+                      "options": self.options, "precision": self._precision_name(),
+                      **environment(self.device, self.dist.world_size)}  # fmt: skip
+            self.metrics.open(self.step if cfg.resume else None, record)
             print(self._plan())
 
     def _train_step(self, micro_batches: list[Any]) -> tuple[float, float, int, int]:
@@ -265,7 +279,7 @@ class Trainer:
             with contextlib.nullcontext() if sync else model.no_sync():
                 with autocast_context(self.device, self.amp_dtype):
                     loss = self.loss_fn(model, batch)
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()  # fp16: times the loss scale
             loss_sum += loss.detach()
             n_tokens, seq_len = batch_token_count(batch)
             tokens += n_tokens
@@ -274,12 +288,16 @@ class Trainer:
             dist.all_reduce(mean_loss)  # SUM (gloo has no AVG)
             mean_loss /= self.dist.world_size
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to clip and check
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         loss_value, norm_value = torch.stack([mean_loss, grad_norm.double()]).tolist()  # 1 sync
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        overflow = self.scaler.is_enabled() and not math.isfinite(norm_value)
+        if not (math.isfinite(loss_value) and (math.isfinite(norm_value) or overflow)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(self._non_finite_message(loss_value, norm_value))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: no step where a gradient overflowed
+        if self.scaler.is_enabled():
+            self._update_loss_scale(overflow, loss_value)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -295,8 +313,15 @@ class Trainer:
             "kind": "train", "step": self.step, "epoch": self.batches.epoch,
             "tokens_seen": self.tokens_seen, "loss": interval.mean_loss, "lr": lr,
             "grad_norm": interval.norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+            **self._loss_scale_record(),
         })  # fmt: skip
         return {"train_loss": interval.mean_loss, "tokens_per_s": tokens_per_s, "mfu": mfu}
+
+    def _loss_scale_record(self) -> dict[str, Any]:
+        """fp16: the loss scale and the steps skipped so far ({} in bf16 and fp32)."""
+        if not self.scaler.is_enabled():
+            return {}
+        return {"loss_scale": self.scaler.get_scale(), "skipped_steps": self.skipped_steps}
 
     def _log_eval(self, interval: Interval, seq_len: int, bar) -> dict[str, Any]:
         """Rank 0: evaluate, print a line above the bar, log an "eval" record; returns it
@@ -325,7 +350,9 @@ class Trainer:
         trainable = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in self.model.parameters())
         ranks = f" × {self.dist.world_size} ranks" if self.dist.world_size > 1 else ""
-        precision = "bf16 autocast" if self.amp_dtype is not None else "fp32"
+        precision = self._precision_name()
+        precision += " autocast" if self.amp_dtype is not None else ""
+        precision += " with loss scaling" if self.scaler.is_enabled() else ""
         resumed = f", resuming at step {self.step}" if self.step else ""
         return (
             f"training {trainable:,} of {total:,} parameters on {self.device}{ranks} "
@@ -334,6 +361,22 @@ class Trainer:
             f"{cfg.lr:g}, warmup {self.schedule.warmup_steps}, cosine to step "
             f"{self.schedule.decay_steps}; output in {self.out_dir}"
         )
+
+    def _precision_name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.amp_dtype]
+
+    def _update_loss_scale(self, overflow: bool, loss: float) -> None:
+        """fp16: halve the loss scale after an overflow (that step was skipped: the data and the
+        LR schedule move on, the parameters do not), double it after growth_interval clean
+        steps. NonFiniteLossError when the gradient overflows even below scale 1: no scale
+        can help, the gradient itself is not finite."""
+        self.scaler.update()
+        if not overflow:
+            return
+        self.skipped_steps += 1
+        if self.scaler.get_scale() < 1:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self._non_finite_message(loss, math.inf))
 
     def _non_finite_message(self, loss: float, norm: float) -> str:
         saved = self.checkpointer.saved_step
@@ -371,6 +414,9 @@ class Trainer:
             "train_config": self.config.to_dict(),
             "run": self.run_info,
         }
+        if self.scaler.is_enabled():  # plain numbers: loads with weights_only=True
+            state["scaler"] = self.scaler.state_dict()
+            state["skipped_steps"] = self.skipped_steps
         model_config = getattr(self.model, "config", None)
         if model_config is not None and hasattr(model_config, "to_dict"):
             state["model_config"] = model_config.to_dict()
@@ -426,6 +472,9 @@ class Trainer:
             group["initial_lr"] = self.config.lr
             group["lr"] = self.config.lr * self.schedule(self.step)
         self.tokens_seen = state["tokens_seen"]
+        if self.scaler.is_enabled() and "scaler" in state:  # else fp16 starts at a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
+            self.skipped_steps = state["skipped_steps"]
         self.batches.load_state_dict(state)
         self.checkpointer.restore_rng(state, self.config.seed + 1000 * self.step)
 

@@ -1,4 +1,11 @@
-"""What a run reports: metrics.jsonl, loss.png, and throughput as tokens/s and MFU.
+"""What a run reports: run.json, metrics.jsonl, loss.png, and throughput as tokens/s and MFU.
+
+run.json, written before the first step, records how each run was started: {"runs": [one record
+per invocation, oldest first]}, a resumed run appending its own to those of the runs before it.
+A record holds the command line, every option's value, the step it started at and the
+checkpoint it resumed from, the device, GPU, number of ranks and precision, the versions of
+fastgpt, torch, triton and Python, and the git commit of fastgpt's code when it runs from a
+checkout (`environment`).
 
 metrics.jsonl has one JSON object per line; "kind" is "train" (the mean loss of a log interval,
 lr, gradient norm, tokens/s, MFU) or "eval" (train and validation loss, the task's extra
@@ -14,16 +21,24 @@ the GPU's dense bf16 peak from `fastgpt.devices.GPU_SPECS` (None on CPU or an un
 from __future__ import annotations
 
 import json
+import math
 import os
+import platform
+import shlex
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from fastgpt.errors import UsageError
 
 METRICS_NAME = "metrics.jsonl"
+RUN_RECORD_NAME = "run.json"
 PLOT_NAME = "loss.png"
 
 
@@ -52,62 +67,242 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """metrics.jsonl of one run, written by rank 0 only (`enabled`); `history` keeps this
-    run's records on every rank.
+    """metrics.jsonl and run.json of one run, written by rank 0 only (`enabled`), and the
+    `loggers` (sinks) every record also goes to; `history` keeps this run's records on every
+    rank.
 
-    A metrics.jsonl of an earlier run (resumed or overwritten) is never truncated before this
-    run has something to put in its place: the new file grows beside it as
-    metrics.jsonl.partial and replaces it at `commit()` (the trainer commits with every
-    checkpoint and at the end); a run that fails first leaves it byte-identical."""
+    An earlier run's metrics.jsonl or run.json (resumed or overwritten) is never replaced before
+    this run has something to put in its place: the new file is written beside it as
+    NAME.partial and replaces it at `commit()` (the trainer commits with every checkpoint and at
+    the end); a run that fails first leaves it byte-identical."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, loggers: Sequence[str] = ()):
         self.path = Path(out_dir) / METRICS_NAME
-        self.partial = self.path.with_name(METRICS_NAME + ".partial")
+        self.run_path = Path(out_dir) / RUN_RECORD_NAME
         self.enabled = enabled
+        self.loggers = tuple(loggers)
+        self.sinks: list[MetricsSink] = []
         self.history: list[dict[str, Any]] = []
         self._file = None
-        self._pending = False  # writing to the partial file
+        self._pending: list[Path] = []  # files of an earlier run this run's .partial replaces
 
-    def open(self, keep_up_to: int | None) -> None:
-        """Start the file; when resuming, keep the records up to step `keep_up_to` (those
-        logged after the checkpoint are dropped, they will be logged again)."""
+    def open(self, keep_up_to: int | None, run_record: dict[str, Any] | None = None) -> None:
+        """Start the sinks, write `run_record` to run.json (unless None), start metrics.jsonl.
+        When resuming, keep the records up to step `keep_up_to` (those logged after the
+        checkpoint are dropped, they will be logged again) and the run.json records of the runs
+        that started before it: run.json lists every run that led to the checkpoint, oldest
+        first."""
         if not self.enabled:
             return
-        kept = []
+        kept, runs = [], []
         if keep_up_to is not None:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= keep_up_to]
-        self._pending = self.path.exists()
-        target = self.partial if self._pending else self.path
-        self._file = open(target, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
+            runs = [r for r in read_run_records(self.run_path) if r["start_step"] < keep_up_to]
+        self.sinks = open_sinks(self.loggers, self.path.parent, run_record or {}, keep_up_to)
+        if run_record is not None:
+            with open(self._target(self.run_path), "w", encoding="utf-8") as f:
+                json.dump({"runs": [*runs, run_record]}, f, indent=2, default=str)
+                f.write("\n")
+        self._file = open(self._target(self.path), "w", encoding="utf-8")  # noqa: SIM115
         for record in kept:
             self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+    def _target(self, path: Path) -> Path:
+        """Where this run writes `path`: beside an earlier run's file, or in its place."""
+        if not path.exists():
+            return path
+        self._pending.append(path)
+        return _partial(path)
 
     def log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        for sink in self.sinks:
+            sink.log(record)
 
     def commit(self) -> None:
-        """Put this run's file in the place of the earlier one (it is written to from then on
-        as it is: the open file moves with the rename)."""
-        if self._pending and self._file is not None:
-            os.replace(self.partial, self.path)
-            self._pending = False
+        """Put this run's files in the place of the earlier ones (metrics.jsonl is written to
+        from then on as it is: the open file moves with the rename)."""
+        if self._file is not None:
+            for path in self._pending:
+                os.replace(_partial(path), path)
+            self._pending = []
 
     def close(self, completed: bool = True) -> None:
-        """Close the file; a run that did not complete drops its partial file (the earlier
-        run's metrics.jsonl stays as it was)."""
+        """Close the file and the sinks; a run that did not complete drops its partial files
+        (the earlier run's stay as they were)."""
         if self._file is None:
             return
         if completed:
             self.commit()
         self._file.close()
         self._file = None
-        if self._pending:
-            self.partial.unlink(missing_ok=True)
-            self._pending = False
+        for path in self._pending:
+            _partial(path).unlink(missing_ok=True)
+        self._pending = []
+        for sink in self.sinks:
+            sink.close(completed)
+        self.sinks = []
+
+
+class MetricsSink(Protocol):
+    """Where `--logger` sends each record metrics.jsonl gets (rank 0 only)."""
+
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def close(self, completed: bool) -> None: ...
+
+
+def _values(record: dict[str, Any]) -> Iterator[tuple[str, float | str]]:
+    """("<kind>/<key>", value) of every number and text of a record but its step: "train/loss",
+    "eval/val_loss", "eval/sample", "warning/message"."""
+    kind = record.get("kind", "record")
+    for key, value in record.items():
+        if key in ("kind", "step") or value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float, str)):
+            yield f"{kind}/{key}", value
+
+
+class TensorBoardSink:
+    """Event files in out_dir/tensorboard: numbers as scalars, texts (samples, warnings) as
+    text, at the record's step. A resumed run hides the earlier events after its checkpoint's
+    step (TensorBoard's purge_step), as metrics.jsonl drops them."""
+
+    def __init__(self, out_dir: Path, resumed_at: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = resumed_at + 1 if resumed_at is not None else None
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = record.get("step", 0)
+        for name, value in _values(record):
+            if isinstance(value, str):
+                self.writer.add_text(name, value, step)
+            else:
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def close(self, completed: bool) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """A Weights & Biases run named after out_dir (project WANDB_PROJECT or "fastgpt", files
+    in WANDB_DIR or out_dir; WANDB_MODE=offline keeps it on disk), its config the run record of
+    run.json, each record logged at its step. Each invocation, resumed or not, is a run of its
+    own."""
+
+    def __init__(self, out_dir: Path, run_record: dict[str, Any]):
+        import wandb
+
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "fastgpt"),
+                name=out_dir.name,
+                dir=os.environ.get("WANDB_DIR", str(out_dir)),
+                config=json.loads(json.dumps(run_record, default=str)),
+            )
+        except wandb.Error as exc:  # not logged in, no network, ...
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(
+                f"{{loggers}} wandb: {first_line} (log in with `wandb login`, or set "
+                "WANDB_MODE=offline)"
+            ) from None
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.run.log(dict(_values(record)), step=record.get("step", 0))
+
+    def close(self, completed: bool) -> None:
+        self.run.finish(exit_code=0 if completed else 1)
+
+
+def open_sinks(
+    loggers: Sequence[str], out_dir: Path, run_record: dict[str, Any], resumed_at: int | None
+) -> list[MetricsSink]:
+    """A sink per name of `loggers` ("tensorboard", "wandb"; TrainConfig checked the names and
+    that their packages are installed)."""
+    sinks: list[MetricsSink] = []
+    for name in loggers:
+        if name == "tensorboard":
+            sinks.append(TensorBoardSink(out_dir, resumed_at))
+        else:
+            sinks.append(WandbSink(out_dir, run_record))
+    return sinks
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def read_run_records(path: str | Path) -> list[dict[str, Any]]:
+    """The run records of a run.json ([] when it does not exist), oldest first; UsageError
+    naming the file when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    try:
+        runs = json.loads(path.read_text(encoding="utf-8"))["runs"]
+        if not all(isinstance(r, dict) and type(r["start_step"]) is int for r in runs):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+        raise UsageError(
+            f"{path}: not a run record of fastgpt; restore the file or start the run over with "
+            "--overwrite"
+        ) from None
+    return runs
+
+
+def git_checkout(folder: Path) -> dict[str, Any] | None:
+    """{"commit": hash, "dirty": whether tracked files differ from it} of the git checkout whose
+    tracked files include `folder`'s; None outside one (an installed package inside a project's
+    ignored .venv is not that project's code), or without git."""
+
+    def git(*args: str) -> str:
+        command = ["git", "-C", str(folder), *args]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=10, check=True)
+        return run.stdout
+
+    try:
+        git("ls-files", "--error-unmatch", ".")  # fails unless git tracks files in folder
+        commit = git("rev-parse", "HEAD").strip()
+        changes = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):  # no git, not tracked, too slow
+        return None
+    return {"commit": commit, "dirty": bool(changes.strip())}
+
+
+def environment(device: torch.device, world_size: int) -> dict[str, Any]:
+    """What a run ran on and with: the command line, the versions of fastgpt, torch, triton and
+    Python, the git commit of fastgpt's code when it runs from a checkout, the device (and
+    GPU), the number of ranks."""
+    import fastgpt
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "command": shlex.join(sys.argv),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "fastgpt": fastgpt.__version__,
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "python": platform.python_version(),
+        },
+        "git": git_checkout(Path(fastgpt.__file__).parent),
+        "device": str(device),
+        "gpu": gpu,
+        "world_size": world_size,
+    }
 
 
 @dataclass
@@ -131,14 +326,16 @@ class Interval:
     """Sums over the steps since the last log line (or evaluation)."""
 
     def __init__(self):
-        self.loss, self.steps, self.tokens, self.time, self.norm = 0.0, 0, 0, 0.0, 0.0
+        self.loss, self.steps, self.tokens, self.time = 0.0, 0, 0, 0.0
+        self.norm: float | None = None
 
     def add(self, loss: float, tokens: int, seconds: float, grad_norm: float) -> None:
         self.loss += loss
         self.steps += 1
         self.tokens += tokens
         self.time += seconds
-        self.norm = grad_norm  # the last step's
+        if math.isfinite(grad_norm):  # fp16: a skipped step's overflowing norm is not kept
+            self.norm = grad_norm  # the last step's
 
     @property
     def mean_loss(self) -> float:

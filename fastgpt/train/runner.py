@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -285,10 +285,12 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
         print(describe_parameters(model))
     # No usage_errors() from here on: what the loop finds wrong with the input (--resume, the
     # batch sizes, the out_dir) it raises as a UsageError itself; a ValueError is a bug.
+    groups = (task.model_options, task.options, task.config, task.lora)  # for run.json
+    options = {k: v for group in groups if group is not None for k, v in asdict(group).items()}
     trainer = Trainer(
         model, parts.train_set, parts.val_set, task.loss, task.config,
         collate_fn=parts.collate_fn, metrics_fn=parts.metrics_fn, sample_fn=parts.sample_fn,
-        run_info=task.run_info(),
+        run_info=task.run_info(), options=options,
     )  # fmt: skip
     final = trainer.fit()
     if main:  # rank 0 alone evaluates and writes; the process group is gone by now
