@@ -100,18 +100,21 @@ def _logits_loss(head, x, vocab_size, targets, ignore_index=-100):
 
 def _fused_head_loss(head, x, vocab_size, targets, ignore_index=-100):
     """The loss without the (B·T, V) logits: our chunked fused linear + cross-entropy on the
-    head's first vocab_size rows (a padded vocabulary's extra rows get no probability)."""
+    whole head, padded rows included (aligned matmuls), its first vocab_size rows the classes
+    (a padded vocabulary's extra rows get no probability and no gradient)."""
     if not isinstance(head, nn.Linear):  # a wrapped head (LoRA) computes its own logits
         return _logits_loss(head, x, vocab_size, targets, ignore_index)
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the head's matmul as autocast would run it
         dtype = torch.get_autocast_dtype(x.device.type)
-    weight = head.weight[:vocab_size].to(dtype)  # (V, d), a contiguous view of the first rows
-    bias = head.bias[:vocab_size].to(dtype) if head.bias is not None else None
+    weight = head.weight.to(dtype)  # (V', d), V' = vocab_size rounded up to vocab_multiple
+    bias = head.bias.to(dtype) if head.bias is not None else None
     hidden = x.flatten(0, 1).to(dtype)  # (B·T, d)
+    # The model checked the targets (or its data was checked once): no sync here.
     return fused_linear_cross_entropy(
-        hidden, weight, targets.flatten(), bias=bias, ignore_index=ignore_index
-    )
+        hidden, weight, targets.flatten(), bias, ignore_index=ignore_index,
+        num_classes=vocab_size, check_targets=False,
+    )  # fmt: skip
 
 
 def _triton_linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +182,9 @@ BACKENDS: dict[str, Ops] = {
         attention,
         _fused_head_loss,
         add_layer_norm=add_layer_norm,
-        attention_varlen=attention_varlen,
+        # The model's cu_seqlens come from `packed_rows`, valid as built: not re-read (a sync)
+        # in every layer.
+        attention_varlen=partial(attention_varlen, check_cu_seqlens=False),
         decode_attention=decode_attention,
     ),
     "torch": Ops(
