@@ -10,7 +10,7 @@
 
 `backend` picks how LayerNorm, GELU and attention run, in one place (`fastgpt/backends.py`):
 "triton" (our kernels), "torch" (the plain-PyTorch references beside them), "sdpa" (PyTorch's
-own fused ops, the benchmarks' baseline) or "auto" (triton on CUDA, else torch). Every backend
+own fused ops, the benchmarks' baseline) or "auto" (triton on CUDA, else sdpa). Every backend
 holds the same parameters under the same names; `model.set_backend(...)` switches in place.
 
 Weights: `GPTModel.from_pretrained` loads OpenAI's GPT-2 (a Hugging Face folder or hub name)
