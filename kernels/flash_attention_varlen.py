@@ -40,9 +40,9 @@ How the work is laid out, and why
 
 Input checks copy cu_seqlens to the host (a synchronization per call; skipped under
 torch.compile and with check_cu_seqlens=False, where only their types and shapes are checked).
-Where it runs: as `attention` (kernels/_dispatch.py): CUDA runs the kernels, CPU runs them through Triton's interpreter when
-TRITON_INTERPRET=1, else `attention_varlen_reference` (whose dropout then comes from PyTorch's
-generator).
+Where it runs: as `attention` (kernels/_dispatch.py): CUDA runs the kernels, CPU runs them
+through Triton's interpreter when TRITON_INTERPRET=1, else `attention_varlen_reference` (whose
+dropout then comes from PyTorch's generator).
 """
 
 from __future__ import annotations
