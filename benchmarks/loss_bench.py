@@ -47,7 +47,7 @@ def loss_grid(device: torch.device, quick: bool) -> dict[str, Any]:
     if device.type == "cuda":
         tokens = [8192] if quick else [8192, 16384]
         return {"tokens": tokens, "d": D_MODEL, "vocab": VOCAB, "dtypes": ["bf16"]}
-    if quick:  # about a second, for the smoke test: small, but still four chunks
+    if quick:  # about a second, for the smoke test: small (one chunk within the budget)
         return {"tokens": [2048], "d": 32, "vocab": 8192, "dtypes": ["fp32"]}
     return {"tokens": [8192, 16384], "d": D_MODEL, "vocab": VOCAB, "dtypes": ["fp32"]}
 

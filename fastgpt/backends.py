@@ -8,9 +8,12 @@ get their implementation.
   the logits upcast to fp32; a KV cache's masked attention the reference's math;
 - "sdpa": `F.layer_norm`, `F.gelu(approximate="tanh")`, `F.scaled_dot_product_attention`, the
   loss as "torch";
-- "auto": "triton" when CUDA is available, else "torch".
+- "auto": the fastest for the device: "triton" when CUDA is available, else "sdpa" (on a CPU
+  PyTorch's fused ops beat the plain references, and the kernels would run as those
+  references or through Triton's interpreter).
 
-"sdpa" is PyTorch's own fastest ops, the baseline the benchmarks compare against. Every
+"sdpa" is PyTorch's own fastest ops, the baseline the benchmarks compare against. "torch" is the
+book's math, op for op: the tests that pin the book's numbers ask for it by name. Every
 backend computes the same function with the same parameters, so `GPTModel.set_backend` switches
 one in place. (The kernels themselves also run on CPU tensors: through Triton's interpreter
 when TRITON_INTERPRET=1, else as their references; see `kernels/_dispatch.py`.)
@@ -100,18 +103,21 @@ def _logits_loss(head, x, vocab_size, targets, ignore_index=-100):
 
 def _fused_head_loss(head, x, vocab_size, targets, ignore_index=-100):
     """The loss without the (B·T, V) logits: our chunked fused linear + cross-entropy on the
-    head's first vocab_size rows (a padded vocabulary's extra rows get no probability)."""
+    whole head, padded rows included (aligned matmuls), its first vocab_size rows the classes
+    (a padded vocabulary's extra rows get no probability and no gradient)."""
     if not isinstance(head, nn.Linear):  # a wrapped head (LoRA) computes its own logits
         return _logits_loss(head, x, vocab_size, targets, ignore_index)
     dtype = x.dtype
     if torch.is_autocast_enabled(x.device.type):  # the head's matmul as autocast would run it
         dtype = torch.get_autocast_dtype(x.device.type)
-    weight = head.weight[:vocab_size].to(dtype)  # (V, d), a contiguous view of the first rows
-    bias = head.bias[:vocab_size].to(dtype) if head.bias is not None else None
+    weight = head.weight.to(dtype)  # (V', d), V' = vocab_size rounded up to vocab_multiple
+    bias = head.bias.to(dtype) if head.bias is not None else None
     hidden = x.flatten(0, 1).to(dtype)  # (B·T, d)
+    # The model checked the targets (or its data was checked once): no sync here.
     return fused_linear_cross_entropy(
-        hidden, weight, targets.flatten(), bias=bias, ignore_index=ignore_index
-    )
+        hidden, weight, targets.flatten(), bias, ignore_index=ignore_index,
+        num_classes=vocab_size, check_targets=False,
+    )  # fmt: skip
 
 
 def _triton_linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +185,9 @@ BACKENDS: dict[str, Ops] = {
         attention,
         _fused_head_loss,
         add_layer_norm=add_layer_norm,
-        attention_varlen=attention_varlen,
+        # The model's cu_seqlens come from `packed_rows`, valid as built: not re-read (a sync)
+        # in every layer.
+        attention_varlen=partial(attention_varlen, check_cu_seqlens=False),
         decode_attention=decode_attention,
     ),
     "torch": Ops(
@@ -204,9 +212,9 @@ BACKENDS: dict[str, Ops] = {
 
 
 def resolve_backend(backend: str) -> Ops:
-    """The Ops of a backend name; "auto" is "triton" when CUDA is available, else "torch"."""
+    """The Ops of a backend name; "auto" is "triton" when CUDA is available, else "sdpa"."""
     if backend == "auto":
-        backend = "triton" if torch.cuda.is_available() else "torch"
+        backend = "triton" if torch.cuda.is_available() else "sdpa"
     if backend not in BACKENDS:
         names = ("auto", *BACKENDS)
         raise ValueError(f"backend must be one of {names}, got {backend!r}")

@@ -299,15 +299,19 @@ class ClassificationCollate:
         return {"input_ids": input_ids, "lengths": lengths, "labels": labels}
 
 
-def last_token_logits(logits: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """logits (B, T, C), lengths (B,) in [1, T] -> logits at position lengths - 1: (B, C)."""
+def last_token_logits(
+    logits: torch.Tensor, lengths: torch.Tensor, check: bool = True
+) -> torch.Tensor:
+    """logits (B, T, C), lengths (B,) in [1, T] -> logits at position lengths - 1: (B, C).
+    check=False skips the range check of lengths (a host sync) for lengths checked once where
+    they were made (`ClassificationCollate`'s are in range by construction)."""
     if logits.dim() != 3 or lengths.shape != logits.shape[:1]:
         raise ValueError(
             f"expected logits (B, T, C) and lengths (B,), got {tuple(logits.shape)} and "
             f"{tuple(lengths.shape)}"
         )
     t = logits.shape[1]
-    if bool(((lengths < 1) | (lengths > t)).any()):
+    if check and bool(((lengths < 1) | (lengths > t)).any()):
         raise ValueError(f"lengths must be in [1, {t}], got {lengths.tolist()}")
     index = (lengths - 1).to(logits.device).view(-1, 1, 1).expand(-1, 1, logits.shape[2])
     return logits.gather(1, index).squeeze(1)  # (B, C)
@@ -318,10 +322,12 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def classify_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Class logits (B, C) of a batch from `ClassificationCollate`."""
+    """Class logits (B, C) of a batch from `ClassificationCollate`. Its lengths are range-checked
+    with the model's inputs (`check_inputs`: off in training, where the collate made them)."""
     device = _model_device(model)
     logits = model(batch["input_ids"].to(device))  # (B, T, C)
-    return last_token_logits(logits, batch["lengths"].to(device))  # (B, C)
+    check = getattr(getattr(model, "module", model), "check_inputs", True)  # DDP wraps it
+    return last_token_logits(logits, batch["lengths"].to(device), check)  # (B, C)
 
 
 def classification_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

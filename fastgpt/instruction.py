@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from fastgpt.errors import ConfigError
 from fastgpt.files import parse_json
+from fastgpt.segments import pack_batch
 from fastgpt.tokenizer import EOT_ID
 
 if TYPE_CHECKING:
@@ -307,14 +308,15 @@ def instruction_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     A batch without any target gives 0 (connected to the graph) instead of NaN. A packed
     batch's "segment_ids" (B, T) keep each example to itself (`PackedInstructionCollate`)."""
     device = next(model.parameters()).device
+    segment_ids = batch.get("segment_ids")
+    if segment_ids is not None:  # found on the host (no device sync), then moved
+        segment_ids = pack_batch(segment_ids, batch["input_ids"], device)
     inputs = batch["input_ids"].to(device)  # (B, T)
     targets = batch["targets"].to(device)  # (B, T)
-    segment_ids = batch.get("segment_ids")
-    if segment_ids is not None:
-        segment_ids = segment_ids.to(device)  # (B, T)
-    if not bool((targets != IGNORE_INDEX).any()):
-        return model(inputs, segment_ids=segment_ids).sum() * 0.0
-    return model(inputs, targets=targets, ignore_index=IGNORE_INDEX, segment_ids=segment_ids)
+    loss = model(inputs, targets=targets, ignore_index=IGNORE_INDEX, segment_ids=segment_ids)
+    # No target: the mean is 0 / 0 = nan; 0 instead, chosen on the device (no sync). Its
+    # gradient is 0: every row is ignored, so the loss's backward gives zeros, never nan.
+    return torch.where((targets != IGNORE_INDEX).any(), loss, 0.0)
 
 
 def perplexity(loss: float) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastgpt.segments import document_segment_ids
+from fastgpt.segments import document_segment_ids, pack_batch
 
 
 def next_token_loss(model: nn.Module, batch, document_start_id: int | None = None) -> torch.Tensor:
@@ -18,7 +18,9 @@ def next_token_loss(model: nn.Module, batch, document_start_id: int | None = Non
 
     document_start_id (pretraining's --document-mask: <|endoftext|>): a batch without
     segment_ids gets them from its inputs, a new document at each such token
-    (`fastgpt.segments.document_segment_ids`), so each document attends only within itself."""
+    (`fastgpt.segments.document_segment_ids`), so each document attends only within itself.
+    The runs of the segment ids are found where the batch is (the host, from a DataLoader),
+    so the step does not wait on the device (`fastgpt.segments.pack_batch`)."""
     if isinstance(batch, dict):
         inputs, targets = batch["input_ids"], batch["targets"]
         segment_ids = batch.get("segment_ids")
@@ -26,12 +28,10 @@ def next_token_loss(model: nn.Module, batch, document_start_id: int | None = Non
         inputs, targets, *rest = batch
         segment_ids = rest[0] if rest else None
     device = next(model.parameters()).device
-    inputs = inputs.to(device, non_blocking=True)
-    if segment_ids is not None:
-        segment_ids = segment_ids.to(device, non_blocking=True)
-    elif document_start_id is not None:
-        segment_ids = document_segment_ids(inputs, document_start_id)  # (B, T)
+    if segment_ids is None and document_start_id is not None:
+        segment_ids = document_segment_ids(inputs, document_start_id)  # (B, T), where inputs are
     targets = targets.to(device, non_blocking=True)
     if segment_ids is None:  # the plain call, as every other caller makes it
-        return model(inputs, targets=targets)
-    return model(inputs, targets=targets, segment_ids=segment_ids)
+        return model(inputs.to(device, non_blocking=True), targets=targets)
+    packed = pack_batch(segment_ids, inputs, device)  # on the host: no device sync
+    return model(inputs.to(device, non_blocking=True), targets=targets, segment_ids=packed)

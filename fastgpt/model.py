@@ -10,7 +10,7 @@
 
 `backend` picks how LayerNorm, GELU and attention run, in one place (`fastgpt/backends.py`):
 "triton" (our kernels), "torch" (the plain-PyTorch references beside them), "sdpa" (PyTorch's
-own fused ops, the benchmarks' baseline) or "auto" (triton on CUDA, else torch). Every backend
+own fused ops, the benchmarks' baseline) or "auto" (triton on CUDA, else sdpa). Every backend
 holds the same parameters under the same names; `model.set_backend(...)` switches in place.
 
 Weights: `GPTModel.from_pretrained` loads OpenAI's GPT-2 (a Hugging Face folder or hub name)
@@ -277,12 +277,16 @@ class GPTModel(nn.Module):
 
     @staticmethod
     def _packed(token_ids, segment_ids, kv_cache: KVCache | None) -> PackedRows:
-        """The runs of segment_ids (checked against token_ids (B, T)) for the layers."""
+        """The runs of segment_ids (checked against token_ids (B, T)) for the layers; a
+        PackedRows (runs a loss found on the host) is taken as it is."""
         if kv_cache is not None:
             raise ValueError(
                 "segment_ids cannot be combined with kv_cache (a cache continues one sequence "
                 "per row)"
             )
+        if isinstance(segment_ids, PackedRows):
+            check_segment_ids(segment_ids.positions, token_ids)
+            return segment_ids
         check_segment_ids(segment_ids, token_ids)
         return packed_rows(segment_ids)
 
@@ -292,7 +296,7 @@ class GPTModel(nn.Module):
         kv_cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
-        segment_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | PackedRows | None = None,
         logits_at: torch.Tensor | None = None,
         cache_lengths: CacheLengths | None = None,
     ) -> torch.Tensor:
@@ -307,7 +311,8 @@ class GPTModel(nn.Module):
         With `segment_ids` (B, T) integer, each maximal run of equal consecutive values in a
         row is a sequence of its own (a document, a packed example): its positions restart at
         0 and its tokens attend (causally) only within it (`fastgpt.segments`,
-        `Ops.attention_varlen`). Not with kv_cache.
+        `Ops.attention_varlen`). Not with kv_cache. Finding the runs reads the ids (a device
+        sync); a `fastgpt.segments.PackedRows` found on the host may be given instead.
 
         With `logits_at` (B,) integer, only the logits at position logits_at[b] of each row b,
         (B, vocab_size): the output head (a third of gpt2-small's FLOPs per token) then runs on
@@ -341,9 +346,24 @@ class GPTModel(nn.Module):
         if targets is not None:
             if not language_head:
                 raise ValueError("targets need a language-model head (this is a classifier)")
+            self._check_targets(targets, ignore_index)
             return self.final_norm.ops.head_loss(self.out_head, x, vocab, targets, ignore_index)
         logits = self.out_head(x)  # (B, T, padded vocab) or (B, T, classes) for a classifier
         return logits[..., :vocab] if language_head else logits  # (B, T, vocab_size)
+
+    def _check_targets(self, targets: torch.Tensor, ignore_index: int) -> None:
+        """ValueError unless every target is in [0, vocab_size) or ignore_index: one sync,
+        skipped like the ids' check (`check_inputs`), the losses then read them unchecked."""
+        if not self.check_inputs or torch.compiler.is_compiling():
+            return
+        vocab = self.config.vocab_size
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+        if bool(bad.any()):
+            where = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(
+                f"target {int(targets[tuple(where)])} at position {tuple(where)} is outside "
+                f"[0, {vocab}) and is not ignore_index ({ignore_index})"
+            )
 
     def _rows_at(self, x: torch.Tensor, logits_at: torch.Tensor, targets) -> torch.Tensor:
         """x (B, T, d) at position logits_at[b] of each row b -> (B, d), after checking that

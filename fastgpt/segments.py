@@ -10,6 +10,13 @@ instruction example); a run never crosses rows. `GPTModel.forward(..., segment_i
 these to the position embedding and to `Ops.attention_varlen`, so a token attends (causally)
 only to the tokens of its own run.
 
+Where they are found: the number of runs sizes cu_seqlens, so `packed_rows` reads the segment
+ids (`nonzero`). The training losses find them with `pack_batch` on the batch as the
+DataLoader gives it, on the host, and move the result to the device: a step then waits on no
+device.
+cu_seqlens built here are valid by construction (start at 0, non-decreasing, end at B·T, no run
+longer than T), which is why the model's varlen attention skips re-reading them.
+
 `document_segment_ids` makes the segment ids of pretraining's document mask: a new document
 starts at each <|endoftext|>, which is the document's first token, as in GPT-2's data.
 """
@@ -31,6 +38,11 @@ class PackedRows:
     """(num_runs + 1,) int32 prefix sums of the runs' lengths over the B·T flattened tokens."""
     max_seqlen: int
     """A bound on the longest run: T (a run never crosses rows; no device-to-host sync)."""
+
+    def to(self, device: torch.device | str) -> PackedRows:
+        """These runs on `device` (a copy that does not wait for the device)."""
+        positions = self.positions.to(device, non_blocking=True)
+        return PackedRows(positions, self.cu_seqlens.to(device, non_blocking=True), self.max_seqlen)
 
 
 def check_segment_ids(segment_ids: object, token_ids: torch.Tensor) -> None:
@@ -55,7 +67,8 @@ def check_segment_ids(segment_ids: object, token_ids: torch.Tensor) -> None:
 
 def packed_rows(segment_ids: torch.Tensor) -> PackedRows:
     """Positions and cu_seqlens of the runs of equal consecutive values in each row of
-    segment_ids (B, T). One device-to-host sync (the number of runs)."""
+    segment_ids (B, T), on its device. Reads the values (the number of runs): a device-to-host
+    sync unless segment_ids is on the host."""
     b, t = segment_ids.shape
     starts = torch.ones_like(segment_ids, dtype=torch.bool)  # (B, T): a run starts here
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
@@ -66,6 +79,16 @@ def packed_rows(segment_ids: torch.Tensor) -> PackedRows:
     total = first_tokens.new_full((1,), b * t)
     cu_seqlens = torch.cat([first_tokens, total]).to(torch.int32)  # (num_runs + 1,)
     return PackedRows(positions, cu_seqlens, t)
+
+
+def pack_batch(
+    segment_ids: torch.Tensor, token_ids: torch.Tensor, device: torch.device | str
+) -> PackedRows:
+    """The runs of a batch's segment_ids (B, T), checked against its token_ids (B, T), found
+    where the batch is (on the host, as a DataLoader gives it: no device sync) and moved to
+    `device` for the model (`GPTModel.forward(..., segment_ids=<PackedRows>)`)."""
+    check_segment_ids(segment_ids, token_ids)
+    return packed_rows(segment_ids).to(device)
 
 
 def document_segment_ids(token_ids: torch.Tensor, document_start_id: int) -> torch.Tensor:

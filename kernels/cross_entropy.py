@@ -2,23 +2,35 @@
 
     loss = cross_entropy(hidden @ weight.T + bias, targets)
 
-`fused_linear_cross_entropy(hidden, weight, targets, bias=None, ignore_index=-100,
-reduction="mean")` takes hidden (N, d), weight (V, d) (an `nn.Linear(d, V)`'s weight, e.g. GPT-2's
-output head), optional bias (V,) and targets (N,) int64, and returns the fp32 loss: a scalar for
-"mean" (over the targets that are not `ignore_index`, nan when all are, as `F.cross_entropy`) and
-"sum", (N,) for "none" (0 at ignored targets). It is differentiable in hidden, weight and bias.
+`fused_linear_cross_entropy(hidden, weight, targets, bias=None, *, ignore_index=-100,
+reduction="mean", num_classes=None, check_targets=True, use_kernel=True)` takes hidden (N, d),
+weight (V, d) (an `nn.Linear(d, V)`'s weight, e.g. GPT-2's output head), optional bias (V,) and
+targets (N,) int64, and returns the fp32 loss: a scalar for "mean" (over the targets that are not
+`ignore_index`, nan when all are, as `F.cross_entropy`) and "sum", (N,) for "none" (0 at ignored
+targets). It is differentiable in hidden, weight and bias. With num_classes < V only the first
+num_classes rows of weight are classes: the rest pad the head to an aligned size (GPT-2's 50,257
+to 50,304, `GPTConfig.vocab_multiple`), so the matmuls run on V rows, while those rows' logits
+get no probability and their gradient rows are 0: the loss of the unpadded head.
 hidden, weight and bias share one dtype, fp32, fp16 or bf16; every sum and the log-sum-exp are
 fp32, so logits of ±1e4 do not overflow; the gradients are deterministic (no atomics: the
 chunks are visited in order and each reduction has a fixed order).
 
 Memory: the rows are processed in chunks of C rows (`_chunk_rows`), so besides the inputs and
 the gradients (O(N·d + V·d)) only one (C × V) block of logits is alive at a time, never (N × V).
+C is set by a budget, LOGITS_BUDGET_BYTES = 256 MiB of logits in the input dtype: gpt2-small's
+head (V 50,257, d 768) takes 2,670 bf16 rows, so 8,192 tokens run in 4 chunks of 2,048 rows
+(fp32: 1,335 rows, 7 chunks) and 16,384 in 7 (fp32: 13). At 16k tokens in fp32 the unfused loss
+holds several (N × V) fp32 tensors (3.3 GB each); the fused one the 256 MiB chunk, the fp32
+grad_weight (154 MB) and grad_hidden (`benchmarks/fused_loss_memory.py` measures both on CPU).
 Per chunk, Liger-Kernel's way:
 
     logits  = hidden[chunk] @ weight.T + bias                 (C, V), one matmul, input dtype
     kernel  : loss per row and, in place of the logits, dz = softmax(logits) - onehot(target)
-    grad_hidden[chunk] = dz @ weight;   grad_weight += dz.T @ hidden[chunk] (fp32);
+    grad_hidden[chunk] = dz @ weight;   grad_weight += dz.T @ hidden[chunk] (fp32, in place);
     grad_bias += Σ_rows dz (fp32)
+
+grad_weight is one fp32 (V, d) accumulator for the whole call, added to in place by each chunk
+(`_addmm_fp32`): no (V, d) tensor is allocated per chunk.
 
 For "mean" and "sum" the gradients are computed during the forward pass and kept for backward,
 which only scales them by the upstream gradient (÷ the number of counted targets for "mean"):
@@ -37,11 +49,17 @@ formula, so a model calling it compiles with `torch.compile(fullgraph=True)`.
 `fused_linear_cross_entropy_reference` is the unfused loss, for the tests.
 
 Bad inputs raise before any kernel runs: TypeError for dtypes (non-float hidden/weight/bias,
-mixed dtypes, targets not int64), ValueError for shapes, devices, `reduction`, and a target
-outside [0, V) that is not `ignore_index` (checked on the values, never a device-side assert).
+mixed dtypes, targets not int64), ValueError for shapes, devices, `reduction`, `num_classes`, and
+a target outside [0, num_classes) that is not `ignore_index` (checked on the values, never a
+device-side assert). That last check reads the targets on the host, a sync: check_targets=False
+skips it for a caller that checked its targets once (the model's training loss, whose data was
+checked where it was built).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +79,12 @@ REDUCTIONS = ("mean", "sum", "none")
 # at 64 registers and ptxas spilled at V = 50257, and one 16384-wide tile with 16 warps spilled
 # 16 B in the fp32 gradient on sm_80 with Triton 3.6 (the compile check).
 MAX_BLOCK_V = 65536 if triton_interpreter_enabled() else 8192
-# Rows per chunk (see `_chunk_rows`). None: the rule below; an int forces it (tests).
+# Rows per chunk (see `_chunk_rows`). None: the budget below; an int forces it (tests).
 CHUNK_ROWS: int | None = None
-# Lower bound on the logits of one chunk (elements), so a narrow d does not make many tiny
-# matmuls; 4M elements are 16 MiB in fp32.
-MIN_CHUNK_ELEMENTS = 1 << 22
-MAX_CHUNK_ROWS = 16384
-# Elements per block when backward rounds a scaled fp32 gradient to a low-precision dtype
-# (`_scaled`): 4M, a 16 MiB fp32 temporary.
+# The most bytes one chunk's logits (C, V) may take, in the input dtype: 256 MiB.
+LOGITS_BUDGET_BYTES = 256 << 20
+# Elements per block when a fp32 gradient meets a low-precision dtype blockwise (`_scaled`'s
+# rounding, `_addmm_fp32`'s fallback): 4M, a 16 MiB fp32 temporary.
 SCALE_BLOCK_ELEMENTS = 1 << 22
 
 
@@ -77,17 +93,17 @@ def fused_linear_cross_entropy_reference(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
+    **options: Any,
 ) -> torch.Tensor:
-    """The unfused loss: `F.cross_entropy(hidden @ weight.T + bias, targets, ...)` on the whole
-    (N, V) logits, in fp32 (fp64 inputs stay fp64). hidden (N, d), weight (V, d), bias (V,),
-    targets (N,) int64 -> scalar ("mean", "sum") or (N,) ("none")."""
+    """The unfused loss: `F.cross_entropy(hidden @ weight.T + bias, targets, **options)` on the
+    whole (N, V) logits, in fp32 (fp64 inputs stay fp64); options: F.cross_entropy's
+    ignore_index (default -100) and reduction (default "mean"). hidden (N, d), weight (V, d),
+    bias (V,), targets (N,) int64 -> scalar ("mean", "sum") or (N,) ("none")."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(dtype) @ weight.to(dtype).T  # (N, V)
     if bias is not None:
         logits = logits + bias.to(dtype)
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)
+    return F.cross_entropy(logits, targets, **options)
 
 
 # --- Triton kernel -----------------------------------------------------------------------
@@ -184,21 +200,18 @@ def _cross_entropy_forward_kernel(
 # --- Launchers ---------------------------------------------------------------------------
 
 
-def _chunk_rows(n: int, v: int, d: int) -> int:
-    """Rows per chunk. Liger-Kernel's rule, C = next_pow2(N / ceil(V / d)), makes a chunk's
-    logits (C × V) about as large as hidden (N × d); raised to MIN_CHUNK_ELEMENTS logits for a
-    narrow d, capped at MAX_CHUNK_ROWS (`CHUNK_ROWS` replaces the rule). The N rows are then
-    split into that many chunks of equal size (the last at most one row shorter), so no small
-    tail chunk is left over: a matmul of a few rows is slow on a GPU and, in CPU BLAS, takes a
-    less accurate path (up to 10x the rounding error over a 50k-long sum)."""
+def _chunk_rows(n: int, v: int, itemsize: int) -> int:
+    """Rows per chunk of N rows of V logits of `itemsize` bytes: as many as fit
+    LOGITS_BUDGET_BYTES (`CHUNK_ROWS` replaces the budget). The N rows are then split into
+    that many chunks of equal size (the last at most one row shorter), so no small tail chunk
+    is left over: a matmul of a few rows is slow on a GPU and, in CPU BLAS, takes a less
+    accurate path (up to 10x the rounding error over a 50k-long sum)."""
     if n == 0:
         return 1
     if CHUNK_ROWS is not None:
         rows = max(1, CHUNK_ROWS)
     else:
-        rows = triton.next_power_of_2(triton.cdiv(n, triton.cdiv(v, d)))
-        rows = max(rows, triton.next_power_of_2(triton.cdiv(MIN_CHUNK_ELEMENTS, v)))
-        rows = min(rows, MAX_CHUNK_ROWS)
+        rows = max(1, LOGITS_BUDGET_BYTES // (v * itemsize))
     return triton.cdiv(n, triton.cdiv(n, rows))
 
 
@@ -216,32 +229,6 @@ def _tile(m: int, v: int) -> tuple[int, int, bool, int]:
     return block_m, block_v, block_v >= v, num_warps
 
 
-def _cross_entropy_chunk_torch(
-    z: torch.Tensor,
-    targets: torch.Tensor,
-    scale: torch.Tensor,
-    loss: torch.Tensor,
-    ignore_index: int,
-    compute_grad: bool,
-) -> None:
-    """The kernel's step in PyTorch (CPU without the interpreter), same math and in place:
-    z (M, V) logits -> loss (M,) fp32 and, with compute_grad, dz written over z."""
-    zf = z.float()  # z itself when fp32 (then overwritten in place: it is ours)
-    counted = targets != ignore_index
-    safe = torch.where(counted, targets, 0)
-    m = zf.amax(dim=1, keepdim=True)  # (M, 1)
-    z_target = zf.gather(1, safe[:, None])  # (M, 1)
-    shifted = zf.sub_(m)  # z - max, in place
-    log_s = torch.logsumexp(shifted, dim=1, keepdim=True)  # (M, 1), log Σ exp(z - max)
-    loss.copy_(torch.where(counted, ((m - z_target) + log_s).squeeze(1), 0.0))
-    if compute_grad:
-        p = shifted.sub_(log_s).exp_()  # (M, V) softmax, in place
-        p[torch.arange(p.shape[0], device=p.device), safe] -= 1.0
-        p.mul_(torch.where(counted, scale.float(), 0.0)[:, None])
-        if p is not z:
-            z.copy_(p)
-
-
 def _cross_entropy_chunk(
     z: torch.Tensor,
     targets: torch.Tensor,
@@ -252,9 +239,23 @@ def _cross_entropy_chunk(
     use_kernel: bool,
 ) -> None:
     """Loss per row of the chunk z (M, V) into loss (M,) fp32; with compute_grad, dz over z.
-    scale: (M,) fp32 or (1,) for every row."""
+    scale: (M,) fp32 or (1,) for every row. Without use_kernel (CPU without the interpreter)
+    the kernel's step in PyTorch, the same math, in place."""
     if not use_kernel:
-        _cross_entropy_chunk_torch(z, targets, scale, loss, ignore_index, compute_grad)
+        zf = z.float()  # z itself when fp32 (then overwritten in place: it is ours)
+        counted = targets != ignore_index
+        safe = torch.where(counted, targets, 0)
+        m = zf.amax(dim=1, keepdim=True)  # (M, 1)
+        z_target = zf.gather(1, safe[:, None])  # (M, 1)
+        shifted = zf.sub_(m)  # z - max, in place
+        log_s = torch.logsumexp(shifted, dim=1, keepdim=True)  # (M, 1), log Σ exp(z - max)
+        loss.copy_(torch.where(counted, ((m - z_target) + log_s).squeeze(1), 0.0))
+        if compute_grad:
+            p = shifted.sub_(log_s).exp_()  # (M, V) softmax, in place
+            p[torch.arange(p.shape[0], device=p.device), safe] -= 1.0
+            p.mul_(torch.where(counted, scale.float(), 0.0)[:, None])
+            if p is not z:
+                z.copy_(p)
         return
     m, v = z.shape
     block_m, block_v, single, num_warps = _tile(m, v)
@@ -271,8 +272,9 @@ _FP32_OUT_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch.addmm(fp32, half, half, out_dtype=torch.float32)` (cuBLAS accumulating
-    into fp32 in one call) runs and is right on this device; probed once per device and dtype."""
+    """Whether `torch.addmm(acc, half, half, out_dtype=torch.float32, out=acc)` (cuBLAS
+    accumulating into the fp32 acc in place, in one call) runs and is right on this device;
+    probed once per device and dtype."""
     key = (str(device), dtype)
     if key not in _FP32_OUT_ADDMM:
         ok = False
@@ -281,29 +283,34 @@ def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
                 g = torch.Generator(device="cpu").manual_seed(0)
                 a, b = torch.randn(16, 32, generator=g), torch.randn(32, 8, generator=g)
                 c = torch.randn(16, 8, generator=g)
-                a2, b2 = a.to(device, dtype), b.to(device, dtype)
-                got = torch.addmm(c.to(device), a2, b2, out_dtype=torch.float32)
+                a2, b2, acc = a.to(device, dtype), b.to(device, dtype), c.to(device)
+                got = torch.addmm(acc, a2, b2, out_dtype=torch.float32, out=acc)
                 want = c + a2.float().cpu() @ b2.float().cpu()
-                ok = got.dtype == torch.float32 and torch.allclose(got.cpu(), want, atol=1e-3)
+                ok = got is acc and torch.allclose(acc.cpu(), want, atol=1e-3)
             except (RuntimeError, TypeError, NotImplementedError):
                 ok = False
         _FP32_OUT_ADDMM[key] = ok
     return _FP32_OUT_ADDMM[key]
 
 
-def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """acc + a @ b with acc fp32 and a, b in the input dtype: in place for fp32; for fp16/bf16
-    one cuBLAS call accumulating in fp32 where available, else the product rounded to the
-    input dtype and added in fp32. Returns the new accumulator."""
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b in place, acc (R, d) fp32, a (R, C) and b (C, d) in the input dtype: fp32
+    by addmm_; fp16/bf16 by one cuBLAS call accumulating in fp32 where available, else in
+    blocks of SCALE_BLOCK_ELEMENTS of acc, each product rounded to the input dtype and added
+    in fp32 (a (block, d) temporary, never a whole (R, d) one)."""
     if a.dtype == torch.float32:
-        return acc.addmm_(a, b)
-    if _fp32_out_addmm_works(acc.device, a.dtype):
-        return torch.addmm(acc, a, b, out_dtype=torch.float32)
-    return acc.add_(torch.mm(a, b))
+        acc.addmm_(a, b)
+    elif _fp32_out_addmm_works(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        step = max(1, SCALE_BLOCK_ELEMENTS // max(1, acc.shape[1]))  # rows of acc a block
+        for start in range(0, acc.shape[0], step):
+            acc[start : start + step].add_(torch.mm(a[start : start + step], b))
 
 
 def _check_target_values(targets: torch.Tensor, v: int, ignore_index: int) -> None:
-    """ValueError naming the first target outside [0, V) that is not ignore_index."""
+    """ValueError naming the first target outside [0, V) that is not ignore_index (reads the
+    targets on the host: a sync)."""
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -318,16 +325,18 @@ def _chunked(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     targets: torch.Tensor,
-    ignore_index: int,
     scale: torch.Tensor,
+    ignore_index: int,
+    num_classes: int,
     compute_grad: bool,
     use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The chunk loop. hidden (N, d), weight (V, d), bias (V,) | None, targets (N,) int64,
-    scale (N,) or (1,) fp32 (the upstream gradient of each row's loss) -> loss (N,) fp32 and,
-    with compute_grad, grad_hidden (N, d) in hidden's dtype, grad_weight (V, d) and
-    grad_bias (V,) | None in fp32, for the upstream gradient `scale`."""
-    _check_target_values(targets, weight.shape[0], ignore_index)
+    """The chunk loop. hidden (N, d), weight (V, d), bias (V,) | None, targets (N,) int64 in
+    [0, num_classes) or ignore_index, scale (N,) or (1,) fp32 (the upstream gradient of each
+    row's loss) -> loss (N,) fp32 and, with compute_grad, grad_hidden (N, d) in hidden's
+    dtype, grad_weight (V, d) and grad_bias (V,) | None in fp32, for the upstream gradient
+    `scale`. Columns past num_classes (a padded head) are computed by the matmul and then
+    left out: their dz is 0."""
     n, d = hidden.shape
     v = weight.shape[0]
     device = hidden.device
@@ -340,7 +349,7 @@ def _chunked(
         grad_weight = torch.zeros((v, d), dtype=torch.float32, device=device)
         if bias is not None:
             grad_bias = torch.zeros(v, dtype=torch.float32, device=device)
-    rows = _chunk_rows(n, v, d)
+    rows = _chunk_rows(n, v, hidden.element_size())
     buffer = _empty((min(rows, n), v), hidden.dtype, device)  # the one block of logits
     weight_t = weight.t()  # (d, V) view
     for start in range(0, n, rows):
@@ -353,12 +362,14 @@ def _chunked(
             torch.addmm(bias, h, weight_t, out=z)
         s = scale if scale.numel() == 1 else scale[start:end]
         chunk_targets = targets[start:end]
+        classes = z[:, :num_classes]  # (C, num_classes), rows V apart
         _cross_entropy_chunk(
-            z, chunk_targets, s, loss[start:end], ignore_index, compute_grad, use_kernel
+            classes, chunk_targets, s, loss[start:end], ignore_index, compute_grad, use_kernel
         )
         if compute_grad:  # z now holds dz (C, V)
+            z[:, num_classes:].zero_()  # the padding's logits get no probability
             torch.mm(z, weight, out=grad_hidden[start:end])
-            grad_weight = _addmm_fp32(grad_weight, z.t(), h)
+            _addmm_fp32(grad_weight, z.t(), h)
             if grad_bias is not None:
                 grad_bias += torch.sum(z, dim=0, dtype=torch.float32)
     return loss, grad_hidden, grad_weight, grad_bias
@@ -374,16 +385,23 @@ def _fused_forward_op(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     ignore_index: int,
+    num_classes: int,
     reduction: str,
     compute_grad: bool,
     use_kernel: bool,
+    check_targets: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (loss, grad_hidden, grad_weight, grad_bias). The gradients are those of the summed
     loss (upstream gradient 1 per row, before "mean"'s division), computed only for "mean"/"sum"
-    with compute_grad; otherwise, like an absent bias's, empty (0,) placeholders."""
+    with compute_grad; otherwise, like an absent bias's, empty (0,) placeholders.
+    check_targets: read the targets' values first (a host sync) and raise for a bad one."""
+    if check_targets:
+        _check_target_values(targets, num_classes, ignore_index)
     grad = compute_grad and reduction != "none"
     one = torch.ones(1, dtype=torch.float32, device=hidden.device)
-    rows, gh, gw, gb = _chunked(hidden, weight, bias, targets, ignore_index, one, grad, use_kernel)
+    rows, gh, gw, gb = _chunked(
+        hidden, weight, bias, targets, one, ignore_index, num_classes, grad, use_kernel
+    )
     if reduction == "none":
         loss = rows
     elif reduction == "sum":
@@ -400,7 +418,8 @@ def _fused_forward_op(
 
 
 @_fused_forward_op.register_fake
-def _(hidden, weight, bias, targets, ignore_index, reduction, compute_grad, use_kernel):
+def _(hidden, weight, bias, targets, ignore_index, num_classes, reduction, compute_grad,
+      use_kernel, check_targets):  # fmt: skip
     n, d = hidden.shape
     v = weight.shape[0]
     grad = compute_grad and reduction != "none"
@@ -415,24 +434,25 @@ def _(hidden, weight, bias, targets, ignore_index, reduction, compute_grad, use_
 
 @torch.library.custom_op("fastgpt::fused_linear_cross_entropy_backward", mutates_args=())
 def _fused_backward_op(
-    grad_loss: torch.Tensor,
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: torch.Tensor | None,
     targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    grad_loss: torch.Tensor,
     ignore_index: int,
+    num_classes: int,
     use_kernel: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction="none": grad_loss (N,) fp32 -> grad_hidden (N, d) in hidden's dtype,
     grad_weight (V, d) and grad_bias (V,) (or (0,) without bias) in fp32."""
     _, gh, gw, gb = _chunked(
-        hidden, weight, bias, targets, ignore_index, grad_loss, True, use_kernel
+        hidden, weight, bias, targets, grad_loss, ignore_index, num_classes, True, use_kernel
     )
     return gh, gw, gb if gb is not None else grad_loss.new_empty((0,))
 
 
 @_fused_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, targets, ignore_index, use_kernel):
+def _(hidden, weight, targets, bias, grad_loss, ignore_index, num_classes, use_kernel):
     v, d = weight.shape
     f32 = torch.float32
     return (
@@ -443,9 +463,10 @@ def _(grad_loss, hidden, weight, bias, targets, ignore_index, use_kernel):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, ignore_index, reduction, _, use_kernel = inputs
+    hidden, weight, bias, targets, ignore_index, num_classes, reduction, _, use_kernel, _ = inputs
     _, gh, gw, gb = output
     ctx.reduction, ctx.ignore_index, ctx.use_kernel = reduction, ignore_index, use_kernel
+    ctx.num_classes = num_classes
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     if reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, targets)
@@ -477,12 +498,12 @@ def _scaled(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 def _backward(ctx, grad_loss, _dgh, _dgw, _dgb):
     hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
     if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
-        return None, None, None, None, None, None, None, None
+        return (None,) * 10
     if ctx.reduction == "none":
         hidden, weight, bias, targets = ctx.saved_tensors
         gh, gw, gb = _fused_backward_op(
-            grad_loss.float().contiguous(), hidden, weight, bias, targets,
-            ctx.ignore_index, ctx.use_kernel,
+            hidden, weight, targets, bias, grad_loss.float().contiguous(),
+            ctx.ignore_index, ctx.num_classes, ctx.use_kernel,
         )  # fmt: skip
         gh, gw = gh.to(hidden_dtype), gw.to(weight_dtype)
         grad_bias = None if bias_dtype is None else gb.to(bias_dtype)
@@ -493,7 +514,7 @@ def _backward(ctx, grad_loss, _dgh, _dgw, _dgb):
             scale = scale / (targets != ctx.ignore_index).sum().clamp(min=1)
         gh, gw = _scaled(gh, scale, hidden_dtype), _scaled(gw, scale, weight_dtype)
         grad_bias = None if bias_dtype is None else _scaled(gb, scale, bias_dtype)
-    return gh, gw, grad_bias, None, None, None, None, None
+    return gh, gw, grad_bias, *(None,) * 7
 
 
 _fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -508,6 +529,7 @@ def _check_inputs(
     targets: torch.Tensor,
     bias: torch.Tensor | None,
     reduction: str,
+    num_classes: int,
 ) -> torch.device:
     """TypeError/ValueError naming the bad argument; returns the common device."""
     name = "fused_linear_cross_entropy"
@@ -548,17 +570,15 @@ def _check_inputs(
             f"{name}: targets must have shape ({n},) to match hidden {tuple(hidden.shape)}, "
             f"got {tuple(targets.shape)}"
         )
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or not 1 <= num_classes <= v
+    ):
+        raise ValueError(
+            f"{name}: num_classes must be an int in [1, {v}] (weight's rows), got {num_classes!r}"
+        )
     return device
-
-
-def _apply(hidden, weight, targets, bias, ignore_index, reduction, use_kernel) -> torch.Tensor:
-    compute_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    loss, _, _, _ = torch.ops.fastgpt.fused_linear_cross_entropy_forward(
-        hidden, weight, bias, targets, int(ignore_index), reduction, compute_grad, use_kernel
-    )
-    return loss
 
 
 def fused_linear_cross_entropy(
@@ -566,33 +586,43 @@ def fused_linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
     ignore_index: int = -100,
     reduction: str = "mean",
+    num_classes: int | None = None,
+    check_targets: bool = True,
+    use_kernel: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of the logits `hidden @ weight.T + bias` against `targets`, computed in
     chunks of rows so that the (N, V) logits never exist.
 
     hidden (N, d), weight (V, d), bias (V,) or None: one dtype, fp32/fp16/bf16, one device;
-    targets (N,) int64 class ids in [0, V) or `ignore_index`. Returns fp32: a scalar for
-    "mean" (over counted targets; nan when none is) and "sum", (N,) for "none" (0 where
-    ignored). Differentiable in hidden, weight and bias; the gradients have their dtypes.
+    targets (N,) int64 class ids in [0, num_classes) or `ignore_index`; num_classes (default
+    V): the classes are weight's first num_classes rows, the others pad the head (their logits
+    get no probability, their gradient rows are 0). Returns fp32: a scalar for "mean" (over
+    counted targets; nan when none is) and "sum", (N,) for "none" (0 where ignored).
+    Differentiable in hidden, weight and bias; the gradients have their dtypes.
 
     CUDA: the Triton kernel per chunk. CPU: the kernel through Triton's interpreter when
-    TRITON_INTERPRET=1, else the same chunks in PyTorch. Raises TypeError/ValueError for bad
-    inputs (see the module docstring) before any kernel runs."""
-    device = _check_inputs(hidden, weight, targets, bias, reduction)
-    return _apply(hidden, weight, targets, bias, ignore_index, reduction, use_triton(device))
+    TRITON_INTERPRET=1, else the same chunks in PyTorch; use_kernel=False takes PyTorch's
+    step everywhere. Raises TypeError/ValueError for bad inputs (see the module docstring)
+    before any kernel runs. check_targets=False skips reading the targets' values (a host
+    sync) for callers that checked them once: a target outside [0, num_classes) is then
+    undefined behaviour."""
+    v = weight.shape[0] if weight.dim() == 2 else 0
+    num_classes = v if num_classes is None else num_classes
+    device = _check_inputs(hidden, weight, targets, bias, reduction, num_classes)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    loss, _, _, _ = torch.ops.fastgpt.fused_linear_cross_entropy_forward(
+        hidden, weight, bias, targets, int(ignore_index), num_classes, reduction, compute_grad,
+        use_kernel and use_triton(device), check_targets,
+    )  # fmt: skip
+    return loss
 
 
-def chunked_linear_cross_entropy_torch(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """`fused_linear_cross_entropy` with the per-chunk step always in PyTorch (never Triton):
-    the same chunks and memory bound on any device. The CPU benchmarks time this."""
-    _check_inputs(hidden, weight, targets, bias, reduction)
-    return _apply(hidden, weight, targets, bias, ignore_index, reduction, False)
+chunked_linear_cross_entropy_torch = functools.partial(fused_linear_cross_entropy, use_kernel=False)
+chunked_linear_cross_entropy_torch.__doc__ = """`fused_linear_cross_entropy` with use_kernel=False
+(same arguments): the per-chunk step in PyTorch (never Triton), the same chunks and memory bound
+on any device. The CPU benchmarks time this."""

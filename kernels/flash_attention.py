@@ -17,11 +17,13 @@ dropout then comes from PyTorch's generator, not from `seed`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 try:  # host tensor descriptors (TMA on sm_90), in Triton since 3.4; without them: no TMA candidate
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -316,17 +318,24 @@ def _tma_legal(*tensors: torch.Tensor) -> bool:
     multiple of 16 bytes and no empty dimension (what the hardware's tensor maps require). The
     model's q/k/v views of one (B, T, 3, H, D) projection are legal when D·2 bytes (16-bit) is a
     multiple of 16. Fake tensors (torch.compile tracing) have no address: not legal, so a
-    compiled graph launches the pointer kernel."""
-    from torch._subclasses.fake_tensor import is_fake
-
+    compiled graph launches the pointer kernel. Decided once per layout (`_tma_legal_layout`):
+    every forward call asks."""
     if torch.compiler.is_compiling() or any(is_fake(t) for t in tensors):
         return False
+    return _tma_legal_layout(
+        tuple((t.shape, t.stride(), t.element_size(), t.data_ptr() % 16) for t in tensors)
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _tma_legal_layout(layouts: tuple[tuple[torch.Size, tuple[int, ...], int, int], ...]) -> bool:
+    """`_tma_legal` of tensors given as (shape, strides, element size, base address mod 16)."""
     return all(
-        t.stride(-1) == 1
-        and t.data_ptr() % 16 == 0
-        and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
-        and t.numel() > 0
-        for t in tensors
+        strides[-1] == 1
+        and misalignment == 0
+        and all(stride * size % 16 == 0 for stride in strides[:-1])
+        and all(shape)
+        for shape, strides, size, misalignment in layouts
     )
 
 

@@ -39,10 +39,10 @@ How the work is laid out, and why
   are int32 (max_seqlen * row stride < 2^31 is checked), as inside one head in `attention`.
 
 Input checks copy cu_seqlens to the host (a synchronization per call; skipped under
-torch.compile, where only their types and shapes are checked). Where it runs: as `attention`
-(kernels/_dispatch.py): CUDA runs the kernels, CPU runs them through Triton's interpreter when
-TRITON_INTERPRET=1, else `attention_varlen_reference` (whose dropout then comes from PyTorch's
-generator).
+torch.compile and with check_cu_seqlens=False, where only their types and shapes are checked).
+Where it runs: as `attention` (kernels/_dispatch.py): CUDA runs the kernels, CPU runs them
+through Triton's interpreter when TRITON_INTERPRET=1, else `attention_varlen_reference` (whose
+dropout then comes from PyTorch's generator).
 """
 
 from __future__ import annotations
@@ -642,6 +642,7 @@ def attention_varlen(
     sm_scale: float | None = None,
     dropout_p: float = 0.0,
     seed: int | None = None,
+    check_cu_seqlens: bool = True,
 ) -> torch.Tensor:
     """Attention over packed sequences, FlashAttention-2 style, differentiable in q, k and v.
 
@@ -657,10 +658,13 @@ def attention_varlen(
     at 0, decreasing, not ending at the total rows, of different batch sizes; a max_seqlen below
     a real length; shapes, dtypes or devices that do not match; an unsupported head dim;
     dropout_p outside [0, 1). The checks of cu_seqlens' values read it on the host (one sync per
-    call); under torch.compile they are skipped."""
+    call); under torch.compile, or with check_cu_seqlens=False (cu_seqlens checked once where
+    they were built, as `fastgpt.segments.packed_rows` builds them valid), they are skipped and
+    max_seqlen_q/k are trusted."""
     compiling = torch.compiler.is_compiling()
+    check_values = check_cu_seqlens and not compiling
     _validate(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, not compiling
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, check_values
     )
     _check_varlen_offsets(q, k, v, max_seqlen_q, max_seqlen_k)
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
@@ -670,7 +674,8 @@ def attention_varlen(
         return attention_varlen_reference(q, k, v, *args, float(dropout_p), seed)
     seed_t = None
     if dropout_p > 0.0:
-        if not compiling:
+        # max_seqlen bounds every length (checked above or trusted): no sync when it suffices.
+        if not compiling and int(max_seqlen_q) * int(max_seqlen_k) >= 2**31:
             _check_dropout_offsets(cu_seqlens_q, cu_seqlens_k)
         seed_t = seed_tensor(seed, q.device)
     out, _ = _flash_attention_varlen_forward(q, k, v, *args, float(dropout_p), seed_t)

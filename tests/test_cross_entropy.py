@@ -287,14 +287,17 @@ def test_torch_compile_fullgraph(device):
 
 
 def test_chunk_rule_at_gpt2_shapes():
-    # Liger's rule: C x V about N x d. gpt2-small at 16k tokens: 16384 / ceil(50257 / 768) ->
-    # 256 rows; a narrow d is raised to MIN_CHUNK_ELEMENTS logits; the rows are then shared
+    # A chunk's logits fit LOGITS_BUDGET_BYTES (256 MiB): gpt2-small's head at 8k tokens in
+    # bf16 runs in 4 chunks of 2048 rows; fp32 halves the rows; the rows are then shared
     # equally between the chunks; never more rows than N.
-    assert ce._chunk_rows(16384, GPT2_VOCAB, 768) == 256
-    assert ce._chunk_rows(8192, GPT2_VOCAB, 768) == 128
-    assert ce._chunk_rows(4096, GPT2_VOCAB, 8) == 128  # 2**22 / 50257 -> 84 -> 128
-    assert ce._chunk_rows(4097, GPT2_VOCAB, 8) == 125  # 33 chunks of 125 or 124 rows
-    assert ce._chunk_rows(17, 97, 32) == 17
+    budget = 256 << 20
+    assert budget == ce.LOGITS_BUDGET_BYTES
+    for n, itemsize, chunks in ((8192, 2, 4), (16384, 2, 7), (8192, 4, 7), (16384, 4, 13)):
+        rows = ce._chunk_rows(n, GPT2_VOCAB, itemsize)
+        assert -(-n // rows) == chunks and rows * GPT2_VOCAB * itemsize <= budget, (n, rows)
+    assert ce._chunk_rows(8192, GPT2_VOCAB, 2) == 2048
+    assert ce._chunk_rows(4097, 97, 4) == 4097  # a small vocabulary: one chunk
+    assert ce._chunk_rows(17, 97, 4) == 17
 
 
 # --- memory ---------------------------------------------------------------------------------
@@ -309,7 +312,9 @@ def test_peak_memory_is_one_chunk_not_all_logits(path, monkeypatch):
     fn = chunked_torch if path == "torch" else fused_linear_cross_entropy
     if path == "kernel":
         monkeypatch.setattr(ce, "CHUNK_ROWS", 256)
-    rows = ce._chunk_rows(n, v, d)
+    else:  # the budget scaled down with the sizes: 8 chunks, as at GPT-2's 16k tokens
+        monkeypatch.setattr(ce, "LOGITS_BUDGET_BYTES", n * v * 4 // 8)
+    rows = ce._chunk_rows(n, v, 4)
     hidden, weight, _, targets = make_inputs(n, v, d, torch.float32, "cpu", bias=False)
     hidden.requires_grad_()
     weight.requires_grad_()
@@ -400,3 +405,87 @@ def test_bad_inputs(device):
             f(h, w, t_bad)
         with pytest.raises(ValueError, match=r"is outside"):
             chunked_torch(h, w, t_bad)
+
+
+# --- a padded head --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_padded_head_is_the_unpadded_loss(path, reduction, device, monkeypatch):
+    # weight padded from 97 to 128 rows of random values (vocab_multiple=64's 50257 -> 50304 in
+    # small), num_classes=97, in 3 chunks: the loss and the gradients of hidden and of the first
+    # 97 rows of weight and bias are the unpadded loss's on the same path (sums with zeros
+    # added: to fp32 rounding); the padding rows' gradients are exactly 0.
+    monkeypatch.setattr(ce, "CHUNK_ROWS", 7)
+    fn = chunked_torch if path == "torch" else fused_linear_cross_entropy
+    hidden, weight, bias, targets = make_inputs(20, 97, 16, torch.float32, device)
+    g = torch.Generator().manual_seed(5)
+    pad_w, pad_b = torch.randn(31, 16, generator=g) * 3, torch.randn(31, generator=g) * 3
+    padded_w = torch.cat([weight, pad_w.to(device)])
+    padded_b = torch.cat([bias, pad_b.to(device)])
+    dy = upstream(reduction, 20)
+    kw = {"reduction": reduction}
+    plain = outputs_and_grads(
+        lambda h, w, b: fn(h, w, targets, b, **kw), (hidden, weight, bias), dy
+    )
+    padded = outputs_and_grads(
+        lambda h, w, b: fn(h, w, targets, b, num_classes=97, **kw), (hidden, padded_w, padded_b), dy
+    )
+    for got, want in zip(padded, plain, strict=True):  # the same sums, with zeros added
+        torch.testing.assert_close(got[: len(want)] if got.dim() else got, want)
+    assert not padded[2][97:].any() and not padded[3][97:].any()
+    bad = targets.clone()
+    bad[3] = 100  # a padding row is no class
+    with pytest.raises(ValueError, match=r"targets\[3\] = 100 is outside .*\[0, 97\)"):
+        fn(hidden, padded_w, bad, padded_b, num_classes=97)
+    for wrong in (0, 129, 2.0):
+        with pytest.raises(ValueError, match=r"num_classes must be an int in \[1, 128\]"):
+            fn(hidden, padded_w, targets, padded_b, num_classes=wrong)
+
+
+# --- the fp32 grad_weight is accumulated in place -------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_grad_weight_is_one_accumulator_for_all_chunks(dtype, monkeypatch):
+    # Every tensor any op makes inside the chunk loop, counted by shape: across 5 chunks one
+    # (V, d) tensor (the fp32 accumulator, zero-filled once) and no other of its size. A fp16
+    # product rounded and added per chunk (CPU has no fp32-out addmm) goes block by block.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def n_elements(shape):
+        return torch.Size(shape).numel()
+
+    monkeypatch.setattr(ce, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(ce, "SCALE_BLOCK_ELEMENTS", 64 * 16)
+    n, v, d = 40, 256, 16
+    hidden, weight, _, targets = make_inputs(n, v, d, dtype, "cpu", bias=False)
+    made = []
+
+    class NewTensors(TorchDispatchMode):  # outputs in storage no input of the op owns
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = [*args, *(kwargs or {}).values()]
+            owned = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in owned:
+                    made.append((str(func), tuple(t.shape)))
+            return out
+
+    one = torch.ones(1)
+    with NewTensors():
+        _, _, grad_weight, _ = ce._chunked(hidden, weight, None, targets, one, -100, v, True, False)
+    assert [shape for _, shape in made].count((v, d)) == 1, made
+    assert all(n_elements(shape) < v * d for _, shape in made if shape != (v, d)), made
+    assert grad_weight.dtype == torch.float32
+    want = torch.zeros(v, d)
+    for start in range(0, n, 8):
+        z = (hidden[start : start + 8].float() @ weight.float().T).softmax(-1)
+        rows = torch.arange(z.shape[0])
+        t = targets[start : start + 8]
+        z[rows[t >= 0], t[t >= 0]] -= 1
+        z[t < 0] = 0
+        want += z.T @ hidden[start : start + 8].float()
+    torch.testing.assert_close(grad_weight, want, atol=5e-3 if dtype == torch.float16 else 1e-5,
+                               rtol=1e-2 if dtype == torch.float16 else 1e-5)  # fmt: skip

@@ -231,7 +231,7 @@ def test_logits_at_rejects_bad_positions():
 def test_backend_resolution():
     assert tiny_model(backend="torch").backend == "torch"
     auto = GPTModel(tiny_config(), backend="auto")
-    assert auto.backend == ("triton" if torch.cuda.is_available() else "torch")
+    assert auto.backend == ("triton" if torch.cuda.is_available() else "sdpa")
     with pytest.raises(ValueError, match="backend must be one of"):
         GPTModel(tiny_config(), backend="cuda")
     model = tiny_model(backend="torch").set_backend("triton")

@@ -139,6 +139,7 @@ class ClassifyTask(
         if opts.max_length is not None and opts.max_length > context:
             raise UsageError(f"--max-length {opts.max_length} > the model's context {context}")
         check_vocabulary(model, EOT_ID)  # GPT-2 BPE ids, and <|endoftext|> pads: EOT_ID at most
+        model.check_inputs = False  # checked once here: no range-check sync per batch
         limit, tokenizer = opts.max_length or context, get_tokenizer()
         train, val, test = (ClassificationDataset(d, tokenizer, max_length=limit) for d in data)
         # The book pads everything to the longest training text; longer val/test texts are cut.

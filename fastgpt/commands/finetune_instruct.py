@@ -137,6 +137,7 @@ class InstructTask(
         if max_length is not None and max_length > context:
             raise UsageError(f"--max-length {max_length} > the model's context {context}")
         check_vocabulary(model, EOT_ID)  # GPT-2 BPE ids, and <|endoftext|> ends each example
+        model.check_inputs = False  # checked once here: no range-check sync per batch
         max_length = max_length or context
         train_set, val_set = data.train_set, data.val_set
         if max(train_set.longest_prompt, val_set.longest_prompt) > max_length:

@@ -15,6 +15,14 @@ One optimizer step, in order:
         counted in metrics.jsonl, and the scale halved; `torch.amp.GradScaler`)
     AdamW step (weight decay on matrices and embeddings only); LR schedule step
 
+Host-device syncs: with a fused AdamW (CUDA's), a step's loss and gradient norm stay on the
+device except on a reporting step (`_reports`: a log, eval or checkpoint step, the last, the
+run's first), which copies those of every step since the previous report to the host at once.
+In between, the non-finite guard runs on the device: fused AdamW's `found_inf` skips a
+non-finite step and every step after it, and the next report raises for the first of them, so
+the parameters are still those before it. Otherwise (CPU, where reading a value costs no wait)
+every step reports.
+
 The loop itself only sequences the components it delegates to: the data order
 (`batches.BatchOrder`), the optimizer and schedule (`optim`), evaluation (`evaluation.Evaluator`),
 metrics and throughput (`metrics`), checkpoints (`checkpoint.Checkpointer`) and torchrun's process
@@ -192,15 +200,19 @@ class Trainer:
                    disable=not show, dynamic_ncols=True)  # fmt: skip
         self._final = {"step": self.step, "tokens_seen": self.tokens_seen}
         self._since_log, self._since_eval = Interval(), Interval()
+        self._held: list[torch.Tensor] = []  # (2,) loss and norm of each unreported step
+        self._skip: torch.Tensor | None = None  # () bool: a held step was not finite
+        self._timings: list[tuple[int, float]] = []  # (tokens, seconds) of each unreported step
+        self._reported_once = False
         steps = self.batches.steps(self.collate_fn, self.config.num_workers,
                                    pin_memory=self.device.type == "cuda")  # fmt: skip
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
-                loss, grad_norm, tokens, seq_len = self._train_step(next(steps))
+                reported, tokens, seq_len = self._train_step(next(steps))
                 elapsed = time.perf_counter() - started
-                self._after_step(loss, grad_norm, tokens, seq_len, lr, elapsed, bar)
+                self._after_step(reported, tokens, seq_len, lr, elapsed, bar)
         except BaseException as exc:
             self.metrics.close(completed=False)  # an earlier run's metrics stay as they were
             self.dist.close()  # leave no process group behind on an error
@@ -219,14 +231,23 @@ class Trainer:
         self.dist.close()
         return final
 
-    def _after_step(self, loss, grad_norm, tokens, seq_len, lr, elapsed, bar) -> None:
-        """Count the step, and log, evaluate, warn and checkpoint when they are due."""
+    def _after_step(self, reported, tokens, seq_len, lr, elapsed, bar) -> None:
+        """Count the step; on a reporting step (`reported`: the (loss, norm) of each step since
+        the previous one) add those steps to the intervals, and log, evaluate, warn and
+        checkpoint when they are due."""
         self.tokens_seen += tokens
-        for interval in (self._since_log, self._since_eval):
-            interval.add(loss, tokens, elapsed, grad_norm)
+        self._timings.append((tokens, elapsed))
         bar.update(1)
+        if not reported:  # its loss is still on the device
+            return
+        first = self.step - len(reported) + 1
+        steps = zip(reported, self._timings, strict=True)
+        for i, ((loss, grad_norm), (step_tokens, seconds)) in enumerate(steps):
+            for interval in (self._since_log, self._since_eval):
+                interval.add(loss, step_tokens, seconds, grad_norm)
+            self.divergence.check(first + i, loss, self.metrics, bar)
+        self._timings = []
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / elapsed:,.0f}")
-        self.divergence.check(self.step, loss, self.metrics, bar)
         last = self.step == self.total_steps
         if self.step % self.config.log_every == 0 or last:
             self._final.update(self._log_train(self._since_log, seq_len, lr))
@@ -264,9 +285,27 @@ class Trainer:
             self.metrics.open(self.step if cfg.resume else None, record)
             print(self._plan())
 
-    def _train_step(self, micro_batches: list[Any]) -> tuple[float, float, int, int]:
+    def _reports(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) copies its loss and gradient norm to the
+        host (the step's one sync): a log, eval or checkpoint step, the last, the run's first
+        (the divergence watch's reference), and every step when the optimizer cannot skip a
+        step on the device (only fused AdamW takes `found_inf`) or when fp16's loss scaler
+        reads every step's overflow on the host anyway."""
+        cfg, last = self.config, step == self.total_steps
+        return (
+            not self._reported_once
+            or not self.optimizer.defaults.get("fused")
+            or self.scaler.is_enabled()
+            or step % cfg.log_every == 0
+            or bool(cfg.eval_every and step % cfg.eval_every == 0)
+            or self.checkpointer.due(step, last)
+            or last
+        )
+
+    def _train_step(self, micro_batches: list[Any]) -> tuple[list[tuple[float, float]], int, int]:
         """Forward/backward over the micro-batches, the finiteness check and the optimizer
-        step. Returns (mean loss over all ranks, gradient norm before clipping, tokens of all
+        step. Returns ((mean loss over all ranks, gradient norm before clipping) of each step
+        since the previous reporting step, or [] when this step does not report; tokens of all
         ranks, sequence length)."""
         model = self.train_model
         model.train()
@@ -290,19 +329,33 @@ class Trainer:
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
         self.scaler.unscale_(self.optimizer)  # fp16: the true gradients, to clip and check
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        loss_value, norm_value = torch.stack([mean_loss, grad_norm.double()]).tolist()  # 1 sync
-        overflow = self.scaler.is_enabled() and not math.isfinite(norm_value)
-        if not (math.isfinite(loss_value) and (math.isfinite(norm_value) or overflow)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(self._non_finite_message(loss_value, norm_value))
+        stats = torch.stack([mean_loss, grad_norm.double()])  # (2,) on the device
+        reported: list[tuple[float, float]] = []
+        overflow = False  # fp16: this step's gradient overflowed the loss scale
+        if self._reports(self.step + 1):
+            reported = torch.stack([*self._held, stats]).tolist()  # the one sync
+            self._held, self._skip, self._reported_once = [], None, True
+            self.optimizer.found_inf = None
+            first = self.step + 2 - len(reported)  # the step of reported[0]
+            for i, (loss_value, norm_value) in enumerate(reported):
+                overflow = self.scaler.is_enabled() and not math.isfinite(norm_value)
+                if not (math.isfinite(loss_value) and (math.isfinite(norm_value) or overflow)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step = first + i - 1  # the held steps from it on were skipped
+                    raise NonFiniteLossError(self._non_finite_message(loss_value, norm_value))
+        else:  # no sync: skip this step on the device if it, or a held one, is not finite
+            bad = ~stats.isfinite().all()
+            self._skip = bad if self._skip is None else self._skip | bad
+            self.optimizer.found_inf = self._skip.float()
+            self._held.append(stats)
         self.scaler.step(self.optimizer)  # fp16: no step where a gradient overflowed
-        if self.scaler.is_enabled():
-            self._update_loss_scale(overflow, loss_value)
+        if self.scaler.is_enabled():  # fp16 reports every step (`_reports`)
+            self._update_loss_scale(overflow, reported[-1][0])
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.batches.advance()
-        return loss_value, norm_value, tokens * self.dist.world_size, seq_len
+        return reported, tokens * self.dist.world_size, seq_len
 
     # --- reporting -------------------------------------------------------------------------
 
