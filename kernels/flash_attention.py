@@ -108,10 +108,9 @@ def _attention_backward_preprocess_kernel(
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     out_base = out_ptr + b * stride_ob + h * stride_oh
+    out = fc.load_tile(out_base, offs_m, offs_d, stride_om, stride_od, Tq, D).to(tl.float32)
     do_base = dout_ptr + b * stride_dob + h * stride_doh
-    out = fc.load_tile(out_base, offs_m, offs_d, stride_om, stride_od, Tq, D)  # (BLOCK_M, BLOCK_D)
-    dout = fc.load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Tq, D)
-    out, dout = out.to(tl.float32), dout.to(tl.float32)
+    dout = fc.load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Tq, D).to(tl.float32)
     tl.store(delta_ptr + bh * Tq + offs_m, tl.sum(out * dout, axis=1), mask=offs_m < Tq)
 
 
