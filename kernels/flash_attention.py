@@ -31,35 +31,16 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 from . import _autotune
+from . import flash_core as fc
 from ._dispatch import (
-    check_float,
     check_same_device,
     define_op,
     triton_interpreter_enabled,
     use_triton,
 )
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
-from .flash_core import (
-    LOG2E,
-    SUPPORTED_HEAD_DIMS,
-    TileTable,
-    arch_family,
-    attention_reference,
-    block_config,
-    dkdv_tile,
-    dot_precision,
-    dq_tile,
-    dropout_mask_tile,
-    forward_tile,
-    load_seed,
-    load_tile,
-    padded_head_dim,
-    program_tile,
-    seed_tensor,
-    store_dkdv,
-    store_tile,
-    tma_load_tile,
-)
+from .flash_core import ATTENTION_TILES, attention_reference, seed_tensor
+from .flash_core import SUPPORTED_HEAD_DIMS as SUPPORTED_HEAD_DIMS  # the op's API
 from .flash_core import target_arch as _target_arch  # tests pin the arch through this name
 
 # --- forward -----------------------------------------------------------------------------
@@ -67,42 +48,31 @@ from .flash_core import target_arch as _target_arch  # tests pin the arch throug
 
 @triton.jit
 def _attention_forward_kernel(
-    q_ptr,  # (B, H, Tq, D), any strides
-    k_ptr,  # (B, H, Tk, D), any strides
-    v_ptr,  # (B, H, Tk, D), any strides
-    out_ptr,  # (B, H, Tq, D), any strides
+    q_ptr, k_ptr, v_ptr, out_ptr,  # (B, H, T, D) each (Tq rows: q, out; Tk: k, v), any strides
     lse_ptr,  # (B·H, Tq) fp32 contiguous, base-2 log-sum-exp of each row's scores
     seed_ptr,  # (1,) int64 Philox seed, or None without dropout
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,
-    H, Tq, Tk, D,
-    qk_scale,  # sm_scale · log2(e)
-    dropout_p,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+    H, Tq, Tk, D, qk_scale, dropout_p,  # qk_scale = sm_scale · log2(e)
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TMA: tl.constexpr = False,  # q, k, v, out are host TensorDescriptors (sm_90+, see below)
 ):  # fmt: skip
-    bh, b, h, m_start = program_tile(Tq, H, BLOCK_M, True)
+    bh, b, h, m_start = fc.program_tile(Tq, H, BLOCK_M, True)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     if TMA:  # whole tensors' descriptors, indexed by head inside the loads
-        q = tma_load_tile(q_ptr, b, h, m_start, BLOCK_M, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        q = fc.tma_load_tile(q_ptr, b, h, m_start, BLOCK_M, BLOCK_D)  # (BLOCK_M, BLOCK_D)
         k_base = k_ptr
         v_base = v_ptr
     else:
-        q = load_tile(  # (BLOCK_M, BLOCK_D)
+        q = fc.load_tile(  # (BLOCK_M, BLOCK_D)
             q_ptr + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Tq, D
         )
         k_base = k_ptr + b * stride_kb + h * stride_kh
         v_base = v_ptr + b * stride_vb + h * stride_vh
-    seed = load_seed(seed_ptr, DROPOUT)
-    out, lse = forward_tile(
+    seed = fc.load_seed(seed_ptr, DROPOUT)
+    out, lse = fc.forward_tile(
         q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_m, offs_d,
         bh, b, h, m_start, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, TMA, False,
@@ -113,13 +83,16 @@ def _attention_forward_kernel(
         out_ptr.store([b.to(tl.int32), h.to(tl.int32), m_start, 0], tile)
     else:
         out_base = out_ptr + b * stride_ob + h * stride_oh
-        store_tile(out_base, out, offs_m, offs_d, stride_om, stride_od, Tq, D)
+        fc.store_tile(out_base, out, offs_m, offs_d, stride_om, stride_od, Tq, D)
 
 
 # --- backward ----------------------------------------------------------------------------
 #
 # Three kernels (the math and the work split: kernels/flash_core.py): delta = rowsum(dout ∘ out),
-# then dk/dv per key tile, then dq per query tile.
+# then dk/dv per key tile, then dq per query tile. The two gradient kernels take the same
+# inputs, then their outputs: q, k, v, dout (B, H, T, D) any strides (Tq rows: q, dout; Tk: k,
+# v), lse and delta (B·H, Tq) fp32 contiguous, the (1,) int64 Philox seed or None without
+# dropout; qk_scale is sm_scale · log2(e).
 
 
 @triton.jit
@@ -133,109 +106,71 @@ def _attention_backward_preprocess_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bh, b, h, m_start = program_tile(Tq, H, BLOCK_M, False)
+    bh, b, h, m_start = fc.program_tile(Tq, H, BLOCK_M, False)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    out = load_tile(  # (BLOCK_M, BLOCK_D)
-        out_ptr + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Tq, D
-    ).to(tl.float32)
-    dout = load_tile(  # (BLOCK_M, BLOCK_D)
-        dout_ptr + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Tq, D
-    ).to(tl.float32)
+    out_base = out_ptr + b * stride_ob + h * stride_oh
+    out = fc.load_tile(out_base, offs_m, offs_d, stride_om, stride_od, Tq, D).to(tl.float32)
+    do_base = dout_ptr + b * stride_dob + h * stride_doh
+    dout = fc.load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Tq, D).to(tl.float32)
     tl.store(delta_ptr + bh * Tq + offs_m, tl.sum(out * dout, axis=1), mask=offs_m < Tq)
 
 
 @triton.jit
 def _attention_backward_dkdv_kernel(
-    q_ptr,  # (B, H, Tq, D), any strides
-    k_ptr,  # (B, H, Tk, D), any strides
-    v_ptr,  # (B, H, Tk, D), any strides
-    dout_ptr,  # (B, H, Tq, D), any strides
-    lse_ptr,  # (B·H, Tq) fp32 contiguous
-    delta_ptr,  # (B·H, Tq) fp32 contiguous
-    dk_ptr,  # (B, H, Tk, D), any strides
-    dv_ptr,  # (B, H, Tk, D), any strides (the same as dk's)
-    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    H, Tq, Tk, D,
-    sm_scale,
-    qk_scale,  # sm_scale · log2(e)
-    dropout_p,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, seed_ptr,  # the inputs (see above)
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+    dk_ptr, dv_ptr, stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # (B, H, Tk, D) each
+    H, Tq, Tk, D, sm_scale, qk_scale, dropout_p,  # dk is stored times sm_scale
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bh, b, h, n_start = program_tile(Tk, H, BLOCK_N, False)
+    bh, b, h, n_start = fc.program_tile(Tk, H, BLOCK_N, False)
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(  # (BLOCK_N, BLOCK_D)
+    k = fc.load_tile(  # (BLOCK_N, BLOCK_D)
         k_ptr + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Tk, D
     )
-    v = load_tile(  # (BLOCK_N, BLOCK_D)
+    v = fc.load_tile(  # (BLOCK_N, BLOCK_D)
         v_ptr + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Tk, D
     )
     q_base = q_ptr + b * stride_qb + h * stride_qh
     do_base = dout_ptr + b * stride_dob + h * stride_doh
-    lse_base = lse_ptr + bh * Tq
-    delta_base = delta_ptr + bh * Tq
-    seed = load_seed(seed_ptr, DROPOUT)
-    dk, dv = dkdv_tile(
-        k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd, stride_dom, stride_dod,
-        offs_n, offs_d, n_start, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
-        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False,  # CLAMP_ONCE
+    seed = fc.load_seed(seed_ptr, DROPOUT)
+    dk, dv = fc.dkdv_tile(  # CLAMP_ONCE False
+        k, v, q_base, do_base, lse_ptr + bh * Tq, delta_ptr + bh * Tq, stride_qm, stride_qd,
+        stride_dom, stride_dod, offs_n, offs_d, n_start, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
+        CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False,
     )  # fmt: skip
     start = b * stride_dkb + h * stride_dkh  # dv has dk's strides (the launcher's)
-    store_dkdv(
-        dk_ptr, dv_ptr, start, dk, dv, offs_n, offs_d, stride_dkn, stride_dkd, Tk, D, sm_scale
-    )
+    fc.store_dkdv(dk_ptr, dv_ptr, start, dk, dv, offs_n, offs_d, stride_dkn, stride_dkd, Tk, D,
+                  sm_scale)  # fmt: skip
 
 
 @triton.jit
 def _attention_backward_dq_kernel(
-    q_ptr,  # (B, H, Tq, D), any strides
-    k_ptr,  # (B, H, Tk, D), any strides
-    v_ptr,  # (B, H, Tk, D), any strides
-    dout_ptr,  # (B, H, Tq, D), any strides
-    lse_ptr,  # (B·H, Tq) fp32 contiguous
-    delta_ptr,  # (B·H, Tq) fp32 contiguous
-    dq_ptr,  # (B, H, Tq, D), any strides
-    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, Tq, Tk, D,
-    sm_scale,
-    qk_scale,  # sm_scale · log2(e)
-    dropout_p,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, seed_ptr,  # the inputs (see above)
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
+    dq_ptr, stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # (B, H, Tq, D)
+    H, Tq, Tk, D, sm_scale, qk_scale, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    bh, b, h, m_start = program_tile(Tq, H, BLOCK_M, True)
+    bh, b, h, m_start = fc.program_tile(Tq, H, BLOCK_M, True)  # the heaviest query tiles first
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dq = dq_tile(
+    dq = fc.dq_tile(
         q_ptr + b * stride_qb + h * stride_qh, dout_ptr + b * stride_dob + h * stride_doh,
         lse_ptr + bh * Tq, delta_ptr + bh * Tq,
-        k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh, seed_ptr,
-        stride_qm, stride_qd, stride_dom, stride_dod, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, bh, m_start, Tq, Tk, D, qk_scale, dropout_p,
+        k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh,  # head (b, h)
+        seed_ptr, stride_qm, stride_qd, stride_dom, stride_dod, stride_kn, stride_kd, stride_vn,
+        stride_vd, offs_m, offs_d, bh, m_start, Tq, Tk, D, qk_scale, dropout_p,
         CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
     )  # fmt: skip
-    dq_base = dq_ptr + b * stride_dqb + h * stride_dqh
-    store_tile(dq_base, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, Tq, D)
+    dq_base = dq_ptr + b * stride_dqb + h * stride_dqh  # dq has its own strides
+    fc.store_tile(dq_base, dq * sm_scale, offs_m, offs_d, stride_dqm, stride_dqd, Tq, D)
 
 
 # --- dropout mask ------------------------------------------------------------------------
@@ -250,39 +185,19 @@ def _attention_dropout_mask_kernel(
     BLOCK: tl.constexpr,
 ):
     # The B·H heads in a row: head bh = b·H + h is Philox's head bh.
-    dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, 0, dropout_p, BLOCK)
+    fc.dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, 0, dropout_p, BLOCK)
 
 
 # --- launchers ---------------------------------------------------------------------------
 
 
-# The pinned tiles; the layout, and where each entry's reasons are: "tile tables" in
-# kernels/flash_core.py.
-ATTENTION_TILES: TileTable = {
-    # key: (forward, dkdv, dq), each (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    ("sm_90", "16-bit", 16): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_90", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_90", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_90", "16-bit", 128): ((128, 32, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2)),
-    ("sm_90", "fp32", 16): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2)),
-    ("sm_90", "fp32", 32): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
-    ("sm_90", "fp32", 64): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
-    ("sm_90", "fp32", 128): ((16, 32, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)),
-    ("sm_80", "16-bit", 16): ((64, 64, 8, 2), (16, 128, 8, 2), (128, 16, 8, 2)),
-    ("sm_80", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_80", "16-bit", 128): ((128, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
-    ("sm_80", "fp32", 16): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)),
-    ("sm_80", "fp32", 32): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
-    ("sm_80", "fp32", 64): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
-    ("sm_80", "fp32", 128): ((16, 32, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)),
-}
+# The pinned tiles: `flash_core.ATTENTION_TILES`.
 
 
 def _block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
     """Tile sizes and launch settings per kernel ("forward", "dkdv", "dq"): the pinned entry
     of ATTENTION_TILES for the target's arch (the interpreter's small tiles under it)."""
-    return block_config(ATTENTION_TILES, dtype, head_dim, _target_arch)
+    return fc.block_config(ATTENTION_TILES, dtype, head_dim, _target_arch)
 
 
 def _config_candidates(
@@ -299,7 +214,7 @@ def _config_candidates(
     pinned = _block_config(dtype, head_dim)[kernel]
     if triton_interpreter_enabled() or dtype == torch.float32:
         return [pinned]
-    hopper = arch_family(_target_arch()) == "sm_90"
+    hopper = fc.arch_family(_target_arch()) == "sm_90"
     offer_tma = tma and hopper and kernel == "forward" and TensorDescriptor is not None
     with_tma = [{**pinned, "TMA": 1}] if offer_tma else []
     if dropout:
@@ -377,7 +292,7 @@ def _flash_attention_forward(
     out = _empty((batch, heads, tq, head_dim), q.dtype, q.device)
     lse = _empty((batch, heads, tq), torch.float32, q.device)
 
-    block_d = padded_head_dim(head_dim)
+    block_d = fc.padded_head_dim(head_dim)
 
     def launch(cfg: dict[str, int]) -> None:
         cfg = dict(cfg)
@@ -393,8 +308,8 @@ def _flash_attention_forward(
         torch.library.wrap_triton(_attention_forward_kernel)[grid](
             *tensors, lse, seed,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            heads, tq, tk, head_dim, sm_scale * LOG2E, dropout_p,
-            CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype),
+            heads, tq, tk, head_dim, sm_scale * fc.LOG2E, dropout_p,
+            CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=fc.dot_precision(q.dtype),
             BLOCK_D=block_d, TMA=tma, **cfg,
         )  # fmt: skip
 
@@ -419,9 +334,9 @@ def _flash_attention_backward(
     """Launch the three backward kernels: (dq, dk, dv) shaped and typed like q, k, v."""
     batch, heads, tq, head_dim = q.shape
     tk = k.shape[2]
-    block_d = padded_head_dim(head_dim)
+    block_d = fc.padded_head_dim(head_dim)
     configs = _block_config(q.dtype, head_dim)
-    precision = dot_precision(q.dtype)
+    precision = fc.dot_precision(q.dtype)
     dropout = dropout_p > 0.0
     delta = _empty((batch, heads, tq), torch.float32, q.device)
     dq = _empty((batch, heads, tq, head_dim), q.dtype, q.device)
@@ -436,25 +351,23 @@ def _flash_attention_backward(
         BLOCK_M=pre_block_m, BLOCK_D=block_d,
     )  # fmt: skip
 
+    # The two gradient kernels take the same inputs, then their outputs, then the same scalars.
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    inputs = (q, k, v, dout, lse, delta, seed, *strides)
+    scalars = (heads, tq, tk, head_dim, sm_scale, sm_scale * fc.LOG2E, dropout_p)
+    flags = {"CAUSAL": causal, "DROPOUT": dropout, "DOT_PRECISION": precision, "BLOCK_D": block_d}
+
     def launch_dkdv(cfg: dict[str, int]) -> None:
-        torch.library.wrap_triton(_attention_backward_dkdv_kernel)[
-            (triton.cdiv(tk, cfg["BLOCK_N"]) * batch * heads,)
-        ](
-            q, k, v, dout, lse, delta, dk, dv, seed,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-            heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
-            CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
-        )  # fmt: skip
+        grid = (triton.cdiv(tk, cfg["BLOCK_N"]) * batch * heads,)
+        torch.library.wrap_triton(_attention_backward_dkdv_kernel)[grid](
+            *inputs, dk, dv, *dk.stride(), *scalars, **flags, **cfg
+        )
 
     def launch_dq(cfg: dict[str, int]) -> None:
-        torch.library.wrap_triton(_attention_backward_dq_kernel)[
-            (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
-        ](
-            q, k, v, dout, lse, delta, dq, seed,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-            heads, tq, tk, head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
-            CAUSAL=causal, DROPOUT=dropout, DOT_PRECISION=precision, BLOCK_D=block_d, **cfg,
-        )  # fmt: skip
+        grid = (triton.cdiv(tq, cfg["BLOCK_M"]) * batch * heads,)
+        torch.library.wrap_triton(_attention_backward_dq_kernel)[grid](
+            *inputs, dq, *dq.stride(), *scalars, **flags, **cfg
+        )
 
     launch_dkdv(_tuned_config("dkdv", q, tk, causal, dropout, launch_dkdv))
     launch_dq(_tuned_config("dq", q, tk, causal, dropout, launch_dq))
@@ -502,29 +415,8 @@ torch.library.register_autograd(
 
 def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
     """Raise ValueError/TypeError naming the problem with attention's inputs."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q (B, H, Tq, D) and k/v (B, H, Tk, D) must agree on B, H and D, got q "
-            f"{tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t)
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    fc.check_qkv(q, k, v, 4, dropout_p)
     check_same_device(q=q, k=k, v=v)
-    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head dim {q.shape[3]} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
-        )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         within_head = t.shape[2] * abs(t.stride(2)) + t.shape[3] * abs(t.stride(3))
         if within_head >= 2**31:

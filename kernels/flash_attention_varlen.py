@@ -54,28 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_float, check_same_device, define_op, use_triton
+from . import flash_core as fc
+from ._dispatch import check_same_device, define_op, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
-from .flash_core import (
-    LOG2E,
-    SUPPORTED_HEAD_DIMS,
-    TileTable,
-    attention_reference,
-    block_config,
-    dkdv_tile,
-    dot_precision,
-    dq_tile,
-    dropout_mask_tile,
-    forward_tile,
-    load_seed,
-    load_tile,
-    padded_head_dim,
-    program_tile,
-    seed_tensor,
-    store_dkdv,
-    store_tile,
-    target_arch,
-)
+from .flash_core import SUPPORTED_HEAD_DIMS as SUPPORTED_HEAD_DIMS  # the op's API
+from .flash_core import attention_reference, seed_tensor
 
 # --- reference ---------------------------------------------------------------------------
 
@@ -87,20 +70,11 @@ def _sequence_bounds(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def attention_varlen_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool = True,
-    sm_scale: float | None = None,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-    dropout_masks: list[torch.Tensor] | None = None,
-    upcast: bool = True,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool = True, sm_scale: float | None = None, dropout_p: float = 0.0,
+    seed: int | None = None, dropout_masks: list[torch.Tensor] | None = None, upcast: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """`attention_reference` looped over the packed sequences. q (total_q, H, D), k and v
     (total_k, H, D), cu_seqlens_* (batch + 1,) int32 -> (total_q, H, D) in q's dtype.
 
@@ -178,28 +152,7 @@ def _validate(
     check_values: bool = True,
 ) -> None:
     """Raise ValueError/TypeError naming the problem with attention_varlen's inputs."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, H, D), got shape {tuple(t.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(
-            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-        )
-    if q.shape[1:] != k.shape[1:]:
-        raise ValueError(
-            f"q (total_q, H, D) and k/v (total_k, H, D) must agree on H and D, got q "
-            f"{tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t)
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[2] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head dim {q.shape[2]} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
-        )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    fc.check_qkv(q, k, v, 3, dropout_p)
     cu_checks = (
         ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
         ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
@@ -267,46 +220,33 @@ def _varlen_tile(lookup_ptr, num_slots, cu_q_ptr, cu_k_ptr):
 
 @triton.jit
 def _varlen_forward_kernel(
-    q_ptr,  # (total_q, H, D), any strides
-    k_ptr,  # (total_k, H, D), any strides
-    v_ptr,  # (total_k, H, D), any strides
-    out_ptr,  # (total_q, H, D), any strides
+    q_ptr, k_ptr, v_ptr, out_ptr,  # (total, H, D) each (total_q rows: q, out; total_k: k, v)
     lse_ptr,  # (H, total_q) fp32 contiguous, base-2 log-sum-exp of each row's scores
     seed_ptr,  # (1,) int64 Philox seed, or None without dropout
-    cu_q_ptr,  # (batch + 1,) int32
-    cu_k_ptr,  # (batch + 1,) int32
-    lookup_ptr,  # (2, num_slots) int32, query tiles (`_tile_lookup`)
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_ot, stride_oh, stride_od,
-    H, total_q, num_slots, D,
-    qk_scale,  # sm_scale · log2(e)
-    dropout_p,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    cu_q_ptr, cu_k_ptr, lookup_ptr,  # (batch + 1,) int32 each; query tiles (`_tile_lookup`)
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
+    H, total_q, num_slots, D, qk_scale, dropout_p,  # qk_scale = sm_scale · log2(e)
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     h, seq, m_start, q0, Tq, k0, Tk = _varlen_tile(lookup_ptr, num_slots, cu_q_ptr, cu_k_ptr)
     bh = seq * H + h  # dropout's head index: sequence i plays attention's batch index b
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_base = q_ptr + q0 * stride_qt + h * stride_qh
-    q = load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, Tq, D)  # (BLOCK_M, BLOCK_D)
+    q = fc.load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, Tq, D)  # (BLOCK_M, BLOCK_D)
     k_base = k_ptr + k0 * stride_kt + h * stride_kh
     v_base = v_ptr + k0 * stride_vt + h * stride_vh
-    seed = load_seed(seed_ptr, DROPOUT)
-    out, lse = forward_tile(  # (b, h) are TMA's only: 0, 0 here
+    seed = fc.load_seed(seed_ptr, DROPOUT)
+    out, lse = fc.forward_tile(  # (b, h) are TMA's only: 0, 0 here
         q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, offs_m, offs_d,
         bh, 0, 0, m_start, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, False, True,
     )  # fmt: skip
     tl.store(lse_ptr + h * total_q + q0 + offs_m, lse, mask=offs_m < Tq)
     out_base = out_ptr + q0 * stride_ot + h * stride_oh
-    store_tile(out_base, out, offs_m, offs_d, stride_ot, stride_od, Tq, D)
+    fc.store_tile(out_base, out, offs_m, offs_d, stride_ot, stride_od, Tq, D)
 
 
 @triton.jit
@@ -322,7 +262,7 @@ def _varlen_delta_kernel(
 ):  # fmt: skip
     # Rows are independent here, so tiles run over the packed axis regardless of sequences;
     # row offsets are int64 (total_q · stride can pass 2^31).
-    h, _, _, m_start = program_tile(total_q, H, BLOCK_M, False)  # (h, 0, h, start) at B = 1
+    h, _, _, m_start = fc.program_tile(total_q, H, BLOCK_M, False)  # (h, 0, h, start) at B = 1
     offs_m = (m_start + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < total_q)[:, None] & (offs_d < D)[None, :]
@@ -335,103 +275,71 @@ def _varlen_delta_kernel(
     tl.store(delta_ptr + h * total_q + offs_m, delta, mask=offs_m < total_q)
 
 
+# The two gradient kernels take the same inputs, then their outputs: q, k, v, dout
+# (total, H, D) any strides (total_q rows: q, dout; total_k: k, v), lse and delta (H, total_q)
+# fp32 contiguous, the (1,) int64 Philox seed or None without dropout, cu_seqlens_q/k
+# (batch + 1,) int32 and the (2, num_slots) int32 tile lookup (`_tile_lookup`: key tiles for
+# dk/dv, query tiles for dq); qk_scale is sm_scale · log2(e).
+
+
 @triton.jit
 def _varlen_backward_dkdv_kernel(
-    q_ptr,  # (total_q, H, D), any strides
-    k_ptr,  # (total_k, H, D), any strides
-    v_ptr,  # (total_k, H, D), any strides
-    dout_ptr,  # (total_q, H, D), any strides
-    lse_ptr,  # (H, total_q) fp32 contiguous
-    delta_ptr,  # (H, total_q) fp32 contiguous
-    dk_ptr,  # (total_k, H, D), any strides
-    dv_ptr,  # (total_k, H, D), the same strides as dk
-    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
-    cu_q_ptr,  # (batch + 1,) int32
-    cu_k_ptr,  # (batch + 1,) int32
-    lookup_ptr,  # (2, num_slots) int32, key tiles (`_tile_lookup`)
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_dot, stride_doh, stride_dod,
-    stride_dkt, stride_dkh, stride_dkd,
-    H, total_q, num_slots, D,
-    sm_scale,
-    qk_scale,  # sm_scale · log2(e)
-    dropout_p,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, seed_ptr, cu_q_ptr, cu_k_ptr, lookup_ptr,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+    dk_ptr, dv_ptr, stride_dkt, stride_dkh, stride_dkd,  # (total_k, H, D) each, one layout
+    H, total_q, num_slots, D, sm_scale, qk_scale, dropout_p,  # dk is stored times sm_scale
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     h, seq, n_start, q0, Tq, k0, Tk = _varlen_tile(lookup_ptr, num_slots, cu_q_ptr, cu_k_ptr)
     bh = seq * H + h
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k_base = k_ptr + k0 * stride_kt + h * stride_kh
-    k = load_tile(k_base, offs_n, offs_d, stride_kt, stride_kd, Tk, D)  # (BLOCK_N, BLOCK_D)
+    k = fc.load_tile(k_base, offs_n, offs_d, stride_kt, stride_kd, Tk, D)  # (BLOCK_N, BLOCK_D)
     v_base = v_ptr + k0 * stride_vt + h * stride_vh
-    v = load_tile(v_base, offs_n, offs_d, stride_vt, stride_vd, Tk, D)  # (BLOCK_N, BLOCK_D)
+    v = fc.load_tile(v_base, offs_n, offs_d, stride_vt, stride_vd, Tk, D)  # (BLOCK_N, BLOCK_D)
     q_base = q_ptr + q0 * stride_qt + h * stride_qh
     do_base = dout_ptr + q0 * stride_dot + h * stride_doh
     lse_base = lse_ptr + h * total_q + q0  # this sequence's rows of this head, (Tq,)
     delta_base = delta_ptr + h * total_q + q0
-    seed = load_seed(seed_ptr, DROPOUT)
-    dk, dv = dkdv_tile(
+    seed = fc.load_seed(seed_ptr, DROPOUT)
+    dk, dv = fc.dkdv_tile(
         k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dot, stride_dod,
         offs_n, offs_d, n_start, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
         CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, True,  # CLAMP_ONCE
     )  # fmt: skip
     start = k0 * stride_dkt + h * stride_dkh  # dv has dk's strides (the launcher's)
-    store_dkdv(
+    fc.store_dkdv(
         dk_ptr, dv_ptr, start, dk, dv, offs_n, offs_d, stride_dkt, stride_dkd, Tk, D, sm_scale
     )
 
 
 @triton.jit
 def _varlen_backward_dq_kernel(
-    q_ptr,  # (total_q, H, D), any strides
-    k_ptr,  # (total_k, H, D), any strides
-    v_ptr,  # (total_k, H, D), any strides
-    dout_ptr,  # (total_q, H, D), any strides
-    lse_ptr,  # (H, total_q) fp32 contiguous
-    delta_ptr,  # (H, total_q) fp32 contiguous
-    dq_ptr,  # (total_q, H, D), any strides
-    seed_ptr,  # (1,) int64 Philox seed, or None without dropout
-    cu_q_ptr,  # (batch + 1,) int32
-    cu_k_ptr,  # (batch + 1,) int32
-    lookup_ptr,  # (2, num_slots) int32, query tiles (`_tile_lookup`)
-    stride_qt, stride_qh, stride_qd,
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_dot, stride_doh, stride_dod,
-    stride_dqt, stride_dqh, stride_dqd,
-    H, total_q, num_slots, D,
-    sm_scale,
-    qk_scale,  # sm_scale · log2(e)
-    dropout_p,
-    CAUSAL: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, dout_ptr, lse_ptr, delta_ptr, seed_ptr, cu_q_ptr, cu_k_ptr, lookup_ptr,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+    dq_ptr, stride_dqt, stride_dqh, stride_dqd,  # (total_q, H, D)
+    H, total_q, num_slots, D, sm_scale, qk_scale, dropout_p,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     h, seq, m_start, q0, Tq, k0, Tk = _varlen_tile(lookup_ptr, num_slots, cu_q_ptr, cu_k_ptr)
-    bh = seq * H + h
+    bh = seq * H + h  # Philox's head index (see the forward)
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    dq = dq_tile(
+    dq = fc.dq_tile(
         q_ptr + q0 * stride_qt + h * stride_qh, dout_ptr + q0 * stride_dot + h * stride_doh,
-        lse_ptr + h * total_q + q0, delta_ptr + h * total_q + q0,
-        k_ptr + k0 * stride_kt + h * stride_kh, v_ptr + k0 * stride_vt + h * stride_vh, seed_ptr,
-        stride_qt, stride_qd, stride_dot, stride_dod, stride_kt, stride_kd, stride_vt, stride_vd,
-        offs_m, offs_d, bh, m_start, Tq, Tk, D, qk_scale, dropout_p,
+        lse_ptr + h * total_q + q0, delta_ptr + h * total_q + q0,  # the sequence's rows, (Tq,)
+        k_ptr + k0 * stride_kt + h * stride_kh, v_ptr + k0 * stride_vt + h * stride_vh,
+        seed_ptr, stride_qt, stride_qd, stride_dot, stride_dod, stride_kt, stride_kd, stride_vt,
+        stride_vd, offs_m, offs_d, bh, m_start, Tq, Tk, D, qk_scale, dropout_p,
         CAUSAL, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
     )  # fmt: skip
     dq_base = dq_ptr + q0 * stride_dqt + h * stride_dqh
-    store_tile(dq_base, dq * sm_scale, offs_m, offs_d, stride_dqt, stride_dqd, Tq, D)
+    fc.store_tile(dq_base, dq * sm_scale, offs_m, offs_d, stride_dqt, stride_dqd, Tq, D)
 
 
 @triton.jit
@@ -443,28 +351,23 @@ def _varlen_dropout_mask_kernel(
     dropout_p,
     BLOCK: tl.constexpr,
 ):
-    dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, first_bh, dropout_p, BLOCK)
+    fc.dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, first_bh, dropout_p, BLOCK)
 
 
 # --- launchers ---------------------------------------------------------------------------
 
 
-# The pinned tiles (the varlen kernels hold a few more values than attention's, the sequence's
-# row starts and lengths); the layout, and where each entry's reasons are: "tile tables" in
-# kernels/flash_core.py.
-VARLEN_TILES: TileTable = {
-    # key: (forward, dkdv, dq), each (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    ("sm_90", "16-bit", 16): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_90", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_90", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+# The pinned tiles: attention's (`flash_core.ATTENTION_TILES`) but where the varlen kernels, which
+# hold a few more values (the sequence's row starts and lengths), need others; the layout, and
+# where each entry's reasons are: "tile tables" in kernels/flash_core.py.
+VARLEN_TILES: fc.TileTable = {
+    **fc.ATTENTION_TILES,
     ("sm_90", "16-bit", 128): ((128, 32, 8, 2), (16, 64, 8, 2), (128, 32, 8, 2)),
     ("sm_90", "fp32", 16): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 32): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 64): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 128): ((32, 16, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)),
     ("sm_80", "16-bit", 16): ((64, 64, 8, 2), (32, 64, 8, 2), (128, 16, 8, 2)),
-    ("sm_80", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
     ("sm_80", "16-bit", 128): ((64, 32, 4, 2), (16, 64, 8, 2), (64, 32, 8, 2)),
     ("sm_80", "fp32", 16): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_80", "fp32", 32): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
@@ -476,23 +379,15 @@ VARLEN_TILES: TileTable = {
 def _varlen_block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
     """Tile sizes and launch settings per kernel ("forward", "dkdv", "dq"): the entry of
     VARLEN_TILES for the target's arch (the interpreter's small tiles under it). Not tuned."""
-    return block_config(VARLEN_TILES, dtype, head_dim, target_arch)
+    return fc.block_config(VARLEN_TILES, dtype, head_dim, fc.target_arch)
 
 
 @define_op("fastgpt::flash_attention_varlen_forward")
 def _flash_attention_varlen_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    sm_scale: float,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool, sm_scale: float, dropout_p: float, seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the forward kernel: (out (total_q, H, D) in q's dtype, lse (H, total_q) fp32)."""
     total_q, heads, head_dim = q.shape
     out = _empty((total_q, heads, head_dim), q.dtype, q.device)
@@ -503,30 +398,20 @@ def _flash_attention_varlen_forward(
     torch.library.wrap_triton(_varlen_forward_kernel)[(num_slots * heads,)](
         q, k, v, out, lse, seed, cu_seqlens_q, cu_seqlens_k, lookup,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, total_q, num_slots, head_dim, sm_scale * LOG2E, dropout_p,
-        CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_D=padded_head_dim(head_dim), **cfg,
+        heads, total_q, num_slots, head_dim, sm_scale * fc.LOG2E, dropout_p,
+        CAUSAL=causal, DROPOUT=dropout_p > 0.0, DOT_PRECISION=fc.dot_precision(q.dtype),
+        BLOCK_D=fc.padded_head_dim(head_dim), **cfg,
     )  # fmt: skip
     return out, lse
 
 
 @define_op("fastgpt::flash_attention_varlen_backward")
 def _flash_attention_varlen_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool,
-    sm_scale: float,
-    dropout_p: float,
-    seed: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool, sm_scale: float, dropout_p: float, seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the three backward kernels: (dq, dk, dv) shaped and typed like q, k, v."""
     total_q, heads, head_dim = q.shape
     configs = _varlen_block_config(q.dtype, head_dim)
@@ -534,32 +419,33 @@ def _flash_attention_varlen_backward(
     dq = _empty(q.shape, q.dtype, q.device)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
-    common = {
-        "CAUSAL": causal, "DROPOUT": dropout_p > 0.0, "DOT_PRECISION": dot_precision(q.dtype),
-        "BLOCK_D": padded_head_dim(head_dim),
+    flags = {
+        "CAUSAL": causal, "DROPOUT": dropout_p > 0.0, "DOT_PRECISION": fc.dot_precision(q.dtype),
+        "BLOCK_D": fc.padded_head_dim(head_dim),
     }  # fmt: skip
-    scalars = (heads, total_q)
     pre_block_m = configs["dq"]["BLOCK_M"]
     torch.library.wrap_triton(_varlen_delta_kernel)[(triton.cdiv(total_q, pre_block_m) * heads,)](
         out, dout, delta, *out.stride(), *dout.stride(), heads, total_q, head_dim,
-        BLOCK_M=pre_block_m, BLOCK_D=common["BLOCK_D"],
+        BLOCK_M=pre_block_m, BLOCK_D=flags["BLOCK_D"],
     )  # fmt: skip
+    strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+
+    def launch(kernel, cfg: dict[str, int], lookup: torch.Tensor, *outputs) -> None:
+        """One gradient kernel over the tiles of `lookup`: the inputs both kernels take, then
+        its `outputs` (tensors and their strides), then the scalars."""
+        slots = lookup.shape[1]
+        torch.library.wrap_triton(kernel)[(slots * heads,)](
+            q, k, v, dout, lse, delta, seed, cu_seqlens_q, cu_seqlens_k, lookup, *strides,
+            *outputs, heads, total_q, slots, head_dim, sm_scale, sm_scale * fc.LOG2E, dropout_p,
+            **flags, **cfg,
+        )  # fmt: skip
+
     cfg = configs["dkdv"]
     lookup = _tile_lookup(cu_seqlens_k, k.shape[0], max_seqlen_k, cfg["BLOCK_N"], False)
-    torch.library.wrap_triton(_varlen_backward_dkdv_kernel)[(lookup.shape[1] * heads,)](
-        q, k, v, dout, lse, delta, dk, dv, seed, cu_seqlens_q, cu_seqlens_k, lookup,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-        *scalars, lookup.shape[1], head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
-        **common, **cfg,
-    )  # fmt: skip
+    launch(_varlen_backward_dkdv_kernel, cfg, lookup, dk, dv, *dk.stride())
     cfg = configs["dq"]
     lookup = _tile_lookup(cu_seqlens_q, total_q, max_seqlen_q, cfg["BLOCK_M"])
-    torch.library.wrap_triton(_varlen_backward_dq_kernel)[(lookup.shape[1] * heads,)](
-        q, k, v, dout, lse, delta, dq, seed, cu_seqlens_q, cu_seqlens_k, lookup,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        *scalars, lookup.shape[1], head_dim, sm_scale, sm_scale * LOG2E, dropout_p,
-        **common, **cfg,
-    )  # fmt: skip
+    launch(_varlen_backward_dq_kernel, cfg, lookup, dq, *dq.stride())
     return dq, dk, dv
 
 
@@ -631,19 +517,11 @@ def _check_dropout_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tenso
 
 
 def attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    causal: bool = True,
-    sm_scale: float | None = None,
-    dropout_p: float = 0.0,
-    seed: int | None = None,
-    check_cu_seqlens: bool = True,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool = True, sm_scale: float | None = None, dropout_p: float = 0.0,
+    seed: int | None = None, check_cu_seqlens: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """Attention over packed sequences, FlashAttention-2 style, differentiable in q, k and v.
 
     q: (total_q, H, D), k and v: (total_k, H, D), any strides (views of a fused qkv projection

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import triton_interpreter_enabled
+from ._dispatch import check_float, triton_interpreter_enabled
 
 # Head dims are padded to a power of two of at least 16 (tl.dot's smallest inner size), masked.
 # 8 is here for small test models (the "tiny" preset has 4 heads of 8).
@@ -48,15 +48,10 @@ LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 
 
 def attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    causal: bool = True,
-    sm_scale: float | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: torch.Tensor | None = None,
-    upcast: bool = True,
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    causal: bool = True, sm_scale: float | None = None, dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None, upcast: bool = True,
+) -> torch.Tensor:  # fmt: skip
     """The book's attention in plain PyTorch: scores, -inf above the (bottom-right aligned)
     diagonal, softmax, dropout, weighted sum. q: (B, H, Tq, D), k/v: (B, H, Tk, D) -> (B, H, Tq, D).
 
@@ -86,6 +81,48 @@ def attention_reference(
     elif dropout_p > 0.0:
         weights = torch.nn.functional.dropout(weights, dropout_p)
     return (weights @ vc).to(q.dtype)  # (B, H, Tq, D)
+
+
+# --- input checks ------------------------------------------------------------------------
+
+# q, k, v layouts by rank: (layout, q's, k's and v's, the axes q shares with k and v, the token
+# axis, where q's length may differ from theirs)
+QKV_LAYOUTS = {
+    4: ("(B, H, T, D)", "(B, H, Tq, D)", "(B, H, Tk, D)", "B, H and D", 2),  # attention
+    3: ("(total, H, D)", "(total_q, H, D)", "(total_k, H, D)", "H and D", 0),  # attention_varlen
+}
+
+
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, dropout_p: float
+) -> None:
+    """Raise ValueError/TypeError naming the problem with an attention op's q, k and v in the
+    layout QKV_LAYOUTS[rank]: their rank, k and v of one shape, q of theirs but for its length,
+    one float dtype, a supported head dim (the last axis); and dropout_p in [0, 1)."""
+    layout, q_layout, kv_layout, shared, token_axis = QKV_LAYOUTS[rank]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    without_tokens = [axis for axis in range(rank) if axis != token_axis]
+    if [q.shape[a] for a in without_tokens] != [k.shape[a] for a in without_tokens]:
+        raise ValueError(
+            f"q {q_layout} and k/v {kv_layout} must agree on {shared}, got q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(name, t)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head dim {q.shape[-1]} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 # --- tiles, masks, dropout and bounds ----------------------------------------------------
@@ -392,8 +429,7 @@ def dkdv_tile(
     q_base, do_base,  # (Tq, D) each: this head's queries and upstream gradient
     lse_base, delta_base,  # (Tq,) fp32 each: this head's lse and delta
     stride_qm, stride_qd, stride_dom, stride_dod,
-    offs_n,  # (BLOCK_N,) key rows of the tile
-    offs_d,  # (BLOCK_D,) head-dim columns
+    offs_n, offs_d,  # (BLOCK_N,) key rows of the tile, (BLOCK_D,) head-dim columns
     n_start, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -441,8 +477,7 @@ def dq_inner(
     lse, delta,  # (BLOCK_M,) fp32 each
     k_base, v_base,  # (Tk, D) each: this head's keys and values
     stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m,  # (BLOCK_M,) query rows of the tile
-    offs_d,  # (BLOCK_D,) head-dim columns
+    offs_m, offs_d,  # (BLOCK_M,) query rows of the tile, (BLOCK_D,) head-dim columns
     bh, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -548,6 +583,28 @@ KERNELS = ("forward", "dkdv", "dq")
 # tiles of different sizes in the GPU tiles' ratios, so that the CPU tests walk the same
 # tile-bound arithmetic (several masked tiles per diagonal).
 INTERPRETER_TILES = ((32, 16, 1, 1), (16, 32, 1, 1), (32, 16, 1, 1))
+
+
+# attention's pinned tiles (varlen's start from them)
+ATTENTION_TILES: TileTable = {
+    # key: (forward, dkdv, dq), each (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    ("sm_90", "16-bit", 16): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "16-bit", 128): ((128, 32, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2)),
+    ("sm_90", "fp32", 16): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2)),
+    ("sm_90", "fp32", 32): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
+    ("sm_90", "fp32", 64): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
+    ("sm_90", "fp32", 128): ((16, 32, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)),
+    ("sm_80", "16-bit", 16): ((64, 64, 8, 2), (16, 128, 8, 2), (128, 16, 8, 2)),
+    ("sm_80", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_80", "16-bit", 128): ((128, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
+    ("sm_80", "fp32", 16): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)),
+    ("sm_80", "fp32", 32): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
+    ("sm_80", "fp32", 64): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
+    ("sm_80", "fp32", 128): ((16, 32, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)),
+}
 
 
 def arch_family(arch: object) -> str:

@@ -46,12 +46,9 @@ from .normalization import (
 
 
 def add_layer_norm_reference(
-    x: torch.Tensor,
-    residual: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     eps: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The book's math in plain PyTorch: exactly `residual + x`, then `layer_norm_reference`.
     x, residual: (..., N); weight, bias: (N,) -> (normed, new_residual), both (..., N)."""
     new_residual = residual + x
