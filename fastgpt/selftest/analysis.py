@@ -45,9 +45,9 @@ class ArchLimits:
     peak: ChipPeak
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
+    smem_reserved_per_block: int = 1024  # the runtime's own share of every block (sm_80 on)
     regs_per_sm: int = 65536  # 64 K 32-bit registers on every arch here
     max_regs_per_thread: int = 255
-    smem_reserved_per_block: int = 1024  # the runtime's own share of every block (sm_80 on)
 
 
 KB = 1024
@@ -58,73 +58,37 @@ KB = 1024
 # warps, 32 blocks). Peaks: NVIDIA's whitepapers and datasheets (dense, without sparsity; the
 # 16-bit tensor rate with fp32 accumulation, which GeForce parts run at half their fp16-accumulate
 # rate), per SM per clock = chip TFLOP/s / (SMs x boost clock).
-ARCHS: dict[int, ArchLimits] = {
-    # T4 (Turing TU104): 40 SMs, 1590 MHz, 65 TFLOP/s fp16 -> 1024 FLOP/clk/SM, 320 GB/s GDDR6
-    75: ArchLimits(
-        "sm_75",
-        smem_per_block=64 * KB,
-        smem_per_sm=64 * KB,
-        mma="mma.sync",
-        peak=ChipPeak("T4", 40, 1.59, 1024, 320),
-        max_warps_per_sm=32,
-        max_blocks_per_sm=16,
-        smem_reserved_per_block=0,
-    ),
-    # A100 SXM4 80 GB: 108 SMs, 1410 MHz, 312 TFLOP/s -> 2048 FLOP/clk/SM, 2039 GB/s HBM2e
-    80: ArchLimits(
-        "sm_80",
-        smem_per_block=163 * KB,
-        smem_per_sm=164 * KB,
-        mma="mma.sync",
-        peak=ChipPeak("A100 SXM4 80GB", 108, 1.41, 2048, 2039),
-    ),
-    # RTX 3090 (GA102): 82 SMs, 1695 MHz, 71 TFLOP/s fp16 with fp32 accumulate -> 512, 936 GB/s
-    86: ArchLimits(
-        "sm_86",
-        smem_per_block=99 * KB,
-        smem_per_sm=100 * KB,
-        mma="mma.sync",
-        peak=ChipPeak("RTX 3090", 82, 1.695, 512, 936),
-        max_warps_per_sm=48,
-        max_blocks_per_sm=16,
-    ),
-    # RTX 4090 (AD102): 128 SMs, 2520 MHz, 165.2 TFLOP/s fp16 with fp32 accumulate -> 512,
-    # 1008 GB/s
-    89: ArchLimits(
-        "sm_89",
-        smem_per_block=99 * KB,
-        smem_per_sm=100 * KB,
-        mma="mma.sync",
-        peak=ChipPeak("RTX 4090", 128, 2.52, 512, 1008),
-        max_warps_per_sm=48,
-        max_blocks_per_sm=24,
-    ),
+# The chip each arch's cycle model uses: SMs, boost clock (GHz), 16-bit tensor FLOP per clock
+# per SM, DRAM GB/s.
+CHIPS: dict[int, ChipPeak] = {
+    # T4 (TU104): 40 SMs, 1590 MHz, 65 TFLOP/s fp16 -> 1024 FLOP/clk/SM, 320 GB/s GDDR6
+    75: ChipPeak("T4", 40, 1.59, 1024, 320),
+    # A100 SXM4 80 GB: 108 SMs, 1410 MHz, 312 TFLOP/s -> 2048, 2039 GB/s HBM2e
+    80: ChipPeak("A100 SXM4 80GB", 108, 1.41, 2048, 2039),
+    # RTX 3090 (GA102): 82 SMs, 1695 MHz, 71 TFLOP/s with fp32 accumulate -> 512, 936 GB/s
+    86: ChipPeak("RTX 3090", 82, 1.695, 512, 936),
+    # RTX 4090 (AD102): 128 SMs, 2520 MHz, 165.2 TFLOP/s with fp32 accumulate -> 512, 1008 GB/s
+    89: ChipPeak("RTX 4090", 128, 2.52, 512, 1008),
     # H100 SXM5: 132 SMs, 1830 MHz, 989.4 TFLOP/s -> 4096 FLOP/clk/SM, 3352 GB/s HBM3
-    90: ArchLimits(
-        "sm_90",
-        smem_per_block=227 * KB,
-        smem_per_sm=228 * KB,
-        mma="wgmma",
-        peak=ChipPeak("H100 SXM5", 132, 1.83, 4096, 3352),
-    ),
-    # B200: 148 SMs, ~1965 MHz, 2250 TFLOP/s dense fp16 -> 8192 FLOP/clk/SM (rounded), 8 TB/s
-    100: ArchLimits(
-        "sm_100",
-        smem_per_block=227 * KB,
-        smem_per_sm=228 * KB,
-        mma="tcgen05",
-        peak=ChipPeak("B200", 148, 1.965, 8192, 8000),
-    ),
-    # RTX 5090 (GB202): 170 SMs, 2407 MHz, 209.5 TFLOP/s fp16 with fp32 accumulate -> 512,
-    # 1792 GB/s
-    120: ArchLimits(
-        "sm_120",
-        smem_per_block=99 * KB,
-        smem_per_sm=100 * KB,
-        mma="mma.sync",
-        peak=ChipPeak("RTX 5090", 170, 2.407, 512, 1792),
-        max_warps_per_sm=48,
-    ),
+    90: ChipPeak("H100 SXM5", 132, 1.83, 4096, 3352),
+    # B200: 148 SMs, ~1965 MHz, ~2250 TFLOP/s dense fp16 -> 8192 (rounded), 8000 GB/s HBM3e
+    100: ChipPeak("B200", 148, 1.965, 8192, 8000),
+    # RTX 5090 (GB202): 170 SMs, 2407 MHz, 209.5 TFLOP/s with fp32 accumulate -> 512, 1792 GB/s
+    120: ChipPeak("RTX 5090", 170, 2.407, 512, 1792),
+}
+# arch: KB of shared memory per block / per SM, the 16-bit tensor-core instruction, warps and
+# blocks per SM, the runtime's reserved shared memory per block (bytes).
+ARCHS: dict[int, ArchLimits] = {
+    arch: ArchLimits(f"sm_{arch}", block * KB, sm * KB, mma, CHIPS[arch], warps, blocks, reserved)
+    for arch, block, sm, mma, warps, blocks, reserved in (
+        (75, 64, 64, "mma.sync", 32, 16, 0),
+        (80, 163, 164, "mma.sync", 64, 32, KB),
+        (86, 99, 100, "mma.sync", 48, 16, KB),
+        (89, 99, 100, "mma.sync", 48, 24, KB),
+        (90, 227, 228, "wgmma", 64, 32, KB),
+        (100, 227, 228, "tcgen05", 64, 32, KB),
+        (120, 99, 100, "mma.sync", 48, 32, KB),
+    )
 }
 
 
