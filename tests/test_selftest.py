@@ -390,3 +390,46 @@ def test_attention_forward_loop_on_hopper_and_ampere():
         assert found
         assert mma == ({"HGMMA.64x64x16": 8} if arch == 90 else {"HMMA.16816": 64})
         assert 32 <= ex2 <= 40 and loaded >= 2 * 64 * 64 * 2
+
+
+def test_ratio_to_the_tutorial_is_per_score_element():
+    from fastgpt.selftest.report import tutorial_ratios
+
+    def forward(pass_name, config, bound, instructions, warps):
+        record = _looped(instructions)
+        record.pass_name, record.config = pass_name, config
+        record.params = {"dtype": "fp16", "D": 64, "causal": True}
+        record.usage.num_warps = warps
+        record.usage.loop.cycles = {"bound": bound}
+        return record
+
+    tutorial = forward("tutorial", "BLOCK_M=128 BLOCK_N=64 w4 s3", 1000, 500, 4)
+    ours = forward("forward", "BLOCK_D=64 BLOCK_M=128 BLOCK_N=32 w8 s2", 1000, 1000, 8)
+    ratios = tutorial_ratios([ours, tutorial])
+    # Half the scores per iteration at the same bound: 2x the cycles per score element;
+    # 8000 instructions for 4096 scores against 2000 for 8192: 8x.
+    assert ratios == {id(ours): "2.00x (instr 8.00x)"}
+    judge(tutorial, {"spill_bytes": 0})
+    assert tutorial.ok  # a reference, never judged
+
+
+def test_tutorial_forward_is_taken_out_of_its_file(tmp_path, monkeypatch):
+    from fastgpt.selftest import sweep
+
+    tutorial = tmp_path / "06-fused-attention.py"
+    tutorial.write_text(
+        "import triton\nimport triton.language as tl\n"
+        "raise RuntimeError('module code needs a GPU')\n\n"
+        "@triton.jit\ndef _attn_fwd_inner(x):\n    return x\n\n"
+        "@triton.autotune([], key=[])\n@triton.jit\ndef _attn_fwd(X, BLOCK_M: tl.constexpr):\n"
+        "    tl.store(X, _attn_fwd_inner(1.0))\n"
+    )
+    monkeypatch.setenv("FASTGPT_TRITON_TUTORIAL", str(tutorial))
+    assert sweep.tutorial_path() == tutorial
+    kernel = sweep._tutorial_forward(tutorial)
+    assert kernel.fn.__name__ == "_attn_fwd"
+    text = (tmp_path / "tutorial_attention_forward.py").read_text()
+    assert "autotune" not in text and text.count("@triton.jit") == 2
+    (tmp_path / "06-fused-attention.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no _attn_fwd_inner/_attn_fwd"):
+        sweep._tutorial_forward(tutorial)
