@@ -233,8 +233,8 @@ def _tutorial_forward(path: Path):
 
 
 def _tutorial_launch(kernel, d: int, causal: bool) -> None:
-    """Launch the tutorial's forward on ATTENTION_SHAPE fp16 tensors, naming its arguments by
-    their names in the tutorial (Q, K, V, Out, stride_q*, ..., STAGE)."""
+    """Launch the tutorial's forward on ATTENTION_SHAPE fp16 tensors, each argument by its name
+    in the tutorial (Q, K, V, Out, stride_q*, ..., STAGE)."""
     batch, heads, t = ATTENTION_SHAPE
     q, k, v, out = torch.empty(4, batch, heads, t, d, dtype=torch.float16).unbind(0)
     lse = torch.empty(batch, heads, t, dtype=torch.float32)
@@ -244,12 +244,13 @@ def _tutorial_launch(kernel, d: int, causal: bool) -> None:
     given |= {"BLOCK_M": config.pop("BLOCK_M"), "BLOCK_N": config.pop("BLOCK_N")}
     strides = {name: iter(x.stride()) for name, x in (("q", q), ("k", k), ("v", v), ("o", out))}
     names = list(inspect.signature(kernel.fn).parameters)
-    args = [
-        next(strides[name[len("stride_")]]) if name.startswith("stride_") else given[name]
+    # By keyword, so that the record's config shows BLOCK_M and BLOCK_N (the ratio's tile).
+    args = {
+        name: next(strides[name[len("stride_")]]) if name.startswith("stride_") else given[name]
         for name in names
-    ]
+    }
     grid = (-(-t // given["BLOCK_M"]), batch * heads)  # (query tiles, B * H)
-    kernel[grid](*args, **config)
+    kernel[grid](**args, **config)
 
 
 def tutorial_cases(options: SweepOptions, causals: list[bool]) -> Iterator[Case]:
