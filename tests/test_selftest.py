@@ -21,8 +21,24 @@ import torch
 
 from fastgpt.cli import main
 from fastgpt.selftest import gpu_check
-from fastgpt.selftest.analysis import ARCHS, KernelUsage, occupancy, parse_arch
-from fastgpt.selftest.compile_check import Record, allowed_spills, judge
+from fastgpt.selftest.analysis import (
+    ARCHS,
+    KernelUsage,
+    LoopProfile,
+    loop_bound,
+    loop_profile,
+    main_loop,
+    occupancy,
+    parse_arch,
+    sass_instructions,
+)
+from fastgpt.selftest.compile_check import (
+    Record,
+    allowed_spills,
+    budget_key,
+    judge,
+    record_instructions,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,6 +191,12 @@ def test_rules_of_the_compile_check():
     over_ampere = _record(arch=80, shared=ARCHS[80].smem_per_block + 1)
     judge(over_ampere, budget)
     assert not over_ampere.ok
+    for arch in (75, 86, 89):  # mma.sync is their tensor-core path; no MMA at all fails
+        with_mma, without = _record(arch=arch, mma="mma.sync"), _record(arch=arch, mma="none")
+        judge(with_mma, budget)
+        judge(without, budget)
+        assert with_mma.ok and not without.ok
+        assert "16-bit dot lowered to none, not mma.sync" in without.problems[0]
 
 
 def test_budget_exceptions_match_only_their_kernels():
@@ -187,8 +209,15 @@ def test_budget_exceptions_match_only_their_kernels():
 
 def test_arch_names_and_occupancy():
     assert parse_arch("sm_90") == parse_arch("90") == 90
-    with pytest.raises(ValueError, match="supported: sm_90, sm_80"):
-        parse_arch("sm_75")
+    assert [parse_arch(f"sm_{a}") for a in (75, 80, 86, 89, 90, 100, 120)] == list(ARCHS)
+    with pytest.raises(ValueError, match="supported: sm_75, sm_80, sm_86, sm_89, sm_90"):
+        parse_arch("sm_70")
+    # The CUDA guide's per-arch limits: a T4 block gets 64 KB and 32 warps per SM, an RTX
+    # 30xx/40xx block 99 KB of 100 KB and 48 warps.
+    assert ARCHS[75].smem_per_block == 64 * 1024 and ARCHS[75].max_warps_per_sm == 32
+    assert ARCHS[86].smem_per_block == 99 * 1024 and ARCHS[89].max_warps_per_sm == 48
+    assert occupancy(128, 0, 8, ARCHS[86]) == (16, "regs")  # 64K / (128 regs x 32 x 8 warps)
+    assert occupancy(32, 0, 8, ARCHS[86]) == (48, "warps")
     assert occupancy(255, 0, 8, ARCHS[90]) == (8, "regs")  # 64K registers / (256 · 8 warps)
     assert occupancy(32, 200 * 1024, 4, ARCHS[90])[1] == "smem"
 
@@ -242,8 +271,6 @@ def test_compile_check_fails_on_a_planted_spilling_config():
 
 
 def test_saved_records_are_judged_again_against_the_budget():
-    import json
-
     from fastgpt.selftest.compile_check import records_from_json
 
     record = _record(dtype="fp32", d=128, spills=64)
@@ -256,3 +283,187 @@ def test_saved_records_are_judged_again_against_the_budget():
     rule = {"op": "attention", "dtype": "fp32", "max_spill_bytes": 64}
     judge(again, {"spill_bytes": 0, "allow": [rule]})
     assert again.ok
+
+
+# --- the cycle model ---------------------------------------------------------------------
+
+# A kernel in cuobjdump's format: a prologue, an outer loop 0x0040..0x0120 around an inner loop
+# 0x0060..0x00f0 (the hot one), a second innermost loop 0x0130..0x0150 (smaller), EXIT and the
+# branch-to-itself padding.
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                /* 0x0 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;      /* 0x0 */
+        /*0020*/                   NOP ;
+        /*0030*/                   IMAD R0, R1, R2, RZ ;
+        /*0040*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0050*/                   MOV R3, R0 ;
+        /*0060*/                   HGMMA.64x64x16.F32 R24, gdesc[UR12], RZ, !UPT ;
+        /*0070*/                   HGMMA.64x32x16.F32 R24, gdesc[UR12], R24 ;
+        /*0080*/                   MUFU.EX2 R5, R5 ;
+        /*0090*/                   MUFU.RCP R6, R6 ;
+        /*00a0*/                   LDGSTS.E.BYPASS.128 [R13+0x4000], desc[UR22][R4.64], P4 ;
+        /*00b0*/                   LDG.E R7, desc[UR4][R8.64] ;
+        /*00c0*/                   UTMALDG.2D [UR8], [UR4] ;
+        /*00d0*/                   NOP ;
+        /*00e0*/                   FFMA R1, R2, R3, R4 ;
+        /*00f0*/               @!P3 BRA 0x60 ;
+        /*0100*/                   FADD R1, R2, R3 ;
+        /*0110*/                   FMUL R1, R2, R3 ;
+        /*0120*/               @P0 BRA 0x40 ;
+        /*0130*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0140*/                   FADD R1, R2, R3 ;
+        /*0150*/               @P1 BRA 0x130 ;
+        /*0160*/                   EXIT ;
+        /*0170*/                   BRA 0x170;
+"""
+TTGIR = (
+    "%x = ttng.async_tma_copy_global_to_local %d[%a] %b : !tt.ptr -> !ttg.memdesc<64x64xf16, #s>"
+)
+
+
+def test_the_main_loop_is_the_largest_innermost_backward_branch():
+    code = sass_instructions(SASS)
+    assert len(code) == 24 and code[6][1] == "HGMMA.64x64x16.F32"
+    assert main_loop(code) == (0x60, 0xF0)
+    assert main_loop(code[:3]) is None  # straight-line code
+
+
+def test_loop_profile_counts_one_iteration_per_warp_and_its_bytes():
+    loop = loop_profile(SASS, TTGIR, num_warps=8)
+    assert loop.found and loop.instructions == 9  # 0x60..0xf0 less the NOP
+    assert loop.mma == {"HGMMA.64x64x16": 1, "HGMMA.64x32x16": 1} and not loop.tf32
+    # A warpgroup instruction per 4 warps: 2 warpgroups x 2 x 64 x (64 + 32) x 16 FLOP.
+    assert loop.mma_flops == 2 * 2 * 64 * 96 * 16
+    assert (loop.mufu, loop.ex2) == (2, 1)
+    # LDGSTS 16 B and LDG 4 B per lane over 8 warps, plus one 64 x 64 fp16 TMA tile per block.
+    assert loop.bytes_loaded == (16 + 4) * 32 * 8 + 64 * 64 * 2
+    whole = loop_profile(SASS.split("/*0060*/")[0], "", num_warps=4)  # no loop: whole kernel
+    assert not whole.found and whole.instructions == 5 and whole.bytes_loaded == 16 * 32 * 4
+
+
+def test_loop_bound_is_the_largest_of_four_throughput_limits():
+    peak = ARCHS[90].peak  # H100 SXM5: 4096 FLOP, 4 instructions, 16 MUFU per clock per SM
+    loop = LoopProfile(True, 1000, {}, 4096 * 300, False, 10, 10, 0)
+    loop_bound(loop, num_warps=8, peak=peak)
+    # tensor 300, issue 1000 x 8 / 4 = 2000, exp 10 x 256 / 16 = 160, memory 0
+    assert loop.cycles == {"tensor": 300, "issue": 2000, "exp": 160, "memory": 0, "bound": 2000}
+    assert loop.limiter == "issue" and loop.peak_fraction == 0.15
+    tf32 = LoopProfile(True, 10, {}, 4096 * 300, True, 0, 0, 0)
+    loop_bound(tf32, num_warps=8, peak=peak)
+    assert tf32.limiter == "tensor" and tf32.cycles["tensor"] == 600 and tf32.peak_fraction == 1
+    copy = LoopProfile(False, 10, {}, 0, False, 0, 0, 1 << 20)  # no tensor core: DRAM share
+    loop_bound(copy, num_warps=4, peak=peak)
+    assert copy.limiter == "memory" and copy.peak_fraction == 1
+    assert copy.cycles["memory"] == round((1 << 20) / (3352 / (132 * 1.83)), 1)
+
+
+def _looped(instructions: int, triton: str = "3.9.0") -> Record:
+    record = _record()
+    record.usage.loop = LoopProfile(True, instructions, {}, 0, False, 0, 0, 0)
+    record.config, record.triton = "BLOCK_M=128 w8 s2", triton
+    return record
+
+
+def test_instruction_budget_fails_growth_over_ten_percent():
+    budget = record_instructions([_looped(1000)], {"spill_bytes": 0})
+    sm90 = budget["instructions_per_iteration"]["triton 3.9"]["sm_90"]
+    assert sm90 == {budget_key(_looped(1000)): 1000}
+    for instructions, ok in ((1000, True), (1100, True), (1101, False), (500, True)):
+        record = _looped(instructions)
+        judge(record, budget)
+        assert record.ok == ok, (instructions, record.problems)
+    grown = _looped(1200)
+    judge(grown, budget)
+    assert grown.problems == [
+        "_attention_forward_kernel: 1200 SASS instructions per loop iteration > budget 1000 "
+        "+ 10% = 1100"
+    ]
+    other_triton = _looped(5000, triton="3.6.0")  # unlisted for its version: not judged on it
+    judge(other_triton, budget)
+    assert other_triton.ok
+
+
+def test_saved_records_keep_their_loop_profile():
+    import json
+
+    from fastgpt.selftest.compile_check import records_from_json
+
+    record = _looped(1234)
+    payload = json.loads(json.dumps({"triton": "3.9.0", "records": [record.as_dict()]}))
+    (again,) = records_from_json(payload)
+    assert again.usage.loop == record.usage.loop and again.triton == "3.9.0"
+
+
+LOOP_OF_ATTENTION = """
+import json
+from fastgpt.selftest.compile_check import load_budget, run_compile_check
+from fastgpt.selftest.sweep import SweepOptions
+
+options = SweepOptions(ops=("attention",), dtypes=("fp16",), head_dims=(64,), subset="ci",
+                       passes=("forward",))
+for arch in (90, 80):
+    for r in run_compile_check([arch], options, load_budget(), jobs=1):
+        if r.pass_name == "forward":
+            loop = r.usage.loop
+            print(json.dumps([arch, r.usage.pipelined, loop.found, loop.mma, loop.ex2,
+                              loop.bytes_loaded]))
+"""
+
+
+def test_attention_forward_loop_on_hopper_and_ampere():
+    result = _python(LOOP_OF_ATTENTION, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    assert {(arch, loads) for arch, loads, *_ in rows} == {
+        (90, "TMA"), (90, "cp.async"), (80, "cp.async")
+    }  # fmt: skip
+    for arch, _, found, mma, ex2, loaded in rows:
+        # 128 x 64 scores per iteration of 8 warps: QK^T and PV, 128 x 64 x 64 each (on sm_90
+        # 64 x 64 x 16 per warpgroup, 2 x 4 k-steps per warp; on sm_80 16 x 8 x 16 per warp,
+        # 2 x 32), one exp2 per score (32 per warp) and the row rescale; K and V tiles loaded.
+        assert found
+        assert mma == ({"HGMMA.64x64x16": 8} if arch == 90 else {"HMMA.16816": 64})
+        assert 32 <= ex2 <= 40 and loaded >= 2 * 64 * 64 * 2
+
+
+def test_ratio_to_the_tutorial_is_per_score_element():
+    from fastgpt.selftest.report import tutorial_ratios
+
+    def forward(pass_name, config, bound, instructions, warps):
+        record = _looped(instructions)
+        record.pass_name, record.config = pass_name, config
+        record.params = {"dtype": "fp16", "D": 64, "causal": True}
+        record.usage.num_warps = warps
+        record.usage.loop.cycles = {"bound": bound}
+        return record
+
+    tutorial = forward("tutorial", "BLOCK_M=128 BLOCK_N=64 w4 s3", 1000, 500, 4)
+    ours = forward("forward", "BLOCK_D=64 BLOCK_M=128 BLOCK_N=32 w8 s2", 1000, 1000, 8)
+    ratios = tutorial_ratios([ours, tutorial])
+    # Half the scores per iteration at the same bound: 2x the cycles per score element;
+    # 8000 instructions for 4096 scores against 2000 for 8192: 8x.
+    assert ratios == {id(ours): "2.00x (instr 8.00x)"}
+    judge(tutorial, {"spill_bytes": 0})
+    assert tutorial.ok  # a reference, never judged
+
+
+def test_tutorial_forward_is_taken_out_of_its_file(tmp_path, monkeypatch):
+    from fastgpt.selftest import sweep
+
+    tutorial = tmp_path / "06-fused-attention.py"
+    tutorial.write_text(
+        "import triton\nimport triton.language as tl\n"
+        "raise RuntimeError('module code needs a GPU')\n\n"
+        "@triton.jit\ndef _attn_fwd_inner(x):\n    return x\n\n"
+        "@triton.autotune([], key=[])\n@triton.jit\ndef _attn_fwd(X, BLOCK_M: tl.constexpr):\n"
+        "    tl.store(X, _attn_fwd_inner(1.0))\n"
+    )
+    monkeypatch.setenv("FASTGPT_TRITON_TUTORIAL", str(tutorial))
+    assert sweep.tutorial_path() == tutorial
+    kernel = sweep._tutorial_forward(tutorial)
+    assert kernel.fn.__name__ == "_attn_fwd"
+    text = (tmp_path / "tutorial_attention_forward.py").read_text()
+    assert "autotune" not in text and text.count("@triton.jit") == 2
+    (tmp_path / "06-fused-attention.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="no _attn_fwd_inner/_attn_fwd"):
+        sweep._tutorial_forward(tutorial)

@@ -6,11 +6,14 @@ fastgpt selftest --dry-run                    # list the GPU checks; runs nothin
 fastgpt selftest --compile-only               # no GPU needed: compile every kernel for sm_90,sm_80
 fastgpt selftest --compile-only --subset ci   # CI's representative subset
 fastgpt selftest --compile-only --report-dir benchmarks/results/compile   # rewrite the reports
+fastgpt selftest --compile-only --subset ci --update-budget  # record instructions per iteration
 
 The GPU run prints a pass/fail table and writes selftest.json to --out (default:
 benchmarks/results/<gpu-name>/). The compile check prints one row per kernel specialization
 and exits 1 when one fails to compile, overflows shared memory, spills past the committed
-budget, or (sm_90) runs a 16-bit dot without wgmma. See fastgpt/selftest/.
+budget, runs a 16-bit dot without the arch's tensor-core instruction, or grows a main loop's SASS
+instructions more than 10% over the budget. Each row carries the cycle model of its main loop.
+See fastgpt/selftest/ and benchmarks/results/compile/README.md.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ class CompileCheckOptions:
             "default_text": "sm_90,sm_80",
         },
     )
-    """Target archs: sm_90 (H100/H200), sm_80 (A100)."""
+    """Target archs: sm_75 (T4), sm_80 (A100), sm_86 (RTX 30xx, A10), sm_89 (RTX 40xx, L4),
+    sm_90 (H100/H200), sm_100 (B200), sm_120 (RTX 50xx); an arch the Triton in use cannot compile
+    for is reported and skipped (Triton 3.6 and 3.9 compile for all seven)."""
     subset: Literal["full", "ci"] = "full"
     """full: every specialization; ci: head dims 64 and 128, widths 768 and 50257."""
     head_dims: tuple[int, ...] = field(default=(), metadata={"metavar": "D[,D]"})
@@ -84,7 +89,10 @@ class CompileCheckOptions:
     widths: tuple[int, ...] = field(default=(), metadata={"metavar": "N[,N]"})
     """Only these row widths."""
     budget: str | None = field(default=None, metadata={"metavar": "FILE"})
-    """Spill budget (default: the committed one)."""
+    """Spill and instruction budget (default: the committed one)."""
+    update_budget: bool = False
+    """Write this run's SASS instructions per loop iteration into the budget file (for its
+    Triton version and archs), then judge against it."""
     report_dir: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Write <arch>-triton-<version>.md reports there."""
     from_json: str | None = field(default=None, metadata={"metavar": "FILE"})
@@ -161,16 +169,20 @@ def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> i
             for record in records:
                 compile_check.judge(record, budget)
         else:
+            archs = _targetable(check.arch)
             records = compile_check.run_compile_check(
-                list(check.arch), sweep_options, budget, check.jobs, progress=not check.quiet
+                archs, sweep_options, budget, check.jobs, progress=not check.quiet
             )
+            if check.update_budget:
+                budget = _update_budget(check, budget, records)
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         return command_error(COMMAND, exc)
     wall = time.perf_counter() - started
     if not records:
         return command_error(COMMAND, "nothing to compile: the filters match no case")
-    rows = [report.compile_row(i, r) for i, r in enumerate(records)]
-    for arch in check.arch:
+    versus = report.tutorial_ratios(records)
+    rows = [report.compile_row(i, r, versus.get(id(r), "-")) for i, r in enumerate(records)]
+    for arch in sorted({r.arch for r in records}, key=list(check.arch).index):
         print(f"\n{report.ARCHS[arch].name}")
         mine = [row for row, r in zip(rows, records, strict=True) if r.arch == arch]
         print(report.text_table(report.COMPILE_COLUMNS, mine))
@@ -186,6 +198,36 @@ def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> i
     return 0
 
 
+def _targetable(archs) -> list[int]:
+    """The archs the Triton in use compiles for; one stderr line for each other, which is
+    skipped. ValueError when none is left."""
+    from fastgpt.selftest import analysis, compile_check
+
+    with compile_check.environment(TRITON_INTERPRET=None):
+        reasons = {arch: analysis.triton_can_target(arch) for arch in archs}
+    for reason in filter(None, reasons.values()):
+        print(f"skipped: {reason}", file=sys.stderr)
+    usable = [arch for arch, reason in reasons.items() if reason is None]
+    if not usable:
+        raise ValueError("the Triton in use compiles for none of --arch")
+    return usable
+
+
+def _update_budget(check: CompileCheckOptions, budget: dict, records) -> dict:
+    """Write the records' instructions per iteration into the budget file; the updated budget,
+    against which every record is judged again."""
+    from fastgpt.selftest import compile_check
+
+    path = Path(check.budget or compile_check.BUDGET_FILE)
+    budget = compile_check.record_instructions(records, budget)
+    path.write_text(json.dumps(budget, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote the instructions per iteration of {len(records)} records into {path}")
+    for record in records:
+        record.problems.clear()
+        compile_check.judge(record, budget)
+    return budget
+
+
 def _write_compile_results(
     options: SelftestOptions, check: CompileCheckOptions, records, versions, wall: float
 ) -> None:
@@ -195,7 +237,7 @@ def _write_compile_results(
     if check.report_dir:
         folder = Path(check.report_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        for arch in check.arch:
+        for arch in sorted({r.arch for r in records}, key=list(check.arch).index):
             name = f"{report.ARCHS[arch].name}-triton-{versions['triton']}.md"
             text = report.compile_markdown(records, arch, versions, _command_line(options, check))
             (folder / name).write_text(text, encoding="utf-8")

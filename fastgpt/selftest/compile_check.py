@@ -7,8 +7,12 @@ A specialization fails when
   OutOfResources),
 - ptxas reports more spill bytes (stores + loads, per thread) than the budget allows (default
   0; exceptions are listed, with their cost, in benchmarks/results/compile/budget.json),
-- it has a tl.dot on fp16/bf16 operands and, on sm_90, does not lower to wgmma (the tensor-core
-  path Hopper is bought for).
+- it has a tl.dot on fp16/bf16 operands that does not lower to the arch's tensor-core
+  instruction (wgmma on sm_90, tcgen05 on sm_100, mma.sync on the others: `ArchLimits.mma`),
+- its main loop runs more SASS instructions per iteration than the budget records for it, plus
+  10% (`INSTRUCTION_TOLERANCE`); a specialization the budget does not list is not judged on it.
+
+Each record also carries the cycle model of its main loop (`analysis.loop_bound`).
 
 Every compile starts from an empty Triton cache, so ptxas really runs and reports. Archs (and,
 with jobs > 1, slices of one arch's cases) compile in parallel worker processes.
@@ -30,13 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from fastgpt.selftest.analysis import ARCHS, KernelUsage
-from fastgpt.selftest.sweep import SweepOptions
+from fastgpt.selftest.sweep import TUTORIAL_PASS, SweepOptions
 
 # benchmarks/results/compile of the checkout, or of the installed fastgpt.benchmarks package
 COMPILE_DIR = (
     Path(importlib.import_module("fastgpt.benchmarks").__file__).parent / "results" / "compile"
 )
 BUDGET_FILE = COMPILE_DIR / "budget.json"
+INSTRUCTION_TOLERANCE = 0.10  # an iteration may grow 10% over its committed instruction count
 CONFIG_KEYS = (
     "BLOCK_M",
     "BLOCK_N",
@@ -63,6 +68,7 @@ class Record:
     compile_s: float = 0.0
     error: str | None = None
     problems: list[str] = field(default_factory=list)
+    triton: str = ""  # the version that compiled it
 
     @property
     def ok(self) -> bool:
@@ -110,8 +116,47 @@ def allowed_spills(record: Record, budget: dict[str, Any]) -> int:
     return allowed
 
 
+def budget_key(record: Record) -> str:
+    """How the instruction budget names one specialization: kernel, pass, parameters, config
+    and load staging (the TMA and cp.async forwards share a config)."""
+    params = " ".join(f"{k}={v}" for k, v in record.params.items())
+    loads = record.usage.pipelined if record.usage else "?"
+    return f"{record.kernel} {record.pass_name} {params} {record.config} {loads}"
+
+
+def budget_section(triton_version: str) -> str:
+    """The instruction budget's section for a Triton version: "triton 3.9" (major.minor)."""
+    return "triton " + ".".join(triton_version.split(".")[:2])
+
+
+def allowed_instructions(record: Record, budget: dict[str, Any]) -> int | None:
+    """The committed SASS instructions per loop iteration of this record, or None if unlisted."""
+    section = budget.get("instructions_per_iteration", {}).get(budget_section(record.triton), {})
+    return section.get(ARCHS[record.arch].name, {}).get(budget_key(record))
+
+
+def record_instructions(records: list[Record], budget: dict[str, Any]) -> dict[str, Any]:
+    """The budget with the instructions per iteration of `records` (fresh binaries) written in,
+    replacing the entries of their Triton version and archs."""
+    table = dict(budget.get("instructions_per_iteration", {}))
+    for record in records:
+        if record.usage is None or record.usage.loop is None or record.pass_name == "tutorial":
+            continue
+        section = table.setdefault(budget_section(record.triton), {})
+        arch = section.setdefault(ARCHS[record.arch].name, {})
+        arch[budget_key(record)] = record.usage.loop.instructions
+    for section in table.values():
+        if isinstance(section, dict):
+            for arch, entries in section.items():
+                section[arch] = dict(sorted(entries.items()))
+    return {**budget, "instructions_per_iteration": table}
+
+
 def judge(record: Record, budget: dict[str, Any]) -> None:
-    """Fill record.problems with every rule of the module docstring that it breaks."""
+    """Fill record.problems with every rule of the module docstring that it breaks. Triton's
+    tutorial (the cycle model's reference) is not ours: it is never judged."""
+    if record.pass_name == TUTORIAL_PASS:
+        return
     if record.error is not None:
         record.problems.append(f"compile failed: {record.error}")
         return
@@ -125,8 +170,16 @@ def judge(record: Record, budget: dict[str, Any]) -> None:
     allowed = allowed_spills(record, budget)
     if usage.spill_bytes > allowed:
         record.problems.append(f"spills {usage.spill_bytes} B > budget {allowed} B")
-    if record.arch == 90 and usage.dot_16bit and usage.mma != "wgmma":
-        record.problems.append(f"16-bit dot lowered to {usage.mma}, not wgmma")
+    if usage.dot_16bit and usage.mma != limits.mma:
+        record.problems.append(f"16-bit dot lowered to {usage.mma}, not {limits.mma}")
+    committed = allowed_instructions(record, budget)
+    if committed is not None and usage.loop is not None:
+        limit = int(committed * (1 + INSTRUCTION_TOLERANCE))
+        if usage.loop.instructions > limit:
+            record.problems.append(
+                f"{record.kernel}: {usage.loop.instructions} SASS instructions per loop "
+                f"iteration > budget {committed} + {INSTRUCTION_TOLERANCE:.0%} = {limit}"
+            )
 
 
 # --- compiling ---------------------------------------------------------------------------
@@ -164,6 +217,7 @@ def compile_slice(
     """Compile cases part, part + parts, ... of the plan for sm_`arch`; their records (not yet
     judged). Runs in this process; `run_compile_check` spreads slices over workers. progress:
     one line per fresh binary on stderr."""
+    import triton
     from triton.runtime.jit import JITFunction
 
     from fastgpt.selftest import analysis, stub_driver, sweep
@@ -176,6 +230,7 @@ def compile_slice(
     def on_compile(kernel, kwargs, compiled, log, error):
         case = current[0]
         record = Record(arch, case.op, case.pass_name, dict(case.params), kernel, "")
+        record.triton = triton.__version__
         record.compile_s = round(time.perf_counter() - started[0], 2)
         if error is not None:
             record.error = _short_error(error)
@@ -305,7 +360,8 @@ def records_from_json(payload: dict[str, Any]) -> list[Record]:
         raise ValueError("not a compile-check JSON file: no 'records' list")
     records = []
     for d in payload["records"]:
-        usage = KernelUsage(**d["usage"]) if d.get("usage") else None
+        usage = KernelUsage.from_dict(d["usage"]) if d.get("usage") else None
         fields = {k: v for k, v in d.items() if k not in ("arch", "usage", "problems")}
+        fields.setdefault("triton", payload.get("triton", ""))
         records.append(Record(arch=parse_arch(d["arch"]), usage=usage, **fields))
     return records

@@ -12,9 +12,13 @@ config function (`_tile`, `_bias_gelu_tile`) can return, with and without a widt
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -168,6 +172,8 @@ def attention_cases(options: SweepOptions) -> Iterator[Case]:
                 yield Case("attention", "backward", params, backward)
         if options.wants("decode"):
             yield _decode_case(A, dname, d)
+    if any(d in ("fp16", "bf16") for d in options.pick_dtypes()):
+        yield from tutorial_cases(options, options.variants([True, False], [True]))
     if options.wants("mask"):
         yield Case(
             "attention",
@@ -175,6 +181,90 @@ def attention_cases(options: SweepOptions) -> Iterator[Case]:
             {"what": "dropout mask"},
             lambda: A.attention_dropout_mask(1234, batch, heads, t, t, 0.1, "cpu"),
         )
+
+
+# --- Triton's tutorial attention, the reference of the cycle model --------------------------
+
+TUTORIAL_PASS = "tutorial"  # the pass name of the tutorial's records: a reference, never judged
+TUTORIAL_FILE = "06-fused-attention.py"
+TUTORIAL_URL = (
+    "https://raw.githubusercontent.com/triton-lang/triton/dc6ee3ed2cf9b2b436544d6153351f9bc679cc61"
+    "/python/tutorials/06-fused-attention.py"
+)
+# Its forward at its largest tile for 4 warps (its own candidates: BLOCK_N <= 64 without TMA,
+# and 8 warps only from 128 x 128 up), 3 stages, one (B, H, T, D) contiguous fp16 tensor each.
+TUTORIAL_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+def tutorial_path() -> Path:
+    """Where the compile check looks for Triton's tutorial 06-fused-attention.py (the revision of
+    TUTORIAL_URL; MIT-licensed, not part of this repository): FASTGPT_TRITON_TUTORIAL, else
+    <FASTGPT_CACHE_DIR>/triton/06-fused-attention.py."""
+    import os
+
+    from fastgpt.download import cache_dir
+
+    given = os.environ.get("FASTGPT_TRITON_TUTORIAL")
+    return Path(given) if given else cache_dir() / "triton" / TUTORIAL_FILE
+
+
+def _tutorial_forward(path: Path):
+    """The tutorial's forward kernel (`_attn_fwd` and the `_attn_fwd_inner` it calls), taken out
+    of its file (whose module code needs a GPU) into a module of their own beside it, under
+    @triton.jit only (its autotuner would time candidates on a GPU)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    keep = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in ("_attn_fwd_inner", "_attn_fwd"):
+            node.decorator_list = [ast.parse("triton.jit", mode="eval").body]
+            keep.append(ast.unparse(node))
+    if len(keep) != 2:
+        raise ValueError(
+            f"{path}: no _attn_fwd_inner/_attn_fwd (not the revision of {TUTORIAL_URL})"
+        )
+    module_file = path.with_name("tutorial_attention_forward.py")
+    text = "import triton\nimport triton.language as tl\n\n\n" + "\n\n\n".join(keep) + "\n"
+    if not module_file.exists() or module_file.read_text(encoding="utf-8") != text:
+        module_file.write_text(text, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("fastgpt_tutorial_attention", module_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._attn_fwd
+
+
+def _tutorial_launch(kernel, d: int, causal: bool) -> None:
+    """Launch the tutorial's forward on ATTENTION_SHAPE fp16 tensors, each argument by its name
+    in the tutorial (Q, K, V, Out, stride_q*, ..., STAGE)."""
+    batch, heads, t = ATTENTION_SHAPE
+    q, k, v, out = torch.empty(4, batch, heads, t, d, dtype=torch.float16).unbind(0)
+    lse = torch.empty(batch, heads, t, dtype=torch.float32)
+    given = {"Q": q, "K": k, "V": v, "Out": out, "M": lse, "sm_scale": d**-0.5}
+    given |= {"Z": batch, "H": heads, "N_CTX": t, "HEAD_DIM": d, "STAGE": 3 if causal else 1}
+    config = dict(TUTORIAL_CONFIG)
+    given |= {"BLOCK_M": config.pop("BLOCK_M"), "BLOCK_N": config.pop("BLOCK_N")}
+    strides = {name: iter(x.stride()) for name, x in (("q", q), ("k", k), ("v", v), ("o", out))}
+    names = list(inspect.signature(kernel.fn).parameters)
+    # By keyword, so that the record's config shows BLOCK_M and BLOCK_N (the ratio's tile).
+    args = {
+        name: next(strides[name[len("stride_")]]) if name.startswith("stride_") else given[name]
+        for name in names
+    }
+    grid = (-(-t // given["BLOCK_M"]), batch * heads)  # (query tiles, B * H)
+    kernel[grid](**args, **config)
+
+
+def tutorial_cases(options: SweepOptions, causals: list[bool]) -> Iterator[Case]:
+    """Triton's tutorial forward, fp16, at each head dim picked and each causal variant, when
+    its file is at `tutorial_path()` (else none: the reports then show no ratio to it)."""
+    path = tutorial_path()
+    if not path.exists() or not options.wants("forward"):
+        return
+    kernel = _tutorial_forward(path)
+    for d in options.pick_head_dims((64, 128)):
+        for causal in causals:
+            params = {"dtype": "fp16", "D": d, "causal": causal}
+            launch = lambda d=d, c=causal: _tutorial_launch(kernel, d, c)
+            yield Case("attention", TUTORIAL_PASS, params, launch)
 
 
 # --- attention_varlen --------------------------------------------------------------------
