@@ -3,14 +3,24 @@ that a user's file holds, parsed with errors that say where."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fastgpt.errors import ConfigError
+from fastgpt.errors import ConfigError, DiskFullError
+
+# The errors of a write that found no room: no space left, the file size limit, the quota.
+DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left", errno.EFBIG: "file too large",
+                    errno.EDQUOT: "disk quota exceeded"}  # fmt: skip
+# A library writing in its own code (safetensors' Rust) reports them as "os error N".
+_OS_ERROR = re.compile(r"os error (\d+)")
 
 
 def check_writable_folder(path: Path, field: str) -> None:
@@ -42,3 +52,39 @@ def parse_json(
     if not isinstance(value, kind):
         raise ValueError(f"{wrong_kind} {type(value).__name__}")
     return value
+
+
+@contextlib.contextmanager
+def reports_disk_full(path: Path, reason_of: Callable[[], str | None] | None = None) -> Iterator:
+    """Turn a failed write of `path` that found no room into a DiskFullError naming it: an
+    OSError with one of DISK_FULL_ERRNOS, a library error whose message holds "os error N"
+    with one of them, or any error when `reason_of()` (a writer that saw the OSError itself,
+    e.g. one torch's C++ writer swallowed) returns a reason. Other errors pass unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        reason = reason_of() if reason_of is not None else None
+        code = getattr(exc, "errno", None)
+        if code is None and (found := _OS_ERROR.search(str(exc))):
+            code = int(found.group(1))
+        reason = reason or DISK_FULL_ERRNOS.get(code)
+        if reason is None:
+            raise
+        raise DiskFullError(path, reason) from exc
+
+
+def special_file_problem(path: Path) -> str | None:
+    """What is wrong with reading `path` as a data file when it exists but is no regular file
+    or folder ("/dev/null is a character device, not a regular file"), else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    for test, kind in kinds:
+        if test(mode):
+            return f"{path} is {kind}, not a regular file"
+    return None

@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 
 from fastgpt.errors import MissingFileError, UsageError
+from fastgpt.files import DISK_FULL_ERRNOS, reports_disk_full
 from fastgpt.train.distributed import DistInfo
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fastgpt-train-v1"
+TMP_MARK = ".tmp"  # a file being written is NAME.tmpPID until it is renamed to NAME
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,12 +65,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+class _RecordingWriter:
+    """A binary file for torch.save that keeps the OSError of a failed write: torch's C++
+    writer swallows it and raises "unexpected pos ..." instead, which says nothing of a full
+    disk."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def disk_full_reason(self) -> str | None:
+        code = self.error.errno if self.error is not None else None
+        return DISK_FULL_ERRNOS.get(code)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, then rename it over `path` (atomic on
-    POSIX): readers see the old checkpoint or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    """torch.save to a temporary file beside `path` ("NAME.tmpPID": `remove_leftovers` removes
+    one a killed process left), then rename it over `path` (atomic on POSIX): readers see the
+    old checkpoint or the new one, never half of one. DiskFullError naming `path` when there is
+    no room for it."""
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        writer = _RecordingWriter(open(tmp, "wb"))  # noqa: SIM115 (closed below)
+        with reports_disk_full(path, writer.disk_full_reason), writer.file:  # close flushes
+            torch.save(obj, writer)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

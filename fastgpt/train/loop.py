@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from fastgpt.devices import peak_flops, resolve_device
-from fastgpt.errors import NonFiniteLossError, UsageError
+from fastgpt.errors import NonFiniteLossError, StopRequested, UsageError
 from fastgpt.train.batches import BatchOrder
 from fastgpt.train.checkpoint import Checkpointer, seed_everything
 from fastgpt.train.config import TrainConfig, check_out_dir_is_free
@@ -48,6 +48,7 @@ from fastgpt.train.metrics import (
     save_loss_plot,
 )
 from fastgpt.train.optim import Schedule, make_optimizer
+from fastgpt.train.stop_signals import StopSignals
 from fastgpt.train.validation import Evaluator, LossFn, autocast_context
 
 
@@ -89,6 +90,8 @@ class Trainer:
     parameters to optimize (default: those with requires_grad; only they get an optimizer
     state). run_info: what defines the run besides the model (e.g. {"task": "pretrain", "data":
     "corpus/"}), stored in checkpoints; --resume refuses a checkpoint of another run.
+    checkpoint_on_stop: on SIGINT/SIGTERM, finish the step and save a checkpoint there (one
+    rank only: under torchrun the ranks may stop at different steps).
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class Trainer:
         sample_fn: Callable[[nn.Module], str] | None = None,
         params: Iterable[nn.Parameter] | None = None,
         run_info: dict[str, Any] | None = None,
+        checkpoint_on_stop: bool = True,
     ):
         self.config, self.loss_fn = config, loss_fn
         self.run_info = {**(run_info or {}), "training examples": len(train_data)}
@@ -151,6 +155,10 @@ class Trainer:
         )
         self.throughput = Throughput(peak_flops(self.device), _flops_of(self.model), world)
         self.divergence = DivergenceWatch(self.schedule.warmup_steps)
+        self.checkpoint_on_stop = checkpoint_on_stop
+        # Sums since the last log line and evaluation; a checkpoint keeps them, so that the
+        # first line after --resume covers the same steps as without the stop.
+        self._since_log, self._since_eval = Interval(), Interval()
 
     def _wrap_for_ranks(self, model: nn.Module) -> nn.Module:
         if self.dist.world_size == 1:
@@ -181,20 +189,22 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not show, dynamic_ncols=True)  # fmt: skip
         self._final = {"step": self.step, "tokens_seen": self.tokens_seen}
-        self._since_log, self._since_eval = Interval(), Interval()
         steps = self.batches.steps(self.collate_fn, self.config.num_workers,
                                    pin_memory=self.device.type == "cuda")  # fmt: skip
         try:
-            while self.step < self.total_steps:
-                started = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
-                loss, grad_norm, tokens, seq_len = self._train_step(next(steps))
-                elapsed = time.perf_counter() - started
-                self._after_step(loss, grad_norm, tokens, seq_len, lr, elapsed, bar)
+            with StopSignals(defer=True) as stop:  # a signal stops at a step's end
+                while self.step < self.total_steps:
+                    started = time.perf_counter()
+                    lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
+                    loss, grad_norm, tokens, seq_len = self._train_step(next(steps))
+                    elapsed = time.perf_counter() - started
+                    self._after_step(loss, grad_norm, tokens, seq_len, lr, elapsed, bar)
+                    if stop.signum is not None:
+                        self._stop(stop.signum)
         except BaseException as exc:
             self.metrics.close(completed=False)  # an earlier run's metrics stay as they were
             self.dist.close()  # leave no process group behind on an error
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, StopRequested):
                 self._say_where_it_stopped(bar)
             raise
         finally:
@@ -346,6 +356,22 @@ class Trainer:
             f"a smaller {{grad_clip}}; {where})"
         )
 
+    def _stop(self, signum: int) -> None:
+        """Stop at this step's end: save a checkpoint (see checkpoint_on_stop), then raise
+        StopRequested saying how to continue."""
+        checkpointer = self.checkpointer
+        saves = self.checkpoint_on_stop and checkpointer.enabled and self.dist.world_size == 1
+        if saves and checkpointer.saved_step != self.step:
+            self.save_checkpoint()
+        saved = checkpointer.saved_step
+        if saved == self.step:
+            how = "continue with --resume"
+        elif saved is not None:
+            how = f"{self.checkpoint_path} holds step {saved}: continue with --resume"
+        else:
+            how = "no checkpoint was saved"
+        raise StopRequested(signum, f"stopped at step {self.step}; {how}")
+
     def _say_where_it_stopped(self, bar) -> None:
         saved = self.checkpointer.saved_step
         if self.is_main and saved is not None:
@@ -370,6 +396,10 @@ class Trainer:
             "world_size": self.dist.world_size,
             "train_config": self.config.to_dict(),
             "run": self.run_info,
+            "intervals": {
+                "log": self._since_log.state_dict(),
+                "eval": self._since_eval.state_dict(),
+            },
         }
         model_config = getattr(self.model, "config", None)
         if model_config is not None and hasattr(model_config, "to_dict"):
@@ -426,6 +456,9 @@ class Trainer:
             group["initial_lr"] = self.config.lr
             group["lr"] = self.config.lr * self.schedule(self.step)
         self.tokens_seen = state["tokens_seen"]
+        intervals = state.get("intervals", {})  # absent in older checkpoints
+        self._since_log = Interval.from_state(intervals.get("log"))
+        self._since_eval = Interval.from_state(intervals.get("eval"))
         self.batches.load_state_dict(state)
         self.checkpointer.restore_rng(state, self.config.seed + 1000 * self.step)
 
