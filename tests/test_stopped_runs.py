@@ -23,7 +23,7 @@ from fastgpt.train.checkpoint import CHECKPOINT_NAME, Checkpointer
 from fastgpt.train.metrics import METRICS_NAME, read_metrics
 from fastgpt.train.out_folder import MOVE_LIST_NAME, remove_leftovers, staging_folder
 from tests import test_run_safety
-from tests.test_run_safety import TINY, run_cli, snapshot
+from tests.test_run_safety import TINY, leftovers, run_cli, snapshot
 
 story, earlier_run = test_run_safety.story, test_run_safety.earlier_run  # the same fixtures
 
@@ -68,11 +68,6 @@ def stop(process: subprocess.Popen, signum: int) -> str:
     _, err = process.communicate(timeout=300)
     assert "Traceback" not in err, err
     return err.strip().splitlines()[-1]
-
-
-def leftovers(out) -> list:
-    """Staging folders of `out` left beside it."""
-    return sorted(out.parent.glob(f".{out.name}.overwrite-*"))
 
 
 def dead_pid() -> int:
