@@ -372,3 +372,19 @@ def test_bf16_attention_under_the_interpreter_computes_in_fp32(monkeypatch):
     out = ops.attention_varlen(*(t.bfloat16() for t in packed), cu, cu, 8, 8, causal=True)
     expected = attention_varlen_reference(*packed, cu, cu, 8, 8, causal=True)
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+
+
+def test_resume_takes_the_same_data_file_by_another_name(tmp_path, capsys, monkeypatch):
+    """Started with story.txt, resumed with /path/to/story.txt: the same data."""
+    from fastgpt.cli import main
+
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "story.txt").write_text("Once upon a time there was a model. " * 40)
+    args = ["pretrain", "--model", "tiny", "--context-length", "16", "--batch-size", "2",
+            "--no-progress", "--sample-prompt", "", "--out", "run"]  # fmt: skip
+    assert main([*args, "--data", "story.txt", "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    rc = main([*args, "--data", str(tmp_path / "story.txt"), "--max-steps", "2", "--resume"])
+    assert rc == 0, capsys.readouterr().err
+    assert "resuming at step 1" in capsys.readouterr().out

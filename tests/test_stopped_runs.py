@@ -145,11 +145,15 @@ def test_finetune_instruct_stopped_while_generating_leaves_the_earlier_run(
     before = snapshot(out)
     assert "test_responses.json" in before
 
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
+    real_generate = fastgpt.instruction.generate_responses
 
-    monkeypatch.setattr(fastgpt.instruction, "generate_responses", ctrl_c)
-    assert run_cli(*args, "--overwrite") == 130
+    def ctrl_c_in_finish(*args, **kwargs):  # the samples during training are generated too
+        if sys._getframe(1).f_code.co_name == "finish":  # the model is saved by now
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(fastgpt.instruction, "generate_responses", ctrl_c_in_finish)
+    assert run_cli(*args, "--overwrite", "--seed", 7) == 130  # another model
     assert "interrupted" in capsys.readouterr().err
     assert snapshot(out) == before and leftovers(out) == []
 
