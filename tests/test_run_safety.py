@@ -71,19 +71,26 @@ def test_a_failing_overwrite_leaves_the_earlier_run_byte_identical(earlier_run, 
     assert snapshot(out) == before and leftovers(out) == []
 
 
-def test_an_interrupted_run_leaves_the_earlier_run_byte_identical(
-    earlier_run, story, capsys, monkeypatch
-):
-    out, before = earlier_run
+def ctrl_c_at_loss(monkeypatch, n: int) -> list:
+    """Make the n-th training loss computed from now on raise KeyboardInterrupt, as Ctrl-C in
+    the middle of a step would. Returns the list of calls (cleared: counted anew)."""
     real_loss, calls = fastgpt.losses.next_token_loss, []
 
     def loss_then_ctrl_c(model, batch):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real_loss(model, batch)
 
     monkeypatch.setattr(fastgpt.losses, "next_token_loss", loss_then_ctrl_c)
+    return calls
+
+
+def test_an_interrupted_run_leaves_the_earlier_run_byte_identical(
+    earlier_run, story, capsys, monkeypatch
+):
+    out, before = earlier_run
+    calls = ctrl_c_at_loss(monkeypatch, 2)
     for extra in (("--overwrite",), ("--resume", "--max-steps", 50)):
         calls.clear()
         assert run_cli("pretrain", "--data", story, *TINY, "--out", out, *extra) == 130

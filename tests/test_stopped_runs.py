@@ -23,7 +23,7 @@ from fastgpt.train.checkpoint import CHECKPOINT_NAME, Checkpointer
 from fastgpt.train.metrics import METRICS_NAME, read_metrics
 from fastgpt.train.out_folder import MOVE_LIST_NAME, remove_leftovers, staging_folder
 from tests import test_run_safety
-from tests.test_run_safety import TINY, leftovers, run_cli, snapshot
+from tests.test_run_safety import TINY, ctrl_c_at_loss, leftovers, run_cli, snapshot
 
 story, earlier_run = test_run_safety.story, test_run_safety.earlier_run  # the same fixtures
 
@@ -166,15 +166,8 @@ def test_the_first_log_line_after_resume_covers_the_steps_before_the_stop(
     args = ("pretrain", "--data", story, *TINY, "--max-steps", 6, "--log-every", 3,
             "--save-every", 2)  # fmt: skip
     assert run_cli(*args, "--out", tmp_path / "straight") == 0
-    real_loss, calls = fastgpt.losses.next_token_loss, []
-
-    def loss_then_ctrl_c(model, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_loss(model, batch)
-
-    monkeypatch.setattr(fastgpt.losses, "next_token_loss", loss_then_ctrl_c)
+    real_loss = fastgpt.losses.next_token_loss
+    ctrl_c_at_loss(monkeypatch, 3)
     assert run_cli(*args, "--out", tmp_path / "stopped") == 130
     monkeypatch.setattr(fastgpt.losses, "next_token_loss", real_loss)
     assert run_cli(*args, "--out", tmp_path / "stopped", "--resume") == 0

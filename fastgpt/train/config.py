@@ -55,14 +55,17 @@ class TrainConfig:
     log_every: int = 10
     """Log the training loss, tokens/s and MFU to metrics.jsonl every N steps."""
     save_every: int = 500
-    """Write checkpoint.pt every N steps (and at the end); 0 = only at the end."""
+    """Write checkpoint.pt every N steps, at the end, and where Ctrl-C or SIGTERM stops the
+    run (at the end of the step it is in); 0 = only at the end and on a stop."""
     save_checkpoint: bool = field(default=True, metadata={"flag": "--no-checkpoint"})
     """Write checkpoint.pt at all; it holds the optimizer state too."""
     seed: int = 123
     """Seed of the data order, splits, initialization and every RNG at the start."""
     overwrite: bool = False
-    """Replace the run out_dir holds: its files stay as they are until this run has written
-    their replacements (a run that fails or is stopped leaves them untouched)."""
+    """Replace the run out_dir holds: this run writes into a hidden folder beside it
+    (.NAME.overwrite-PID) and, once finished, moves its files in and deletes the earlier run's
+    others; a run that fails or is stopped deletes that folder and leaves the earlier run's
+    files untouched."""
     resume: bool | str = field(
         default=False, metadata={"nargs": "?", "const": True, "metavar": "CHECKPOINT"}
     )
