@@ -46,8 +46,8 @@ def snapshot(folder) -> dict[str, bytes]:
 
 
 def leftovers(out) -> list:
-    """Staging folders of `out` left beside it (an --overwrite run's, see train/out_folder)."""
-    return sorted(out.parent.glob(f".{out.name}.overwrite-*"))
+    """Staging folders left in `out` (an --overwrite run's, see train/out_folder)."""
+    return sorted(out.glob(".overwrite-*"))
 
 
 def test_another_runs_folder_is_refused_before_any_work(earlier_run, capsys):

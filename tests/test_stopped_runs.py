@@ -201,7 +201,7 @@ def test_leftovers_of_killed_processes_are_removed_or_finished(tmp_path):
         remove_leftovers(out)
         names = sorted(p.name for p in out.iterdir())
         assert names == sorted([f"checkpoint.pt.tmp{live.pid}", f"notes.tmp{gone}",
-                                "model.safetensors"])  # fmt: skip
+                                "model.safetensors", running.name])  # fmt: skip
         assert (out / "model.safetensors").read_text() == "new"
         assert leftovers(out) == [running]
     finally:

@@ -62,10 +62,10 @@ class TrainConfig:
     seed: int = 123
     """Seed of the data order, splits, initialization and every RNG at the start."""
     overwrite: bool = False
-    """Replace the run out_dir holds: this run writes into a hidden folder beside it
-    (.NAME.overwrite-PID) and, once finished, moves its files in and deletes the earlier run's
-    others; a run that fails or is stopped deletes that folder and leaves the earlier run's
-    files untouched."""
+    """Replace the run out_dir holds: this run writes into a hidden folder inside it
+    (.overwrite-PID) and, once finished, moves its files out of it and deletes the earlier
+    run's others; a run that fails or is stopped deletes that folder and leaves the earlier
+    run's files untouched."""
     resume: bool | str = field(
         default=False, metadata={"nargs": "?", "const": True, "metavar": "CHECKPOINT"}
     )

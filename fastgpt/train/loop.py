@@ -199,8 +199,8 @@ class Trainer:
                     loss, grad_norm, tokens, seq_len = self._train_step(next(steps))
                     elapsed = time.perf_counter() - started
                     self._after_step(loss, grad_norm, tokens, seq_len, lr, elapsed, bar)
-                    if stop.signum is not None:
-                        self._stop(stop.signum)
+                    if stop.signum is not None and self.step < self.total_steps:
+                        self._stop(stop.signum)  # (at the last step: the run finishes)
         except BaseException as exc:
             self.metrics.close(completed=False)  # an earlier run's metrics stay as they were
             self.dist.close()  # leave no process group behind on an error

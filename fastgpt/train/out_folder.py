@@ -1,16 +1,18 @@
 """What a run does to its output folder besides writing its files.
 
-An --overwrite run whose folder holds an earlier run writes into a hidden staging folder beside
-it, and moves its files in only once it has completed, so that the earlier run's files stay
-byte-identical until then, and a run that fails or is stopped removes its staging folder and
-leaves them as they were:
+An --overwrite run whose folder holds an earlier run writes into a hidden staging folder inside
+it, and moves its files out of it only once it has completed, so that the earlier run's files
+stay byte-identical until then, and a run that fails or is stopped removes its staging folder
+and leaves them as they were:
 
-    runs/x/                       the earlier run, untouched while this one runs
-    runs/.x.overwrite-PID/        this run's files (PID: the process writing them)
+    runs/x/*                      the earlier run's files, untouched while this one runs
+    runs/x/.overwrite-PID/        this run's files (PID: the process writing them)
 
-The move is one rename per file, after a list of the earlier files to delete is written into
-the staging folder: a process killed during the move leaves that list, and the next run in the
-folder finishes the move instead of mixing the runs (`remove_leftovers`).
+Inside, not beside: out_dir is the one folder known to be writable, and a rename within it
+never crosses a file system (out_dir may be a mount point). The move is one rename per file,
+after a list of the earlier files to delete is written into the staging folder: a process
+killed during the move leaves that list, and the next run in the folder finishes the move
+instead of mixing the runs (`remove_leftovers`).
 
 What a killed process left, a half-written NAME.tmpPID of a run file (`atomic_torch_save`,
 loss.png) or a staging folder of a PID no longer running, is removed when the next run starts.
@@ -27,14 +29,13 @@ from pathlib import Path
 from fastgpt.train.checkpoint import TMP_MARK
 from fastgpt.train.config import RUN_FILES
 
-STAGING_MARK = ".overwrite-"
+STAGING_PREFIX = ".overwrite-"
 MOVE_LIST_NAME = ".replaces.json"  # in a staging folder being moved in: earlier files to delete
 
 
 def staging_folder(out: Path, pid: int | None = None) -> Path:
     """Where process `pid` (default: this one) stages an --overwrite run of `out`."""
-    out = Path(out).resolve()
-    return out.parent / f".{out.name}{STAGING_MARK}{pid if pid is not None else os.getpid()}"
+    return Path(out) / f"{STAGING_PREFIX}{pid if pid is not None else os.getpid()}"
 
 
 def _temporary_name(name: str) -> str:
@@ -69,7 +70,7 @@ class Staging:
 
     def begin(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)  # this PID's: an earlier process's
-        self.folder.mkdir(parents=True)
+        self.folder.mkdir()
 
     def commit(self) -> list[str]:
         """Move this run's files into `out` in place of the earlier run's; delete the earlier
@@ -101,29 +102,28 @@ def _move_in(folder: Path, out: Path) -> list[str]:
 
 
 def remove_leftovers(out: Path) -> list[Path]:
-    """Remove what processes no longer running left in and beside `out`: temporary files of
-    its run files, and staging folders (one that was being moved in is moved in first).
-    Returns what was removed or moved in."""
-    out = Path(out)
+    """Remove what processes no longer running left in `out`: temporary files of its run
+    files, and staging folders (one that was being moved in is moved in first). Returns what
+    was removed or moved in."""
     found = []
-    if out.is_dir():
-        for path in out.iterdir():
-            match = _TEMPORARY.fullmatch(path.name)
-            pid = next((int(g) for g in match.groups() if g), None) if match else None
-            if pid is not None and not _alive(pid) and path.is_file():
-                path.unlink(missing_ok=True)
-                found.append(path)
-    prefix = staging_folder(out, pid=0).name[:-1]  # ".NAME.overwrite-"
-    parent = staging_folder(out, pid=0).parent
-    for folder in parent.iterdir() if parent.is_dir() else []:
-        pid = folder.name[len(prefix) :]
-        ours = folder.name.startswith(prefix) and pid.isdigit() and folder.is_dir()
-        if not ours or _alive(int(pid)):
+    for path in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
+        pid = _writer_pid(path)
+        if pid is None or _alive(pid):
             continue
-        if (folder / MOVE_LIST_NAME).is_file():
-            out.mkdir(parents=True, exist_ok=True)
-            _move_in(folder, out)
+        if path.is_dir() and (path / MOVE_LIST_NAME).is_file():
+            _move_in(path, Path(out))
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
         else:
-            shutil.rmtree(folder, ignore_errors=True)
-        found.append(folder)
+            path.unlink(missing_ok=True)
+        found.append(path)
     return found
+
+
+def _writer_pid(path: Path) -> int | None:
+    """The PID in the name of a staging folder or a run file's temporary file (else None)."""
+    if path.is_dir():
+        pid = path.name.removeprefix(STAGING_PREFIX)
+        return int(pid) if path.name.startswith(STAGING_PREFIX) and pid.isdigit() else None
+    match = _TEMPORARY.fullmatch(path.name)
+    return next((int(g) for g in match.groups() if g), None) if match else None

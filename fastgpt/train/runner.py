@@ -304,7 +304,7 @@ def _prepare(task_cls: type[Task], args: argparse.Namespace):
 
 def _train_and_finish(task: Task, model: nn.Module, parts: TrainingParts, earlier: list[str]):
     """Train, then (rank 0) let the task save. An --overwrite run over an earlier run writes
-    into a staging folder beside out_dir and moves its files in once finished (`Staging`)."""
+    into a staging folder inside out_dir and moves its files out once finished (`Staging`)."""
     main, out = is_main_process(), Path(task.config.out_dir)
     if main:
         remove_leftovers(out)  # a killed run's NAME.tmpPID files, staging folders
