@@ -58,21 +58,39 @@ def parse_json(
 def reports_disk_full(path: Path, reason_of: Callable[[], str | None] | None = None) -> Iterator:
     """Turn a failed write of `path` that found no room into a DiskFullError naming it: an
     OSError with one of DISK_FULL_ERRNOS, a library error whose message holds "os error N"
-    with one of them, or any error when `reason_of()` (a writer that saw the OSError itself,
-    e.g. one torch's C++ writer swallowed) returns a reason. Other errors pass unchanged."""
+    with one of them, or any error when `reason_of()` returns a reason (e.g. `no_room_reason`
+    of the file written, for a library that reports no errno). Other errors pass unchanged."""
     try:
         yield
     except DiskFullError:
         raise
     except Exception as exc:
-        reason = reason_of() if reason_of is not None else None
         code = getattr(exc, "errno", None)
         if code is None and (found := _OS_ERROR.search(str(exc))):
             code = int(found.group(1))
-        reason = reason or DISK_FULL_ERRNOS.get(code)
+        reason = DISK_FULL_ERRNOS.get(code) or (reason_of() if reason_of is not None else None)
         if reason is None:
             raise
         raise DiskFullError(path, reason) from exc
+
+
+def no_room_reason(path: Path) -> str | None:
+    """Why a write of `path` that failed without saying why found no room, judged from what
+    it left: the file at this process's file size limit, or its file system with less than
+    1 MiB free. None when neither holds."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
+            return DISK_FULL_ERRNOS[errno.EFBIG]
+    except (ImportError, OSError):  # no such limit here (Windows), or no file
+        pass
+    try:
+        fs = os.statvfs(path.parent)
+    except (AttributeError, OSError):
+        return None
+    return DISK_FULL_ERRNOS[errno.ENOSPC] if fs.f_bavail * fs.f_frsize < 2**20 else None
 
 
 def special_file_problem(path: Path) -> str | None:

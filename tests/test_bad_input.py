@@ -348,8 +348,8 @@ def test_a_lora_rank_larger_than_the_layers_is_refused(tmp_path, capsys, tiktoke
             str(tmp_path / "run"), "--lora-rank", "33"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "fastgpt finetune-classify: error: --lora-rank must be at most 32 (the adapted " \
-        "layers' smaller side), got 33", err  # fmt: skip
+    assert err == "fastgpt finetune-classify: error: --lora-rank must be at most 32, the width " \
+        "of the adapted layers (emb_dim), got 33", err  # fmt: skip
     assert not (tmp_path / "run").exists()
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fastgpt.errors import MissingFileError, UsageError
-from fastgpt.files import DISK_FULL_ERRNOS, reports_disk_full
+from fastgpt.files import no_room_reason, reports_disk_full
 from fastgpt.train.distributed import DistInfo
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -65,30 +65,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-class _RecordingWriter:
-    """A binary file for torch.save that keeps the OSError of a failed write: torch's C++
-    writer swallows it and raises "unexpected pos ..." instead, which says nothing of a full
-    disk."""
-
-    def __init__(self, file):
-        self.file = file
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def disk_full_reason(self) -> str | None:
-        code = self.error.errno if self.error is not None else None
-        return DISK_FULL_ERRNOS.get(code)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside `path` ("NAME.tmpPID": `remove_leftovers` removes
     one a killed process left), then rename it over `path` (atomic on POSIX): readers see the
@@ -96,9 +72,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     no room for it."""
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        writer = _RecordingWriter(open(tmp, "wb"))  # noqa: SIM115 (closed below)
-        with reports_disk_full(path, writer.disk_full_reason), writer.file:  # close flushes
-            torch.save(obj, writer)
+        # torch's C++ writer reports a full disk as "unexpected pos ...": no_room_reason
+        # looks at what it left.
+        with reports_disk_full(path, lambda: no_room_reason(tmp)):
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

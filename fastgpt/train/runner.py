@@ -272,7 +272,9 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare(task_cls: type[Task], args: argparse.Namespace):
+def _prepare(
+    task_cls: type[Task], args: argparse.Namespace
+) -> tuple[Task, nn.Module, TrainingParts, list[str]]:
     """(task, model, parts, the earlier run's file names in out_dir): everything the user's
     input decides, read and checked before any file is written."""
     with usage_errors():  # where bad input shows up: options, data, the model to start from
@@ -302,7 +304,9 @@ def _prepare(task_cls: type[Task], args: argparse.Namespace):
     return task, model, parts, earlier
 
 
-def _train_and_finish(task: Task, model: nn.Module, parts: TrainingParts, earlier: list[str]):
+def _train_and_finish(
+    task: Task, model: nn.Module, parts: TrainingParts, earlier: list[str]
+) -> None:
     """Train, then (rank 0) let the task save. An --overwrite run over an earlier run writes
     into a staging folder inside out_dir and moves its files out once finished (`Staging`)."""
     main, out = is_main_process(), Path(task.config.out_dir)
