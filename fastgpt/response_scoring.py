@@ -164,14 +164,8 @@ def evaluate_responses(
     # A killed run may have left a partial last line: start on a fresh one.
     needs_newline = out.is_file() and out.stat().st_size > 0 and not _ends_with_newline(out)
     existed = out.exists()
-    bar = tqdm(
-        total=len(entries),
-        initial=len(known),
-        desc="scoring",
-        unit="entry",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=len(entries), initial=len(known), desc="scoring", unit="entry",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
     try:
         with open(out, "a", encoding="utf-8") as f:
             if needs_newline:

@@ -90,9 +90,12 @@ class Trainer:
     parameters to optimize (default: those with requires_grad; only they get an optimizer
     state). run_info: what defines the run besides the model (e.g. {"task": "pretrain", "data":
     "corpus/"}), stored in checkpoints; --resume refuses a checkpoint of another run.
-    checkpoint_on_stop: on SIGINT/SIGTERM, finish the step and save a checkpoint there (one
-    rank only: under torchrun the ranks may stop at different steps).
     """
+
+    checkpoint_on_stop = True
+    """On SIGINT/SIGTERM, finish the step and save a checkpoint there (one rank only: under
+    torchrun the ranks may stop at different steps); False for a run whose files will be
+    discarded on a stop (the runner's staged --overwrite run)."""
 
     def __init__(
         self,
@@ -106,7 +109,6 @@ class Trainer:
         sample_fn: Callable[[nn.Module], str] | None = None,
         params: Iterable[nn.Parameter] | None = None,
         run_info: dict[str, Any] | None = None,
-        checkpoint_on_stop: bool = True,
     ):
         self.config, self.loss_fn = config, loss_fn
         self.run_info = {**(run_info or {}), "training examples": len(train_data)}
@@ -155,10 +157,6 @@ class Trainer:
         )
         self.throughput = Throughput(peak_flops(self.device), _flops_of(self.model), world)
         self.divergence = DivergenceWatch(self.schedule.warmup_steps)
-        self.checkpoint_on_stop = checkpoint_on_stop
-        # Sums since the last log line and evaluation; a checkpoint keeps them, so that the
-        # first line after --resume covers the same steps as without the stop.
-        self._since_log, self._since_eval = Interval(), Interval()
 
     def _wrap_for_ranks(self, model: nn.Module) -> nn.Module:
         if self.dist.world_size == 1:
@@ -241,6 +239,9 @@ class Trainer:
         """Refuse to overwrite another run unasked; resume from a checkpoint or seed every
         RNG; open metrics.jsonl; print the plan."""
         cfg = self.config
+        # Sums since the last log line and evaluation; a checkpoint keeps them, so that the
+        # first line after --resume covers the same steps as without the stop.
+        self._since_log, self._since_eval = Interval(), Interval()
         check_out_dir_is_free(cfg)
         # Every rank looks at out_dir before rank 0 writes there: else a slower rank would see
         # this run's own new metrics.jsonl as another run's.

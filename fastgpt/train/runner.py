@@ -327,8 +327,8 @@ def _train_and_finish(
             model, parts.train_set, parts.val_set, task.loss, config,
             collate_fn=parts.collate_fn, metrics_fn=parts.metrics_fn,
             sample_fn=parts.sample_fn, run_info=task.run_info(),
-            checkpoint_on_stop=staging is None,
         )  # fmt: skip
+        trainer.checkpoint_on_stop = staging is None  # a stopped staged run is discarded
         final = trainer.fit()
         if main:  # rank 0 alone evaluates and writes; the process group is gone by now
             with reports_disk_full(Path(config.out_dir)):  # a file the task writes itself
