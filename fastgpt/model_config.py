@@ -204,6 +204,9 @@ def is_hf_config(data: dict[str, Any]) -> bool:
 
 def config_from_hf(data: dict[str, Any], **overrides: Any) -> GPTConfig:
     """Our GPTConfig from a Hugging Face GPT2Config dict; refuses variants we do not model."""
+    missing = sorted({"vocab_size", "n_embd", "n_head", "n_layer"} - data.keys())
+    if missing:
+        raise ValueError(f"a Hugging Face GPT-2 config without {', '.join(missing)}")
     d = data["n_embd"]
     unsupported = []
     if data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):

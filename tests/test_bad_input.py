@@ -388,3 +388,10 @@ def test_resume_takes_the_same_data_file_by_another_name(tmp_path, capsys, monke
     rc = main([*args, "--data", str(tmp_path / "story.txt"), "--max-steps", "2", "--resume"])
     assert rc == 0, capsys.readouterr().err
     assert "resuming at step 1" in capsys.readouterr().out
+
+
+def test_a_hugging_face_config_missing_a_field_says_which():
+    from fastgpt.model_config import config_from_hf
+
+    with pytest.raises(ValueError, match=r"a Hugging Face GPT-2 config without n_head, vocab_size"):
+        config_from_hf({"model_type": "gpt2", "n_layer": 2, "n_embd": 32})
