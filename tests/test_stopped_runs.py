@@ -3,7 +3,7 @@ and says how to continue; an --overwrite run that is stopped, fails or finds the
 leaves the earlier run byte-identical and no staging folder; what a killed process left is
 removed when the next run starts; the first log line after --resume covers the same steps as
 without the stop. On the tiny model, through the CLI (in a subprocess where a signal or a file
-size limit is needed)."""
+size limit is needed). A failed evaluate's scores file: tests/test_response_scoring.py."""
 
 from __future__ import annotations
 
@@ -207,22 +207,3 @@ def test_leftovers_of_killed_processes_are_removed_or_finished(tmp_path):
     finally:
         live.kill()
         live.wait()
-
-
-def test_a_failed_evaluation_leaves_no_empty_scores_file(tmp_path):
-    from fastgpt.judge import JudgeError
-    from fastgpt.response_scoring import evaluate_responses, scores_path_for
-
-    responses = tmp_path / "test_responses.json"
-    entry = {"instruction": "Say hi.", "input": "", "output": "hi", "model_response": "hi"}
-    responses.write_text(json.dumps([entry]), encoding="utf-8")
-
-    class FailingJudge:
-        model = "llama3"
-
-        def ask(self, prompt):
-            raise JudgeError("the judge at http://127.0.0.1:1 is down")
-
-    with pytest.raises(JudgeError):
-        evaluate_responses(responses, FailingJudge(), progress=False)
-    assert not scores_path_for(responses).exists()
