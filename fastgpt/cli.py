@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(module, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """module.run(args), with the errors a user can cause turned into one line each."""
-    from fastgpt.errors import NonFiniteLossError, UsageError
+    from fastgpt.errors import RunFailedError, UsageError
     from fastgpt.options import flag_of
     from fastgpt.tokenizer import TokenizerUnavailableError  # torch is loaded by now
 
@@ -102,11 +102,11 @@ def _run(module, args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         return command_error(args.command, flags(exc))
     except TokenizerUnavailableError as exc:  # the BPE: any command may need it, any time
         return command_error(args.command, exc)
-    except NonFiniteLossError as exc:
+    except RunFailedError as exc:  # a non-finite loss, a full disk
         return command_error(args.command, flags(exc), code=1)
-    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback (130 = 128 + SIGINT)
-        print(f"fastgpt {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C: a line, not a traceback (130 = 128 + SIGINT)
+        print(f"fastgpt {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return getattr(exc, "exit_status", 130)  # a StopRequested: 128 + its signal
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
         # What Python would still flush to the closed pipe at exit goes to /dev/null instead.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

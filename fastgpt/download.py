@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastgpt.errors import ConfigError
+from fastgpt.files import special_file_problem
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ def data_file(data: str | Path | None, default: str) -> Path:
             raise FileNotFoundError(f"data file not found: {path}")
         if path.is_dir():
             raise ConfigError("data", f"{path} is a folder: give one file")
+        if problem := special_file_problem(path):  # /dev/null, a FIFO: exists, no file
+            raise ConfigError("data", problem)
         return path
     try:
         return fetch(default)

@@ -51,6 +51,29 @@ class MissingFileError(UsageError, FileNotFoundError):
     """A file the input names is not there: a UsageError that is also a FileNotFoundError."""
 
 
-class NonFiniteLossError(NamesOptions, FloatingPointError):
-    """The training loss or gradient norm was NaN or infinite; no parameter was updated (the
-    CLI prints it as one line, exit status 1; "{field}"s as for UsageError)."""
+class RunFailedError(NamesOptions, RuntimeError):
+    """A run failed for a reason outside the code (the CLI prints it as one line, exit status
+    1; "{field}"s as for UsageError)."""
+
+
+class NonFiniteLossError(RunFailedError, FloatingPointError):
+    """The training loss or gradient norm was NaN or infinite; no parameter was updated."""
+
+
+class DiskFullError(RunFailedError):
+    """A file could not be written because the disk (or the process's file size limit) is
+    full: ENOSPC, EFBIG or EDQUOT, named with the file."""
+
+    def __init__(self, path: object, reason: str):
+        self.path = path
+        super().__init__(f"disk full: cannot write {path} ({reason}); free some space")
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run: `message` says where (the CLI prints it as one line),
+    `exit_status` is 128 + the signal's number, as a shell reports a process it ended."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_status = 128 + signum

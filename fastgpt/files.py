@@ -3,14 +3,24 @@ that a user's file holds, parsed with errors that say where."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from fastgpt.errors import ConfigError
+from fastgpt.errors import ConfigError, DiskFullError
+
+# The errors of a write that found no room: no space left, the file size limit, the quota.
+DISK_FULL_ERRNOS = {errno.ENOSPC: "no space left", errno.EFBIG: "file too large",
+                    errno.EDQUOT: "disk quota exceeded"}  # fmt: skip
+# A library writing in its own code (safetensors' Rust) reports them as "os error N".
+_OS_ERROR = re.compile(r"os error (\d+)")
 
 
 def check_writable_folder(path: Path, field: str) -> None:
@@ -42,3 +52,57 @@ def parse_json(
     if not isinstance(value, kind):
         raise ValueError(f"{wrong_kind} {type(value).__name__}")
     return value
+
+
+@contextlib.contextmanager
+def reports_disk_full(path: Path, reason_of: Callable[[], str | None] | None = None) -> Iterator:
+    """Turn a failed write of `path` that found no room into a DiskFullError naming it: an
+    OSError with one of DISK_FULL_ERRNOS, a library error whose message holds "os error N"
+    with one of them, or any error when `reason_of()` returns a reason (e.g. `no_room_reason`
+    of the file written, for a library that reports no errno). Other errors pass unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as exc:
+        code = getattr(exc, "errno", None)
+        if code is None and (found := _OS_ERROR.search(str(exc))):
+            code = int(found.group(1))
+        reason = DISK_FULL_ERRNOS.get(code) or (reason_of() if reason_of is not None else None)
+        if reason is None:
+            raise
+        raise DiskFullError(path, reason) from exc
+
+
+def no_room_reason(path: Path) -> str | None:
+    """Why a write of `path` that failed without saying why found no room, judged from what
+    it left: the file at this process's file size limit, or its file system with less than
+    1 MiB free. None when neither holds."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
+            return DISK_FULL_ERRNOS[errno.EFBIG]
+    except (ImportError, OSError):  # no such limit here (Windows), or no file
+        pass
+    try:
+        fs = os.statvfs(path.parent)
+    except (AttributeError, OSError):
+        return None
+    return DISK_FULL_ERRNOS[errno.ENOSPC] if fs.f_bavail * fs.f_frsize < 2**20 else None
+
+
+def special_file_problem(path: Path) -> str | None:
+    """What is wrong with reading `path` as a data file when it exists but is no regular file
+    or folder ("/dev/null is a character device, not a regular file"), else None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    for test, kind in kinds:
+        if test(mode):
+            return f"{path} is {kind}, not a regular file"
+    return None

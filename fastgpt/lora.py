@@ -331,4 +331,12 @@ class LoRAOptions:
         if not self.lora_rank:
             return []
         alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+        # qkv, out_proj, fc1 and fc2 have emb_dim on one side: a larger rank adds parameters,
+        # not expressiveness (a small head, e.g. a classifier's, may well take a larger one).
+        width = model.config.emb_dim
+        if self.lora_rank > width:
+            raise ConfigError(
+                "lora_rank", f"must be at most {width}, the width of the adapted layers "
+                f"(emb_dim), got {self.lora_rank}"
+            )  # fmt: skip
         return apply_lora(model, self.lora_rank, alpha, include_head=self.lora_head)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,23 @@ class GPTConfig:
             )
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
+        memory = _physical_memory()
+        if memory is not None and 4 * self.num_parameters > memory:  # before any allocation
+            raise ValueError(
+                f"GPTConfig: vocab_size {self.vocab_size}, emb_dim {self.emb_dim}, n_layers "
+                f"{self.n_layers}, context_length {self.context_length} make "
+                f"{self.num_parameters:.3g} parameters, {4 * self.num_parameters / 2**30:,.0f} "
+                f"GiB in fp32, more than this machine's {memory / 2**30:,.0f} GiB of memory"
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of a GPTModel of this shape (padded vocabulary rows included): the
+        embeddings, and per layer two LayerNorms, qkv, out_proj and the 4d feed-forward."""
+        d, rows = self.emb_dim, self.padded_vocab_size
+        embeddings = rows * d * (1 if self.tie_embeddings else 2) + self.context_length * d
+        layer = 4 * d + 3 * d * d + 3 * d * self.qkv_bias + d * d + d + 8 * d * d + 5 * d
+        return embeddings + self.n_layers * layer + 2 * d
 
     @property
     def padded_vocab_size(self) -> int:
@@ -171,6 +189,14 @@ _ALIASES: dict[str, str] = {
 # --- Hugging Face's GPT2Config ------------------------------------------------------------
 
 
+def _physical_memory() -> int | None:
+    """Bytes of memory this machine has (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def is_hf_config(data: dict[str, Any]) -> bool:
     """Whether a config.json dict is Hugging Face's GPT2Config (not one of ours)."""
     return data.get("format") != "fastgpt" and ("n_embd" in data or "n_layer" in data)
@@ -178,6 +204,9 @@ def is_hf_config(data: dict[str, Any]) -> bool:
 
 def config_from_hf(data: dict[str, Any], **overrides: Any) -> GPTConfig:
     """Our GPTConfig from a Hugging Face GPT2Config dict; refuses variants we do not model."""
+    missing = sorted({"vocab_size", "n_embd", "n_head", "n_layer"} - data.keys())
+    if missing:
+        raise ValueError(f"a Hugging Face GPT-2 config without {', '.join(missing)}")
     d = data["n_embd"]
     unsupported = []
     if data.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):

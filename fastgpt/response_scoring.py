@@ -163,14 +163,9 @@ def evaluate_responses(
     out.parent.mkdir(parents=True, exist_ok=True)
     # A killed run may have left a partial last line: start on a fresh one.
     needs_newline = out.is_file() and out.stat().st_size > 0 and not _ends_with_newline(out)
-    bar = tqdm(
-        total=len(entries),
-        initial=len(known),
-        desc="scoring",
-        unit="entry",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    existed = out.exists()
+    bar = tqdm(total=len(entries), initial=len(known), desc="scoring", unit="entry",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
     try:
         with open(out, "a", encoding="utf-8") as f:
             if needs_newline:
@@ -190,6 +185,8 @@ def evaluate_responses(
                 bar.update(1)
     finally:
         bar.close()
+        if not existed and out.is_file() and out.stat().st_size == 0:  # nothing was scored
+            out.unlink()
     scores = [known[i]["score"] for i in range(len(entries))]
     valid = [s for s in scores if isinstance(s, int)]
     return EvaluationSummary(

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fastgpt.errors import UsageError
+from fastgpt.files import reports_disk_full
 from fastgpt.hf_format import HF_BLOCK_NAMES
 from fastgpt.model_config import GPTConfig, config_from_hf, is_hf_config
 
@@ -263,7 +264,8 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     (safetensors 0.8 creates it with mode 0600, whatever the umask)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    with reports_disk_full(path):
+        save_file(tensors, str(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

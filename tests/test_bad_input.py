@@ -220,6 +220,7 @@ def test_a_malformed_checkpoint_is_a_one_line_error(tmp_path, change, message):
         (["--out", ""], "--out must be a folder name, got ''"),
         (["--data", ""], "--data is empty: give a file, folder or glob"),
         (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),
+        (["--betas", "nan", "0.9"], "--betas must be two numbers in [0, 1)"),
     ],
 )
 def test_training_options_that_would_silently_misbehave_are_refused(
@@ -260,3 +261,137 @@ def test_a_tiny_temperature_is_greedy_not_nan():
     ids = torch.randint(0, 97, (2, 3))
     greedy = fastgpt.generate(model, ids, 4)
     assert torch.equal(fastgpt.generate(model, ids, 4, temperature=1e-300), greedy)
+
+
+def test_a_shard_holding_an_id_its_manifest_does_not_say_is_refused_when_opened(tmp_path):
+    """The manifest says max_id 50256, the shard holds 60000: refused as the corpus opens,
+    not by an IndexError (a device-side assert on CUDA) at the batch that holds it."""
+    import json
+
+    import numpy as np
+
+    from fastgpt.corpus.manifest import FORMAT, MANIFEST_NAME
+    from fastgpt.corpus.tokens import open_split
+    from fastgpt.errors import UsageError
+
+    ids = np.array([5, 50256, 60000, 7], dtype=np.uint16)
+    ids.tofile(tmp_path / "train-000000.bin")
+    shard = {"file": "train-000000.bin", "tokens": 4, "max_id": 50256}
+    manifest = {"format": FORMAT, "complete": True,
+                "splits": {"train": {"shards": [shard]}, "val": {"shards": []}}}  # fmt: skip
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"train-000000.bin holds token ids up to 60000, but "
+                       r"manifest.json says max_id 50256"):  # fmt: skip
+        open_split(tmp_path, "train")
+    shard["max_id"] = 60000  # what the shard holds: it opens, and max() is the truth
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert open_split(tmp_path, "train").max() == 60000
+
+
+OURS = {"vocab_size": 50257, "context_length": 64, "emb_dim": 768, "n_heads": 12, "n_layers": 2}
+
+
+@pytest.mark.parametrize(
+    "config, names",
+    [
+        ({**OURS, "n_layers": 2_000_000}, "n_layers 2000000"),
+        ({**OURS, "vocab_size": 4_000_000_000}, "vocab_size 4000000000"),
+        ({"model_type": "gpt2", "vocab_size": 50257, "n_layer": 2_000_000, "n_embd": 768,
+          "n_head": 12},
+         "n_layers 2000000"),
+    ],
+)  # fmt: skip
+def test_a_model_config_no_memory_holds_is_one_short_line(tmp_path, capsys, config, names):
+    """Refused before anything is allocated (no 512 GB allocation error, no listing of 24
+    million missing tensors)."""
+    import json
+
+    from fastgpt.cli import main
+    from fastgpt.model import GPTModel
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{names}.*GiB of memory") as error:
+        GPTModel.from_pretrained(folder)
+    assert len(str(error.value)) < 400
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time. " * 40)
+    argv = ["pretrain", "--data", text, "--model", folder / "config.json", "--out",
+            tmp_path / "run", "--max-steps", "1", "--no-progress"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "parameters" in err and len(err) < 400 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("special", ["/dev/null", "fifo"])
+@pytest.mark.parametrize("command", ["pretrain", "finetune-classify"])
+def test_a_device_or_pipe_as_data_is_named_as_such(tmp_path, capsys, special, command):
+    """Not "not found" (it exists), nor a read that waits on a pipe forever."""
+    from fastgpt.cli import main
+
+    if special == "fifo":
+        special = tmp_path / "fifo"
+        os.mkfifo(special)
+    kind = "a character device" if special == "/dev/null" else "a named pipe (FIFO)"
+    rc = main([command, "--model", "tiny", "--data", str(special), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{special} is {kind}, not a regular file" in err and "\n" not in err
+
+
+def test_a_lora_rank_larger_than_the_layers_is_refused(tmp_path, capsys, tiktoken_available):
+    from fastgpt.cli import main
+
+    data = tmp_path / "sms.txt"
+    data.write_text("ham\thello there\nspam\tbuy now\n" * 10)
+    argv = ["finetune-classify", "--model", "tiny", "--data", str(data), "--out",
+            str(tmp_path / "run"), "--lora-rank", "33"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fastgpt finetune-classify: error: --lora-rank must be at most 32, the width " \
+        "of the adapted layers (emb_dim), got 33", err  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_attention_under_the_interpreter_computes_in_fp32(monkeypatch):
+    """Triton's interpreter gets bf16 wrong (outputs near 8e8): the triton backend's
+    attention computes such inputs in fp32 and returns bf16."""
+    from fastgpt.kernels import attention_reference, attention_varlen_reference
+
+    from fastgpt.backends import resolve_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(0)
+    ops = resolve_backend("triton")
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    out = ops.attention(*(t.bfloat16() for t in (q, k, v)), causal=True)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attention_reference(q, k, v, True), atol=2e-2, rtol=0)
+    packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (16, 2, 16)
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    out = ops.attention_varlen(*(t.bfloat16() for t in packed), cu, cu, 8, 8, causal=True)
+    expected = attention_varlen_reference(*packed, cu, cu, 8, 8, causal=True)
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+
+
+def test_resume_takes_the_same_data_file_by_another_name(tmp_path, capsys, monkeypatch):
+    """Started with story.txt, resumed with /path/to/story.txt: the same data."""
+    from fastgpt.cli import main
+
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "story.txt").write_text("Once upon a time there was a model. " * 40)
+    args = ["pretrain", "--model", "tiny", "--context-length", "16", "--batch-size", "2",
+            "--no-progress", "--sample-prompt", "", "--out", "run"]  # fmt: skip
+    assert main([*args, "--data", "story.txt", "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    rc = main([*args, "--data", str(tmp_path / "story.txt"), "--max-steps", "2", "--resume"])
+    assert rc == 0, capsys.readouterr().err
+    assert "resuming at step 1" in capsys.readouterr().out
+
+
+def test_a_hugging_face_config_missing_a_field_says_which():
+    from fastgpt.model_config import config_from_hf
+
+    with pytest.raises(ValueError, match=r"a Hugging Face GPT-2 config without n_head, vocab_size"):
+        config_from_hf({"model_type": "gpt2", "n_layer": 2, "n_embd": 32})

@@ -366,7 +366,7 @@ def test_retries_are_bounded(server, responses):
     with pytest.raises(JudgeError, match=r"failed 3 times; last: HTTP 500: internal error"):
         evaluate_responses(responses, judge, progress=False)
     assert len(server.requests) == 3
-    assert not scores_path_for(responses).read_text()  # nothing scored, nothing invented
+    assert not scores_path_for(responses).exists()  # nothing scored: no (empty) scores file
 
 
 def test_timeout_is_retried(server, responses):

@@ -45,6 +45,11 @@ def snapshot(folder) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def leftovers(out) -> list:
+    """Staging folders left in `out` (an --overwrite run's, see train/out_folder)."""
+    return sorted(out.glob(".overwrite-*"))
+
+
 def test_another_runs_folder_is_refused_before_any_work(earlier_run, capsys):
     out, before = earlier_run
     capsys.readouterr()
@@ -63,26 +68,34 @@ def test_a_failing_overwrite_leaves_the_earlier_run_byte_identical(earlier_run, 
                  "--overwrite", "--lr", 1e30, "--grad-clip", 0, "--warmup-steps", 0)  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 1 and "non-finite" in err and "start again" in err  # no checkpoint to resume
-    assert snapshot(out) == before
+    assert snapshot(out) == before and leftovers(out) == []
+
+
+def ctrl_c_at_loss(monkeypatch, n: int) -> list:
+    """Make the n-th training loss computed from now on raise KeyboardInterrupt, as Ctrl-C in
+    the middle of a step would. Returns the list of calls (cleared: counted anew)."""
+    real_loss, calls = fastgpt.losses.next_token_loss, []
+
+    def loss_then_ctrl_c(model, batch):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(fastgpt.losses, "next_token_loss", loss_then_ctrl_c)
+    return calls
 
 
 def test_an_interrupted_run_leaves_the_earlier_run_byte_identical(
     earlier_run, story, capsys, monkeypatch
 ):
     out, before = earlier_run
-    real_loss, calls = fastgpt.losses.next_token_loss, []
-
-    def loss_then_ctrl_c(model, batch):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_loss(model, batch)
-
-    monkeypatch.setattr(fastgpt.losses, "next_token_loss", loss_then_ctrl_c)
+    calls = ctrl_c_at_loss(monkeypatch, 2)
     for extra in (("--overwrite",), ("--resume", "--max-steps", 50)):
         calls.clear()
         assert run_cli("pretrain", "--data", story, *TINY, "--out", out, *extra) == 130
         assert snapshot(out) == before, extra
+        assert leftovers(out) == []
     assert "interrupted" in capsys.readouterr().err
 
 
@@ -93,7 +106,7 @@ def test_overwrite_replaces_the_run_once_it_has_its_own_files(earlier_run, story
     records = read_metrics(out / METRICS_NAME)
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert snapshot(out)[CHECKPOINT_NAME] != before[CHECKPOINT_NAME]
-    assert not (out / (METRICS_NAME + ".partial")).exists()
+    assert not (out / (METRICS_NAME + ".partial")).exists() and leftovers(out) == []
 
 
 def test_resume_that_cannot_continue_says_why(tmp_path, earlier_run, story, capsys):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from fastgpt.errors import UsageError
-from fastgpt.files import parse_json
+from fastgpt.files import parse_json, special_file_problem
 
 TEXT, JSONL, PARQUET = "text", "jsonl", "parquet"
 FOLDER_SUFFIXES = {".txt": TEXT, ".jsonl": JSONL, ".ndjson": JSONL, ".parquet": PARQUET}
@@ -63,6 +63,8 @@ def resolve_inputs(
             files.extend(found)
         elif path.is_file():
             files.append(path)
+        elif problem := special_file_problem(path):  # /dev/null, a FIFO: exists, no file
+            raise UsageError(problem)
         else:
             raise FileNotFoundError(f"data file not found: {path}")
     return files

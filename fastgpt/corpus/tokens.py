@@ -23,6 +23,8 @@ from fastgpt.errors import UsageError
 
 # Tokens read at a time when max() scans a part of a shard (2 MB of uint16).
 MAX_SCAN_TOKENS = 1 << 20
+# Tokens read at a time when a shard is checked whole as it is opened (32 MB of uint16).
+CHECK_SCAN_TOKENS = 1 << 24
 
 
 class ShardedTokens:
@@ -161,4 +163,24 @@ def open_split(folder: str | Path, split: str) -> ShardedTokens | None:
                 f"{path}: {size if size is not None else 'missing'} bytes, the manifest says "
                 f"{shard['tokens'] * DTYPE.itemsize}; prepare the corpus again"
             )
-    return ShardedTokens(files, [s["tokens"] for s in shards], [s["max_id"] for s in shards])
+    maxima = [_checked_max_id(path, shard) for path, shard in zip(files, shards, strict=True)]
+    return ShardedTokens(files, [s["tokens"] for s in shards], maxima)
+
+
+def _checked_max_id(path: Path, shard: dict[str, Any]) -> int:
+    """The largest id shard file `path` holds, read whole (once, as the corpus is opened: a
+    damaged shard would otherwise fail at the batch that holds its bad id, with an IndexError
+    or a device-side assert); UsageError unless it is the manifest's max_id."""
+    if not shard["tokens"]:  # nothing to map (an empty file cannot be)
+        return -1
+    ids = np.memmap(path, dtype=DTYPE, mode="r", shape=(shard["tokens"],))
+    largest = max(
+        (int(ids[a : a + CHECK_SCAN_TOKENS].max()) for a in range(0, len(ids), CHECK_SCAN_TOKENS)),
+        default=-1,
+    )
+    if largest != shard.get("max_id"):
+        raise UsageError(
+            f"{path} holds token ids up to {largest}, but {MANIFEST_NAME} says max_id "
+            f"{shard.get('max_id')!r}: the corpus is damaged; prepare it again"
+        )
+    return largest

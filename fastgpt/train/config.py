@@ -56,14 +56,17 @@ class TrainConfig:
     log_every: int = 10
     """Log the training loss, tokens/s and MFU to metrics.jsonl every N steps."""
     save_every: int = 500
-    """Write checkpoint.pt every N steps (and at the end); 0 = only at the end."""
+    """Write checkpoint.pt every N steps, at the end, and where Ctrl-C or SIGTERM stops the
+    run (at the end of the step it is in); 0 = only at the end and on a stop."""
     save_checkpoint: bool = field(default=True, metadata={"flag": "--no-checkpoint"})
     """Write checkpoint.pt at all; it holds the optimizer state too."""
     seed: int = 123
     """Seed of the data order, splits, initialization and every RNG at the start."""
     overwrite: bool = False
-    """Replace the run out_dir holds: its files stay as they are until this run has written
-    their replacements (a run that fails or is stopped leaves them untouched)."""
+    """Replace the run out_dir holds: this run writes into a hidden folder inside it
+    (.overwrite-PID) and, once finished, moves its files out of it and deletes the earlier
+    run's others; a run that fails or is stopped deletes that folder and leaves the earlier
+    run's files untouched."""
     resume: bool | str = field(
         default=False, metadata={"nargs": "?", "const": True, "metavar": "CHECKPOINT"}
     )
@@ -144,27 +147,12 @@ RUN_FILES = (
 )  # fmt: skip
 
 
-FileStamp = tuple[int, int, int, int]
-"""(inode, size, mtime_ns, ctime_ns) of a file: any write or replacement changes it."""
-
-
-def _stamp(path: Path) -> FileStamp | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def check_out_dir_is_free(config: TrainConfig) -> dict[str, FileStamp]:
+def check_out_dir_is_free(config: TrainConfig) -> list[str]:
     """ConfigError when out_dir holds another run's files and this run neither resumes nor
-    overwrites it: nothing a user already has is replaced without being asked.
-
-    Returns the run files out_dir holds now, each with its stamp, for
-    `remove_files_not_replaced` to tell, once an --overwrite run has completed, which of them
-    it did not write."""
+    overwrites it: nothing a user already has is replaced without being asked. Returns the
+    names of the run files out_dir holds (RUN_FILES' order)."""
     out = Path(config.out_dir)
-    held = {name: _stamp(out / name) for name in RUN_FILES if (out / name).exists()}
+    held = [name for name in RUN_FILES if (out / name).exists()]
     if held and not (config.resume or config.overwrite):
         raise ConfigError(
             "out_dir",
@@ -172,21 +160,3 @@ def check_out_dir_is_free(config: TrainConfig) -> dict[str, FileStamp]:
             "it with {overwrite}, or choose another {out_dir}",
         )
     return held
-
-
-def remove_files_not_replaced(config: TrainConfig, earlier: dict[str, FileStamp]) -> list[str]:
-    """After an --overwrite run has completed (never before: a run that fails or is stopped
-    leaves the earlier run's files as they were), delete the earlier run's files this run did
-    not write, those whose stamp is still the one `check_out_dir_is_free` saw. Else out_dir
-    mixes two runs: `pretrain --overwrite --no-checkpoint` would keep the old checkpoint.pt, which
-    a later --resume continues, and a pretraining over a classifier would keep its labels.json.
-    Prints and returns the names removed; does nothing unless overwriting."""
-    if not config.overwrite:
-        return []
-    out = Path(config.out_dir)
-    stale = [n for n, stamp in earlier.items() if (out / n).is_file() and _stamp(out / n) == stamp]
-    for name in stale:
-        (out / name).unlink(missing_ok=True)
-    if stale:
-        print(f"removed the earlier run's {', '.join(stale)} from {out} (this run wrote none)")
-    return stale

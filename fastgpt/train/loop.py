@@ -46,7 +46,7 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from fastgpt.devices import peak_flops, resolve_device, resolve_dtype
-from fastgpt.errors import NonFiniteLossError, UsageError
+from fastgpt.errors import NonFiniteLossError, StopRequested, UsageError
 from fastgpt.train.batches import BatchOrder
 from fastgpt.train.checkpoint import Checkpointer, seed_everything
 from fastgpt.train.config import TrainConfig, check_out_dir_is_free
@@ -61,6 +61,7 @@ from fastgpt.train.metrics import (
     save_loss_plot,
 )
 from fastgpt.train.optim import Schedule, make_optimizer
+from fastgpt.train.stop_signals import StopSignals
 from fastgpt.train.validation import Evaluator, LossFn, autocast_context
 
 
@@ -105,6 +106,11 @@ class Trainer:
     options: every option of the command that runs the Trainer, by name, for run.json (default:
     the TrainConfig's fields).
     """
+
+    checkpoint_on_stop = True
+    """On SIGINT/SIGTERM, finish the step and save a checkpoint there (one rank only: under
+    torchrun the ranks may stop at different steps); False for a run whose files will be
+    discarded on a stop (the runner's staged --overwrite run)."""
 
     def __init__(
         self,
@@ -199,7 +205,6 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not show, dynamic_ncols=True)  # fmt: skip
         self._final = {"step": self.step, "tokens_seen": self.tokens_seen}
-        self._since_log, self._since_eval = Interval(), Interval()
         self._held: list[torch.Tensor] = []  # (2,) loss and norm of each unreported step
         self._skip: torch.Tensor | None = None  # () bool: a held step was not finite
         self._timings: list[tuple[int, float]] = []  # (tokens, seconds) of each unreported step
@@ -207,16 +212,22 @@ class Trainer:
         steps = self.batches.steps(self.collate_fn, self.config.num_workers,
                                    pin_memory=self.device.type == "cuda")  # fmt: skip
         try:
-            while self.step < self.total_steps:
-                started = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
-                reported, tokens, seq_len = self._train_step(next(steps))
-                elapsed = time.perf_counter() - started
-                self._after_step(reported, tokens, seq_len, lr, elapsed, bar)
+            with StopSignals(defer=True) as stop:  # a signal stops at a step's end
+                self._stop_signals = stop  # a pending stop makes the next step report
+                while self.step < self.total_steps:
+                    started = time.perf_counter()
+                    lr = self.optimizer.param_groups[0]["lr"]  # the LR this step uses
+                    reported, tokens, seq_len = self._train_step(next(steps))
+                    elapsed = time.perf_counter() - started
+                    self._after_step(reported, tokens, seq_len, lr, elapsed, bar)
+                    # Stop where every step's loss has reached the host (and been checked);
+                    # at the last step the run finishes.
+                    if stop.signum is not None and self.step < self.total_steps and reported:
+                        self._stop(stop.signum)
         except BaseException as exc:
             self.metrics.close(completed=False)  # an earlier run's metrics stay as they were
             self.dist.close()  # leave no process group behind on an error
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, StopRequested):
                 self._say_where_it_stopped(bar)
             raise
         finally:
@@ -262,6 +273,9 @@ class Trainer:
         """Refuse to overwrite another run unasked; resume from a checkpoint or seed every
         RNG; write run.json and open metrics.jsonl; print the plan."""
         cfg = self.config
+        # Sums since the last log line and evaluation; a checkpoint keeps them, so that the
+        # first line after --resume covers the same steps as without the stop.
+        self._since_log, self._since_eval = Interval(), Interval()
         check_out_dir_is_free(cfg)
         # Every rank looks at out_dir before rank 0 writes there: else a slower rank would see
         # this run's own new metrics.jsonl as another run's.
@@ -290,12 +304,14 @@ class Trainer:
         host (the step's one sync): a log, eval or checkpoint step, the last, the run's first
         (the divergence watch's reference), and every step when the optimizer cannot skip a
         step on the device (only fused AdamW takes `found_inf`) or when fp16's loss scaler
-        reads every step's overflow on the host anyway."""
+        reads every step's overflow on the host anyway; and once a stop is pending, so that the
+        run stops (and checkpoints) where every step's loss has been checked."""
         cfg, last = self.config, step == self.total_steps
         return (
             not self._reported_once
             or not self.optimizer.defaults.get("fused")
             or self.scaler.is_enabled()
+            or self._stop_signals.signum is not None
             or step % cfg.log_every == 0
             or bool(cfg.eval_every and step % cfg.eval_every == 0)
             or self.checkpointer.due(step, last)
@@ -442,6 +458,22 @@ class Trainer:
             f"a smaller {{grad_clip}}; {where})"
         )
 
+    def _stop(self, signum: int) -> None:
+        """Stop at this step's end: save a checkpoint (see checkpoint_on_stop), then raise
+        StopRequested saying how to continue."""
+        checkpointer = self.checkpointer
+        saves = self.checkpoint_on_stop and checkpointer.enabled and self.dist.world_size == 1
+        if saves and checkpointer.saved_step != self.step:
+            self.save_checkpoint()
+        saved = checkpointer.saved_step
+        if saved == self.step:
+            how = "continue with --resume"
+        elif saved is not None:
+            how = f"{self.checkpoint_path} holds step {saved}: continue with --resume"
+        else:
+            how = "no checkpoint was saved"
+        raise StopRequested(signum, f"stopped at step {self.step}; {how}")
+
     def _say_where_it_stopped(self, bar) -> None:
         saved = self.checkpointer.saved_step
         if self.is_main and saved is not None:
@@ -466,6 +498,10 @@ class Trainer:
             "world_size": self.dist.world_size,
             "train_config": self.config.to_dict(),
             "run": self.run_info,
+            "intervals": {
+                "log": self._since_log.state_dict(),
+                "eval": self._since_eval.state_dict(),
+            },
         }
         if self.scaler.is_enabled():  # plain numbers: loads with weights_only=True
             state["scaler"] = self.scaler.state_dict()
@@ -528,6 +564,9 @@ class Trainer:
         if self.scaler.is_enabled() and "scaler" in state:  # else fp16 starts at a fresh scale
             self.scaler.load_state_dict(state["scaler"])
             self.skipped_steps = state["skipped_steps"]
+        intervals = state.get("intervals", {})  # absent in older checkpoints
+        self._since_log = Interval.from_state(intervals.get("log"))
+        self._since_eval = Interval.from_state(intervals.get("eval"))
         self.batches.load_state_dict(state)
         self.checkpointer.restore_rng(state, self.config.seed + 1000 * self.step)
 

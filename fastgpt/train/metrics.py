@@ -341,6 +341,17 @@ class Interval:
     def mean_loss(self) -> float:
         return self.loss / max(1, self.steps)
 
+    def state_dict(self) -> dict[str, float]:
+        """The sums, plain numbers (a checkpoint keeps them)."""
+        return dict(vars(self))
+
+    @classmethod
+    def from_state(cls, state: dict[str, float] | None) -> Interval:
+        """An interval holding `state_dict()`'s sums (None: an empty one)."""
+        interval = cls()
+        interval.__dict__.update(state or {})
+        return interval
+
 
 class DivergenceWatch:
     """Warns once (stderr and a "warning" record in metrics.jsonl) when, after warmup, the

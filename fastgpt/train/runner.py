@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -29,12 +30,15 @@ from typing import Any, ClassVar, Literal
 from torch import nn
 from torch.utils.data import Dataset
 
-from fastgpt.errors import ConfigError, UsageError, require
+from fastgpt.errors import ConfigError, StopRequested, UsageError, require
+from fastgpt.files import reports_disk_full
 from fastgpt.lora import LoRAOptions
 from fastgpt.options import add_options, explicit_options, options_from_args
-from fastgpt.train.config import TrainConfig, check_out_dir_is_free, remove_files_not_replaced
+from fastgpt.train.config import TrainConfig, check_out_dir_is_free
 from fastgpt.train.distributed import is_main_process
 from fastgpt.train.loop import Trainer
+from fastgpt.train.out_folder import Staging, remove_leftovers
+from fastgpt.train.stop_signals import StopSignals
 
 
 @dataclass
@@ -201,8 +205,11 @@ class Task:
 
     def run_info(self) -> dict[str, Any]:
         """What defines this run besides the model, kept in checkpoints so that --resume
-        refuses another run's: the task and its data."""
-        return {"task": self.name, "data": getattr(self.options, "data", None) or "default"}
+        refuses another run's: the task and its data (a path made absolute: the same file
+        named from elsewhere is the same data)."""
+        data = getattr(self.options, "data", None)
+        return {"task": self.name, "data": str(Path(data).expanduser().resolve()) if data
+                else "default"}  # fmt: skip
 
     def loss(self, model: nn.Module, batch) -> Any:
         raise NotImplementedError
@@ -257,8 +264,19 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
-    """Run a training command from its parsed options (see the module docstring)."""
-    main = is_main_process()
+    """Run a training command from its parsed options (see the module docstring). SIGTERM
+    ends it as Ctrl-C does (`StopSignals`): what it started is cleaned up."""
+    with StopSignals(defer=False):
+        task, model, parts, earlier = _prepare(task_cls, args)
+        _train_and_finish(task, model, parts, earlier)
+    return 0
+
+
+def _prepare(
+    task_cls: type[Task], args: argparse.Namespace
+) -> tuple[Task, nn.Module, TrainingParts, list[str]]:
+    """(task, model, parts, the earlier run's file names in out_dir): everything the user's
+    input decides, read and checked before any file is written."""
     with usage_errors():  # where bad input shows up: options, data, the model to start from
         lora = options_from_args(LoRAOptions, args) if task_cls.uses_lora else None
         task = task_cls(
@@ -279,21 +297,55 @@ def run_task(task_cls: type[Task], args: argparse.Namespace) -> int:
         parts = task.build(model, data)
         if task.model_options.compile:
             compile_model(model)
-    if main and task.uses_lora:
+    if is_main_process() and task.uses_lora:
         from fastgpt.lora import describe_parameters
 
         print(describe_parameters(model))
+    return task, model, parts, earlier
+
+
+def _train_and_finish(
+    task: Task, model: nn.Module, parts: TrainingParts, earlier: list[str]
+) -> None:
+    """Train, then (rank 0) let the task save. An --overwrite run over an earlier run writes
+    into a staging folder inside out_dir and moves its files out once finished (`Staging`)."""
+    main, out = is_main_process(), Path(task.config.out_dir)
+    if main:
+        remove_leftovers(out)  # a killed run's NAME.tmpPID files, staging folders
+    staging = Staging(out, earlier) if main and task.config.overwrite and earlier else None
+    config = task.config
+    if staging is not None:
+        config = dataclasses.replace(config, out_dir=str(staging.folder), overwrite=False)
+        staging.begin()
+        print(f"{out} holds a run: this run writes into {staging.folder} and replaces it once "
+              "finished")  # fmt: skip
     # No usage_errors() from here on: what the loop finds wrong with the input (--resume, the
     # batch sizes, the out_dir) it raises as a UsageError itself; a ValueError is a bug.
     groups = (task.model_options, task.options, task.config, task.lora)  # for run.json
     options = {k: v for group in groups if group is not None for k, v in asdict(group).items()}
-    trainer = Trainer(
-        model, parts.train_set, parts.val_set, task.loss, task.config,
-        collate_fn=parts.collate_fn, metrics_fn=parts.metrics_fn, sample_fn=parts.sample_fn,
-        run_info=task.run_info(), options=options,
-    )  # fmt: skip
-    final = trainer.fit()
-    if main:  # rank 0 alone evaluates and writes; the process group is gone by now
-        task.finish(model, parts, Path(task.config.out_dir), final)
-        remove_files_not_replaced(task.config, earlier)  # --overwrite: no old file left over
-    return 0
+    trainer = None
+    try:
+        trainer = Trainer(
+            model, parts.train_set, parts.val_set, task.loss, config,
+            collate_fn=parts.collate_fn, metrics_fn=parts.metrics_fn,
+            sample_fn=parts.sample_fn, run_info=task.run_info(), options=options,
+        )  # fmt: skip
+        trainer.checkpoint_on_stop = staging is None  # a stopped staged run is discarded
+        final = trainer.fit()
+        if main:  # rank 0 alone evaluates and writes; the process group is gone by now
+            with reports_disk_full(Path(config.out_dir)):  # a file the task writes itself
+                task.finish(model, parts, Path(config.out_dir), final)
+    except BaseException as exc:
+        if staging is None:
+            raise
+        staging.discard()
+        if isinstance(exc, StopRequested):
+            step = f" at step {trainer.step}" if trainer is not None else ""
+            raise StopRequested(exc.signum, f"stopped{step}; the earlier run in {out} stays "
+                                "as it was") from None  # fmt: skip
+        raise
+    if staging is not None:
+        removed = staging.commit()
+        if removed:
+            print(f"removed the earlier run's {', '.join(removed)} from {out} (this run wrote "
+                  "none)")  # fmt: skip
