@@ -516,6 +516,10 @@ class Trainer:
         finetune-classify", "emb_dim 64 vs 32", ... ([] when nothing is recorded)."""
         ours: dict[str, Any] = dict(self.run_info)
         theirs: dict[str, Any] = dict(state.get("run") or {})
+        data = theirs.get("data")
+        if isinstance(data, str) and data != "default" and not Path(data).is_absolute():
+            # older checkpoints kept the path as given: resolve it as run_info does now
+            theirs["data"] = str(Path(data).expanduser().resolve())
         model_config = getattr(self.model, "config", None)
         if "model_config" in state and hasattr(model_config, "to_dict"):
             ours.update(model_config.to_dict())
