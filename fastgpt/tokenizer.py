@@ -131,14 +131,16 @@ def hf_vocab_and_merges() -> tuple[dict[str, int], tuple[str, ...]]:
     """GPT-2's BPE as Hugging Face's vocab.json ({token string: id}, "<|endoftext|>" included)
     and merges.txt lines ("Ġ t", ...; in rank order), recovered from tiktoken's ranks."""
     encoding = get_tokenizer()
-    ranks: dict[bytes, int] = encoding._mergeable_ranks  # bytes -> id, 50,256 of them
+    # bytes -> id for the 50,256 ordinary tokens; then {"<|endoftext|>": 50256}
+    ranks = {token: encoding.encode_single_token(token) for token in encoding.token_byte_values()}
+    special = {name: encoding.encode_single_token(name) for name in encoding.special_tokens_set}
     alphabet = byte_level_alphabet()
 
     def text(token: bytes) -> str:
         return "".join(alphabet[b] for b in token)
 
     vocab = {text(token): rank for token, rank in ranks.items()}
-    vocab.update(encoding._special_tokens)  # {"<|endoftext|>": 50256}
+    vocab.update(special)
     merged = sorted((rank, token) for token, rank in ranks.items() if len(token) > 1)
     merges = []
     for _, token in merged:

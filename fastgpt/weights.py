@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -307,7 +308,8 @@ def save_checkpoint(
     GPT2Config fields `hf_config`, then `config` (GPTConfig fields), the format's name and
     version, the output head's shape `out_head` and the parameters' dtype. Beside them, when
     given: generation_config.json, and GPT-2's BPE as vocab.json and merges.txt with
-    tokenizer_config.json."""
+    tokenizer_config.json (left out, with a warning, when tiktoken cannot load the BPE: the
+    weights are never lost to a missing tokenizer)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -326,10 +328,14 @@ def save_checkpoint(
     if generation_config is not None:
         write_json(directory / GENERATION_CONFIG_NAME, generation_config)
     if tokenizer_config is not None:
-        from fastgpt.tokenizer import save_hf_vocab_and_merges
+        from fastgpt.tokenizer import TokenizerUnavailableError, save_hf_vocab_and_merges
 
-        save_hf_vocab_and_merges(directory)
-        write_json(directory / TOKENIZER_CONFIG_NAME, tokenizer_config)
+        try:
+            save_hf_vocab_and_merges(directory)
+        except TokenizerUnavailableError as exc:  # offline without tiktoken's cache: the model
+            warnings.warn(f"{directory}: saved without the tokenizer files: {exc}", stacklevel=2)
+        else:
+            write_json(directory / TOKENIZER_CONFIG_NAME, tokenizer_config)
     return directory
 
 

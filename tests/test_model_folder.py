@@ -219,6 +219,21 @@ def test_a_model_on_another_vocabulary_gets_no_gpt2_tokenizer(tmp_path):
     assert generation["eos_token_id"] is None and generation["do_sample"] is False
 
 
+def test_without_the_bpe_the_model_is_saved_with_a_warning(tmp_path, monkeypatch):
+    """Offline without tiktoken's cache the weights are still saved (after a long run, say)."""
+    from fastgpt import tokenizer
+
+    def unavailable():
+        raise tokenizer.TokenizerUnavailableError("cannot load the GPT-2 BPE (offline)")
+
+    monkeypatch.setattr(tokenizer, "hf_vocab_and_merges", unavailable)
+    model = GPTModel(GPTConfig.from_name("tiny"), backend="torch")
+    with pytest.warns(UserWarning, match=r"saved without the tokenizer files: .*offline"):
+        model.save_pretrained(tmp_path)
+    assert GPTModel.from_pretrained(tmp_path).config == model.config
+    assert not any((tmp_path / f).exists() for f in ("vocab.json", "tokenizer_config.json"))
+
+
 def test_lm_eval_rolling_loglikelihood_is_fastgpts_loss(folders):
     """lm-evaluation-harness's HFLM on the folder: the rolling log-likelihood of a text (each
     token predicted after <|endoftext|> and the tokens before it) is minus fastgpt's summed
