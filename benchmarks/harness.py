@@ -349,6 +349,21 @@ def git_commit(path: Path = REPO_ROOT) -> str:
         return unknown
 
 
+def tracked_files(folder: Path) -> list[str]:
+    """The files under `folder` that git tracks, as git names them, when `folder` lies in a git
+    checkout; [] outside one, for a folder that does not exist, or without git."""
+    if not folder.is_dir():
+        return []
+    try:
+        listing = subprocess.run(
+            ["git", "ls-files", "-z", "--", "."], cwd=folder, capture_output=True, text=True,
+            timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [n for n in listing.stdout.split("\0") if n] if listing.returncode == 0 else []
+
+
 def short_commit(commit: str) -> str:
     """A git commit for a header or table: a hex hash cut to 12 characters ("-dirty" kept);
     anything else ("fastgpt 0.1.0", "unknown") whole."""

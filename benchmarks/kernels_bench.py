@@ -520,8 +520,8 @@ def _varlen_providers(device, lengths, heads, head_dim, dtype):
     """(provider, role, leaves, forward) for causal attention over the packed `lengths`: ours on
     the packed (total, H, D) tensors; the batch padded to the longest document (B, H, max, D)
     through `attention`; SDPA over the whole packed axis with a block-diagonal causal mask
-    (1, H, total, D). On CPU ours is the torch backend (`attention_varlen_reference`), the
-    padded batch goes through SDPA, and the names are the CPU suite's."""
+    (1, H, total, D). On CPU ours is the torch backend (`attention_varlen_reference`) and the
+    padded batch goes through SDPA too; each name says which SDPA call it is."""
     from fastgpt.kernels import attention, attention_varlen, attention_varlen_reference
 
     total, longest = sum(lengths), max(lengths)
@@ -542,7 +542,7 @@ def _varlen_providers(device, lengths, heads, head_dim, dtype):
         mask_name = "SDPA block-diagonal mask"
     else:
         ours, varlen = "fastgpt torch backend", attention_varlen_reference
-        pad_name, mask_name = "torch SDPA (default)", "torch SDPA"
+        pad_name, mask_name = "torch SDPA, padded batch", "torch SDPA, block-diagonal mask"
 
         def padded(q, k, v, causal):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

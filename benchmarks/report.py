@@ -393,13 +393,15 @@ def plot_suite(suite: str, payload: dict[str, Any], out_dir: Path) -> Path | Non
     device = payload["env"].get("device_name", "")
     if suite in ("layernorm", "gelu", "attention"):
         if suite == "attention":
-            # One dtype (bf16 when present): rows of panels are head shapes, columns modes.
+            # One dtype (bf16 when present): rows of panels are head shapes, columns modes; the
+            # packed documents (case "layout": varlen) are panels of their own, not one more
+            # point on the sequence-length lines of the dense batches.
             dtypes = sorted({r["case"]["dtype"] for r in records})
             shown = "bf16" if "bf16" in dtypes else dtypes[0]
             records = [r for r in records if r["case"]["dtype"] == shown]
             x_key, y_key, x_label, y_label = "seq_len", "tflops", "sequence length", "TFLOP/s"
             limit, limit_label = hw.get("matmul_tflops"), "measured matmul"
-            panel_keys = ("dtype", "heads", "head_dim", "mode")
+            panel_keys = ("layout", "dtype", "heads", "head_dim", "mode")
         else:
             x_key, y_key, x_label, y_label = "width", "gbps", "width", "GB/s"
             limit, limit_label = hw.get("copy_bandwidth_gbps"), "measured copy"

@@ -18,9 +18,15 @@ bias is declared as that architecture; a head with a bias (what `fastgpt finetun
 trains, as the book does) would lose it there, and config.json says so in "fastgpt_note"
 (architectures: GPT2Model, the body, which transformers does load exactly).
 
+A model on GPT-2's vocabulary carries its tokenizer, GPT2Tokenizer's files: vocab.json and
+merges.txt (`fastgpt.tokenizer.hf_vocab_and_merges`) and tokenizer_config.json
+(`hf_tokenizer_config`: <|endoftext|> as bos, eos and unk, model_max_length the context
+length). A language model has a generation_config.json (`hf_generation_config`).
+
 LoRA adapters saved unmerged use PEFT's layout (`peft_adapter_config`, `peft_tensor_name`):
 adapter_config.json and adapter_model.safetensors with names such as
-base_model.model.transformer.h.0.attn.c_attn.lora_A.weight.
+base_model.model.transformer.h.0.attn.c_attn.lora_A.weight; base_model_name_or_path names the
+model PEFT puts them on.
 
 This module maps names, layouts and configs only; it reads and writes no files.
 """
@@ -35,6 +41,7 @@ import torch
 from fastgpt.model_config import GPTConfig
 
 GPT2_EOT_ID = 50256  # <|endoftext|>: GPT-2's bos/eos, and the classifiers' padding
+GPT2_EOT_TEXT = "<|endoftext|>"
 # Tensors of transformer block i: Hugging Face "h.{i}.<key>" -> ours "trf_blocks.{i}.<value>".
 HF_BLOCK_NAMES = {
     "ln_1.weight": "norm1.weight",
@@ -81,6 +88,12 @@ def head_tensor_prefix(kind: str) -> str:
 # --- config ------------------------------------------------------------------------------
 
 
+def uses_gpt2_vocab(config: GPTConfig) -> bool:
+    """Whether the model's token ids are GPT-2's BPE (every fastgpt command tokenizes with
+    it); a smaller vocabulary is some other tokenization, which fastgpt does not save."""
+    return config.vocab_size > GPT2_EOT_ID
+
+
 def hf_config(config: GPTConfig, out_features: int, bias: bool, tied: bool) -> dict[str, Any]:
     """The GPT2Config fields of a fastgpt model whose output head is Linear(emb_dim,
     out_features) (with `bias`; `tied` to the token embedding)."""
@@ -88,7 +101,7 @@ def hf_config(config: GPTConfig, out_features: int, bias: bool, tied: bool) -> d
     # No transformers GPT-2 head has a bias: then only the body (GPT2Model) loads exactly.
     architecture = "GPT2Model" if bias else {
         "lm": "GPT2LMHeadModel", "classifier": "GPT2ForSequenceClassification"}[kind]  # fmt: skip
-    gpt2_vocab = config.vocab_size > GPT2_EOT_ID
+    gpt2_vocab = uses_gpt2_vocab(config)
     p = config.drop_rate
     fields: dict[str, Any] = {
         "architectures": [architecture],
@@ -129,6 +142,35 @@ def hf_config(config: GPTConfig, out_features: int, bias: bool, tied: bool) -> d
             "to its last_hidden_state, or load the folder with fastgpt"
         )
     return fields
+
+
+def hf_tokenizer_config(model_max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json of GPT-2's BPE beside vocab.json and merges.txt: GPT2Tokenizer,
+    <|endoftext|> as bos, eos and unk (no padding token, as GPT-2), no prefix space, and
+    decoding that gives the text back exactly as tiktoken does (no clean-up of spaces)."""
+    special = {"content": GPT2_EOT_TEXT, "lstrip": False, "normalized": False, "rstrip": False,
+               "single_word": False, "special": True}  # fmt: skip
+    return {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model_max_length,
+        "bos_token": GPT2_EOT_TEXT,
+        "eos_token": GPT2_EOT_TEXT,
+        "unk_token": GPT2_EOT_TEXT,
+        "pad_token": None,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "added_tokens_decoder": {str(GPT2_EOT_ID): special},
+    }
+
+
+def hf_generation_config(config: GPTConfig) -> dict[str, Any]:
+    """generation_config.json of a language model: greedy (fastgpt generate's default), and
+    on GPT-2's vocabulary <|endoftext|> as bos and eos (generation stops there) and as the
+    padding of batched prompts (GPT-2 has no padding token)."""
+    eot = GPT2_EOT_ID if uses_gpt2_vocab(config) else None
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot, "do_sample": False}
 
 
 # --- tensors: ours -> Hugging Face's -----------------------------------------------------
@@ -228,13 +270,16 @@ def peft_target_modules(wrapped: list[str], candidates: list[str]) -> list[str]:
     return short if selected == set(wrapped) else sorted(wrapped)
 
 
-def peft_adapter_config(rank: int, alpha: float, targets: list[str], causal_lm: bool) -> dict:
+def peft_adapter_config(
+    rank: int, alpha: float, targets: list[str], causal_lm: bool, base_model: str
+) -> dict:
     """adapter_config.json of LoRA adapters in PEFT's format (scaling alpha / rank as ours,
-    no dropout, Conv1D weights stored (in, out): fan_in_fan_out)."""
+    no dropout, Conv1D weights stored (in, out): fan_in_fan_out) for the model `base_model`
+    (a folder or a hub name: what `peft.AutoPeftModelForCausalLM` loads them onto)."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if causal_lm else None,
-        "base_model_name_or_path": None,  # the model saved beside it
+        "base_model_name_or_path": base_model,
         "r": rank,
         "lora_alpha": alpha,
         "lora_dropout": 0.0,

@@ -26,7 +26,7 @@ from torch import nn
 
 from fastgpt import hf_format
 from fastgpt.errors import ConfigError
-from fastgpt.weights import read_safetensors, save_safetensors
+from fastgpt.weights import model_reference, read_safetensors, save_safetensors, write_json
 
 LORA_TARGETS = ("att.qkv", "att.out_proj", "ff.fc1", "ff.fc2")
 """The Linear modules of each transformer block that `apply_lora` wraps."""
@@ -171,15 +171,26 @@ def _lora_candidates(model: nn.Module) -> list[str]:
     return [*(f"trf_blocks.{i}.{t}" for i in blocks for t in LORA_TARGETS), "out_head"]
 
 
-def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bool = False) -> Path:
+def save_pretrained_with_lora(
+    model: nn.Module,
+    directory: str | Path,
+    merge: bool = False,
+    base_model: str | Path | None = None,
+) -> Path:
     """Save a LoRA-adapted model. merge=True folds the adapters into plain weights first (the
     model is changed in place) and saves one plain checkpoint. Otherwise the frozen base model
     is saved via `save_pretrained` (config.json + model.safetensors, transformers' GPT-2
     layout) plus the adapters in PEFT's layout: adapter_model.safetensors (names such as
     base_model.model.transformer.h.0.attn.c_attn.lora_A.weight) and adapter_config.json (r,
-    lora_alpha, target_modules c_attn/c_proj/c_fc, fan_in_fan_out), so that
-    `peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(d), d)` loads them (see
-    `load_lora_adapters`). A model without adapters is just `save_pretrained`-ed."""
+    lora_alpha, target_modules c_attn/c_proj/c_fc, fan_in_fan_out; see `load_lora_adapters`).
+
+    adapter_config.json's base_model_name_or_path, the model `peft.AutoPeftModelForCausalLM
+    .from_pretrained(d)` puts the adapters on, is `base_model` (the hub name or folder the
+    model was loaded from, all of it frozen but the adapters) for a language model, as its
+    absolute path or hub repository; else (a classifier, whose new head exists only here, or
+    no `base_model`) this folder itself. transformers with PEFT installed applies the adapters
+    beside a folder's weights itself: `AutoModelForCausalLM.from_pretrained(d)` loads the
+    adapted model too. A model without adapters is just `save_pretrained`-ed."""
     directory = Path(directory)
     if merge:
         merge_lora(model)
@@ -209,9 +220,9 @@ def save_pretrained_with_lora(model: nn.Module, directory: str | Path, merge: bo
     save_safetensors(tensors, directory / PEFT_ADAPTERS_FILE, metadata={"format": "pt"})
     candidates = [hf_format.hf_module_name(n, classifier) for n in _lora_candidates(model)]
     targets = hf_format.peft_target_modules(list(hf_names.values()), candidates)
-    info = hf_format.peft_adapter_config(ranks.pop(), alphas.pop(), targets, not classifier)
-    text = json.dumps(info, indent=2) + "\n"
-    (directory / PEFT_ADAPTERS_CONFIG).write_text(text, encoding="utf-8")
+    base = model_reference(directory if classifier or base_model is None else base_model)
+    info = hf_format.peft_adapter_config(ranks.pop(), alphas.pop(), targets, not classifier, base)
+    write_json(directory / PEFT_ADAPTERS_CONFIG, info)
     return directory
 
 
@@ -313,7 +324,7 @@ class LoRAOptions:
     """Also put an adapter on the output head."""
     merge: bool = False
     """Fold the adapters into plain Linear weights when saving (default: save the base model
-    plus lora.safetensors)."""
+    plus the adapters, adapter_model.safetensors)."""
 
     def __post_init__(self) -> None:
         if self.lora_rank is None:

@@ -443,7 +443,9 @@ class GPTModel(nn.Module):
         Face's GPT-2 layout (`fastgpt/hf_format.py`: transformers' GPT2LMHeadModel, or for a
         classifier GPT2ForSequenceClassification where its bias-free head fits, loads the
         folder) with our GPTConfig, the output head's shape and the parameters' dtype beside;
-        a tied head is stored once."""
+        a tied head is stored once. A language model gets generation_config.json, a model on
+        GPT-2's vocabulary the tokenizer (vocab.json, merges.txt, tokenizer_config.json), so
+        that transformers' AutoTokenizer and pipeline work on the folder."""
         tied = self.out_head.weight is self.tok_emb.weight
         state = {
             k: v for k, v in self.state_dict().items() if not (tied and k == "out_head.weight")
@@ -457,9 +459,14 @@ class GPTModel(nn.Module):
         kind = hf_format.head_kind(self.config, out_features, bias)
         tensors = hf_format.fastgpt_to_hf(state, self.config, kind)
         hf_fields = hf_format.hf_config(self.config, out_features, bias, tied)
+        generation = hf_format.hf_generation_config(self.config) if kind == "lm" else None
+        tokenizer = None
+        if hf_format.uses_gpt2_vocab(self.config):
+            tokenizer = hf_format.hf_tokenizer_config(self.config.context_length)
         return weights.save_checkpoint(
-            directory, tensors, config, head, self.num_parameters(), hf_config=hf_fields
-        )
+            directory, tensors, config, head, self.num_parameters(), hf_config=hf_fields,
+            generation_config=generation, tokenizer_config=tokenizer,
+        )  # fmt: skip
 
 
 def check_language_model(model: GPTModel, source: object) -> None:

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ FORMAT_NAME = "fastgpt"
 FORMAT_VERSION = 2  # 1: our own tensor names; 2: Hugging Face's GPT-2 layout (hf_format.py)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 HF_MODEL_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # Buffers some Hugging Face GPT-2 checkpoints carry (the causal mask); not parameters.
 _HF_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
@@ -231,13 +234,14 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
     if path.is_file() and path.name in (WEIGHTS_NAME, CONFIG_NAME, "pytorch_model.bin"):
         return path.parent  # a file of a checkpoint: its folder
     name = str(name_or_path)
-    hub_name = {"gpt2-small": "gpt2"}.get(name, name)
-    if hub_name not in HF_MODEL_NAMES and (path.exists() or "/" in name or path.suffix):
+    repo_id = hub_repo_id(name)
+    if repo_id is None and (path.exists() or "/" in name or path.suffix):
         raise FileNotFoundError(f"{name_or_path} is not a checkpoint folder")
-    if hub_name not in HF_MODEL_NAMES:
+    if repo_id is None:
         raise ValueError(
             f"{name!r} is neither a folder nor a known GPT-2 name ({', '.join(HF_MODEL_NAMES)})"
         )
+    hub_name = repo_id.rpartition("/")[2]
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
@@ -246,7 +250,6 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
             "(pip install huggingface_hub), or pass a local folder with config.json and "
             "model.safetensors"
         ) from exc
-    repo_id = f"openai-community/{hub_name}"
     try:
         local = Path(snapshot_download(repo_id=repo_id, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
         if not (local / WEIGHTS_NAME).is_file():  # older uploads: pickle only
@@ -257,6 +260,22 @@ def resolve_checkpoint_dir(name_or_path: str | Path) -> Path:
             "pass a local folder with config.json and model.safetensors instead"
         ) from exc
     return local
+
+
+def hub_repo_id(name: str) -> str | None:
+    """The Hugging Face hub repository of OpenAI's GPT-2 `name` ("gpt2", "gpt2-small",
+    "gpt2-medium", "gpt2-large", "gpt2-xl"): "openai-community/gpt2", ...; else None."""
+    name = {"gpt2-small": "gpt2"}.get(name, name)
+    return f"openai-community/{name}" if name in HF_MODEL_NAMES else None
+
+
+def model_reference(name_or_path: str | Path) -> str:
+    """How a folder written elsewhere names the model `name_or_path` (a folder: its absolute
+    path; a GPT-2 name: its hub repository), e.g. as the base of LoRA adapters."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return hub_repo_id(str(name_or_path)) or str(name_or_path)
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -271,6 +290,11 @@ def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None 
     os.chmod(path, 0o666 & ~umask)
 
 
+def write_json(path: Path, data: Any) -> None:
+    """`data` as indented JSON (UTF-8, a final newline): the config files of a folder."""
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def save_checkpoint(
     directory: str | Path,
     state: dict[str, torch.Tensor],
@@ -278,11 +302,16 @@ def save_checkpoint(
     out_head: dict[str, Any],
     num_parameters: int,
     hf_config: dict[str, Any] | None = None,
+    generation_config: dict[str, Any] | None = None,
+    tokenizer_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write our format into `directory` (created): model.safetensors with `state` (tensor
     names as given: Hugging Face's from `GPTModel.save_pretrained`) and config.json with the
     GPT2Config fields `hf_config`, then `config` (GPTConfig fields), the format's name and
-    version, the output head's shape `out_head` and the parameters' dtype."""
+    version, the output head's shape `out_head` and the parameters' dtype. Beside them, when
+    given: generation_config.json, and GPT-2's BPE as vocab.json and merges.txt with
+    tokenizer_config.json (left out, with a warning, when tiktoken cannot load the BPE: the
+    weights are never lost to a missing tokenizer)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -297,9 +326,18 @@ def save_checkpoint(
         "dtype": str(dtype).removeprefix("torch."),
         "num_parameters": num_parameters,
     }
-    with open(directory / CONFIG_NAME, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    write_json(directory / CONFIG_NAME, info)
+    if generation_config is not None:
+        write_json(directory / GENERATION_CONFIG_NAME, generation_config)
+    if tokenizer_config is not None:
+        from fastgpt.tokenizer import TokenizerUnavailableError, save_hf_vocab_and_merges
+
+        try:
+            save_hf_vocab_and_merges(directory)
+        except TokenizerUnavailableError as exc:  # offline without tiktoken's cache: the model
+            warnings.warn(f"{directory}: saved without the tokenizer files: {exc}", stacklevel=2)
+        else:
+            write_json(directory / TOKENIZER_CONFIG_NAME, tokenizer_config)
     return directory
 
 

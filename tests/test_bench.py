@@ -240,6 +240,33 @@ def test_report_writer_on_synthetic_records(tmp_path):
     assert payload["headline"]["geomean"] == pytest.approx(1.2)
 
 
+def test_attention_plot_draws_packed_documents_apart_from_the_dense_lines(tmp_path, monkeypatch):
+    """The varlen case (16 documents packed into 2048 tokens) is not one more point on the
+    lines of dense batches over sequence length: it has panels of its own."""
+    records = _synthetic_suites()["attention"]
+    varlen = {"dtype": "bf16", "layout": "varlen, 16 documents", "heads": 12, "head_dim": 64,
+              "seq_len": 2048, "mode": "fwd"}  # fmt: skip
+    records.append({**records[0], "case": varlen})  # the provider of the dense lines, "fastgpt"
+    drawn = []
+    monkeypatch.setattr(report, "_line_panels", lambda ax, panels, *a: drawn.extend(panels))
+    report.plot_suite("attention", {"records": records, "hardware": HARDWARE, "env": ENV}, tmp_path)
+    lengths = {title: {r["case"]["seq_len"] for r in rows} for title, rows in drawn}
+    assert lengths == {
+        "dtype=bf16, heads=12, head_dim=64, mode=fwd": {512, 1024},
+        "dtype=bf16, heads=12, head_dim=64, mode=bwd": {512, 1024},
+        "layout=varlen, 16 documents, dtype=bf16, heads=12, head_dim=64, mode=fwd": {2048},
+    }
+
+
+def test_cpu_varlen_baselines_say_which_sdpa_call_they_are():
+    from fastgpt.benchmarks import kernels_bench
+
+    providers = kernels_bench._varlen_providers(torch.device("cpu"), [3, 5], 2, 8, torch.float32)
+    assert [name for name, *_ in providers] == [
+        "fastgpt torch backend", "torch SDPA, padded batch", "torch SDPA, block-diagonal mask"
+    ]  # fmt: skip
+
+
 def test_attention_headline_keeps_small_cpu_numbers(tmp_path):
     """The headline shows TFLOP/s with the detail table's 3 significant figures: a CPU run's
     0.0123 TFLOP/s is not printed as 0.0."""
@@ -426,6 +453,8 @@ def test_bench_cpu_quick_end_to_end(tmp_path, capsys):
                 "fastgpt torch backend",
                 "torch eager",
                 "torch SDPA (default)",
+                "torch SDPA, padded batch",
+                "torch SDPA, block-diagonal mask",
                 "book attention",
                 "torch SDPA + fused AdamW",
                 "torch SDPA",
@@ -489,6 +518,35 @@ def test_bench_report_only_defaults_to_the_devices_folder_and_out_must_be_writab
     (tmp_path / "a-file").write_text("")
     assert cli.main(["bench", "--device", "cpu", "--out", str(tmp_path / "a-file" / "x")]) == 2
     assert "--out" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
+
+
+def test_bench_refuses_a_default_folder_that_git_tracks_files_in(tmp_path, capsys, monkeypatch):
+    """In a checkout the default folder, benchmarks/results/<device>/, may hold committed
+    results: bench replaces them only when --out names the folder."""
+    import subprocess
+
+    from fastgpt.benchmarks import run
+
+    folder = tmp_path / "benchmarks" / "results" / "cpu-x"
+    folder.mkdir(parents=True)
+    (folder / "summary.md").write_text("committed\n")
+    monkeypatch.setattr(run, "default_out_dir", lambda device: folder)
+    assert harness.tracked_files(folder) == []  # not a checkout
+    assert cli.main(["bench", "--report-only", "--device", "cpu"]) == 2
+    assert "holds no <suite>.json" in capsys.readouterr().err  # the folder was accepted
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    assert harness.tracked_files(folder) == ["summary.md"]
+    # (--report-only: a measuring run, were it not refused, would take minutes)
+    assert cli.main(["bench", "--device", "cpu", "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: the default results folder {folder} holds files git tracks" in err, err
+    assert "(summary.md)" in err
+    assert (folder / "summary.md").read_text() == "committed\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["summary.md"]
+    assert cli.main(["bench", "--report-only", "--device", "cpu", "--out", str(folder)]) == 2
+    assert "holds no <suite>.json" in capsys.readouterr().err  # named: accepted
 
 
 def test_results_go_under_the_current_folder_and_name_the_code(tmp_path, monkeypatch):

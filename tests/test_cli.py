@@ -41,6 +41,17 @@ def test_every_command_explains_its_options(command, capsys):
     assert f"fastgpt {command}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune-classify", "finetune-instruct"])
+def test_training_help_lists_every_preset(command, capsys):
+    from fastgpt.model_config import PRESETS
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    model_help = text.split("--model PRESET|config.json")[-1].split(" --")[0]  # its help
+    assert [name for name in PRESETS if name not in model_help] == [], model_help
+
+
 def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrian"])

@@ -1,12 +1,14 @@
 """How fastgpt installs: the wheel holds one top-level import name, `fastgpt` (the kernels are
 `fastgpt.kernels`, the benchmarks `fastgpt.benchmarks`), so it installs beside anything, e.g.
-Hugging Face's `kernels` package; and a source checkout imports the same names."""
+Hugging Face's `kernels` package; and a source checkout imports the same names. The wheel and
+the sdist carry the license text and the project's metadata."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -70,6 +72,12 @@ def test_the_wheel_installs_beside_another_kernels_package(tmp_path):
             assert name in shipped, f"{name} is not in the wheel: add its package to pyproject"
     assert "fastgpt/benchmarks/hf_train_bench.py" in shipped
     assert "fastgpt/benchmarks/results/compile/budget.json" in shipped
+    # The Apache-2.0 text, and the metadata that names it
+    (license_path,) = [n for n in shipped if n.endswith(".dist-info/licenses/fastgpt/LICENSE")]
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read(license_path) == (source / "fastgpt" / "LICENSE").read_bytes()
+        metadata = archive.read(license_path.split("/")[0] + "/METADATA").decode()
+    check_metadata(metadata)
 
     # A stand-in for Hugging Face's `kernels` distribution: a top-level package of that name.
     standin = tmp_path / "standin"
@@ -115,6 +123,34 @@ def test_the_wheel_installs_beside_another_kernels_package(tmp_path):
         env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def check_metadata(metadata: str) -> None:
+    """The core metadata of the wheel (METADATA) or the sdist (PKG-INFO)."""
+    headers = [line for line in metadata.split("\n\n")[0].splitlines() if ": " in line]
+    assert (
+        "License-Expression: Apache-2.0" in headers and "License-File: fastgpt/LICENSE" in headers
+    )
+    assert any(h.startswith("Project-URL: Book, https://") for h in headers), headers
+    assert "Classifier: Programming Language :: Python :: 3 :: Only" in headers
+
+
+def test_the_license_is_apache_2_and_the_sdist_carries_it(tmp_path):
+    text = (ROOT / "fastgpt" / "LICENSE").read_text(encoding="utf-8")
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"] and len(text) > 11000
+    assert "END OF TERMS AND CONDITIONS" in text
+    source = source_copy(tmp_path / "source")
+    # -I: neither PYTHONPATH nor the copy's root on sys.path, where its kernels/ would stand
+    # for any top-level `kernels` setuptools' plugins import
+    build = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    subprocess.run(
+        [sys.executable, "-I", "-c", build, str(tmp_path / "dist")], cwd=source, check=True,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    with tarfile.open(next((tmp_path / "dist").glob("*.tar.gz"))) as archive:
+        (top,) = {name.split("/")[0] for name in archive.getnames()}
+        assert archive.extractfile(f"{top}/fastgpt/LICENSE").read() == text.encode()
+        check_metadata(archive.extractfile(f"{top}/PKG-INFO").read().decode())
 
 
 def test_a_source_checkout_imports_the_same_names(tmp_path):

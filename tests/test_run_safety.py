@@ -200,7 +200,9 @@ def test_overwrite_removes_the_earlier_runs_files_it_did_not_write(earlier_run, 
     printed = capsys.readouterr().out
     assert "removed the earlier run's checkpoint.pt, loss.png, labels.json" in printed
     after = snapshot(out)
-    assert set(after) == {METRICS_NAME, RUN_RECORD_NAME, "model.safetensors", "config.json"}
+    hf_files = {"generation_config.json", "vocab.json", "merges.txt", "tokenizer_config.json"}
+    assert set(after) == {METRICS_NAME, RUN_RECORD_NAME, "model.safetensors", "config.json",
+                          *hf_files}  # fmt: skip
     assert all(after[name] != before[name] for name in (METRICS_NAME, "model.safetensors"))
     assert [r["step"] for r in read_metrics(out / METRICS_NAME) if r["kind"] == "train"] == [1, 2]
     rc = run_cli("pretrain", "--data", story, *TINY, "--out", out, "--max-steps", 4, "--resume")

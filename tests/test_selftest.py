@@ -171,6 +171,25 @@ def _record(arch=90, spills=0, shared=1024, mma="wgmma", dot_16bit=True, dtype="
     return Record(arch, "attention", "forward", params, "_attention_forward_kernel", "", usage)
 
 
+def test_quiet_prints_only_the_failing_rows(tmp_path, capsys):
+    import json
+
+    from fastgpt.cli import main
+
+    records = [_record(d=64), _record(d=128, spills=64)]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps({"records": [r.as_dict() for r in records]}))
+    argv = ["selftest", "--compile-only", "--arch", "sm_90", "--from-json", str(path)]
+    assert main(argv) == 1
+    loud = capsys.readouterr().out
+    assert main([*argv, "--quiet"]) == 1
+    quiet = capsys.readouterr().out
+    rows = [line for line in loud.splitlines() if line.startswith("attention_forward ")]
+    assert len(rows) == 2 and "D=128" in rows[1] and "FAIL" in rows[1]
+    assert [r for r in rows if r in quiet.splitlines()] == [rows[1]]
+    assert "2 specializations" in quiet and "1 failing" in quiet  # the summary stays
+
+
 def test_rules_of_the_compile_check():
     budget = {"spill_bytes": 0, "allow": []}
     cases = {

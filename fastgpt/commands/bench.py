@@ -5,6 +5,7 @@ fastgpt bench                          # everything (on a GPU: run suites separa
 fastgpt bench --quick                  # a few shapes of each suite
 fastgpt bench --only attention         # one suite; also "layernorm,gelu"
 fastgpt bench --out my-results/        # default: benchmarks/results/<gpu-name>/
+                                       #   (in a checkout: unless git tracks files there)
 fastgpt bench --report-only --out DIR  # rebuild summary.md and plots from DIR/*.json
 
 Tables go to stdout; `<suite>.json`, `<suite>.png` and `summary.md` to the results folder
@@ -51,7 +52,8 @@ class BenchOptions:
     """A few shapes per suite."""
     out: str | None = field(default=None, metadata={"metavar": "DIR"})
     """Results folder (default: ./benchmarks/results/<gpu-name>/ under the current folder, or
-    cpu-<cpu-name>/)."""
+    cpu-<cpu-name>/; a default folder holding files git tracks is refused: name it here to
+    replace them)."""
     dtypes: tuple[str, ...] | None = field(
         default=None, metadata={"type": _dtypes, "metavar": "DTYPE[,DTYPE...]"}
     )
@@ -69,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.benchmarks.harness import SuitesFailed
+    from fastgpt.benchmarks.harness import SuitesFailed, tracked_files
     from fastgpt.benchmarks.run import default_out_dir, run_benchmarks
     from fastgpt.devices import resolve_device
     from fastgpt.files import check_writable_folder
@@ -77,6 +79,12 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(BenchOptions, args)
     device = resolve_device(options.device)
     out = Path(options.out) if options.out is not None else default_out_dir(device)
+    if options.out is None and (tracked := tracked_files(out)):
+        raise UsageError(
+            f"--out: the default results folder {out} holds files git tracks "
+            f"({', '.join(tracked[:3])}{', ...' if len(tracked) > 3 else ''}): pass --out {out} "
+            "to replace them, or another folder"
+        )
     if options.report_only:
         from fastgpt.benchmarks.report import load_results, write_all
 

@@ -181,7 +181,9 @@ class InstructTask(
         print(f"validation loss {val_loss:.4f}  perplexity {perplexity(val_loss):.2f}")
         # The model and metrics first: generating the responses takes long and must not put
         # the trained model at risk.
-        save_pretrained_with_lora(model, out_dir, merge=self.lora.merge)
+        save_pretrained_with_lora(
+            model, out_dir, merge=self.lora.merge, base_model=self.model_options.init
+        )
         metrics = {"validation_loss": val_loss, "validation_perplexity": perplexity(val_loss)}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
         print(f"saved the model to {out_dir}")

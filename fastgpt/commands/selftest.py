@@ -99,7 +99,8 @@ class CompileCheckOptions:
     """Compile nothing: judge the records of a JSON file written by --out against the budget,
     print them and (with report_dir) rewrite the reports."""
     quiet: bool = False
-    """No progress line per compiled kernel on stderr."""
+    """No progress line per compiled kernel on stderr, and of each arch's table only the
+    failing rows (the summary as always)."""
     jobs: int = field(
         default_factory=lambda: min(2, os.cpu_count() or 1),
         metadata={"default_text": "up to 2"},
@@ -183,9 +184,14 @@ def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> i
     versus = report.tutorial_ratios(records)
     rows = [report.compile_row(i, r, versus.get(id(r), "-")) for i, r in enumerate(records)]
     for arch in sorted({r.arch for r in records}, key=list(check.arch).index):
-        print(f"\n{report.ARCHS[arch].name}")
-        mine = [row for row, r in zip(rows, records, strict=True) if r.arch == arch]
-        print(report.text_table(report.COMPILE_COLUMNS, mine))
+        mine = [
+            row
+            for row, r in zip(rows, records, strict=True)
+            if r.arch == arch and not (check.quiet and r.ok)
+        ]
+        print(f"\n{report.ARCHS[arch].name}" + (": failing rows (--quiet)" if check.quiet else ""))
+        if mine or not check.quiet:
+            print(report.text_table(report.COMPILE_COLUMNS, mine))
     print()
     print(report.compile_summary(records))
     how = f"judged from {check.from_json}" if check.from_json else f"{wall:.0f} s wall"

@@ -50,7 +50,7 @@ class ModelOptions:
     wrote (default: a freshly initialized --model)."""
     model: str | None = field(default=None, metadata={"metavar": "PRESET|config.json"})
     """Architecture of a fresh model: a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl,
-    tiny) or a config.json (default gpt2-small; ignored with --init)."""
+    gpt2-small-book, tiny) or a config.json (default gpt2-small; ignored with --init)."""
     dropout: float | None = None
     """Dropout rate (unset: the model's own, 0.1 for GPT-2)."""
     weight_init: Literal["gpt2", "book"] = "gpt2"
