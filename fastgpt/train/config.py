@@ -144,6 +144,7 @@ RUN_FILES = (
     "checkpoint.pt", "metrics.jsonl", "run.json", "loss.png", "model.safetensors", "config.json",
     "lora.safetensors", "lora.json", "adapter_model.safetensors", "adapter_config.json",
     "labels.json", "classifier.json", "metrics.json", "test_responses.json",
+    "vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json",
 )  # fmt: skip
 
 
