@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastgpt.cli import main
-from fastgpt.selftest import gpu_check
+from fastgpt.selftest import gpu_check, op_checks
 from fastgpt.selftest.analysis import (
     ARCHS,
     KernelUsage,
@@ -139,7 +139,7 @@ def test_only_and_dtypes_pick_checks_and_unknown_names_are_refused(device):
 def test_selftest_json_is_rewritten_after_every_check(tmp_path, monkeypatch, capsys):
     """A run stopped between checks (a timeout's signal, here a KeyboardInterrupt planted in the
     second check) leaves selftest.json with the checks it finished."""
-    real = gpu_check.layer_norm_check
+    real = op_checks.layer_norm_check
     calls = []
 
     def stopped_after_one(*args):
@@ -148,13 +148,13 @@ def test_selftest_json_is_rewritten_after_every_check(tmp_path, monkeypatch, cap
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(gpu_check, "layer_norm_check", stopped_after_one)
+    monkeypatch.setattr(op_checks, "layer_norm_check", stopped_after_one)
     small = ["selftest", "--small", "--device", "cpu", "--out", str(tmp_path)]
     assert main([*small, "--only", "layer_norm", "--dtypes", "fp32"]) == 130  # interrupted
     saved = json.loads((tmp_path / "selftest.json").read_text())
     assert saved["complete"] is False and saved["planned"] == 2
     assert [(r["group"], r["status"]) for r in saved["results"]] == [("layer_norm", "pass")]
-    monkeypatch.setattr(gpu_check, "layer_norm_check", real)
+    monkeypatch.setattr(op_checks, "layer_norm_check", real)
     assert main([*small, "--only", "layer_norm", "--dtypes", "fp32"]) == 0
     saved = json.loads((tmp_path / "selftest.json").read_text())
     assert saved["complete"] is True and len(saved["results"]) == 2

@@ -324,13 +324,30 @@ def _gpu(options: SelftestOptions) -> int:
     if device.type not in ("cuda", "cpu"):
         return command_error(COMMAND, f"unsupported device {options.device!r}: use cuda or cpu")
     out = Path(options.out) if options.out else _default_out(device)
+    failed = _run_gpu_checks(checks, sizes.name, device, out)
+    if options.bench:
+        from fastgpt.benchmarks.harness import SuitesFailed
+        from fastgpt.benchmarks.run import run_benchmarks
+
+        try:
+            run_benchmarks(quick=True, out_dir=out, device=device)
+        except SuitesFailed as exc:
+            return command_error("selftest", exc, code=1)
+    return 1 if failed else 0
+
+
+def _run_gpu_checks(checks: list, sizes_name: str, device, out: Path) -> list:
+    """Run the checks, print their table, write selftest.json into `out`; returns the failed
+    results. selftest.json is rewritten after every check: a run stopped by a timeout keeps
+    what it finished ("complete": false)."""
+    from fastgpt.selftest import gpu_check, report
+
     out.mkdir(parents=True, exist_ok=True)
-    print(f"fastgpt selftest: {len(checks)} checks at {sizes.name} sizes on {_device_name(device)}")
-    header = {**_versions(), "device": _device_name(device), "sizes": sizes.name}
+    print(f"fastgpt selftest: {len(checks)} checks at {sizes_name} sizes on {_device_name(device)}")
+    header = {**_versions(), "device": _device_name(device), "sizes": sizes_name}
     started = time.perf_counter()
 
     def save(results: list, complete: bool = False) -> None:
-        # Rewritten after every check: a run stopped by a timeout keeps what it finished.
         payload = {
             **header,
             "complete": complete,
@@ -344,22 +361,14 @@ def _gpu(options: SelftestOptions) -> int:
 
     results = gpu_check.run_checks(checks, on_result=save)
     save(results, complete=True)
-    wall = time.perf_counter() - started
     rows = [(r.group, r.name, r.status, f"{r.seconds:.1f}") for r in results]
     print()
     print(report.text_table(("group", "check", "status", "s"), rows))
     failed = [r for r in results if r.status != "pass"]
+    wall = time.perf_counter() - started
     print(f"{len(results) - len(failed)}/{len(results)} passed in {wall:.0f} s")
     print(f"wrote {out / 'selftest.json'}")
-    if options.bench:
-        from fastgpt.benchmarks.harness import SuitesFailed
-        from fastgpt.benchmarks.run import run_benchmarks
-
-        try:
-            run_benchmarks(quick=True, out_dir=out, device=device)
-        except SuitesFailed as exc:
-            return command_error("selftest", exc, code=1)
-    return 1 if failed else 0
+    return failed
 
 
 def _device_name(device) -> str:
