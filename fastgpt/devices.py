@@ -91,8 +91,9 @@ def peak_flops(device: torch.device) -> float | None:
 class InferenceOptions:
     """How a saved model runs in `fastgpt generate` and `fastgpt classify`."""
 
-    backend: Literal["auto", "triton", "torch"] = "auto"
-    """Kernels: triton (ours), torch (the references), auto (triton on CUDA)."""
+    backend: Literal["auto", "triton", "sdpa", "torch"] = "auto"
+    """Kernels: triton (ours), sdpa (PyTorch's fused ops), torch (the references, the book's
+    math), auto (triton on CUDA, sdpa on CPU)."""
     device: str = "auto"
     """cpu, cuda, cuda:1, ... or auto (cuda if available)."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
