@@ -31,6 +31,7 @@ from fastgpt.backends import Ops, resolve_backend
 from fastgpt.kv_cache import CacheLengths, CacheStep, KVCache, LayerKVCache
 from fastgpt.lora import load_lora_adapters
 from fastgpt.model_config import GPTConfig
+from fastgpt.model_inputs import check_targets, check_token_ids, rows_at
 from fastgpt.segments import PackedRows, check_segment_ids, packed_rows
 
 # --- Layers ------------------------------------------------------------------------------
@@ -250,30 +251,11 @@ class GPTModel(nn.Module):
         """Raise TypeError / ValueError unless `token_ids` is a non-empty (batch, seq_len)
         integer tensor whose ids all lie in [0, vocab_size) (the range part is skipped when
         `check_inputs` is False or under torch.compile). The length is not checked here."""
-        if not isinstance(token_ids, torch.Tensor):
-            raise TypeError(f"token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
-        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex:
-            raise TypeError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
-        if token_ids.dtype == torch.bool:
-            raise TypeError("token_ids must be an integer tensor, got torch.bool")
-        if token_ids.dim() != 2:
-            raise ValueError(
-                f"token_ids must have shape (batch, seq_len), got {tuple(token_ids.shape)}"
-            )
-        if token_ids.numel() == 0:
-            raise ValueError(f"token_ids is empty: shape {tuple(token_ids.shape)}")
-        if not self.check_inputs or torch.compiler.is_compiling():
-            return
-        lo, hi = torch.aminmax(token_ids)
-        lo, hi = torch.stack([lo, hi]).tolist()  # one sync
-        vocab = self.config.vocab_size
-        if lo < 0 or hi >= vocab:
-            bad = ((token_ids < 0) | (token_ids >= vocab)).nonzero()[0].tolist()
-            value = token_ids[bad[0], bad[1]].item()
-            raise ValueError(
-                f"token id {value} at position (batch {bad[0]}, index {bad[1]}) is out of "
-                f"range [0, {vocab})"
-            )
+        check_token_ids(token_ids, self.config.vocab_size, self._checks_ranges())
+
+    def _checks_ranges(self) -> bool:
+        """Whether the input checks read the tensors' values (`fastgpt.model_inputs`)."""
+        return self.check_inputs and not torch.compiler.is_compiling()
 
     @staticmethod
     def _packed(token_ids, segment_ids, kv_cache: KVCache | None) -> PackedRows:
@@ -340,48 +322,16 @@ class GPTModel(nn.Module):
             kv_cache.filled.advance(t)  # a caller's own lengths are the caller's to advance
         x = self.final_norm.add_and_norm(x, pending)[0]  # final_norm(x + pending) (B, T, d)
         if logits_at is not None:  # (B, T, d) -> (B, d): one position per row
-            x = self._rows_at(x, logits_at, targets)
+            x = rows_at(x, logits_at, targets, self._checks_ranges())
         vocab = self.config.vocab_size
         language_head = self.out_head.out_features == self.config.padded_vocab_size
         if targets is not None:
             if not language_head:
                 raise ValueError("targets need a language-model head (this is a classifier)")
-            self._check_targets(targets, ignore_index)
+            check_targets(targets, vocab, ignore_index, self._checks_ranges())
             return self.final_norm.ops.head_loss(self.out_head, x, vocab, targets, ignore_index)
         logits = self.out_head(x)  # (B, T, padded vocab) or (B, T, classes) for a classifier
         return logits[..., :vocab] if language_head else logits  # (B, T, vocab_size)
-
-    def _check_targets(self, targets: torch.Tensor, ignore_index: int) -> None:
-        """ValueError unless every target is in [0, vocab_size) or ignore_index: one sync,
-        skipped like the ids' check (`check_inputs`), the losses then read them unchecked."""
-        if not self.check_inputs or torch.compiler.is_compiling():
-            return
-        vocab = self.config.vocab_size
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bool(bad.any()):
-            where = [int(i) for i in bad.nonzero()[0]]
-            raise ValueError(
-                f"target {int(targets[tuple(where)])} at position {tuple(where)} is outside "
-                f"[0, {vocab}) and is not ignore_index ({ignore_index})"
-            )
-
-    def _rows_at(self, x: torch.Tensor, logits_at: torch.Tensor, targets) -> torch.Tensor:
-        """x (B, T, d) at position logits_at[b] of each row b -> (B, d), after checking that
-        there are no targets and logits_at's shape, dtype and (a device sync, so skipped like
-        the ids' check) range [0, T)."""
-        if targets is not None:
-            raise ValueError("logits_at cannot be combined with targets (a loss reads all)")
-        b, t = x.shape[:2]
-        if not isinstance(logits_at, torch.Tensor) or logits_at.shape != (b,):
-            got = tuple(logits_at.shape) if isinstance(logits_at, torch.Tensor) else logits_at
-            raise ValueError(f"logits_at must be a ({b},) tensor, one position per row, got {got}")
-        if logits_at.dtype.is_floating_point or logits_at.dtype == torch.bool:
-            raise TypeError(f"logits_at must be an integer tensor, got {logits_at.dtype}")
-        if self.check_inputs and not torch.compiler.is_compiling():
-            lo, hi = torch.stack(torch.aminmax(logits_at)).tolist()  # one sync
-            if lo < 0 or hi >= t:
-                raise ValueError(f"logits_at must lie in [0, {t}) (positions), got {lo}..{hi}")
-        return x[torch.arange(b, device=x.device), logits_at.long()]  # (B, d)
 
     # --- sizes and cost --------------------------------------------------------------------
 

@@ -9,6 +9,7 @@
 | `validation.py` | validation loss, a task's metrics, a text sample; autocast |
 | `metrics.py` | metrics.jsonl, loss.png, tokens/s and MFU |
 | `checkpoint.py` | checkpoint.pt: when to save, atomic writes, RNG states |
+| `trainer_state.py` | the Trainer's state in checkpoint.pt, and `--resume` applying it |
 | `distributed.py` | joining torchrun's process group |
 | `runner.py` | the training commands: options -> data -> model -> fit -> save, for any `Task` |
 """

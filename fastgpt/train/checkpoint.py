@@ -3,7 +3,7 @@
 A checkpoint holds the model, optimizer and scheduler states, the step, the data position,
 the number of tokens seen, the RNG states of every rank and, in fp16, the loss scaler's state
 and the steps it skipped, so that `--resume` continues bit-for-bit on CPU (the Trainer builds
-the state and applies it: `Trainer.state_dict`).
+the state and applies it: `trainer_state.TrainerState`).
 """
 
 from __future__ import annotations

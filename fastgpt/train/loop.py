@@ -25,9 +25,10 @@ every step reports.
 
 The loop itself only sequences the components it delegates to: the data order
 (`batches.BatchOrder`), the optimizer and schedule (`optim`), evaluation (`evaluation.Evaluator`),
-metrics and throughput (`metrics`), checkpoints (`checkpoint.Checkpointer`) and torchrun's process
-group (`distributed`). Rank 0 writes into out_dir: run.json (before the first step),
-metrics.jsonl, checkpoint.pt, loss.png.
+metrics and throughput (`metrics`), checkpoints (`checkpoint.Checkpointer` writes the file,
+`trainer_state.TrainerState` the state in it) and torchrun's process group (`distributed`).
+Rank 0 writes into out_dir: run.json (before the first step), metrics.jsonl, checkpoint.pt,
+loss.png.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ from fastgpt.train.metrics import (
     environment,
     save_loss_plot,
 )
-from fastgpt.train.optim import Schedule, make_optimizer
+from fastgpt.train.optim import Schedule, lr_scheduler, make_optimizer
 from fastgpt.train.stop_signals import StopSignals
+from fastgpt.train.trainer_state import TrainerState
 from fastgpt.train.validation import Evaluator, LossFn, autocast_context
 
 
@@ -93,7 +95,7 @@ def _flops_of(model: nn.Module) -> Callable[[int], float] | None:
     return lambda seq_len: flops_per_token(config, seq_len)
 
 
-class Trainer:
+class Trainer(TrainerState):
     """Trains `model` on `train_data` with `loss_fn`; see the module docstring.
 
     train_data / val_data: map-style datasets (val_data may be None). collate_fn turns a list
@@ -158,10 +160,7 @@ class Trainer:
             self.params, config.lr, config.weight_decay, config.betas, fused=fused
         )
         self.schedule = Schedule.of(config, self.total_steps)
-        # A plain function, not the Schedule object: LambdaLR would save an object's fields in
-        # its state dict, and a resumed run would take the checkpoint's schedule, not its own.
-        schedule = self.schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: schedule(s))
+        self.scheduler = lr_scheduler(self.optimizer, self.schedule)
 
         self.step = 0  # optimizer steps done
         self.tokens_seen = 0  # input tokens of all ranks trained on so far
@@ -483,110 +482,3 @@ class Trainer:
                 "continue with --resume",
                 file=sys.stderr,
             )
-
-    # --- checkpoints -----------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """What checkpoint.pt holds (the Checkpointer adds every rank's RNG states)."""
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            **self.batches.state_dict(),
-            "tokens_seen": self.tokens_seen,
-            "world_size": self.dist.world_size,
-            "train_config": self.config.to_dict(),
-            "run": self.run_info,
-            "intervals": {
-                "log": self._since_log.state_dict(),
-                "eval": self._since_eval.state_dict(),
-            },
-        }
-        if self.scaler.is_enabled():  # plain numbers: loads with weights_only=True
-            state["scaler"] = self.scaler.state_dict()
-            state["skipped_steps"] = self.skipped_steps
-        model_config = getattr(self.model, "config", None)
-        if model_config is not None and hasattr(model_config, "to_dict"):
-            state["model_config"] = model_config.to_dict()
-        return state
-
-    def _differences(self, state: dict[str, Any]) -> list[str]:
-        """What differs between a checkpoint's run and this one: "task pretrain vs
-        finetune-classify", "emb_dim 64 vs 32", ... ([] when nothing is recorded)."""
-        ours: dict[str, Any] = dict(self.run_info)
-        theirs: dict[str, Any] = dict(state.get("run") or {})
-        data = theirs.get("data")
-        if isinstance(data, str) and data != "default" and not Path(data).is_absolute():
-            # older checkpoints kept the path as given: resolve it as run_info does now
-            theirs["data"] = str(Path(data).expanduser().resolve())
-        model_config = getattr(self.model, "config", None)
-        if "model_config" in state and hasattr(model_config, "to_dict"):
-            ours.update(model_config.to_dict())
-            theirs.update(state["model_config"])
-        return [
-            f"{key} {theirs[key]} vs {ours[key]}"
-            for key in ours
-            if key in theirs and theirs[key] != ours[key] and key != "drop_rate"
-        ]
-
-    def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Write checkpoint.pt (or `path`) atomically, and put this run's metrics.jsonl in
-        place of an earlier run's. Under DDP every rank must call it."""
-        saved = self.checkpointer.save(self.state_dict(), path)
-        self.metrics.commit()
-        return saved
-
-    def load_state_dict(self, state: dict[str, Any], path: Path | str = "checkpoint") -> None:
-        """Continue from a checkpoint's state (`path` names it in errors). The LR schedule is
-        this run's (--lr, --max-steps, --lr-decay-steps, ...) from the first resumed step on;
-        with unchanged options that is exactly the checkpoint's."""
-        differences = self._differences(state)
-        if differences:
-            raise UsageError(
-                f"{path} is of another run: {'; '.join(differences)} (checkpoint vs this run); "
-                "resume with the options that run started with"
-            )
-        mismatch = _tensor_mismatch(state["model"], self.model.state_dict())
-        try:
-            if mismatch:
-                raise ValueError(mismatch)
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as exc:  # names, shapes or parameter groups differ
-            raise UsageError(
-                f"{path} does not match this run's model (resume with the options the run "
-                f"started with: {{model}}, {{context_length}}, {{lora_rank}}, ...): {exc}"
-            ) from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.config.lr
-            group["lr"] = self.config.lr * self.schedule(self.step)
-        self.tokens_seen = state["tokens_seen"]
-        if self.scaler.is_enabled() and "scaler" in state:  # else fp16 starts at a fresh scale
-            self.scaler.load_state_dict(state["scaler"])
-            self.skipped_steps = state["skipped_steps"]
-        intervals = state.get("intervals", {})  # absent in older checkpoints
-        self._since_log = Interval.from_state(intervals.get("log"))
-        self._since_eval = Interval.from_state(intervals.get("eval"))
-        self.batches.load_state_dict(state)
-        self.checkpointer.restore_rng(state, self.config.seed + 1000 * self.step)
-
-
-def _tensor_mismatch(saved: dict[str, Any], ours: dict[str, Any]) -> str:
-    """One short line on how two state dicts differ ("" when names and shapes agree)."""
-    missing = [k for k in ours if k not in saved]
-    unexpected = [k for k in saved if k not in ours]
-    misshaped = [k for k in ours if k in saved and saved[k].shape != ours[k].shape]
-    parts = [
-        f"{len(keys)} {what} (e.g. {keys[0]})"
-        for keys, what in (
-            (missing, "missing"),
-            (unexpected, "unexpected"),
-            (misshaped, "mis-shaped"),
-        )
-        if keys
-    ]
-    return ", ".join(parts) + " tensors" if parts else ""

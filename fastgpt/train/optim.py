@@ -64,3 +64,12 @@ class Schedule:
     def __call__(self, step: int) -> float:
         """The LR multiplier of 0-based step `step`."""
         return lr_multiplier(step, self.warmup_steps, self.decay_steps, self.min_ratio)
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The scheduler that sets `optimizer`'s LR to lr × schedule(step) at each step."""
+    # A plain function, not the Schedule object: LambdaLR would save an object's fields in its
+    # state dict, and a resumed run would take the checkpoint's schedule, not its own.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step))
