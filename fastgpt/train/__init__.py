@@ -7,9 +7,11 @@
 | `batches.py` | the data order (a permutation per epoch, split over ranks) and the position in it |
 | `optim.py` | AdamW groups and the warmup + cosine schedule |
 | `validation.py` | validation loss, a task's metrics, a text sample; autocast |
-| `metrics.py` | metrics.jsonl, loss.png, tokens/s and MFU |
+| `metrics.py` | run.json, metrics.jsonl (and the --logger sinks), loss.png, tokens/s and MFU |
 | `checkpoint.py` | checkpoint.pt: when to save, atomic writes, RNG states |
 | `trainer_state.py` | the Trainer's state in checkpoint.pt, and `--resume` applying it |
+| `out_folder.py` | an --overwrite run staged inside out_dir and moved in once finished; leftovers of killed runs |
+| `stop_signals.py` | SIGINT/SIGTERM held until a step ends, where the run checkpoints and stops |
 | `distributed.py` | joining torchrun's process group |
 | `runner.py` | the training commands: options -> data -> model -> fit -> save, for any `Task` |
 """
