@@ -227,7 +227,7 @@ def test_divergence_warns_once_after_warmup(tmp_path, capsys):
 
     metrics = MetricsLog(tmp_path, enabled=True)
     metrics.open(keep_up_to=None)
-    watch, bar = DivergenceWatch(warmup_steps=2), tqdm(disable=True)
+    watch, bar = DivergenceWatch(warmup_steps=2, window=1), tqdm(disable=True)
     losses = [10.0, 25.0, 20.0, 19.0, 21.0, 30.0, 1e18]  # step 2: in warmup; 20 = 2x: not past
     for step, loss in enumerate(losses, start=1):
         watch.check(step, loss, metrics, bar)
@@ -238,3 +238,21 @@ def test_divergence_warns_once_after_warmup(tmp_path, capsys):
     assert "21" in warnings[0]["message"] and "diverging" in warnings[0]["message"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: step 5:") and "--lr" in err[0]
+
+
+def test_divergence_is_judged_on_means_not_one_noisy_batch(tmp_path, capsys):
+    """A classifier's loss on batches of two examples jumps from 0.59 to 1.24 and back without
+    diverging: no warning. A loss that stays up does warn, naming the window's mean."""
+    from tqdm.auto import tqdm
+
+    from fastgpt.train.metrics import DivergenceWatch, MetricsLog
+
+    metrics = MetricsLog(tmp_path, enabled=False)
+    noisy = [0.59, 0.7, 0.4, 1.24, 0.5, 0.62, 0.3, 1.3, 0.45, 0.6] * 6
+    watch = DivergenceWatch(warmup_steps=2, window=10)
+    for step, loss in enumerate(noisy, start=1):
+        watch.check(step, loss, metrics, tqdm(disable=True))
+    assert not watch.warned
+    for step, loss in enumerate([5.0] * 10, start=len(noisy) + 1):
+        watch.check(step, loss, metrics, tqdm(disable=True))
+    assert watch.warned

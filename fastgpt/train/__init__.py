@@ -10,7 +10,7 @@
 | `metrics.py` | run.json, metrics.jsonl (and the --logger sinks), loss.png, tokens/s and MFU |
 | `checkpoint.py` | checkpoint.pt: when to save, atomic writes, RNG states |
 | `trainer_state.py` | the Trainer's state in checkpoint.pt, and `--resume` applying it |
-| `out_folder.py` | an --overwrite run staged inside out_dir and moved in once finished; leftovers of killed runs |
+| `out_folder.py` | --overwrite runs staged in out_dir, moved in when done; what killed runs left |
 | `stop_signals.py` | SIGINT/SIGTERM held until a step ends, where the run checkpoints and stops |
 | `distributed.py` | joining torchrun's process group |
 | `runner.py` | the training commands: options -> data -> model -> fit -> save, for any `Task` |

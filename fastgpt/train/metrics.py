@@ -20,6 +20,7 @@ the GPU's dense bf16 peak from `fastgpt.devices.GPU_SPECS` (None on CPU or an un
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -356,25 +357,33 @@ class Interval:
 class DivergenceWatch:
     """Warns once (stderr and a "warning" record in metrics.jsonl) when, after warmup, the
     training loss has grown far above where it started: a learning rate too high for the model
-    trains on silently otherwise, to a validation loss of 1e18."""
+    trains on silently otherwise, to a validation loss of 1e18. Both ends are means over
+    `window` steps: on a small batch one step's loss is noise (a classifier at 0.59 shows 1.24
+    on one batch of two examples without diverging)."""
 
-    FACTOR = 2.0  # "far above": twice the first step's loss
+    FACTOR = 2.0  # "far above": twice the mean of the first steps' losses
 
-    def __init__(self, warmup_steps: int):
+    def __init__(self, warmup_steps: int, window: int = 20):
         self.warmup_steps = warmup_steps
-        self.first_loss: float | None = None
+        self.window = window
+        self.first: list[float] = []  # the first `window` losses
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
         self.warned = False
 
     def check(self, step: int, loss: float, metrics: MetricsLog, bar) -> None:
-        if self.first_loss is None:
-            self.first_loss = loss
+        if len(self.first) < self.window:
+            self.first.append(loss)
+        self.recent.append(loss)
+        if self.warned or step <= self.warmup_steps or len(self.recent) < self.window:
             return
-        if self.warned or step <= self.warmup_steps or loss <= self.FACTOR * self.first_loss:
+        start, now = sum(self.first) / len(self.first), sum(self.recent) / len(self.recent)
+        if now <= self.FACTOR * start:
             return
         self.warned = True
+        over = f"over the last {self.window} steps " if self.window > 1 else ""
         message = (
-            f"step {step}: the training loss {loss:.4g} is over {self.FACTOR:g}x its first "
-            f"value {self.first_loss:.4g}: the run is diverging (try a lower --lr)"
+            f"step {step}: the training loss {over}{now:.4g} is over {self.FACTOR:g}x its "
+            f"first value {start:.4g}: the run is diverging (try a lower --lr)"
         )
         metrics.log({"kind": "warning", "step": step, "message": message})
         if metrics.enabled:
