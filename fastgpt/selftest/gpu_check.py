@@ -31,34 +31,7 @@ from typing import Any
 import torch
 
 from fastgpt.selftest import op_checks
-from fastgpt.selftest.op_checks import DTYPES, CheckFailed
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Shapes of one selftest run. attention: (B, H, Tq, Tk) of the causal check at every head
-    dim; long_t: T of the long-sequence check (head dim 64); widths: LayerNorm/bias-GELU N."""
-
-    name: str
-    dtypes: tuple[str, ...]
-    head_dims: tuple[int, ...]
-    attention: tuple[int, int, int, int]
-    long_t: int
-    varlen: tuple[int, ...]  # lengths of the packed sequences of the varlen check (H 4, D 64)
-    rows: int  # M of LayerNorm / GELU inputs
-    widths: tuple[int, ...]
-    gelu_width: int
-    cross_entropy: tuple[int, int, int]  # (N, d, V) of the fused linear cross-entropy
-    model: str  # GPTConfig preset
-    model_overrides: tuple[tuple[str, Any], ...]  # GPTConfig fields changed from the preset
-    model_dtypes: tuple[str, ...]  # dtypes of the logits check
-    model_batch: tuple[int, int]  # (B, T) of the logits and training checks
-    train_steps: int
-    train_dtype: str
-    compile_backend: str  # torch.compile backend: Inductor on a GPU
-    prompt: tuple[int, int]  # (B, T) of the generation prompt
-    new_tokens: int
-
+from fastgpt.selftest.op_checks import DTYPES, CheckFailed, Sizes
 
 GPU = Sizes(
     name="gpu",
