@@ -374,6 +374,10 @@ VARLEN_TILES: fc.TileTable = {
     ("sm_80", "fp32", 64): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_80", "fp32", 128): ((32, 32, 8, 1), (16, 32, 8, 2), (32, 16, 4, 2)),
 }
+VARLEN_TILES |= {
+    **fc.copy_family(VARLEN_TILES, "sm_80", "sm_86"),
+    ("sm_86", "16-bit", 64): fc.ATTENTION_TILES[("sm_86", "16-bit", 64)],
+}
 
 
 def _varlen_block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
