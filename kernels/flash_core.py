@@ -571,8 +571,8 @@ def target_arch():
 # An op's tiles per kernel ("forward", "dkdv", "dq") as a table keyed by (arch family, "16-bit"
 # or "fp32", BLOCK_D), each entry (BLOCK_M, BLOCK_N, num_warps, num_stages) for the three kernels
 # in that order. sm_80 stands for mma.sync targets (operands in registers), sm_90 for wgmma ones;
-# sm_86 for the mma.sync GPUs with 64K registers and 99 KB of shared memory per block (sm_86
-# RTX 30xx/A10, sm_89 RTX 40xx/L4): sm_80's tiles where its ptxas fits them too.
+# sm_86 for the mma.sync GPUs with 99 KB of shared memory per block (SM_86_FAMILY): sm_80's
+# tiles where its ptxas fits them too.
 # Each entry is the tiles that ptxas compiles without register spills for that arch with the
 # supported Tritons, in the heaviest variant (causal, with dropout), chosen without a GPU and not
 # timed: the per-entry evidence is in benchmarks/results/compile/ (README.md, the reports, and
@@ -622,12 +622,18 @@ ATTENTION_TILES |= {
 }
 
 
+# Compute capabilities of the mma.sync GPUs with 99 KB of shared memory per block: sm_86/sm_87
+# (RTX 30xx, A10, Orin), sm_89 (RTX 40xx, L4), sm_120/sm_121 (RTX 50xx, DGX Spark).
+SM_86_FAMILY = (86, 87, 89, 120, 121)
+
+
 def arch_family(arch: object) -> str:
-    """The tile tables' arch key: "sm_90" for compute capability 90 and above, "sm_86" for
-    86-89, else "sm_80" (below sm_80 the attention ops refuse before asking)."""
-    if not isinstance(arch, int) or arch < 86:
-        return "sm_80"
-    return "sm_86" if arch < 90 else "sm_90"
+    """The tile tables' arch key for a compute capability (90 for sm_90): "sm_86" for
+    SM_86_FAMILY, else "sm_90" from 90 on (sm_100: 227 KB like sm_90), else "sm_80" (below
+    sm_80 the attention ops refuse before asking)."""
+    if arch in SM_86_FAMILY:
+        return "sm_86"
+    return "sm_90" if isinstance(arch, int) and arch >= 90 else "sm_80"
 
 
 def block_config(

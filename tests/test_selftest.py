@@ -267,7 +267,8 @@ def test_the_launchers_read_their_tiles_for_the_stub_drivers_arch(monkeypatch):
     varlen = importlib.import_module("fastgpt.kernels.flash_attention_varlen")
     tiles = attention.ATTENTION_TILES
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for arch, family in ((80, "sm_80"), (86, "sm_86"), (89, "sm_86"), (90, "sm_90")):
+    families = {80: "sm_80", 86: "sm_86", 89: "sm_86", 90: "sm_90", 100: "sm_90", 120: "sm_86"}
+    for arch, family in families.items():
         with compiling_for(arch, lambda *a: None):
             forward = attention._block_config(torch.float16, 64)["forward"]
             varlen_forward = varlen._varlen_block_config(torch.float16, 64)["forward"]
