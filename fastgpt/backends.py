@@ -8,9 +8,11 @@ get their implementation.
   the logits upcast to fp32; a KV cache's masked attention the reference's math;
 - "sdpa": `F.layer_norm`, `F.gelu(approximate="tanh")`, `F.scaled_dot_product_attention`, the
   loss as "torch";
-- "auto": the fastest for the device: "triton" when CUDA is available, else "sdpa" (on a CPU
-  PyTorch's fused ops beat the plain references, and the kernels would run as those
-  references or through Triton's interpreter).
+- "auto": the fastest for the device: "triton" on a CUDA GPU of compute capability 8.0 on;
+  on an older one (sm_75, T4), where Triton's dots are FMA loops and the attention kernels
+  refuse to run, "triton+sdpa" (our LayerNorm, GELU and fused loss, which have no dots, with
+  SDPA's attention); on a CPU "sdpa" (PyTorch's fused ops beat the plain references, and the
+  kernels would run as those references or through Triton's interpreter).
 
 "sdpa" is PyTorch's own fastest ops, the baseline the benchmarks compare against. "torch" is the
 book's math, op for op: the tests that pin the book's numbers ask for it by name. Every
@@ -22,7 +24,7 @@ when TRITON_INTERPRET=1, else as their references; see `kernels/_dispatch.py`.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -44,7 +46,7 @@ from fastgpt.kernels import (
     layer_norm,
     layer_norm_reference,
 )
-from fastgpt.kernels._dispatch import triton_interpreter_enabled
+from fastgpt.kernels._dispatch import TENSOR_CORE_CAPABILITY, triton_interpreter_enabled
 
 
 @dataclass(frozen=True)
@@ -226,10 +228,26 @@ BACKENDS: dict[str, Ops] = {
 }
 
 
+# "auto" on a CUDA GPU below sm_80: the row-wise kernels, PyTorch's attention (not a name
+# one asks for: "triton" there refuses attention in one line, naming "sdpa").
+TRITON_WITH_SDPA_ATTENTION = replace(
+    BACKENDS["triton"],
+    name="triton+sdpa",
+    attention=_sdpa_attention,
+    attention_varlen=_sdpa_attention_varlen,
+    decode_attention=None,
+)
+
+
 def resolve_backend(backend: str) -> Ops:
-    """The Ops of a backend name; "auto" is "triton" when CUDA is available, else "sdpa"."""
+    """The Ops of a backend name; "auto" is "triton" on a CUDA GPU of compute capability 8.0
+    on, TRITON_WITH_SDPA_ATTENTION on an older one, "sdpa" without CUDA."""
     if backend == "auto":
-        backend = "triton" if torch.cuda.is_available() else "sdpa"
+        if not torch.cuda.is_available():
+            return BACKENDS["sdpa"]
+        if torch.cuda.get_device_capability() < TENSOR_CORE_CAPABILITY:
+            return TRITON_WITH_SDPA_ATTENTION
+        backend = "triton"
     if backend not in BACKENDS:
         names = ("auto", *BACKENDS)
         raise ValueError(f"backend must be one of {names}, got {backend!r}")

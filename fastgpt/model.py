@@ -220,7 +220,8 @@ class GPTModel(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The backend the layers run on: "triton", "torch" or "sdpa"."""
+        """The backend the layers run on: "triton", "torch" or "sdpa", or "triton+sdpa" (what
+        "auto" picks on a GPU below sm_80, `backends.resolve_backend`)."""
         return self.final_norm.ops.name
 
     def set_backend(self, backend: str) -> GPTModel:

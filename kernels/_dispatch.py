@@ -1,6 +1,7 @@
 """Input checks and the choice between a Triton kernel and its PyTorch reference.
 
-Every public op in `kernels/` calls `use_triton(...)` after validating its inputs:
+Every public op in `kernels/` validates its inputs, refuses what its GPU cannot run
+(`check_gpu`: attention below sm_80, bf16 below sm_80), then calls `use_triton(...)`:
 
 - CUDA tensors run the Triton kernel.
 - CPU tensors run the Triton kernel through Triton's interpreter when ``TRITON_INTERPRET=1`` is
@@ -17,6 +18,10 @@ from collections.abc import Callable
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# sm_80 (A100) on: the tensor cores that Triton lowers a 16-bit tl.dot to (mma.sync, wgmma on
+# sm_90), and bfloat16. Below it (sm_75, T4) Triton lowers every dot to an FFMA loop, several
+# times slower than PyTorch's own attention, and bf16 does not exist.
+TENSOR_CORE_CAPABILITY = (8, 0)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -38,6 +43,28 @@ def check_float(name: str, t: torch.Tensor | None) -> None:
     """Raise TypeError unless `t` is fp32, fp16 or bf16 (None passes)."""
     if t is not None and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_gpu(op: str, *tensors: torch.Tensor | None, dots: bool = False) -> None:
+    """Refuse, in one line naming the GPU and before any launch, what the CUDA GPU of `tensors`
+    (on one device, checked before) cannot run below TENSOR_CORE_CAPABILITY: an op with
+    tensor-core dots (`dots`: the attention ops), or bf16 tensors. Raises ValueError (dots) or
+    TypeError (bf16); tensors on other devices pass. None entries are skipped."""
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= TENSOR_CORE_CAPABILITY:
+        return
+    gpu = f"the {torch.cuda.get_device_name(device)} (sm_{capability[0]}{capability[1]})"
+    if dots:
+        raise ValueError(
+            f"{op} needs compute capability 8.0 or newer (Triton's dots on tensor cores), not "
+            f'{gpu}; use PyTorch\'s attention there: backend="sdpa" (or "auto")'
+        )
+    if any(t.dtype == torch.bfloat16 for t in present):
+        raise TypeError(f"{op}: {gpu} has no bfloat16; use float16 (--precision fp16) or float32")
 
 
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -28,7 +28,13 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import (
+    check_float,
+    check_gpu,
+    check_same_device,
+    triton_interpreter_enabled,
+    use_triton,
+)
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -377,6 +383,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     TRITON_INTERPRET=1, else `gelu_reference`. Empty x goes to the reference too.
     Raises TypeError for a non-float x."""
     check_float("x", x)
+    check_gpu("gelu", x)
     if x.numel() == 0 or not use_triton(x.device):
         return gelu_reference(x)
     return torch.ops.fastgpt.gelu_forward(x)
@@ -397,6 +404,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
             f"bias_gelu: bias must have shape ({last},) to match x's last dimension "
             f"(x is {tuple(x.shape)}), got {tuple(bias.shape)}"
         )
+    check_gpu("bias_gelu", x, bias)
     if x.numel() == 0 or not use_triton(device):
         return bias_gelu_reference(x, bias)
     return torch.ops.fastgpt.bias_gelu_forward(x, bias)

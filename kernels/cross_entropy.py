@@ -66,7 +66,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import (
+    check_float,
+    check_gpu,
+    check_same_device,
+    triton_interpreter_enabled,
+    use_triton,
+)
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 from ._rowwise import program_rows
 
@@ -612,6 +618,7 @@ def fused_linear_cross_entropy(
     v = weight.shape[0] if weight.dim() == 2 else 0
     num_classes = v if num_classes is None else num_classes
     device = _check_inputs(hidden, weight, targets, bias, reduction, num_classes)
+    check_gpu("fused_linear_cross_entropy", hidden, weight, bias)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - older Triton
 from . import _autotune
 from . import flash_core as fc
 from ._dispatch import (
+    check_gpu,
     check_same_device,
     define_op,
     triton_interpreter_enabled,
@@ -457,9 +458,11 @@ def attention(
     TRITON_INTERPRET=1, else `attention_reference` (its dropout then comes from PyTorch's
     generator, not from `seed`). Empty inputs go to the reference too. Raises ValueError for
     shapes that do not fit (B, H, T, D), an unsupported head dim (naming the supported ones),
-    mixed devices, dropout_p outside [0, 1) or offsets past the kernels' int32 range; TypeError
-    for non-float or mixed dtypes."""
+    mixed devices, dropout_p outside [0, 1) or offsets past the kernels' int32 range, or a GPU
+    below sm_80 (`check_gpu`: use PyTorch's attention there); TypeError for non-float or mixed
+    dtypes."""
     _validate(q, k, v, dropout_p)
+    check_gpu("attention", q, dots=True)
     scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
     if empty or not use_triton(q.device):

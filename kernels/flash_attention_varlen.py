@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import flash_core as fc
-from ._dispatch import check_same_device, define_op, use_triton
+from ._dispatch import check_gpu, check_same_device, define_op, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 from .flash_core import SUPPORTED_HEAD_DIMS as SUPPORTED_HEAD_DIMS  # the op's API
 from .flash_core import attention_reference, seed_tensor
@@ -374,6 +374,10 @@ VARLEN_TILES: fc.TileTable = {
     ("sm_80", "fp32", 64): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_80", "fp32", 128): ((32, 32, 8, 1), (16, 32, 8, 2), (32, 16, 4, 2)),
 }
+VARLEN_TILES |= {
+    **fc.copy_family(VARLEN_TILES, "sm_80", "sm_86"),
+    ("sm_86", "16-bit", 64): fc.ATTENTION_TILES[("sm_86", "16-bit", 64)],
+}
 
 
 def _varlen_block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:
@@ -545,6 +549,7 @@ def attention_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, check_values
     )
     _check_varlen_offsets(q, k, v, max_seqlen_q, max_seqlen_k)
+    check_gpu("attention_varlen", q, dots=True)
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
     args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale)
     empty = q.shape[0] * q.shape[1] == 0 or k.shape[0] == 0

@@ -570,7 +570,9 @@ def target_arch():
 #
 # An op's tiles per kernel ("forward", "dkdv", "dq") as a table keyed by (arch family, "16-bit"
 # or "fp32", BLOCK_D), each entry (BLOCK_M, BLOCK_N, num_warps, num_stages) for the three kernels
-# in that order. sm_80 stands for mma.sync targets (operands in registers), sm_90 for wgmma ones.
+# in that order. sm_80 stands for mma.sync targets (operands in registers), sm_90 for wgmma ones;
+# sm_86 for the mma.sync GPUs with 99 KB of shared memory per block (SM_86_FAMILY): sm_80's
+# tiles where its ptxas fits them too.
 # Each entry is the tiles that ptxas compiles without register spills for that arch with the
 # supported Tritons, in the heaviest variant (causal, with dropout), chosen without a GPU and not
 # timed: the per-entry evidence is in benchmarks/results/compile/ (README.md, the reports, and
@@ -607,8 +609,30 @@ ATTENTION_TILES: TileTable = {
 }
 
 
+def copy_family(table: TileTable, source: str, family: str) -> TileTable:
+    """`table`'s entries of arch family `source` keyed by `family` instead."""
+    return {(family, p, d): tiles for (f, p, d), tiles in table.items() if f == source}
+
+
+ATTENTION_TILES |= {
+    **copy_family(ATTENTION_TILES, "sm_80", "sm_86"),
+    # sm_80's 128 x 64 forward needs 255 registers and spills 8 B on sm_86/89 (causal,
+    # dropout): half the key tile, as at head dim 128.
+    ("sm_86", "16-bit", 64): ((128, 32, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+}
+
+
+# Compute capabilities of the mma.sync GPUs with 99 KB of shared memory per block: sm_86/sm_87
+# (RTX 30xx, A10, Orin), sm_89 (RTX 40xx, L4), sm_120/sm_121 (RTX 50xx, DGX Spark).
+SM_86_FAMILY = (86, 87, 89, 120, 121)
+
+
 def arch_family(arch: object) -> str:
-    """The tile tables' arch key: "sm_90" for compute capability 90 and above, else "sm_80"."""
+    """The tile tables' arch key for a compute capability (90 for sm_90): "sm_86" for
+    SM_86_FAMILY, else "sm_90" from 90 on (sm_100: 227 KB like sm_90), else "sm_80" (below
+    sm_80 the attention ops refuse before asking)."""
+    if arch in SM_86_FAMILY:
+        return "sm_86"
     return "sm_90" if isinstance(arch, int) and arch >= 90 else "sm_80"
 
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import check_float, check_same_device, define_op, use_triton
+from ._dispatch import check_float, check_gpu, check_same_device, define_op, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 from .flash_core import LOG2E, load_tile, padded_head_dim
 
@@ -240,6 +240,7 @@ def decode_attention(
     gradient. Raises TypeError for non-float or mixed dtypes or non-int32 lengths, ValueError
     for shapes that do not fit or mixed devices."""
     _validate(q, k_cache, v_cache, cache_seqlens)
+    check_gpu("decode_attention", q, dots=True)
     scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")

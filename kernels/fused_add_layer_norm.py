@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import use_triton
+from ._dispatch import check_gpu, use_triton
 from .normalization import (
     check_layer_norm_inputs,
     layer_norm_backward,
@@ -163,6 +163,7 @@ def add_layer_norm(
     Raises TypeError for non-float tensors, ValueError for mixed devices, a residual of another
     shape than x, or weight/bias shapes other than (N,)."""
     device = check_layer_norm_inputs("add_layer_norm", x, weight, bias, residual=residual)
+    check_gpu("add_layer_norm", x, residual, weight, bias)
     if x.numel() == 0 or not use_triton(device):
         return add_layer_norm_reference(x, residual, weight, bias, eps)
     normed, new_residual, _, _ = torch.ops.fastgpt.add_layer_norm_forward(

@@ -28,7 +28,13 @@ import triton.language as tl
 from torch import nn
 
 from . import _autotune
-from ._dispatch import check_float, check_same_device, triton_interpreter_enabled, use_triton
+from ._dispatch import (
+    check_float,
+    check_gpu,
+    check_same_device,
+    triton_interpreter_enabled,
+    use_triton,
+)
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 from ._rowwise import program_rows
 
@@ -582,6 +588,7 @@ def layer_norm(
     Raises TypeError for non-float tensors, ValueError for mixed devices or weight/bias shapes
     other than (N,)."""
     device = check_layer_norm_inputs("layer_norm", x, weight, bias)
+    check_gpu("layer_norm", x, weight, bias)
     if x.numel() == 0 or not use_triton(device):
         return layer_norm_reference(x, weight, bias, eps)
     y, _, _ = torch.ops.fastgpt.layer_norm_forward(x, weight, bias, float(eps))

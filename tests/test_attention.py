@@ -397,7 +397,7 @@ def test_tile_tables_cover_every_arch_dtype_and_head_dim(monkeypatch, op, table)
     core = importlib.import_module("fastgpt.kernels.flash_core")
     tiles = getattr(importlib.import_module(f"fastgpt.kernels.{op}"), table)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for arch in (80, 90):
+    for arch in (80, 86, 89, 90):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for head_dim in SUPPORTED_HEAD_DIMS:
                 configs = core.block_config(tiles, dtype, head_dim, lambda arch=arch: arch)
@@ -576,6 +576,88 @@ def test_bad_device_and_dropout_raise(device):
     long_q = torch.zeros(1, 1, 46341, 16, device=device)
     with pytest.raises(ValueError, match="2\\^31"):
         attention(long_q, long_q, long_q, dropout_p=0.1)
+
+
+def _fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:
+    """Make torch.cuda report one GPU of `capability` named `name` (no CUDA needed)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def _fake_cuda(*shape: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """A tensor that says it is on cuda:0 and has no memory (a fake tensor): a launch on it
+    would fail, so an op that refuses it refused before launching."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.empty(*shape, dtype=dtype, device="cuda")
+
+
+def _attention_ops_on_fake_cuda() -> dict:
+    """Each attention op called on fake CUDA fp16 tensors of its layout (B=1, H=2, T=8, D=16)."""
+    from fastgpt.kernels import attention_varlen, decode_attention
+
+    q, flat, one = _fake_cuda(1, 2, 8, 16), _fake_cuda(8, 2, 16), _fake_cuda(1, 2, 16)
+    cu, lengths = _fake_cuda(2, dtype=torch.int32), _fake_cuda(1, dtype=torch.int32)
+    return {
+        "attention": lambda: attention(q, q, q),
+        "attention_varlen": lambda: attention_varlen(
+            flat, flat, flat, cu, cu, 8, 8, check_cu_seqlens=False
+        ),
+        "decode_attention": lambda: decode_attention(one, q, q, lengths),
+    }
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_varlen", "decode_attention"])
+def test_attention_ops_refuse_gpus_below_sm80_naming_the_gpu_and_sdpa(monkeypatch, op):
+    # Below sm_80 Triton lowers tl.dot to FFMA (no tensor cores): the attention ops refuse at
+    # call time, before any launch, in one line that names the GPU and the alternative.
+    _fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    call = _attention_ops_on_fake_cuda()[op]
+    with pytest.raises(ValueError, match=r"^[^\n]*Tesla T4 \(sm_75\)[^\n]*backend=\"sdpa\"") as e:
+        call()
+    assert str(e.value).startswith(f"{op} needs compute capability 8.0")
+
+
+def test_gpus_below_sm80_refuse_bf16_in_every_op_and_take_fp16(monkeypatch):
+    from fastgpt.kernels import (
+        add_layer_norm,
+        bias_gelu,
+        fused_linear_cross_entropy,
+        gelu,
+        layer_norm,
+    )
+    from fastgpt.kernels._dispatch import check_gpu
+
+    _fake_gpu(monkeypatch, (7, 5), "Tesla T4")
+    x, w = _fake_cuda(4, 16, dtype=torch.bfloat16), _fake_cuda(16, dtype=torch.bfloat16)
+    targets = _fake_cuda(4, dtype=torch.int64)
+    calls = {
+        "layer_norm": lambda: layer_norm(x, w, w),
+        "add_layer_norm": lambda: add_layer_norm(x, x, w, w),
+        "gelu": lambda: gelu(x),
+        "bias_gelu": lambda: bias_gelu(x, w),
+        "fused_linear_cross_entropy": lambda: fused_linear_cross_entropy(
+            x, _fake_cuda(8, 16, dtype=torch.bfloat16), targets, check_targets=False
+        ),
+    }
+    for op, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{op}: the Tesla T4 \(sm_75\) has no bfloat16"):
+            call()
+    check_gpu("layer_norm", _fake_cuda(4, 16), _fake_cuda(16))  # fp16 passes
+    # an fp16 weight beside a bf16 input is refused too
+    with pytest.raises(TypeError, match="has no bfloat16"):
+        check_gpu("layer_norm", _fake_cuda(4, 16), w)
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (8, 9), (9, 0), (12, 0)])
+def test_gpus_from_sm80_pass_the_gpu_check(monkeypatch, capability):
+    from fastgpt.kernels._dispatch import check_gpu
+
+    _fake_gpu(monkeypatch, capability, "some GPU")
+    q = _fake_cuda(1, 2, 8, 16, dtype=torch.bfloat16)
+    check_gpu("attention", q, dots=True)
+    check_gpu("layer_norm", q)
 
 
 # --- launch grids ------------------------------------------------------------------------

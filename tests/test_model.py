@@ -239,6 +239,25 @@ def test_backend_resolution():
     assert model.final_norm.ops.name == "triton"
 
 
+@pytest.mark.parametrize(
+    ("capability", "name"), [((7, 5), "triton+sdpa"), ((8, 0), "triton"), ((9, 0), "triton")]
+)
+def test_auto_backend_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, name):
+    # Below sm_80 (a T4) Triton's dots are FMA loops and the attention kernels refuse: "auto"
+    # keeps our LayerNorm, GELU and fused loss there (no dots) with PyTorch's attention.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    model = GPTModel(tiny_config(), backend="auto")
+    assert model.backend == name
+    ops, triton_ops, sdpa = model.trf_blocks[0].att.ops, BACKENDS["triton"], BACKENDS["sdpa"]
+    attention_from = sdpa if name == "triton+sdpa" else triton_ops
+    assert ops.attention is attention_from.attention
+    assert ops.attention_varlen is attention_from.attention_varlen
+    assert ops.decode_attention is attention_from.decode_attention
+    for row_wise in ("layer_norm", "add_layer_norm", "linear_gelu", "head_loss"):
+        assert getattr(ops, row_wise) is getattr(triton_ops, row_wise), row_wise
+
+
 @pytest.mark.parametrize("batch, seq_len", [(1, 1), (2, 17), (3, 32)])
 def test_triton_and_torch_backends_agree_forward_and_backward(batch, seq_len):
     """fp32 on CPU, the triton backend running our kernels through the interpreter: its logits

@@ -250,6 +250,53 @@ def test_bad_options_are_one_line_errors(capsys):
     assert os.environ.get("TRITON_INTERPRET") == before
 
 
+def test_the_sweep_leaves_attention_and_bf16_out_below_sm80_and_says_so(capsys):
+    # Below sm_80 the attention ops refuse to run (Triton's dots are FFMA there) and every op
+    # refuses bf16: the sweep compiles neither for sm_75, in one line per arch saying so. CI's
+    # subset compiles the attention ops in fp16 only on archs other than sm_90.
+    args = ["selftest", "--compile-only", "--subset", "ci", "--arch", "sm_75,sm_86,sm_90"]
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    sections = dict(
+        re.findall(r"^(sm_\d+): \d+ launcher calls\n((?:.*\n)*?)(?=sm_\d+: \d+|\Z)", out, re.M)
+    )
+    t4, ampere, hopper = sections["sm_75"], sections["sm_86"], sections["sm_90"]
+    assert "sm_75: not compiled: attention, attention_varlen, decode_attention (below sm_80" in t4
+    assert "not compiled: bf16" in t4
+    assert "  layer_norm forward dtype=fp16" in t4 and "  cross_entropy forward dtype=fp32" in t4
+    assert not re.search(r"^  (attention|attention_varlen|decode_attention) ", t4, re.M)
+    assert "dtype=bf16" not in t4
+    assert "sm_86: CI subset: attention, attention_varlen, decode_attention in fp16 only" in ampere
+    assert "  attention forward dtype=fp16 D=64" in ampere
+    assert (
+        "  attention forward dtype=bf16" not in ampere
+        and "  layer_norm forward dtype=bf16" in ampere
+    )
+    assert "  attention forward dtype=bf16 D=64" in hopper and "CI subset" not in hopper
+
+
+def test_the_launchers_read_their_tiles_for_the_stub_drivers_arch(monkeypatch):
+    # The compile check's stub driver names the arch; the attention launchers' tile lookups
+    # must see it (sm_86/89 have tiles of their own, sm_80 and sm_90 theirs).
+    import importlib
+
+    from fastgpt.selftest.stub_driver import compiling_for
+
+    attention = importlib.import_module("fastgpt.kernels.flash_attention")
+    varlen = importlib.import_module("fastgpt.kernels.flash_attention_varlen")
+    tiles = attention.ATTENTION_TILES
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    families = {80: "sm_80", 86: "sm_86", 89: "sm_86", 90: "sm_90", 100: "sm_90", 120: "sm_86"}
+    for arch, family in families.items():
+        with compiling_for(arch, lambda *a: None):
+            forward = attention._block_config(torch.float16, 64)["forward"]
+            varlen_forward = varlen._varlen_block_config(torch.float16, 64)["forward"]
+        names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+        want = dict(zip(names, tiles[(family, "16-bit", 64)][0], strict=True))
+        assert forward == want == varlen_forward, arch
+    assert tiles[("sm_86", "16-bit", 64)] != tiles[("sm_80", "16-bit", 64)]
+
+
 # --- the compile check, compiling (child processes) --------------------------------------
 
 

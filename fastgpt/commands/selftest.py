@@ -143,16 +143,23 @@ def _compile_only(options: SelftestOptions, check: CompileCheckOptions) -> int:
         return _run_compile_only(options, check)
 
 
-def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> int:
-    from fastgpt.selftest import compile_check, report, sweep
+def _sweep_options(options: SelftestOptions, check: CompileCheckOptions):
+    """The sweep's SweepOptions from the command's options."""
+    from fastgpt.selftest import sweep
 
-    sweep_options = sweep.SweepOptions(
+    return sweep.SweepOptions(
         ops=options.only,
         dtypes=options.dtypes,
         head_dims=check.head_dims,
         widths=check.widths,
         subset=check.subset,
     )
+
+
+def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> int:
+    from fastgpt.selftest import compile_check, report, sweep
+
+    sweep_options = _sweep_options(options, check)
     unknown = [d for d in options.dtypes if d not in sweep.DTYPES]
     if unknown:
         return command_error(COMMAND, f"unknown dtype {unknown[0]!r}; dtypes: fp16, bf16, fp32")
@@ -179,6 +186,8 @@ def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> i
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         return command_error(COMMAND, exc)
     wall = time.perf_counter() - started
+    for arch in check.arch:
+        _print_skipped(sweep_options, arch)
     if not records:
         return command_error(COMMAND, "nothing to compile: the filters match no case")
     versus = report.tutorial_ratios(records)
@@ -202,6 +211,15 @@ def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> i
         print(f"{len(failed)} specializations FAIL", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_skipped(options, arch: int) -> None:
+    """One line naming the ops the sweep does not compile for `arch`, and why (none: nothing)."""
+    from fastgpt.selftest import report
+
+    line = report.skipped_line(options, arch)
+    if line:
+        print(line)
 
 
 def _targetable(archs) -> list[int]:
@@ -245,7 +263,9 @@ def _write_compile_results(
         folder.mkdir(parents=True, exist_ok=True)
         for arch in sorted({r.arch for r in records}, key=list(check.arch).index):
             name = f"{report.ARCHS[arch].name}-triton-{versions['triton']}.md"
-            text = report.compile_markdown(records, arch, versions, _command_line(options, check))
+            command = _command_line(options, check)
+            skipped = report.skipped_line(_sweep_options(options, check), arch)
+            text = report.compile_markdown(records, arch, versions, command, skipped)
             (folder / name).write_text(text, encoding="utf-8")
             print(f"wrote {folder / name}")
     if options.out:
@@ -280,8 +300,9 @@ def _list_compile_plan(options, archs) -> int:
 
     for arch in archs:
         with stub_driver.compiling_for(arch, lambda *a: None):
-            cases = sweep.plan(options)
+            cases = sweep.plan(options, arch)
         print(f"{analysis.ARCHS[arch].name}: {len(cases)} launcher calls")
+        _print_skipped(options, arch)
         for case in cases:
             print(f"  {case.op} {case.pass_name} {case.label}")
     return 0

@@ -251,7 +251,7 @@ def compile_slice(
     started = [time.perf_counter()]
     with stub_driver.compiling_for(arch, on_compile), _every_candidate_compiled():
         # The plan is made under the stub: configs may depend on the target arch.
-        cases = sweep.plan(options)
+        cases = sweep.plan(options, arch)
         if not isinstance(_a_project_kernel(), JITFunction):
             raise RuntimeError(
                 "the kernels were defined for Triton's interpreter: unset TRITON_INTERPRET"

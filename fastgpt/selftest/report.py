@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fastgpt.selftest import sweep
 from fastgpt.selftest.analysis import ARCHS, LoopProfile
 from fastgpt.selftest.compile_check import Record
-from fastgpt.selftest.sweep import TUTORIAL_PASS
+from fastgpt.selftest.sweep import TUTORIAL_PASS, SweepOptions
 
 COMPILE_COLUMNS = (
     "kernel",
@@ -161,10 +162,22 @@ def _chip(arch: int) -> str:
     )
 
 
+def skipped_line(options: SweepOptions, arch: int) -> str:
+    """ "sm_75: not compiled: ..." naming what the sweep leaves out on `arch` and why
+    (`sweep.arch_notes`); "" when nothing."""
+    notes = sweep.arch_notes(options, arch)
+    return f"{ARCHS[arch].name}: {'; '.join(notes)}" if notes else ""
+
+
 def compile_markdown(
-    records: Sequence[Record], arch: int, versions: dict[str, str], command: str
+    records: Sequence[Record],
+    arch: int,
+    versions: dict[str, str],
+    command: str,
+    skipped: str = "",
 ) -> str:
-    """The committed report of one arch: the command, versions, summary, every record."""
+    """The committed report of one arch: the command, versions, summary, what the sweep skipped
+    on the arch (`skipped_line`), every record."""
     mine = [r for r in records if r.arch == arch]
     index = {id(r): i for i, r in enumerate(records)}
     versus = tutorial_ratios(records)
@@ -195,6 +208,7 @@ def compile_markdown(
             "",
             compile_summary(mine),
             "",
+            *([skipped, ""] if skipped else []),
             markdown_table(("#", *COMPILE_COLUMNS), rows),
             "",
         ]
