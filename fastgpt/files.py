@@ -74,6 +74,25 @@ def reports_disk_full(path: Path, reason_of: Callable[[], str | None] | None = N
         raise DiskFullError(path, reason) from exc
 
 
+TMP_MARK = ".tmp"  # a file being written is NAME.tmpPID until it is renamed to NAME
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], check_room: bool = False) -> None:
+    """`write(tmp)` into a temporary file beside `path` ("NAME.tmpPID": the next run in the
+    folder removes one a killed process left, `train.out_folder.remove_leftovers`), then rename
+    it over `path` (atomic on POSIX): readers see the old file or the new one, never half of
+    one, and a failed write leaves nothing. DiskFullError naming `path` when there is no room;
+    check_room: judge that from what the write left (`no_room_reason`), for a writer that
+    reports a full disk without an errno."""
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        with reports_disk_full(path, (lambda: no_room_reason(tmp)) if check_room else None):
+            write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def no_room_reason(path: Path) -> str | None:
     """Why a write of `path` that failed without saying why found no room, judged from what
     it left: the file at this process's file size limit, or its file system with less than

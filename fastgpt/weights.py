@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from fastgpt.errors import UsageError
-from fastgpt.files import reports_disk_full
+from fastgpt.files import write_atomically
 from fastgpt.hf_format import HF_BLOCK_NAMES
 from fastgpt.model_config import GPTConfig, config_from_hf, is_hf_config
 
@@ -279,15 +279,19 @@ def model_reference(name_or_path: str | Path) -> str:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' save_file, with the file readable as any file this process writes
-    (safetensors 0.8 creates it with mode 0600, whatever the umask)."""
+    """safetensors' save_file through `write_atomically` (a failed save leaves no torn file),
+    with the file readable as any file this process writes (safetensors 0.8 creates it with
+    mode 0600, whatever the umask)."""
     from safetensors.torch import save_file
 
-    with reports_disk_full(path):
-        save_file(tensors, str(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask)
+
+    write_atomically(Path(path), write)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -306,3 +306,32 @@ def test_refuses_newer_format_and_unsaveable_models(tmp_path):
         ValueError, match=r"without a GPT-2 name: .*lora_A.*save_pretrained_with_lora"
     ):
         model.save_pretrained(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("earlier", [None, b"the earlier model"])
+def test_a_save_that_finds_the_disk_full_leaves_no_torn_file(tmp_path, monkeypatch, earlier):
+    """safetensors writes part of the file, then the disk is full: DiskFullError names the
+    file, and the folder holds what it held before (no half-written model.safetensors, no
+    temporary file)."""
+    import errno
+
+    import safetensors.torch
+
+    from fastgpt.errors import DiskFullError
+    from fastgpt.weights import save_safetensors
+
+    path = tmp_path / "model.safetensors"
+    if earlier is not None:
+        path.write_bytes(earlier)
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(DiskFullError, match=r"model\.safetensors"):
+        save_safetensors({"w": torch.zeros(3)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ([] if earlier is None else [path.name])
+    if earlier is not None:
+        assert path.read_bytes() == earlier

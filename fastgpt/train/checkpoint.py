@@ -8,7 +8,6 @@ the state and applies it: `trainer_state.TrainerState`).
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 from pathlib import Path
@@ -19,12 +18,11 @@ import torch
 import torch.distributed as dist
 
 from fastgpt.errors import MissingFileError, UsageError
-from fastgpt.files import no_room_reason, reports_disk_full
+from fastgpt.files import write_atomically
 from fastgpt.train.distributed import DistInfo
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "fastgpt-train-v1"
-TMP_MARK = ".tmp"  # a file being written is NAME.tmpPID until it is renamed to NAME
 
 
 def rng_state() -> dict[str, Any]:
@@ -67,19 +65,10 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path` ("NAME.tmpPID": `remove_leftovers` removes
-    one a killed process left), then rename it over `path` (atomic on POSIX): readers see the
-    old checkpoint or the new one, never half of one. DiskFullError naming `path` when there is
-    no room for it."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        # torch's C++ writer reports a full disk as "unexpected pos ...": no_room_reason
-        # looks at what it left.
-        with reports_disk_full(path, lambda: no_room_reason(tmp)):
-            torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through `write_atomically`: readers see the old checkpoint or the new one.
+    torch's C++ writer reports a full disk as "unexpected pos ...": the room is judged from
+    what it left."""
+    write_atomically(path, lambda tmp: torch.save(obj, tmp), check_room=True)
 
 
 class Checkpointer:

@@ -26,7 +26,7 @@ import re
 import shutil
 from pathlib import Path
 
-from fastgpt.train.checkpoint import TMP_MARK
+from fastgpt.files import TMP_MARK
 from fastgpt.train.config import RUN_FILES
 
 STAGING_PREFIX = ".overwrite-"
