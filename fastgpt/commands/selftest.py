@@ -183,6 +183,8 @@ def _run_compile_only(options: SelftestOptions, check: CompileCheckOptions) -> i
             )
             if check.update_budget:
                 budget = _update_budget(check, budget, records)
+    except BrokenPipeError:  # the reader left (`| head`): the CLI stops quietly
+        raise
     except (ValueError, RuntimeError, ImportError, OSError) as exc:
         return command_error(COMMAND, exc)
     wall = time.perf_counter() - started
@@ -296,11 +298,11 @@ def _command_line(options: SelftestOptions, check: CompileCheckOptions) -> str:
 def _list_compile_plan(options, archs) -> int:
     """Print the cases per arch without compiling (the plan is made under the stub driver,
     since configs may depend on the arch)."""
-    from fastgpt.selftest import analysis, stub_driver, sweep
+    from fastgpt.selftest import analysis, arch_plan, stub_driver
 
     for arch in archs:
         with stub_driver.compiling_for(arch, lambda *a: None):
-            cases = sweep.plan(options, arch)
+            cases = arch_plan.plan(options, arch)
         print(f"{analysis.ARCHS[arch].name}: {len(cases)} launcher calls")
         _print_skipped(options, arch)
         for case in cases:

@@ -220,7 +220,7 @@ def compile_slice(
     import triton
     from triton.runtime.jit import JITFunction
 
-    from fastgpt.selftest import analysis, stub_driver, sweep
+    from fastgpt.selftest import analysis, arch_plan, stub_driver, sweep
 
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     records: list[Record] = []
@@ -251,7 +251,7 @@ def compile_slice(
     started = [time.perf_counter()]
     with stub_driver.compiling_for(arch, on_compile), _every_candidate_compiled():
         # The plan is made under the stub: configs may depend on the target arch.
-        cases = sweep.plan(options, arch)
+        cases = arch_plan.plan(options, arch)
         if not isinstance(_a_project_kernel(), JITFunction):
             raise RuntimeError(
                 "the kernels were defined for Triton's interpreter: unset TRITON_INTERPRET"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastgpt.selftest import sweep
+from fastgpt.selftest import arch_plan
 from fastgpt.selftest.analysis import ARCHS, LoopProfile
 from fastgpt.selftest.compile_check import Record
 from fastgpt.selftest.sweep import TUTORIAL_PASS, SweepOptions
@@ -164,8 +164,8 @@ def _chip(arch: int) -> str:
 
 def skipped_line(options: SweepOptions, arch: int) -> str:
     """ "sm_75: not compiled: ..." naming what the sweep leaves out on `arch` and why
-    (`sweep.arch_notes`); "" when nothing."""
-    notes = sweep.arch_notes(options, arch)
+    (`arch_plan.arch_notes`); "" when nothing."""
+    notes = arch_plan.arch_notes(options, arch)
     return f"{ARCHS[arch].name}: {'; '.join(notes)}" if notes else ""
 
 
