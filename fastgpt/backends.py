@@ -46,7 +46,7 @@ from fastgpt.kernels import (
     layer_norm,
     layer_norm_reference,
 )
-from fastgpt.kernels._dispatch import TENSOR_CORE_CAPABILITY, triton_interpreter_enabled
+from fastgpt.kernels._dispatch import TENSOR_CORE_CAPABILITY
 
 
 @dataclass(frozen=True)
@@ -123,20 +123,6 @@ def _fused_head_loss(head, x, vocab_size, targets, ignore_index=-100):
     )  # fmt: skip
 
 
-def _interpreter_fp32(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`kernel` (flash attention, fixed or varlen) computing in fp32 where Triton's
-    interpreter runs it on bf16 CPU tensors: the interpreter's bf16 arithmetic is wrong there
-    (outputs near 8e8 where they are O(1)). The output is cast back to the inputs' dtype."""
-
-    def attention(q, k, v, *args, **kwargs):
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and triton_interpreter_enabled():
-            out = kernel(q.float(), k.float(), v.float(), *args, **kwargs)
-            return out.to(q.dtype)
-        return kernel(q, k, v, *args, **kwargs)
-
-    return attention
-
-
 def _triton_linear_gelu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(linear, nn.Linear) and linear.bias is not None:
         # One kernel adds the bias and applies GELU, saving a pass over (B, T, 4d).
@@ -199,12 +185,12 @@ BACKENDS: dict[str, Ops] = {
         "triton",
         layer_norm,
         _triton_linear_gelu,
-        _interpreter_fp32(attention),
+        attention,
         _fused_head_loss,
         add_layer_norm=add_layer_norm,
         # The model's cu_seqlens come from `packed_rows`, valid as built: not re-read (a sync)
         # in every layer.
-        attention_varlen=_interpreter_fp32(partial(attention_varlen, check_cu_seqlens=False)),
+        attention_varlen=partial(attention_varlen, check_cu_seqlens=False),
         decode_attention=decode_attention,
     ),
     "torch": Ops(

@@ -12,6 +12,7 @@ Every public op in `kernels/` validates its inputs, refuses what its GPU cannot 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -65,6 +66,20 @@ def check_gpu(op: str, *tensors: torch.Tensor | None, dots: bool = False) -> Non
         )
     if any(t.dtype == torch.bfloat16 for t in present):
         raise TypeError(f"{op}: {gpu} has no bfloat16; use float16 (--precision fp16) or float32")
+
+
+def bf16_in_fp32_under_interpreter(op: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """An attention op (q, k, v first) that computes bf16 CPU inputs in fp32 under Triton's
+    interpreter, whose bf16 arithmetic is wrong (numpy has no bf16: outputs near 8e8 where
+    they are O(1)); the output is cast back to bf16, gradients flow through the casts."""
+
+    @functools.wraps(op)
+    def wrapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs):
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and triton_interpreter_enabled():
+            return op(q.float(), k.float(), v.float(), *args, **kwargs).to(q.dtype)
+        return op(q, k, v, *args, **kwargs)
+
+    return wrapped
 
 
 def empty_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - older Triton
 from . import _autotune
 from . import flash_core as fc
 from ._dispatch import (
+    bf16_in_fp32_under_interpreter,
     check_gpu,
     check_same_device,
     define_op,
@@ -435,6 +436,7 @@ def _check_dropout_offsets(tq: int, tk: int) -> None:
         )
 
 
+@bf16_in_fp32_under_interpreter
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -55,7 +55,13 @@ import triton
 import triton.language as tl
 
 from . import flash_core as fc
-from ._dispatch import check_gpu, check_same_device, define_op, use_triton
+from ._dispatch import (
+    bf16_in_fp32_under_interpreter,
+    check_gpu,
+    check_same_device,
+    define_op,
+    use_triton,
+)
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 from .flash_core import SUPPORTED_HEAD_DIMS as SUPPORTED_HEAD_DIMS  # the op's API
 from .flash_core import attention_reference, seed_tensor
@@ -520,6 +526,7 @@ def _check_dropout_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tenso
             )
 
 
+@bf16_in_fp32_under_interpreter
 def attention_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,

@@ -354,9 +354,14 @@ def test_a_lora_rank_larger_than_the_layers_is_refused(tmp_path, capsys, tiktoke
 
 
 def test_bf16_attention_under_the_interpreter_computes_in_fp32(monkeypatch):
-    """Triton's interpreter gets bf16 wrong (outputs near 8e8): the triton backend's
-    attention computes such inputs in fp32 and returns bf16."""
-    from fastgpt.kernels import attention_reference, attention_varlen_reference
+    """Triton's interpreter gets bf16 wrong (outputs near 8e8): the attention ops compute such
+    inputs in fp32 and return bf16, called directly or through the triton backend."""
+    from fastgpt.kernels import (
+        attention,
+        attention_reference,
+        attention_varlen,
+        attention_varlen_reference,
+    )
 
     from fastgpt.backends import resolve_backend
 
@@ -364,14 +369,17 @@ def test_bf16_attention_under_the_interpreter_computes_in_fp32(monkeypatch):
     torch.manual_seed(0)
     ops = resolve_backend("triton")
     q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
-    out = ops.attention(*(t.bfloat16() for t in (q, k, v)), causal=True)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), attention_reference(q, k, v, True), atol=2e-2, rtol=0)
+    for op in (ops.attention, attention):
+        out = op(*(t.bfloat16() for t in (q, k, v)), causal=True)
+        assert out.dtype == torch.bfloat16
+        expected = attention_reference(q, k, v, True)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
     packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # (16, 2, 16)
     cu = torch.tensor([0, 8, 16], dtype=torch.int32)
-    out = ops.attention_varlen(*(t.bfloat16() for t in packed), cu, cu, 8, 8, causal=True)
     expected = attention_varlen_reference(*packed, cu, cu, 8, 8, causal=True)
-    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
+    for op in (ops.attention_varlen, attention_varlen):
+        out = op(*(t.bfloat16() for t in packed), cu, cu, 8, 8, causal=True)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
 
 
 def test_resume_takes_the_same_data_file_by_another_name(tmp_path, capsys, monkeypatch):
