@@ -182,12 +182,13 @@ def _attention_backward_dq_kernel(
 def _attention_dropout_mask_kernel(
     keep_ptr,  # (B, H, Tq, Tk) int8 contiguous: 1 where the attention weight is kept
     seed_ptr,  # (1,) int64 Philox seed
-    n_per_head,  # Tq·Tk
+    Tq,
+    Tk,  # one head's weights: (Tq, Tk)
     dropout_p,
     BLOCK: tl.constexpr,
 ):
     # The B·H heads in a row: head bh = b·H + h is Philox's head bh.
-    fc.dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, 0, dropout_p, BLOCK)
+    fc.dropout_mask_tile(keep_ptr, seed_ptr, Tq, Tk, 0, dropout_p, BLOCK)
 
 
 # --- launchers ---------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def _config_candidates(
 ) -> list[dict[str, int]]:
     """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
     first (the pinned one: the interpreter and CPU run only it). 16-bit only: fp32's exact dots
-    leave no register room. Without dropout (whose Philox leaves none either): one more
+    leave no register room. Without dropout (whose Philox leaves little): one more
     pipeline stage (shared memory, not registers), and the program's own tile halved over half
     the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that its
     dots still lower to wgmma). Last, on sm_90+ for the forward when `tma` (the launcher found its
@@ -429,7 +430,8 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 def _check_dropout_offsets(tq: int, tk: int) -> None:
-    """Dropout's within-head Philox counter i·Tk + j is int32: Tq·Tk must stay below 2^31."""
+    """Dropout's within-head Philox counter (i & ~8)·Tk + (j & ~8) is int32: Tq·Tk must stay
+    below 2^31."""
     if tq * tk >= 2**31:
         raise ValueError(
             f"dropout needs Tq·Tk < 2^31 (one head's attention matrix), got Tq={tq}, Tk={tk}"
@@ -499,6 +501,6 @@ def attention_dropout_mask(
         block = 1024
         grid = (triton.cdiv(tq * tk, block) * batch * heads,)
         _attention_dropout_mask_kernel[grid](
-            keep, seed_tensor(seed, device), tq * tk, dropout_p, BLOCK=block
+            keep, seed_tensor(seed, device), tq, tk, dropout_p, BLOCK=block
         )
     return keep.bool()

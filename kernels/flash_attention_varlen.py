@@ -30,8 +30,8 @@ How the work is laid out, and why
   a fixed order: no atomics, bitwise deterministic. Within a sequence the query tiles are
   numbered from the last and the key tiles from the first: under a causal mask those are the
   longest programs of the sequence, and they start first.
-- Dropout's Philox counter is attention's with sequence i in place of the batch index:
-  (r * Tk_i + c, i * H + h, 0, 0) for row r, column c of sequence i's (Tq_i, Tk_i) weights, so
+- Dropout's draw is attention's (flash_core's header) with sequence i in place of the batch
+  index: head i * H + h, rows and columns counted within sequence i's (Tq_i, Tk_i) weights, so
   the mask of a sequence does not depend on the others; `attention_varlen_dropout_mask` draws the
   same masks. Tq_i * Tk_i < 2^31 is checked.
 - lse and delta are (H, total_q) fp32 (attention's (B*H, Tq) with B = 1), as in attention.
@@ -352,12 +352,13 @@ def _varlen_backward_dq_kernel(
 def _varlen_dropout_mask_kernel(
     keep_ptr,  # (H, Tq_i, Tk_i) int8 contiguous: 1 where the attention weight is kept
     seed_ptr,  # (1,) int64 Philox seed
-    n_per_head,  # Tq_i·Tk_i
+    Tq,
+    Tk,  # the sequence's lengths
     first_bh,  # i·H: the Philox head index of this sequence's head 0
     dropout_p,
     BLOCK: tl.constexpr,
 ):
-    fc.dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, first_bh, dropout_p, BLOCK)
+    fc.dropout_mask_tile(keep_ptr, seed_ptr, Tq, Tk, first_bh, dropout_p, BLOCK)
 
 
 # --- launchers ---------------------------------------------------------------------------
@@ -516,7 +517,8 @@ def _check_varlen_offsets(q, k, v, max_seqlen_q: int, max_seqlen_k: int) -> None
 
 
 def _check_dropout_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> None:
-    """Dropout's Philox counter r·Tk_i + c is int32: Tq_i·Tk_i < 2^31 for every sequence."""
+    """Dropout's Philox counter (r & ~8)·Tk_i + (c & ~8) is int32: Tq_i·Tk_i < 2^31 for every
+    sequence."""
     lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
     lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
     for i, (tq, tk) in enumerate(zip(lengths_q, lengths_k, strict=True)):
@@ -597,7 +599,7 @@ def attention_varlen_dropout_mask(
             block = 1024
             grid = (triton.cdiv(keep[0].numel(), block) * heads,)
             _varlen_dropout_mask_kernel[grid](
-                keep, seed_t, keep[0].numel(), i * heads, dropout_p, BLOCK=block
+                keep, seed_t, q1 - q0, k1 - k0, i * heads, dropout_p, BLOCK=block
             )
         masks.append(keep.bool())
     return masks

@@ -12,14 +12,18 @@ Conventions shared by every kernel built from these
   instruction on the GPU. The saved log-sum-exp `lse` is in the same base-2 units.
 - Loop bounds skip every tile that lies wholly above the diagonal; only tiles crossing the
   diagonal (or the end of the keys) pay for a mask.
-- Dropout on the attention weights draws one uniform per weight from Philox (`tl.philox`, the
-  generator behind `tl.rand`), keyed by `seed`, with the 4-word counter (i·Tk + j, b·H + h, 0, 0):
-  the position inside the head's Tq×Tk matrix in the first word (int32, hence Tq·Tk < 2^31),
-  the head in the second. So no offset ever wraps however large B·H·Tq·Tk gets (the flat index
-  ((b·H + h)·Tq + i)·Tk + j would pass 2^31 easily), and per tile only an int32 offset tile is
-  built. The weight is kept iff its uniform >= p. The forward, the backward and the dropout-mask
-  kernels compute the same counters, so the backward regenerates the forward's mask instead of
-  storing it.
+- Dropout on the attention weights is Philox-2x32-10 (Salmon et al., SC'11; Random123's
+  constants), one call per group of four weights {i, i + 8} × {j, j + 8} (bit 3 of i and j
+  clear) of one head's Tq×Tk matrix: counter (i·Tk + j, b·H + h), key the seed's low 32 bits.
+  Its two words give four 16-bit halves, one per member; a weight is kept iff its half is >=
+  round(p·2^16) (p is drawn at 16-bit resolution, at most 1 - 2^-16; the kept weights are
+  scaled by the exact 1/(1 - p)). Why groups: every kernel's MMA accumulator holds such a
+  group in one thread (rows r, r + 8 and columns c, c + 8 of a fragment, in S and in Sᵀ), so
+  the compiler computes a group's Philox once per thread for four weights, with no data moved
+  between threads. The counter is int32, hence Tq·Tk < 2^31, checked; the head is the second
+  word, so no offset wraps however large B·H·Tq·Tk gets. The mask depends on (seed, head, i, j)
+  only, not on tiles: the forward, the backward and the dropout-mask kernels compute the same
+  draws, and the backward regenerates the forward's mask instead of storing it.
 - Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); offsets inside one head
   (i·stride_t + d·stride_d) stay int32, which the ops check. The grid is one flat axis (axis 0
   allows 2^31 - 1 programs, axes 1 and 2 only 65535), so B·H > 65535 works.
@@ -200,24 +204,61 @@ def load_seed(seed_ptr, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, bh, offsets, dropout_p):
-    """Keep-mask of the attention weights at within-head offsets i·Tk + j of head bh = b·H + h:
-    Philox(key = seed, counter = (i·Tk + j, b·H + h, 0, 0)), uniform in [0, 1), kept iff >= p."""
-    c0 = offsets.to(tl.uint32, bitcast=True)
-    zero = c0 * 0
-    r, _, _, _ = tl.philox(seed, c0, zero + bh.to(tl.uint32), zero, zero)
-    return tl.uint_to_uniform_float(r) >= dropout_p
+def philox_2x32(c0, c1, key):
+    """Philox-2x32-10 (Salmon et al., SC'11) of the counter (c0, c1) under `key`, all uint32:
+    two uint32 words. Each round's 32x32-bit product is one 64-bit multiply, whose halves are
+    the round's mulhi and mullo (one IMAD.WIDE on the GPU instead of two multiplies)."""
+    for _ in tl.static_range(10):
+        product = c0.to(tl.uint64) * 0xD256D193
+        c0, c1 = (product >> 32).to(tl.uint32) ^ key ^ c1, product.to(tl.uint32)
+        key = key + 0x9E3779B9
+    return c0, c1
 
 
 @triton.jit
-def dropout_mask_tile(keep_ptr, seed_ptr, n_per_head, first_bh, dropout_p, BLOCK: tl.constexpr):
-    """One program of a dropout-mask kernel: BLOCK elements of one head's n_per_head weights,
-    keep_ptr's heads in a row (int8, 1 = kept), the program's head h drawn as Philox head
-    first_bh + h. Within a head the flat index of (i, j) in a contiguous (Tq, Tk) slice is the
-    attention kernels' offset i·Tk + j, so the mask is the one the kernels apply."""
+def dropout_keep(seed, bh, row_start, row_offsets, col_start, col_offsets, Tk, dropout_p):
+    """Keep-mask of head bh's attention weights at within-head query rows row_start +
+    row_offsets and key columns col_start + col_offsets, the offsets a column and a row (either
+    way round; they broadcast to the tile), each start a multiple of 16 (or 0).
+    The weights come in groups of four, {i, i + 8} × {j, j + 8} with bit 3 of i and j clear:
+    one Philox-2x32 call per group, counter (i·Tk + j, b·H + h), key the seed's low word, gives
+    four 16-bit halves; the member with bits (bit 3 of its row, bit 3 of its column) = (a, b)
+    takes word a, its high half if b else its low half, and is kept iff that half is >=
+    round(p·2^16). Every kernel's accumulator layout holds a whole group in one thread (rows r
+    and r + 8, columns c and c + 8 of the MMA fragment, in either orientation), so the compiler
+    computes each group's Philox once per thread, not once per weight."""
+    # The tile's first counter plus a loop-invariant offset tile, in which the compiler sees
+    # that the members of a group share their counter (their bit 3 is a register's constant).
+    group_offsets = (row_offsets & ~8) * Tk + (col_offsets & ~8)  # (R, C)
+    group = (row_start * Tk + col_start + group_offsets).to(tl.uint32, bitcast=True)
+    word0, word1 = philox_2x32(group, group * 0 + bh.to(tl.uint32), seed.to(tl.uint32))
+    word = tl.where((row_offsets & 8) != 0, word1, word0)
+    half_on_top = tl.where((col_offsets & 8) != 0, word, word << 16)  # the half in bits 16-31
+    threshold = tl.minimum(tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32), 65535) << 16
+    return half_on_top >= threshold
+
+
+@triton.jit
+def dropout_weight_zero(dropout_p):
+    """0.0 for a dropped weight, as a value the compiler cannot fold: with a literal 0, LLVM
+    moves the select past the fp16 conversion before the P·V dot and zeroes packed halves
+    (PRMT + SEL + PRMT, about three instructions per weight instead of one FSEL)."""
+    return dropout_p * 0.0
+
+
+@triton.jit
+def dropout_mask_tile(
+    keep_ptr, seed_ptr, Tq, Tk, first_bh, dropout_p, BLOCK: tl.constexpr
+):  # fmt: skip
+    """One program of a dropout-mask kernel: BLOCK elements of one head's Tq·Tk weights in
+    row-major order, keep_ptr's heads in a row (int8, 1 = kept), the program's head h drawn as
+    Philox head first_bh + h: the mask `dropout_keep` gives the attention kernels."""
+    n_per_head = Tq * Tk
     h, _, _, start = program_tile(n_per_head, 1, BLOCK, False)  # each head's weights are a row
     offsets = start + tl.arange(0, BLOCK)
-    keep = dropout_keep(tl.load(seed_ptr), first_bh + h, offsets, dropout_p)
+    rows = offsets // Tk
+    cols = offsets - rows * Tk
+    keep = dropout_keep(tl.load(seed_ptr), first_bh + h, 0, rows, 0, cols, Tk, dropout_p)
     tl.store(keep_ptr + h * n_per_head + offsets, keep.to(tl.int8), mask=offsets < n_per_head)
 
 
@@ -283,9 +324,9 @@ def forward_inner(
     q,  # (BLOCK_M, BLOCK_D): this program's query tile
     k_base, v_base,  # (Tk, D) each: this head's keys and values
     stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m,  # (BLOCK_M,) query rows of the tile
+    offs_m,  # (BLOCK_M,) query rows of the tile: m_start + arange
     offs_d,  # (BLOCK_D,) head-dim columns
-    bh, b, h, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+    bh, b, h, m_start, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     TMA: tl.constexpr,
@@ -309,8 +350,11 @@ def forward_inner(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
-            p = tl.where(keep, p, 0.0)
+            keep = dropout_keep(
+                seed, bh, m_start, tl.arange(0, offs_m.shape[0])[:, None],
+                n_start, tl.arange(0, BLOCK_N)[None, :], Tk, dropout_p,
+            )  # fmt: skip
+            p = tl.where(keep, p, dropout_weight_zero(dropout_p))
         if TMA:
             v = tma_load_tile(v_base, b, h, n_start, BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
         else:
@@ -341,12 +385,12 @@ def forward_tile(
     full_end, hi = key_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, bh, b, h, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, b, h, m_start, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )  # fmt: skip
     acc, m_i, l_i = forward_inner(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, bh, b, h, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, b, h, m_start, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N, BLOCK_D, TMA,
     )  # fmt: skip
 
@@ -388,9 +432,9 @@ def dkdv_inner(
     q_base, do_base,  # (Tq, D) each: this head's queries and upstream gradient
     lse_base, delta_base,  # (Tq,) fp32 each: this head's lse and delta
     stride_qm, stride_qd, stride_dom, stride_dod,
-    offs_n,  # (BLOCK_N,) key rows of the tile
+    offs_n,  # (BLOCK_N,) key rows of the tile: n_start + arange
     offs_d,  # (BLOCK_D,) head-dim columns
-    m_lo, m_hi, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
+    n_start, m_lo, m_hi, Tq, Tk, D, qk_scale, dropout_p, seed, bh,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -410,15 +454,20 @@ def dkdv_inner(
         dout = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Tq, D)
         dpt = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[None, :] * Tk + offs_n[:, None], dropout_p)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            pdt = tl.where(keep, pt * inv_keep, 0.0)
-            dpt = tl.where(keep, dpt * inv_keep, 0.0)
+            keep = dropout_keep(
+                seed, bh, m_start, tl.arange(0, BLOCK_M)[None, :],
+                n_start, tl.arange(0, offs_n.shape[0])[:, None], Tk, dropout_p,
+            )  # fmt: skip
+            # The kept weights; dv's 1 / (1 - p) is applied once, in dkdv_tile.
+            pdt = tl.where(keep, pt, dropout_weight_zero(dropout_p))
+            dpt = tl.where(keep, dpt, 0.0)
+            keep_scale = 1.0 / (1.0 - dropout_p)
         else:
             pdt = pt
+            keep_scale = 1.0
         dv += tl.dot(pdt.to(dout.dtype), dout, input_precision=DOT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
-        dst = pt * (dpt - delta[None, :])  # (BLOCK_N, BLOCK_M)
+        dst = pt * (dpt * keep_scale - delta[None, :])  # (BLOCK_N, BLOCK_M), one FFMA
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -447,15 +496,17 @@ def dkdv_tile(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-        stride_dom, stride_dod, offs_n, offs_d, m_lo, m_masked_end, Tq, Tk, D, qk_scale,
+        stride_dom, stride_dod, offs_n, offs_d, n_start, m_lo, m_masked_end, Tq, Tk, D, qk_scale,
         dropout_p, seed, bh, CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_M,
     )  # fmt: skip
     m_full = m_masked_end if CLAMP_ONCE else tl.maximum(m_masked_end, m_lo)
     dk, dv = dkdv_inner(
         dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_qd,
-        stride_dom, stride_dod, offs_n, offs_d, m_full, m_end, Tq, Tk, D, qk_scale,
+        stride_dom, stride_dod, offs_n, offs_d, n_start, m_full, m_end, Tq, Tk, D, qk_scale,
         dropout_p, seed, bh, CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_M,
     )  # fmt: skip
+    if DROPOUT:
+        dv = dv / (1.0 - dropout_p)
     return dk, dv
 
 
@@ -477,8 +528,8 @@ def dq_inner(
     lse, delta,  # (BLOCK_M,) fp32 each
     k_base, v_base,  # (Tk, D) each: this head's keys and values
     stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d,  # (BLOCK_M,) query rows of the tile, (BLOCK_D,) head-dim columns
-    bh, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+    offs_m, offs_d,  # (BLOCK_M,) query rows of the tile (m_start + arange), (BLOCK_D,) columns
+    bh, m_start, n_lo, n_hi, Tq, Tk, D, qk_scale, dropout_p, seed,
     CAUSAL: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -492,11 +543,17 @@ def dq_inner(
         if MASKED:
             visible = is_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
             p = tl.where(visible, p, 0.0)
-        dp = tl.dot(dout, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None] * Tk + offs_n[None, :], dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
+            keep = dropout_keep(
+                seed, bh, m_start, tl.arange(0, offs_m.shape[0])[:, None],
+                n_start, tl.arange(0, BLOCK_N)[None, :], Tk, dropout_p,
+            )  # fmt: skip
+            # dp's factor, 1 / (1 - p) or 0: a float, not a predicate held until dp is ready
+            dp_factor = tl.where(keep, 1.0 / (1.0 - dropout_p), dropout_weight_zero(dropout_p))
+        else:
+            dp_factor = 1.0
+        dp = tl.dot(dout, vt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp * dp_factor - delta[:, None])  # one FFMA
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
     return dq
 
@@ -527,12 +584,12 @@ def dq_tile(
     full_end, hi = key_tile_bounds(m_start, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     dq = dq_inner(
         dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, bh, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, m_start, 0, full_end, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, False, DROPOUT, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     dq = dq_inner(
         dq, q, dout, lse, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, bh, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
+        offs_m, offs_d, bh, m_start, full_end, hi, Tq, Tk, D, qk_scale, dropout_p, seed,
         CAUSAL, True, DROPOUT, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     return dq

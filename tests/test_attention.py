@@ -508,6 +508,38 @@ def test_dropout_kept_fraction(device, dropout_p):
     assert torch.equal(keep, attention_dropout_mask(3, 3, 5, 40, 50, dropout_p, device))
 
 
+def _philox_2x32_10(c0: int, c1: int, key: int) -> tuple[int, int]:
+    """Philox-2x32-10 (Salmon et al., SC'11) in plain Python integers, as written in the paper."""
+    for _ in range(10):
+        product = c0 * 0xD256D193
+        c0, c1 = ((product >> 32) ^ key ^ c1) & 0xFFFFFFFF, product & 0xFFFFFFFF
+        key = (key + 0x9E3779B9) & 0xFFFFFFFF
+    return c0, c1
+
+
+def test_dropout_mask_is_its_documented_philox_draw(device):
+    """The mask, recomputed weight by weight from flash_core.dropout_keep's definition: group
+    {i, i+8} x {j, j+8} (bit 3 of i and j cleared) draws Philox-2x32-10 at counter
+    (i·Tk + j, b·H + h) under the seed's low word; member (bit 3 of i, bit 3 of j) = (a, b)
+    keeps iff the high (b = 1) or low (b = 0) 16 bits of word a are >= round(p·2^16)."""
+    # The Python Philox first, against Random123's published known-answer vectors.
+    assert _philox_2x32_10(0, 0, 0) == (0xFF1DAE59, 0x6CD10DF2)
+    assert _philox_2x32_10(2**32 - 1, 2**32 - 1, 2**32 - 1) == (0x2C3F628B, 0xAB4FD7AD)
+    assert _philox_2x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E) == (0xDD7CE038, 0xF62A4C12)
+    seed, batch, heads, tq, tk, p = 2**33 + 12345, 2, 3, 19, 27, 0.3
+    keep = attention_dropout_mask(seed, batch, heads, tq, tk, p, device).cpu()
+    threshold = round(p * 65536)
+    expected = torch.empty_like(keep)
+    for bh in range(batch * heads):
+        for i in range(tq):
+            for j in range(tk):
+                words = _philox_2x32_10((i & ~8) * tk + (j & ~8), bh, seed & 0xFFFFFFFF)
+                word = words[(i >> 3) & 1]
+                half = word >> 16 if j & 8 else word & 0xFFFF
+                expected[bh // heads, bh % heads, i, j] = half >= threshold
+    assert torch.equal(keep, expected)
+
+
 @pytest.mark.parametrize(("tq", "tk", "causal"), [(17, 17, True), (17, 33, True), (33, 17, False)])
 def test_dropout_matches_reference_with_the_same_mask(device, tq, tk, causal):
     q, k, v, dout = _inputs(2, 3, tq, tk, 16, torch.float32, device)
