@@ -77,17 +77,27 @@ def reports_disk_full(path: Path, reason_of: Callable[[], str | None] | None = N
 TMP_MARK = ".tmp"  # a file being written is NAME.tmpPID until it is renamed to NAME
 
 
-def write_atomically(path: Path, write: Callable[[Path], None], check_room: bool = False) -> None:
+def write_atomically(
+    path: Path, write: Callable[[Path], None], check_room: bool = False, durable: bool = False
+) -> None:
     """`write(tmp)` into a temporary file beside `path` ("NAME.tmpPID": the next run in the
-    folder removes one a killed process left, `train.out_folder.remove_leftovers`), then rename
-    it over `path` (atomic on POSIX): readers see the old file or the new one, never half of
-    one, and a failed write leaves nothing. DiskFullError naming `path` when there is no room;
-    check_room: judge that from what the write left (`no_room_reason`), for a writer that
-    reports a full disk without an errno."""
+    folder removes one a killed process left, `train.out_folder.remove_leftovers` and the
+    corpus's `remove_corpus_files`), then rename it over `path` (atomic on POSIX): readers see
+    the old file or the new one, never half of one, and a failed write leaves nothing.
+    DiskFullError naming `path` when there is no room; check_room: judge that from what the
+    write left (`no_room_reason`), for a writer that reports a full disk without an errno.
+    durable: the file is synced to disk before the rename, for a file that another one lists
+    (a corpus shard in its manifest) and so must survive a crash whole."""
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with reports_disk_full(path, (lambda: no_room_reason(tmp)) if check_room else None):
             write(tmp)
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

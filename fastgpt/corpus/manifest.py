@@ -22,11 +22,11 @@ by then). The manifest is rewritten atomically, after each shard.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from fastgpt.errors import UsageError
+from fastgpt.errors import DiskFullError, UsageError
+from fastgpt.files import write_atomically
 
 FORMAT = "fastgpt-corpus-v1"
 """Bump when the shards' layout or the way documents become tokens changes."""
@@ -87,18 +87,14 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Write the manifest atomically: to a temporary name, synced, then renamed."""
+    """Write the manifest through `write_atomically` (a temporary name, synced, renamed)."""
     path = folder / MANIFEST_NAME
-    tmp = path.with_name(f"{MANIFEST_NAME}.tmp-{os.getpid()}")
+    text = json.dumps(manifest, indent=1) + "\n"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable=True)
+    except DiskFullError as exc:
+        raise UsageError(str(exc)) from exc
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 

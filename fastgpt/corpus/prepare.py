@@ -46,6 +46,7 @@ from fastgpt.corpus.manifest import (
 from fastgpt.corpus.sources import count_documents, read_items, resolve_inputs
 from fastgpt.corpus.writer import SplitWriter
 from fastgpt.errors import ConfigError, UsageError, require
+from fastgpt.files import TMP_MARK
 
 CHUNK_CHARS = 1 << 22
 """Characters of a text file read and tokenized at a time (4 Mi), so a huge file never sits in
@@ -245,7 +246,7 @@ def remove_corpus_files(folder: Path, manifest: dict[str, Any], unlisted_only=Fa
         for path in folder.glob(f"{split}-*.bin*"):
             if not (unlisted_only and path.name in listed):
                 path.unlink(missing_ok=True)
-    for path in folder.glob(f"{MANIFEST_NAME}.tmp-*"):
+    for path in folder.glob(f"{MANIFEST_NAME}{TMP_MARK}*"):
         path.unlink(missing_ok=True)
     if not unlisted_only:
         (folder / MANIFEST_NAME).unlink(missing_ok=True)

@@ -3,8 +3,9 @@
 The stream is the split's documents in order, each after one <|endoftext|> except the first;
 shard k holds stream tokens [k·S, (k+1)·S) for S = shard_tokens (the last one fewer), so the
 shards depend on the documents and S only, never on how many workers tokenized them or on where
-an earlier run was interrupted. A shard is written to "NAME.tmp-PID", synced and renamed, and
-only then listed in the manifest: a listed shard is whole, an unlisted file is never read.
+an earlier run was interrupted. A shard is written through `files.write_atomically` (a
+temporary name, synced, renamed) and only then listed in the manifest: a listed shard is whole,
+an unlisted file is never read.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fastgpt.errors import UsageError
+from fastgpt.errors import DiskFullError, UsageError
+from fastgpt.files import write_atomically
 
 DTYPE = np.dtype("<u2")
 """Shards are raw little-endian uint16 (GPT-2's 50257 ids fit), no header: np.memmap reads them."""
@@ -32,24 +34,26 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-def write_shard(path: Path, ids: np.ndarray) -> None:
-    """Write `ids` to `path` whole or not at all (a temporary file, synced, renamed). A full
-    disk is a UsageError; the temporary file is removed."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+def _write_file(path: Path, data: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, memoryview(np.ascontiguousarray(ids, dtype=DTYPE)).cast("B"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: Path, ids: np.ndarray) -> None:
+    """Write `ids` to `path` whole or not at all (`write_atomically`, synced). A failed write
+    (a full disk included) is a UsageError saying that a rerun continues; the temporary file is
+    removed."""
+    data = memoryview(np.ascontiguousarray(ids, dtype=DTYPE)).cast("B")
+    kept = "the shards finished before it are kept, run the same command again to continue"
+    try:
+        write_atomically(path, lambda tmp: _write_file(tmp, data), durable=True)
+    except DiskFullError as exc:
+        raise UsageError(f"{exc}; {kept}") from exc
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(
-            f"writing {path}: {exc.strerror or exc}; the shards finished before it are kept, "
-            "run the same command again to continue"
-        ) from exc
+        raise UsageError(f"writing {path}: {exc.strerror or exc}; {kept}") from exc
 
 
 class SplitWriter:

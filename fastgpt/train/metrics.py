@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 
 from fastgpt.errors import UsageError
+from fastgpt.files import write_atomically
 
 METRICS_NAME = "metrics.jsonl"
 RUN_RECORD_NAME = "run.json"
@@ -419,8 +420,8 @@ def save_loss_plot(metrics_path: Path, path: Path) -> Path | None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:]))
+    finally:
+        plt.close(fig)
     return path
