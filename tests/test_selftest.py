@@ -365,6 +365,26 @@ def test_the_launchers_read_their_tiles_for_the_stub_drivers_arch(monkeypatch):
     assert tiles[("sm_86", "16-bit", 64)] != tiles[("sm_80", "16-bit", 64)]
 
 
+def test_layer_norms_tiles_follow_the_stub_drivers_arch(monkeypatch):
+    # LayerNorm's tile bounds are per arch family: sm_75 loops over rows wider than one tile in
+    # 2 x 2048 chunks (its ptxas spilled the 1 x 4096 16-warp chunk), every other arch in
+    # 1 x 4096; widths that fit one tile take the same tiles everywhere.
+    import importlib
+
+    from fastgpt.selftest.stub_driver import compiling_for
+
+    ln = importlib.import_module("fastgpt.kernels.normalization")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    chunks = {arch: (1, 4096, False, 16) for arch in (80, 86, 89, 90, 100, 120)}
+    chunks[75] = (2, 2048, False, 16)
+    for arch, chunk in chunks.items():
+        with compiling_for(arch, lambda *a: None):
+            assert ln._tile(4096, 50257) == chunk, arch
+            assert ln._tile(4096, 768) == (4, 1024, True, 8), arch
+            candidates = ln._tile_candidates(4096, 50257)
+        assert candidates[0] == dict(zip(ln.TILE_KEYS, chunk, strict=True)), arch
+
+
 # --- the compile check, compiling (child processes) --------------------------------------
 
 
