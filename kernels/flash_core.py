@@ -686,10 +686,12 @@ SM_86_FAMILY = (86, 87, 89, 120, 121)
 
 def arch_family(arch: object) -> str:
     """The tile tables' arch key for a compute capability (90 for sm_90): "sm_86" for
-    SM_86_FAMILY, else "sm_90" from 90 on (sm_100: 227 KB like sm_90), else "sm_80" (below
-    sm_80 the attention ops refuse before asking)."""
+    SM_86_FAMILY, else "sm_90" from 90 on (sm_100: 227 KB like sm_90), "sm_75" below 80 (the
+    row-wise kernels' tiles; the attention ops refuse such a GPU before asking), else "sm_80"."""
     if arch in SM_86_FAMILY:
         return "sm_86"
+    if isinstance(arch, int) and arch < 80:
+        return "sm_75"
     return "sm_90" if isinstance(arch, int) and arch >= 90 else "sm_80"
 
 

@@ -37,6 +37,7 @@ from ._dispatch import (
 )
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
 from ._rowwise import program_rows
+from .flash_core import arch_family, target_arch
 
 # Widest row handled as one tile (elements); wider rows loop over column chunks of this size.
 # Module-level so tests can shrink it to exercise the looping path cheaply.
@@ -310,10 +311,20 @@ class _Tiles(NamedTuple):
 # tuning candidate): benchmarks/results/compile/ (README.md there, budget.json). A GPU tile
 # holds up to 16 fp32 elements a thread per array (512 a warp); the interpreter runs programs
 # one by one, so its tiles are large (few programs) and it runs one config, untuned.
-_GPU_TILES = _Tiles(
+_SM_80_TILES = _Tiles(
     widest=8192, chunk=4096, elements=4096, rows=64, warps=((2048, 4), (4096, 8)),
     chunk_warps=16, more_warps_over=256,
 )  # fmt: skip
+# By arch family (flash_core.arch_family). sm_75 (T4): the looping path in chunks of 2048
+# columns, two rows a tile: Triton 3.6's ptxas gave the 1 x 4096 16-warp chunk tile's fp16
+# forward 64 registers and 8 B of spills there; 2 x 2048 holds as many elements a thread and
+# compiles without spills with 3.6 and 3.9, as does its 8-warp tuning candidate.
+_GPU_TILES = {
+    "sm_75": _SM_80_TILES._replace(chunk=2048),
+    "sm_80": _SM_80_TILES,
+    "sm_86": _SM_80_TILES,
+    "sm_90": _SM_80_TILES,
+}
 _INTERPRETER_TILES = _Tiles(
     widest=None, chunk=None, elements=65536, rows=64, warps=((2048, 4), (8192, 8)),
     chunk_warps=None, more_warps_over=None,
@@ -321,7 +332,11 @@ _INTERPRETER_TILES = _Tiles(
 
 
 def _target_tiles() -> _Tiles:
-    return _INTERPRETER_TILES if triton_interpreter_enabled() else _GPU_TILES
+    """The bounds for the arch Triton compiles for (its active driver: the compile check's
+    stub names one), or the interpreter's."""
+    if triton_interpreter_enabled():
+        return _INTERPRETER_TILES
+    return _GPU_TILES[arch_family(target_arch())]
 
 
 def _tile(m: int, n: int) -> tuple[int, int, bool, int]:

@@ -89,6 +89,7 @@ def test_without_a_gpu_it_says_what_to_run_instead(capsys):
 
 # --- the checks through the interpreter --------------------------------------------------
 
+
 TINY = dataclasses.replace(
     gpu_check.SMALL,
     dtypes=("fp32",),
@@ -134,6 +135,73 @@ def test_only_and_dtypes_pick_checks_and_unknown_names_are_refused(device):
         gpu_check.plan(TINY, device, groups=("attn",))
     with pytest.raises(ValueError, match="unknown dtype 'f16'"):
         gpu_check.plan(TINY, device, dtypes=("f16",))
+
+
+def _fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
+    """Make torch.cuda report a GPU of `capability` (no CUDA needed: planning launches nothing)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkeypatch):
+    # A T4: the attention ops refuse it and it has no bf16, so its plan has neither, one line
+    # each saying so; the model checks run backend "auto", which is "triton+sdpa" there.
+    every = gpu_check.plan(gpu_check.GPU, "cpu")
+    _fake_gpu(monkeypatch, (7, 5))
+    checks = gpu_check.plan(gpu_check.GPU, "cuda")
+    assert checks and not [c for c in checks if c.group in ("attention", "attention_varlen")]
+    assert not [c for c in checks if c.dtype == "bf16"]
+    kept = {(c.group, c.dtype) for c in checks}
+    assert ("layer_norm", "fp16") in kept and ("cross_entropy", "fp32") in kept
+    assert {"model", "compile", "generate"} <= {c.group for c in checks}
+    attention = [c for c in every if c.group in ("attention", "attention_varlen")]
+    bf16 = [c for c in every if c.dtype == "bf16" and c not in attention]
+    lines = gpu_check.left_out(gpu_check.GPU, "cuda")
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert lines[0].startswith(f"left out: {len(attention)} checks of attention, attention_varlen:")
+    assert "refuse sm_75" in lines[0]
+    groups = "layer_norm, gelu, bias_gelu, cross_entropy, model, train"
+    assert lines[1] == f"left out: {len(bf16)} bf16 checks of {groups}: sm_75 has no bfloat16"
+    assert len(checks) == len(every) - len(attention) - len(bf16)
+    model = next(c for c in checks if c.group == "model")
+    assert "logits auto (triton+sdpa) vs torch fp32" in model.name
+    # only what the picked checks lose is named
+    assert gpu_check.left_out(gpu_check.GPU, "cuda", groups=("gelu",), dtypes=("fp16",)) == []
+    assert gpu_check.plan(gpu_check.GPU, "cuda", groups=("attention",)) == []
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0), (12, 0)])
+def test_the_plan_keeps_every_check_from_sm80_on(monkeypatch, capability):
+    _fake_gpu(monkeypatch, capability)
+    names = [c.name for c in gpu_check.plan(gpu_check.GPU, "cuda")]
+    assert gpu_check.left_out(gpu_check.GPU, "cuda") == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --dry-run without a GPU
+    every = [c.name for c in gpu_check.plan(gpu_check.GPU, "cuda")]
+    assert [n.replace("auto (triton)", "auto") for n in names] == every
+    assert "gpt2-small logits auto (triton) vs torch bf16" in " ".join(names)
+
+
+def test_the_model_checks_run_auto_on_a_gpu_and_triton_on_a_cpu(monkeypatch):
+    # "auto" on a CPU is SDPA: the interpreter's checks must name "triton" to check our kernels.
+    seen = []
+    for name in ("logits_check", "compile_check", "train_check", "generate_check"):
+        monkeypatch.setattr(op_checks, name, lambda *args: seen.append(args[-1]) or "ok")
+    for device, backend in (("cpu", "triton"), ("cuda", "auto")):
+        seen.clear()
+        checks = gpu_check.plan(TINY, device, groups=("model", "compile", "train", "generate"))
+        gpu_check.run_checks(checks, print_fn=lambda line: None)
+        assert seen == [backend] * 4, device
+
+
+def test_a_t4_is_told_what_its_selftest_leaves_out(monkeypatch, capsys):
+    _fake_gpu(monkeypatch, (7, 5))
+    assert main(["selftest", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    notes, table = out.split("fastgpt selftest: ")
+    assert re.fullmatch(r"left out: \d+ checks of attention, .*\nleft out: \d+ bf16 .*\n", notes)
+    assert "\nattention " not in table and " bf16 " not in table and "\nlayer_norm " in table
+    assert main(["selftest", "--dry-run", "--only", "attention"]) == 2
+    assert "nothing to check: this GPU runs none of them" in capsys.readouterr().err
 
 
 def test_selftest_json_is_rewritten_after_every_check(tmp_path, monkeypatch, capsys):
@@ -295,6 +363,26 @@ def test_the_launchers_read_their_tiles_for_the_stub_drivers_arch(monkeypatch):
         want = dict(zip(names, tiles[(family, "16-bit", 64)][0], strict=True))
         assert forward == want == varlen_forward, arch
     assert tiles[("sm_86", "16-bit", 64)] != tiles[("sm_80", "16-bit", 64)]
+
+
+def test_layer_norms_tiles_follow_the_stub_drivers_arch(monkeypatch):
+    # LayerNorm's tile bounds are per arch family: sm_75 loops over rows wider than one tile in
+    # 2 x 2048 chunks (its ptxas spilled the 1 x 4096 16-warp chunk), every other arch in
+    # 1 x 4096; widths that fit one tile take the same tiles everywhere.
+    import importlib
+
+    from fastgpt.selftest.stub_driver import compiling_for
+
+    ln = importlib.import_module("fastgpt.kernels.normalization")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    chunks = {arch: (1, 4096, False, 16) for arch in (80, 86, 89, 90, 100, 120)}
+    chunks[75] = (2, 2048, False, 16)
+    for arch, chunk in chunks.items():
+        with compiling_for(arch, lambda *a: None):
+            assert ln._tile(4096, 50257) == chunk, arch
+            assert ln._tile(4096, 768) == (4, 1024, True, 8), arch
+            candidates = ln._tile_candidates(4096, 50257)
+        assert candidates[0] == dict(zip(ln.TILE_KEYS, chunk, strict=True)), arch
 
 
 # --- the compile check, compiling (child processes) --------------------------------------

@@ -319,10 +319,16 @@ def _gpu(options: SelftestOptions) -> int:
     sizes = gpu_check.SMALL if options.small else gpu_check.GPU
     try:
         checks = gpu_check.plan(sizes, options.device, options.only, options.dtypes)
+        left_out = gpu_check.left_out(
+            sizes, options.device, groups=options.only, dtypes=options.dtypes
+        )
     except ValueError as exc:
         return command_error(COMMAND, f"{exc} (--only, --dtypes)")
+    for line in left_out:
+        print(line)
     if not checks:
-        return command_error(COMMAND, "nothing to check: --only and --dtypes match no check")
+        why = "this GPU runs none of them" if left_out else "--only and --dtypes match no check"
+        return command_error(COMMAND, f"nothing to check: {why}")
     if options.dry_run:
         print(f"fastgpt selftest: {len(checks)} checks at {sizes.name} sizes on {options.device}")
         print(report.text_table(("group", "check"), [(c.group, c.name) for c in checks]))
@@ -347,7 +353,7 @@ def _gpu(options: SelftestOptions) -> int:
     if device.type not in ("cuda", "cpu"):
         return command_error(COMMAND, f"unsupported device {options.device!r}: use cuda or cpu")
     out = Path(options.out) if options.out else _default_out(device)
-    failed = _run_gpu_checks(checks, sizes.name, device, out)
+    failed = _run_gpu_checks(checks, sizes.name, device, out, left_out)
     if options.bench:
         from fastgpt.benchmarks.harness import SuitesFailed
         from fastgpt.benchmarks.run import run_benchmarks
@@ -359,15 +365,20 @@ def _gpu(options: SelftestOptions) -> int:
     return 1 if failed else 0
 
 
-def _run_gpu_checks(checks: list, sizes_name: str, device, out: Path) -> list:
-    """Run the checks, print their table, write selftest.json into `out`; returns the failed
-    results. selftest.json is rewritten after every check: a run stopped by a timeout keeps
-    what it finished ("complete": false)."""
+def _run_gpu_checks(checks: list, sizes_name: str, device, out: Path, left_out: list[str]) -> list:
+    """Run the checks, print their table, write selftest.json into `out` (with the `left_out`
+    lines); returns the failed results. selftest.json is rewritten after every check: a run
+    stopped by a timeout keeps what it finished ("complete": false)."""
     from fastgpt.selftest import gpu_check, report
 
     out.mkdir(parents=True, exist_ok=True)
     print(f"fastgpt selftest: {len(checks)} checks at {sizes_name} sizes on {_device_name(device)}")
-    header = {**_versions(), "device": _device_name(device), "sizes": sizes_name}
+    header = {
+        **_versions(),
+        "device": _device_name(device),
+        "sizes": sizes_name,
+        "left_out": left_out,
+    }
     started = time.perf_counter()
 
     def save(results: list, complete: bool = False) -> None:

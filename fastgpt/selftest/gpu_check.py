@@ -8,13 +8,17 @@ Checks, in order (`plan` lists them; `--dry-run` prints that list):
    the vocabulary, the fused linear cross-entropy at GPT-2's head, each forward and every
    gradient, judged by the tolerance rule
    (`fastgpt.selftest.tolerance`) against a float64 reference and PyTorch in the same dtype.
-2. model: GPT-2 small's logits on backend="triton" against backend="torch" (same rule, the
-   torch backend in float64 as the reference), in fp32 and bf16.
-3. compile: `torch.compile(fullgraph=True)` of the triton-backend model; logits and a backward
-   pass against eager.
+2. model: GPT-2 small's logits on backend="auto" (on a CPU "triton") against backend="torch"
+   (same rule, the torch backend in float64 as the reference), in fp32 and bf16.
+3. compile: `torch.compile(fullgraph=True)` of that model; logits and a backward pass against
+   eager.
 4. train: 20 bf16 steps (AdamW, autocast, cross-entropy) on one fixed batch: every loss finite,
    the last below the first.
 5. generate: greedy generation with the KV cache gives exactly the tokens without it.
+
+A GPU below sm_80 (a T4) gets only what it can run (`left_out` says what it does not, and why):
+no attention checks (the attention ops refuse it; "auto" takes PyTorch's attention there) and no
+bf16 check (it has no bf16).
 
 `GPU` sizes fit about 8 minutes on an H100/H200 (most of it Triton compiling); `SMALL` sizes run
 the same code through Triton's interpreter on CPU in the tests. Model weights are random
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 
+from fastgpt.kernels._dispatch import TENSOR_CORE_CAPABILITY
 from fastgpt.selftest import op_checks
 from fastgpt.selftest.op_checks import DTYPES, CheckFailed, Sizes
 
@@ -108,6 +113,7 @@ GROUPS = (
     "attention", "attention_varlen", "layer_norm", "gelu", "bias_gelu", "cross_entropy",
     "model", "compile", "train", "generate",
 )  # fmt: skip
+TENSOR_CORE_GROUPS = ("attention", "attention_varlen")  # the ops with tl.dot: sm_80 on
 
 
 def plan(
@@ -117,7 +123,33 @@ def plan(
     dtypes: tuple[str, ...] = (),
 ) -> list[Check]:
     """Every check of one run, in order: the kernels', then the model's; only those of
-    `groups` and (for a check in one dtype) of `dtypes` when they are given."""
+    `groups` and (for a check in one dtype) of `dtypes` when they are given, and of those only
+    what the device can run (`left_out` says what it cannot)."""
+    return _for_device(_picked(sizes, device, groups, dtypes), device)[0]
+
+
+def left_out(sizes: Sizes, device: str | torch.device, **picks: tuple[str, ...]) -> list[str]:
+    """What `plan(sizes, device, **picks)` leaves out of its picked checks because the device
+    cannot run them, and why: one line each (none on a GPU from sm_80 on, or without CUDA)."""
+    picked = _picked(sizes, device, **{"groups": (), "dtypes": (), **picks})
+    return _for_device(picked, device)[1]
+
+
+def _for_device(checks: list[Check], device: str | torch.device) -> tuple[list[Check], list[str]]:
+    """The checks the device runs, and a line for each kind it cannot (`_unsupported`)."""
+    lines = []
+    for kind, why, cannot_run in _unsupported(_capability(device)):
+        if removed := [c for c in checks if cannot_run(c)]:
+            groups = ", ".join(dict.fromkeys(c.group for c in removed))
+            lines.append(f"left out: {len(removed)} {kind}checks of {groups}: {why}")
+            checks = [c for c in checks if not cannot_run(c)]
+    return checks, lines
+
+
+def _picked(
+    sizes: Sizes, device: str | torch.device, groups: tuple[str, ...], dtypes: tuple[str, ...]
+) -> list[Check]:
+    """The checks of `groups` and `dtypes` (all when empty); ValueError for an unknown name."""
     for name, known, what in ((groups, GROUPS, "check group"), (dtypes, DTYPES, "dtype")):
         unknown = [n for n in name if n not in known]
         if unknown:
@@ -127,6 +159,34 @@ def plan(
         c
         for c in checks
         if (not groups or c.group in groups) and (not dtypes or c.dtype in (None, *dtypes))
+    ]
+
+
+def _capability(device: str | torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA `device`; None for another device, or where there is
+    no CUDA (`--dry-run` on a machine without a GPU lists every check)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def _unsupported(
+    capability: tuple[int, int] | None,
+) -> list[tuple[str, str, Callable[[Check], bool]]]:
+    """What a GPU of `capability` cannot run: (kind, why, which checks) for each, in the words
+    of the ops' own refusal (`kernels._dispatch.check_gpu`)."""
+    if capability is None or capability >= TENSOR_CORE_CAPABILITY:
+        return []
+    gpu = "sm_{}{}".format(*capability)
+    return [
+        (
+            "",
+            f"the attention ops refuse {gpu}, below sm_80 (Triton lowers tl.dot to FFMA there, "
+            "not tensor cores); the model checks run PyTorch's attention (backend auto)",
+            lambda c: c.group in TENSOR_CORE_GROUPS,
+        ),
+        ("bf16 ", f"{gpu} has no bfloat16", lambda c: c.dtype == "bf16"),
     ]
 
 
@@ -214,34 +274,54 @@ def _row_checks(sizes: Sizes, device: str | torch.device, dname: str) -> list[Ch
     return checks
 
 
+def model_backend(device: str | torch.device) -> str:
+    """The backend the model checks run: on a CUDA GPU "auto", what a user's model gets (our
+    kernels from sm_80 on, PyTorch's attention with them below); on a CPU "triton", our kernels
+    through Triton's interpreter ("auto" there is SDPA, which would check none of them)."""
+    return "auto" if torch.device(device).type == "cuda" else "triton"
+
+
+def _backend_label(device: str | torch.device) -> str:
+    """model_backend's name, with what "auto" picks where there is a GPU to pick for."""
+    from fastgpt.backends import resolve_backend
+
+    backend = model_backend(device)
+    if backend == "auto" and _capability(device) is not None:
+        return f"auto ({resolve_backend(backend).name})"
+    return backend
+
+
 def _model_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
     checks: list[Check] = []
     batch = "x".join(map(str, sizes.model_batch))
+    backend, label = model_backend(device), _backend_label(device)
     for dname in sizes.model_dtypes:
         checks.append(
             Check(
                 "model",
-                f"{sizes.model} logits triton vs torch {dname} (B x T {batch})",
-                lambda dt=DTYPES[dname]: op_checks.logits_check(sizes, device, dt),
+                f"{sizes.model} logits {label} vs torch {dname} (B x T {batch})",
+                lambda dt=DTYPES[dname]: op_checks.logits_check(sizes, device, dt, backend),
                 dname,
             )
         )
     checks += [
         Check(
             "compile",
-            f"torch.compile(fullgraph=True, backend={sizes.compile_backend}) {sizes.model}",
-            lambda: op_checks.compile_check(sizes, device),
+            f"torch.compile(fullgraph=True, backend={sizes.compile_backend}) {sizes.model} "
+            f"on {label}",
+            lambda: op_checks.compile_check(sizes, device, backend),
         ),
         Check(
             "train",
-            f"{sizes.train_steps} {sizes.train_dtype} AdamW steps {sizes.model} (B x T {batch})",
-            lambda: op_checks.train_check(sizes, device),
+            f"{sizes.train_steps} {sizes.train_dtype} AdamW steps {sizes.model} on {label} "
+            f"(B x T {batch})",
+            lambda: op_checks.train_check(sizes, device, backend),
             sizes.train_dtype,
         ),
         Check(
             "generate",
-            f"KV cache == no cache, {sizes.new_tokens} greedy tokens {sizes.model}",
-            lambda: op_checks.generate_check(sizes, device),
+            f"KV cache == no cache, {sizes.new_tokens} greedy tokens {sizes.model} on {label}",
+            lambda: op_checks.generate_check(sizes, device, backend),
         ),
     ]
     return checks

@@ -224,7 +224,7 @@ def cross_entropy_check(device, dtype, n, d, v) -> str:
 # --- model checks ------------------------------------------------------------------------
 
 
-def _model(sizes: Sizes, device, dtype=torch.float32, backend="triton", seed=0):
+def _model(sizes: Sizes, device, backend: str, dtype=torch.float32, seed=0):
     from fastgpt.model import GPTModel
     from fastgpt.model_config import GPTConfig
 
@@ -238,23 +238,23 @@ def _tokens(shape, vocab, device, seed=0):
     return torch.randint(0, vocab, shape, generator=g).to(device)
 
 
-def logits_check(sizes: Sizes, device, dtype) -> str:
-    """Logits of backend="triton" vs backend="torch" in `dtype`, the torch backend in float64
-    as the reference: the tolerance rule on the whole model."""
-    triton_model = _model(sizes, device, dtype)
-    ids = _tokens(sizes.model_batch, triton_model.config.vocab_size, device)
+def logits_check(sizes: Sizes, device, dtype, backend: str) -> str:
+    """Logits of `backend` vs backend="torch" in `dtype`, the torch backend in float64 as the
+    reference: the tolerance rule on the whole model."""
+    model = _model(sizes, device, backend, dtype)
+    ids = _tokens(sizes.model_batch, model.config.vocab_size, device)
     with torch.no_grad():
-        ours = triton_model(ids)
-        triton_model.set_backend("torch")
-        same = triton_model(ids)
-        ref = triton_model.double()(ids)
+        ours = model(ids)
+        model.set_backend("torch")
+        same = model(ids)
+        ref = model.double()(ids)
     return _judge([compare(ours, same, ref, dtype=dtype, name="logits")], dtype)
 
 
-def compile_check(sizes: Sizes, device) -> str:
-    """torch.compile(fullgraph=True) of the triton-backend model: logits and the first
+def compile_check(sizes: Sizes, device, backend: str) -> str:
+    """torch.compile(fullgraph=True) of the model on `backend`: logits and the first
     parameter's gradient agree with eager (fp32), with no graph break."""
-    model = _model(sizes, device)
+    model = _model(sizes, device, backend)
     ids = _tokens(sizes.model_batch, model.config.vocab_size, device)
     compiled = torch.compile(model, fullgraph=True, backend=sizes.compile_backend)
 
@@ -275,11 +275,12 @@ def compile_check(sizes: Sizes, device) -> str:
     return "compiled logits and gradients match eager"
 
 
-def train_check(sizes: Sizes, device) -> str:
-    """`train_steps` AdamW steps under bf16 autocast on one fixed batch: finite, decreasing."""
+def train_check(sizes: Sizes, device, backend: str) -> str:
+    """`train_steps` AdamW steps of the model on `backend` under `train_dtype` autocast on one
+    fixed batch: finite, decreasing."""
     import torch.nn.functional as F
 
-    model = _model(sizes, device).train()
+    model = _model(sizes, device, backend).train()
     b, t = sizes.model_batch
     ids = _tokens((b, t + 1), model.config.vocab_size, device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -303,11 +304,11 @@ def train_check(sizes: Sizes, device) -> str:
     return summary
 
 
-def generate_check(sizes: Sizes, device) -> str:
-    """Greedy tokens with the KV cache == without it (fp32)."""
+def generate_check(sizes: Sizes, device, backend: str) -> str:
+    """Greedy tokens of the model on `backend` with the KV cache == without it (fp32)."""
     from fastgpt.generation import generate
 
-    model = _model(sizes, device)
+    model = _model(sizes, device, backend)
     prompt = _tokens(sizes.prompt, model.config.vocab_size, device, seed=1)
     with torch.no_grad():
         cached = generate(model, prompt, sizes.new_tokens, use_cache=True)
