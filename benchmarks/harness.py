@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from fastgpt.devices import gpu_spec
+from fastgpt.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when run from one
 
@@ -347,6 +348,17 @@ def git_commit(path: Path = REPO_ROOT) -> str:
         return commit.stdout.strip() + dirty
     except (OSError, subprocess.SubprocessError):
         return unknown
+
+
+def refuse_tracked_default(folder: Path) -> None:
+    """UsageError when `folder`, a command's default results folder, holds files git tracks:
+    committed results are replaced only when --out names the folder."""
+    if tracked := tracked_files(folder):
+        raise UsageError(
+            f"--out: the default results folder {folder} holds files git tracks "
+            f"({', '.join(tracked[:3])}{', ...' if len(tracked) > 3 else ''}): pass --out "
+            f"{folder} to replace them, or another folder"
+        )
 
 
 def tracked_files(folder: Path) -> list[str]:

@@ -137,6 +137,29 @@ def test_only_and_dtypes_pick_checks_and_unknown_names_are_refused(device):
         gpu_check.plan(TINY, device, dtypes=("f16",))
 
 
+def test_the_default_results_folder_is_not_replaced_where_git_tracks_files(
+    tmp_path, capsys, monkeypatch
+):
+    """As `fastgpt bench`: selftest.json (and --bench's results) replace committed results in
+    the default folder, benchmarks/results/<device>/, only when --out names it."""
+    from fastgpt.benchmarks import run
+
+    folder = tmp_path / "benchmarks" / "results" / "cpu-x"
+    folder.mkdir(parents=True)
+    (folder / "selftest.json").write_text("committed\n")
+    monkeypatch.setattr(run, "default_out_dir", lambda device: folder)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    command = ["selftest", "--device", "cpu", "--small", "--only", "gelu", "--dtypes", "fp32"]
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"--out: the default results folder {folder} holds files git tracks" in err, err
+    assert (folder / "selftest.json").read_text() == "committed\n"
+    assert main([*command, "--out", str(folder)]) == 0  # named: replaced
+    assert json.loads((folder / "selftest.json").read_text())["complete"]
+
+
 def _fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
     """Make torch.cuda report a GPU of `capability` (no CUDA needed: planning launches nothing)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

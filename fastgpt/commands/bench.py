@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastgpt.benchmarks.harness import SuitesFailed, tracked_files
+    from fastgpt.benchmarks.harness import SuitesFailed, refuse_tracked_default
     from fastgpt.benchmarks.run import default_out_dir, run_benchmarks
     from fastgpt.devices import resolve_device
     from fastgpt.files import check_writable_folder
@@ -79,12 +79,8 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(BenchOptions, args)
     device = resolve_device(options.device)
     out = Path(options.out) if options.out is not None else default_out_dir(device)
-    if options.out is None and (tracked := tracked_files(out)):
-        raise UsageError(
-            f"--out: the default results folder {out} holds files git tracks "
-            f"({', '.join(tracked[:3])}{', ...' if len(tracked) > 3 else ''}): pass --out {out} "
-            "to replace them, or another folder"
-        )
+    if options.out is None:
+        refuse_tracked_default(out)
     if options.report_only:
         from fastgpt.benchmarks.report import load_results, write_all
 

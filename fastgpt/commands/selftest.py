@@ -353,6 +353,10 @@ def _gpu(options: SelftestOptions) -> int:
     if device.type not in ("cuda", "cpu"):
         return command_error(COMMAND, f"unsupported device {options.device!r}: use cuda or cpu")
     out = Path(options.out) if options.out else _default_out(device)
+    if not options.out:  # selftest.json and --bench's results: as `fastgpt bench` does
+        from fastgpt.benchmarks.harness import refuse_tracked_default
+
+        refuse_tracked_default(out)
     failed = _run_gpu_checks(checks, sizes.name, device, out, left_out)
     if options.bench:
         from fastgpt.benchmarks.harness import SuitesFailed
