@@ -18,7 +18,6 @@ dropout then comes from PyTorch's generator, not from `seed`).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -451,7 +450,7 @@ def attention(
     q: (B, H, Tq, D), k and v: (B, H, Tk, D), any strides, fp32/fp16/bf16, D one of
     SUPPORTED_HEAD_DIMS -> (B, H, Tq, D) in q's dtype.
     causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned; rows that see no key
-    give 0). sm_scale: score scale, default 1/sqrt(D). dropout_p: probability of zeroing an
+    give 0). sm_scale: score scale (> 0), default 1/sqrt(D). dropout_p: probability of zeroing an
     attention weight (the kept ones are scaled by 1/(1 - p)). seed: Philox seed of the dropout
     mask; None draws one from torch's generator. The same seed gives the same mask, which
     `attention_dropout_mask` reproduces.
@@ -460,12 +459,12 @@ def attention(
     TRITON_INTERPRET=1, else `attention_reference` (its dropout then comes from PyTorch's
     generator, not from `seed`). Empty inputs go to the reference too. Raises ValueError for
     shapes that do not fit (B, H, T, D), an unsupported head dim (naming the supported ones),
-    mixed devices, dropout_p outside [0, 1) or offsets past the kernels' int32 range, or a GPU
+    mixed devices, sm_scale <= 0, dropout_p outside [0, 1) or offsets past the kernels' int32 range, or a GPU
     below sm_80 (`check_gpu`: use PyTorch's attention there); TypeError for non-float or mixed
     dtypes."""
     _validate(q, k, v, dropout_p)
     check_gpu("attention", q, dots=True)
-    scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
+    scale = fc.softmax_scale(sm_scale, q.shape[3])
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
     if empty or not use_triton(q.device):
         return attention_reference(q, k, v, causal, scale, dropout_p)

@@ -557,7 +557,7 @@ def attention_varlen(
     )
     _check_varlen_offsets(q, k, v, max_seqlen_q, max_seqlen_k)
     check_gpu("attention_varlen", q, dots=True)
-    scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
+    scale = fc.softmax_scale(sm_scale, q.shape[2])
     args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale)
     empty = q.shape[0] * q.shape[1] == 0 or k.shape[0] == 0
     if empty or not use_triton(q.device):
