@@ -210,10 +210,11 @@ def _config_candidates(
     pipeline stage (shared memory, not registers); the program's own tile halved over half
     the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that its
     dots still lower to wgmma); the forward's key tile widened to 64 where the pinned one is
-    narrower (head dim 128); and the pinned tile on as few warps as its rows need. Triton lays a
-    chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows only, 16 rows a
-    warp (mma.sync's m16, or wgmma's m64 per 4 warps): 8 warps on the 64 key rows of head dim
-    128's dk/dv issue every Sᵀ and dPᵀ product twice, 4 issue each once. Last, on sm_90+ for
+    narrower (head dim 128); and (sm_90 only) the pinned tile on as few warps as its rows need.
+    Triton lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows
+    only, 16 rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands
+    sit in registers, which 4 warps do not have): 8 warps on the 64 key rows of head dim 128's
+    dk/dv issue every Sᵀ and dPᵀ product twice, 4 issue each once. Last, on sm_90+ for
     the forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`), with
     or without dropout: the pinned tiles with q, k, v and out moved by TMA (config key "TMA":
     1). Each is compiled by the compile check."""
@@ -233,7 +234,7 @@ def _config_candidates(
     if kernel == "forward" and pinned["BLOCK_N"] < 64:
         candidates.append({**pinned, "BLOCK_N": 64})
     warps_needed = max(4, pinned[own] // 16)
-    if warps_needed < pinned["num_warps"]:
+    if hopper and warps_needed < pinned["num_warps"]:
         candidates.append({**pinned, "num_warps": warps_needed})
     return candidates + with_tma
 

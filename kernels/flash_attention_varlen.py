@@ -546,10 +546,10 @@ def attention_varlen(
     Raises ValueError/TypeError naming the problem: cu_seqlens not int32, not 1-D, not starting
     at 0, decreasing, not ending at the total rows, of different batch sizes; a max_seqlen below
     a real length; shapes, dtypes or devices that do not match; an unsupported head dim;
-    sm_scale <= 0; dropout_p outside [0, 1). The checks of cu_seqlens' values read it on the host (one sync per
-    call); under torch.compile, or with check_cu_seqlens=False (cu_seqlens checked once where
-    they were built, as `fastgpt.segments.packed_rows` builds them valid), they are skipped and
-    max_seqlen_q/k are trusted."""
+    sm_scale <= 0; dropout_p outside [0, 1). The checks of cu_seqlens' values read it on the
+    host (one sync per call); under torch.compile, or with check_cu_seqlens=False (cu_seqlens
+    checked once where they were built, as `fastgpt.segments.packed_rows` builds them valid),
+    they are skipped and max_seqlen_q/k are trusted."""
     compiling = torch.compiler.is_compiling()
     check_values = check_cu_seqlens and not compiling
     _validate(
