@@ -284,8 +284,10 @@ def query_tile_bounds(
 #   acc_i = Σ_j exp2(s_ij - m_i) · keep_ij · v_j    (the numerator, fp32).
 # A new tile with max m' rescales the old sums by alpha = exp2(m_i - m') before adding its own
 # terms. At the end out_i = acc_i / l_i / (1 - p) and lse_i = m_i + log2(l_i). While a row has
-# seen only masked keys, m_i = -inf; the max is then replaced by 0 so that -inf - -inf never
-# happens (masked terms give exp2(-inf) = 0), and a row that never sees a key keeps l_i = 0 and
+# seen only masked keys, m_i = -inf; the max is then replaced by the most negative finite float
+# so that -inf - -inf never happens (masked terms give exp2(-inf) = 0; a clamp rather than a
+# select: one register fewer in the 16-bit head-dim-64 forwards, at ptxas's limit on sm_90 and
+# sm_86), and a row that never sees a key keeps l_i = 0 and
 # gets out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0 for it).
 # The key tiles are walked in two loops: first those every row of the tile sees (no mask), then
 # those crossing the diagonal or the end of the keys (MASKED); tiles above the diagonal never.
@@ -318,7 +320,9 @@ def forward_inner(
             visible = is_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
             qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: the scaled max
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
+        # no -inf - -inf: a row that has seen only masked keys takes the most negative finite
+        # float32 (the max of any row that saw a key is at least that)
+        m_safe = tl.maximum(m_new, -3.4028234663852886e38)
         # (BLOCK_M, BLOCK_N) unnormalized weights; a masked -inf stays -inf, so its weight is 0
         p = tl.math.exp2(tl.fma(qk, qk_scale, -m_safe[:, None]))
         alpha = tl.math.exp2(m_i - m_safe)
