@@ -18,7 +18,6 @@ dropout then comes from PyTorch's generator, not from `seed`).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -209,11 +208,17 @@ def _config_candidates(
     """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
     first (the pinned one: the interpreter and CPU run only it). 16-bit only: fp32's exact dots
     leave no register room. Without dropout (whose Philox leaves little): one more
-    pipeline stage (shared memory, not registers), and the program's own tile halved over half
+    pipeline stage (shared memory, not registers); the program's own tile halved over half
     the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that its
-    dots still lower to wgmma). Last, on sm_90+ for the forward when `tma` (the launcher found its
-    tensors legal for TMA, `_tma_legal`), with or without dropout: the pinned tiles with q, k,
-    v and out moved by TMA (config key "TMA": 1). Each is compiled by the compile check."""
+    dots still lower to wgmma); the forward's key tile widened to 64 where the pinned one is
+    narrower (head dim 128); and (sm_90 only) the pinned tile on as few warps as its rows need.
+    Triton lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows
+    only, 16 rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands
+    sit in registers, which 4 warps do not have): 8 warps on the 64 key rows of head dim 128's
+    dk/dv issue every Sᵀ and dPᵀ product twice, 4 issue each once. Last, on sm_90+ for
+    the forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`), with
+    or without dropout: the pinned tiles with q, k, v and out moved by TMA (config key "TMA":
+    1). Each is compiled by the compile check."""
     pinned = _block_config(dtype, head_dim)[kernel]
     if triton_interpreter_enabled() or dtype == torch.float32:
         return [pinned]
@@ -227,6 +232,11 @@ def _config_candidates(
     # The halved tile on sm_90 only: on sm_80 mma.sync keeps the operands in registers.
     if hopper and pinned[own] // 2 >= 64 and pinned["num_warps"] >= 8:
         candidates.append({**pinned, own: pinned[own] // 2, "num_warps": pinned["num_warps"] // 2})
+    if kernel == "forward" and pinned["BLOCK_N"] < 64:
+        candidates.append({**pinned, "BLOCK_N": 64})
+    warps_needed = max(4, pinned[own] // 16)
+    if hopper and warps_needed < pinned["num_warps"]:
+        candidates.append({**pinned, "num_warps": warps_needed})
     return candidates + with_tma
 
 
@@ -453,7 +463,7 @@ def attention(
     q: (B, H, Tq, D), k and v: (B, H, Tk, D), any strides, fp32/fp16/bf16, D one of
     SUPPORTED_HEAD_DIMS -> (B, H, Tq, D) in q's dtype.
     causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned; rows that see no key
-    give 0). sm_scale: score scale, default 1/sqrt(D). dropout_p: probability of zeroing an
+    give 0). sm_scale: score scale (> 0), default 1/sqrt(D). dropout_p: probability of zeroing an
     attention weight (the kept ones are scaled by 1/(1 - p)). seed: Philox seed of the dropout
     mask; None draws one from torch's generator. The same seed gives the same mask, which
     `attention_dropout_mask` reproduces.
@@ -462,12 +472,12 @@ def attention(
     TRITON_INTERPRET=1, else `attention_reference` (its dropout then comes from PyTorch's
     generator, not from `seed`). Empty inputs go to the reference too. Raises ValueError for
     shapes that do not fit (B, H, T, D), an unsupported head dim (naming the supported ones),
-    mixed devices, dropout_p outside [0, 1) or offsets past the kernels' int32 range, or a GPU
-    below sm_80 (`check_gpu`: use PyTorch's attention there); TypeError for non-float or mixed
-    dtypes."""
+    mixed devices, sm_scale <= 0, dropout_p outside [0, 1) or offsets past the kernels' int32
+    range, or a GPU below sm_80 (`check_gpu`: use PyTorch's attention there); TypeError for
+    non-float or mixed dtypes."""
     _validate(q, k, v, dropout_p)
     check_gpu("attention", q, dots=True)
-    scale = 1.0 / math.sqrt(q.shape[3]) if sm_scale is None else float(sm_scale)
+    scale = fc.softmax_scale(sm_scale, q.shape[3])
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
     if empty or not use_triton(q.device):
         return attention_reference(q, k, v, causal, scale, dropout_p)

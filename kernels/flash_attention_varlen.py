@@ -548,10 +548,10 @@ def attention_varlen(
     Raises ValueError/TypeError naming the problem: cu_seqlens not int32, not 1-D, not starting
     at 0, decreasing, not ending at the total rows, of different batch sizes; a max_seqlen below
     a real length; shapes, dtypes or devices that do not match; an unsupported head dim;
-    dropout_p outside [0, 1). The checks of cu_seqlens' values read it on the host (one sync per
-    call); under torch.compile, or with check_cu_seqlens=False (cu_seqlens checked once where
-    they were built, as `fastgpt.segments.packed_rows` builds them valid), they are skipped and
-    max_seqlen_q/k are trusted."""
+    sm_scale <= 0; dropout_p outside [0, 1). The checks of cu_seqlens' values read it on the
+    host (one sync per call); under torch.compile, or with check_cu_seqlens=False (cu_seqlens
+    checked once where they were built, as `fastgpt.segments.packed_rows` builds them valid),
+    they are skipped and max_seqlen_q/k are trusted."""
     compiling = torch.compiler.is_compiling()
     check_values = check_cu_seqlens and not compiling
     _validate(
@@ -559,7 +559,7 @@ def attention_varlen(
     )
     _check_varlen_offsets(q, k, v, max_seqlen_q, max_seqlen_k)
     check_gpu("attention_varlen", q, dots=True)
-    scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
+    scale = fc.softmax_scale(sm_scale, q.shape[2])
     args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale)
     empty = q.shape[0] * q.shape[1] == 0 or k.shape[0] == 0
     if empty or not use_triton(q.device):

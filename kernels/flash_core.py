@@ -8,8 +8,12 @@ Conventions shared by every kernel built from these
 - Causal alignment is bottom-right: query i sees key j iff j <= i + (Tk - Tq). With Tq == Tk that
   is the usual lower triangle; with a KV cache (Tq < Tk) the new queries see the whole past. When
   Tq > Tk the first Tq - Tk rows see no key at all: their output is 0 and their gradients are 0.
-- Scores are kept in base 2: s = (q·kᵀ) · sm_scale · log2(e), so exp(x) becomes exp2(s), one
-  instruction on the GPU. The saved log-sum-exp `lse` is in the same base-2 units.
+- Scores are kept in base 2: s = (q·kᵀ) · qk_scale with qk_scale = sm_scale · log2(e), so exp(x)
+  becomes exp2(s), one instruction on the GPU. The saved log-sum-exp `lse` and the forward's
+  running max are in the same base-2 units. The scale is never applied to a score on its own:
+  it enters the exp2 argument as one fused multiply-add, exp2(fma(q·kᵀ, qk_scale, -m)), and
+  the forward's row max is taken over the raw q·kᵀ and scaled once per row, which needs
+  qk_scale > 0 (the ops refuse sm_scale <= 0).
 - Loop bounds skip every tile that lies wholly above the diagonal; only tiles crossing the
   diagonal (or the end of the keys) pay for a mask.
 - Dropout on the attention weights is Philox-2x32-10 (Salmon et al., SC'11; Random123's
@@ -127,6 +131,16 @@ def check_qkv(
         )
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
+    """The attention ops' score scale: sm_scale, default 1/sqrt(head_dim). ValueError unless it
+    is > 0: the kernels take each row's max over the unscaled q·kᵀ and scale it once (see the
+    conventions above), which a scale <= 0 would turn into the wrong extreme."""
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if not scale > 0.0:
+        raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
+    return scale
 
 
 # --- tiles, masks, dropout and bounds ----------------------------------------------------
@@ -306,13 +320,15 @@ def query_tile_bounds(
 #
 # FlashAttention-2 forward, one program per tile of BLOCK_M query rows of one head.
 # For each row i it keeps, over the key tiles seen so far,
-#   m_i = running max of the base-2 scores s_ij,
+#   m_i = running max of the base-2 scores s_ij = (q·kᵀ)_ij · qk_scale,
 #   l_i = Σ_j exp2(s_ij - m_i)                      (the softmax denominator, rescaled to m_i),
 #   acc_i = Σ_j exp2(s_ij - m_i) · keep_ij · v_j    (the numerator, fp32).
 # A new tile with max m' rescales the old sums by alpha = exp2(m_i - m') before adding its own
 # terms. At the end out_i = acc_i / l_i / (1 - p) and lse_i = m_i + log2(l_i). While a row has
-# seen only masked keys, m_i = -inf; the max is then replaced by 0 so that -inf - -inf never
-# happens (masked terms give exp2(-inf) = 0), and a row that never sees a key keeps l_i = 0 and
+# seen only masked keys, m_i = -inf; the max is then replaced by the most negative finite float
+# so that -inf - -inf never happens (masked terms give exp2(-inf) = 0; a clamp rather than a
+# select: one register fewer in the 16-bit head-dim-64 forwards, at ptxas's limit on sm_90 and
+# sm_86), and a row that never sees a key keeps l_i = 0 and
 # gets out = 0 and lse = +inf (so the backward's exp2(s - lse) is 0 for it).
 # The key tiles are walked in two loops: first those every row of the tile sees (no mask), then
 # those crossing the diagonal or the end of the keys (MASKED); tiles above the diagonal never.
@@ -340,13 +356,16 @@ def forward_inner(
             kt = tl.trans(tma_load_tile(k_base, b, h, n_start, BLOCK_N, BLOCK_D))
         else:
             kt = load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             visible = is_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no -inf - -inf
-        p = tl.math.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N), unnormalized weights
+            qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # qk_scale > 0: the scaled max
+        # no -inf - -inf: a row that has seen only masked keys takes the most negative finite
+        # float32 (the max of any row that saw a key is at least that)
+        m_safe = tl.maximum(m_new, -3.4028234663852886e38)
+        # (BLOCK_M, BLOCK_N) unnormalized weights; a masked -inf stays -inf, so its weight is 0
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -m_safe[:, None]))
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
@@ -415,7 +434,10 @@ def forward_tile(
 #   out = Pd·v,   dv = Pdᵀ·dout,   dPd = dout·vᵀ,   dP = dPd∘K/(1-p),
 #   dS = P∘(dP - delta) with delta_i = Σ_j dP_ij·P_ij = Σ_j dPd_ij·Pd_ij = Σ_d dout_id·out_id,
 #   dq = sm_scale·dS·k,   dk = sm_scale·dSᵀ·q.
-# P is recomputed tile by tile from the saved lse: P_ij = exp2(s_ij - lse_i).
+# P is recomputed tile by tile from the saved lse: P_ij = exp2((q·kᵀ)_ij · qk_scale - lse_i), which
+# Triton's fp fusion (its default) contracts to one FFMA, the form the compile check's binaries
+# were judged in (an explicit tl.fma here pushed ptxas to 128 registers and a 56 B spill in
+# varlen's fp32 dq with Triton 3.6); the forward, whose max needs the unscaled scores, says fma.
 # 1. A delta kernel: delta = rowsum(dout ∘ out).
 # 2. A dk/dv kernel (`dkdv_tile`): one program per key tile, looping over the query tiles that
 #    can see it (causal: from the diagonal down), accumulating dk and dv in registers.
@@ -446,8 +468,8 @@ def dkdv_inner(
         qt = load_tile_transposed(q_base, offs_m, offs_d, stride_qm, stride_qd, Tq, D)
         # Rows past Tq get lse = +inf, hence P = 0: they add nothing.
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,)
-        st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        pt = tl.math.exp2(st - lse[None, :])  # P transposed
+        kq = tl.dot(k, qt, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M), unscaled
+        pt = tl.math.exp2(kq * qk_scale - lse[None, :])  # P transposed; one FFMA (fp fusion)
         if MASKED:
             visible = is_visible(offs_m[None, :], offs_n[:, None], Tq, Tk, CAUSAL)
             pt = tl.where(visible, pt, 0.0)
@@ -538,8 +560,8 @@ def dq_inner(
         offs_n = n_start + tl.arange(0, BLOCK_N)
         kt = load_tile_transposed(k_base, offs_n, offs_d, stride_kn, stride_kd, Tk, D)
         vt = load_tile_transposed(v_base, offs_n, offs_d, stride_vn, stride_vd, Tk, D)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        p = tl.math.exp2(s - lse[:, None])
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])  # one FFMA (fp fusion)
         if MASKED:
             visible = is_visible(offs_m[:, None], offs_n[None, :], Tq, Tk, CAUSAL)
             p = tl.where(visible, p, 0.0)

@@ -604,6 +604,10 @@ def test_bad_device_and_dropout_raise(device):
     for p in (-0.1, 1.0):
         with pytest.raises(ValueError, match="dropout_p"):
             attention(q, k, v, dropout_p=p)
+    # the kernels scale each row's max of q·kᵀ once, right only for a positive scale
+    for scale in (0.0, -0.25, float("nan")):
+        with pytest.raises(ValueError, match="sm_scale must be > 0"):
+            attention(q, k, v, sm_scale=scale)
     # dropout's within-head Philox counter i·Tk + j is int32
     long_q = torch.zeros(1, 1, 46341, 16, device=device)
     with pytest.raises(ValueError, match="2\\^31"):

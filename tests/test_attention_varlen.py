@@ -332,6 +332,8 @@ def _call(q=None, k=None, v=None, cu_q=None, cu_k=None, mq=4, mk=4, **kwargs):
         ),
         ({"dropout_p": 1.0}, ValueError, "dropout_p"),
         ({"dropout_p": -0.1}, ValueError, "dropout_p"),
+        ({"sm_scale": 0.0}, ValueError, "sm_scale must be > 0"),
+        ({"sm_scale": -0.25}, ValueError, "sm_scale must be > 0"),
         (
             {"cu_q": torch.tensor([0, 3, 7], dtype=torch.int32, device="meta")},
             ValueError,

@@ -197,27 +197,47 @@ def test_fake_tensors_count_as_tracing():
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, own, head_dim):
     """Attention's GPU candidates (16-bit, no dropout): the pinned config first, one more
-    pipeline stage, and (sm_90 only) the program's own tile halved over half the warps;
-    dropout, fp32 and the interpreter: pinned only. (The target arch is pinned here.)"""
+    pipeline stage, then each of: (sm_90 only) the program's own tile halved over half the
+    warps; the forward's key tile widened to 64 where the pinned one is narrower; (sm_90 only)
+    the pinned tile on max(4, rows / 16) warps where it has more (no chained-dot product issued
+    twice). Head dim 128 gets the last two. Dropout, fp32 and the interpreter: pinned only. (The
+    target arch is pinned here, and the GPU's tile tables read.)"""
     attention = importlib.import_module("fastgpt.kernels.flash_attention")
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention.fc, "triton_interpreter_enabled", lambda: False)
+
+    def check_extras(pinned, candidates, hopper):
+        assert candidates[0] == pinned and candidates[1] == {**pinned, "num_stages": 3}
+        for extra in candidates[2:]:
+            halved = hopper and extra == {
+                **pinned,
+                own: pinned[own] // 2,
+                "num_warps": pinned["num_warps"] // 2,
+            }
+            if halved:
+                assert extra[own] >= 64  # sm_90: the halved tile still lowers to wgmma
+            wider = kernel == "forward" and pinned["BLOCK_N"] < 64
+            wider = wider and extra == {**pinned, "BLOCK_N": 64}
+            fewer_warps = hopper and max(4, pinned[own] // 16) < pinned["num_warps"]
+            fewer_warps = fewer_warps and extra == {**pinned, "num_warps": 4}
+            assert halved + wider + fewer_warps == 1, extra
+        assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)
+        if head_dim == 128 and kernel == "forward":
+            assert {**pinned, "BLOCK_N": 64} in candidates
+        if hopper and head_dim == 128 and kernel == "dkdv":  # 64 key rows: one warpgroup
+            assert pinned["BLOCK_N"] == 64 and {**pinned, "num_warps": 4} in candidates
+
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
     pinned = attention._block_config(torch.bfloat16, head_dim)[kernel]
     candidates = attention._config_candidates(torch.bfloat16, head_dim, kernel, False)
-    assert candidates[0] == pinned and candidates[1] == {**pinned, "num_stages": 3}
-    for extra in candidates[2:]:
-        assert extra[own] * 2 == pinned[own] and extra["num_warps"] * 2 == pinned["num_warps"]
-        assert extra[own] >= 64  # sm_90: the halved tile still lowers to wgmma
-    assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)
+    check_extras(pinned, candidates, hopper=True)
     assert attention._config_candidates(torch.bfloat16, head_dim, kernel, True) == [pinned]
     assert attention._config_candidates(torch.float32, head_dim, kernel, False) == [
         attention._block_config(torch.float32, head_dim)[kernel]
     ]
     monkeypatch.setattr(attention, "_target_arch", lambda: 80)  # sm_80: no halved tile
     ampere = attention._block_config(torch.bfloat16, head_dim)[kernel]
-    assert attention._config_candidates(torch.bfloat16, head_dim, kernel, False) == [
-        ampere,
-        {**ampere, "num_stages": 3},
-    ]
+    ampere_candidates = attention._config_candidates(torch.bfloat16, head_dim, kernel, False)
+    check_extras(ampere, ampere_candidates, hopper=False)
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: True)
     assert len(attention._config_candidates(torch.bfloat16, head_dim, kernel, False)) == 1
