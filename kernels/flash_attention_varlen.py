@@ -384,6 +384,10 @@ VARLEN_TILES |= {
     **fc.copy_family(VARLEN_TILES, "sm_80", "sm_86"),
     ("sm_86", "16-bit", 64): fc.ATTENTION_TILES[("sm_86", "16-bit", 64)],
 }
+VARLEN_TILES |= {
+    **fc.copy_family(VARLEN_TILES, "sm_86", "sm_120"),
+    ("sm_120", "16-bit", 64): fc.ATTENTION_TILES[("sm_120", "16-bit", 64)],
+}
 
 
 def _varlen_block_config(dtype: torch.dtype, head_dim: int) -> dict[str, dict[str, int]]:

@@ -699,19 +699,30 @@ ATTENTION_TILES |= {
     # dropout): half the key tile, as at head dim 128.
     ("sm_86", "16-bit", 64): ((128, 32, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
 }
+ATTENTION_TILES |= {
+    **copy_family(ATTENTION_TILES, "sm_86", "sm_120"),
+    # sm_120's ptxas spills the 32-query dk/dv at head dim 64 (causal, dropout; Triton 3.9):
+    # 16 queries a tile.
+    ("sm_120", "16-bit", 64): ((128, 32, 8, 2), (16, 128, 8, 2), (128, 32, 8, 2)),
+}
 
 
 # Compute capabilities of the mma.sync GPUs with 99 KB of shared memory per block: sm_86/sm_87
-# (RTX 30xx, A10, Orin), sm_89 (RTX 40xx, L4), sm_120/sm_121 (RTX 50xx, DGX Spark).
-SM_86_FAMILY = (86, 87, 89, 120, 121)
+# (RTX 30xx, A10, Orin), sm_89 (RTX 40xx, L4); sm_120/sm_121 (RTX 50xx, DGX Spark) are the
+# same limits with a ptxas of their own (SM_120_FAMILY: sm_86's tiles but where it spills).
+SM_86_FAMILY = (86, 87, 89)
+SM_120_FAMILY = (120, 121)
 
 
 def arch_family(arch: object) -> str:
     """The tile tables' arch key for a compute capability (90 for sm_90): "sm_86" for
-    SM_86_FAMILY, else "sm_90" from 90 on (sm_100: 227 KB like sm_90), "sm_75" below 80 (the
-    row-wise kernels' tiles; the attention ops refuse such a GPU before asking), else "sm_80"."""
+    SM_86_FAMILY, "sm_120" for SM_120_FAMILY, else "sm_90" from 90 on (sm_100: 227 KB like
+    sm_90), "sm_75" below 80 (the row-wise kernels' tiles; the attention ops refuse such a GPU
+    before asking), else "sm_80"."""
     if arch in SM_86_FAMILY:
         return "sm_86"
+    if arch in SM_120_FAMILY:
+        return "sm_120"
     if isinstance(arch, int) and arch < 80:
         return "sm_75"
     return "sm_90" if isinstance(arch, int) and arch >= 90 else "sm_80"

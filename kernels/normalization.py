@@ -323,6 +323,7 @@ _GPU_TILES = {
     "sm_75": _SM_80_TILES._replace(chunk=2048),
     "sm_80": _SM_80_TILES,
     "sm_86": _SM_80_TILES,
+    "sm_120": _SM_80_TILES,
     "sm_90": _SM_80_TILES,
 }
 _INTERPRETER_TILES = _Tiles(

@@ -377,15 +377,17 @@ def test_the_launchers_read_their_tiles_for_the_stub_drivers_arch(monkeypatch):
     varlen = importlib.import_module("fastgpt.kernels.flash_attention_varlen")
     tiles = attention.ATTENTION_TILES
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    families = {80: "sm_80", 86: "sm_86", 89: "sm_86", 90: "sm_90", 100: "sm_90", 120: "sm_86"}
+    families = {80: "sm_80", 86: "sm_86", 89: "sm_86", 90: "sm_90", 100: "sm_90", 120: "sm_120"}
+    names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
     for arch, family in families.items():
         with compiling_for(arch, lambda *a: None):
-            forward = attention._block_config(torch.float16, 64)["forward"]
-            varlen_forward = varlen._varlen_block_config(torch.float16, 64)["forward"]
-        names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-        want = dict(zip(names, tiles[(family, "16-bit", 64)][0], strict=True))
-        assert forward == want == varlen_forward, arch
+            config = attention._block_config(torch.float16, 64)
+            varlen_config = varlen._varlen_block_config(torch.float16, 64)
+        want = [dict(zip(names, tile, strict=True)) for tile in tiles[(family, "16-bit", 64)]]
+        assert [config[k] for k in ("forward", "dkdv")] == want[:2], arch
+        assert [varlen_config[k] for k in ("forward", "dkdv")] == want[:2], arch
     assert tiles[("sm_86", "16-bit", 64)] != tiles[("sm_80", "16-bit", 64)]
+    assert tiles[("sm_120", "16-bit", 64)][1] == (16, 128, 8, 2)  # sm_120's own dk/dv
 
 
 def test_layer_norms_tiles_follow_the_stub_drivers_arch(monkeypatch):
