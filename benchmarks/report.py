@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -450,10 +450,14 @@ def plot_suite(suite: str, payload: dict[str, Any], out_dir: Path) -> Path | Non
     return path
 
 
-def write_all(out_dir: Path) -> dict[str, Path]:
-    """Plot every suite found in out_dir and rebuild summary.md. Returns the written paths."""
+def write_all(out_dir: Path, suites: Collection[str] | None = None) -> dict[str, Path]:
+    """Plot the suites found in out_dir (only those in `suites` when given: a run replots the
+    suite it just finished, not every earlier one again) and rebuild summary.md, which covers
+    them all. Returns the written paths."""
     written: dict[str, Path] = {}
     for suite, payload in load_results(out_dir).items():
+        if suites is not None and suite not in suites:
+            continue
         png = plot_suite(suite, payload, out_dir)
         if png is not None:
             written[f"{suite}.png"] = png

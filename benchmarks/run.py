@@ -221,7 +221,7 @@ def run_benchmarks(
         written[f"{suite}.json"] = report.write_suite_json(
             out, suite, records, env, hardware, notes
         )
-        written.update(report.write_all(out))  # summary.md and plots current after each suite
+        written.update(report.write_all(out, [suite]))  # its plot and summary.md, current now
         print_fn(report.markdown_table(suite, records))
         head = report.headline(records)
         if head:
@@ -229,7 +229,7 @@ def run_benchmarks(
                 f"ours vs best baseline: geomean {head['geomean']:.2f}× "
                 f"(min {head['min']:.2f}×, max {head['max']:.2f}×, {head['cases']} cases)"
             )
-    written.update(report.write_all(out))
+    written.update(report.write_all(out, []))  # summary.md even when no suite ran
     print_fn(f"\nresults: {out}/ ({', '.join(sorted(p.name for p in written.values()))})")
     if failed:
         raise harness.SuitesFailed(f"suites that did not run: {'; '.join(failed)}")
