@@ -16,18 +16,18 @@ Conventions shared by every kernel built from these
   qk_scale > 0 (the ops refuse sm_scale <= 0).
 - Loop bounds skip every tile that lies wholly above the diagonal; only tiles crossing the
   diagonal (or the end of the keys) pay for a mask.
-- Dropout on the attention weights is Philox-2x32-10 (Salmon et al., SC'11; Random123's
-  constants), one call per group of four weights {i, i + 8} × {j, j + 8} (bit 3 of i and j
-  clear) of one head's Tq×Tk matrix: counter (i·Tk + j, b·H + h), key the seed's low 32 bits.
-  Its two words give four 16-bit halves, one per member; a weight is kept iff its half is >=
-  round(p·2^16) (p is drawn at 16-bit resolution, at most 1 - 2^-16; the kept weights are
-  scaled by the exact 1/(1 - p)). Why groups: every kernel's MMA accumulator holds such a
-  group in one thread (rows r, r + 8 and columns c, c + 8 of a fragment, in S and in Sᵀ), so
-  the compiler computes a group's Philox once per thread for four weights, with no data moved
-  between threads. The counter is int32, hence Tq·Tk < 2^31, checked; the head is the second
-  word, so no offset wraps however large B·H·Tq·Tk gets. The mask depends on (seed, head, i, j)
-  only, not on tiles: the forward, the backward and the dropout-mask kernels compute the same
-  draws, and the backward regenerates the forward's mask instead of storing it.
+- Dropout on the attention weights is Philox-2x32-7 (Salmon et al., SC'11; Random123's
+  constants; why 7 rounds: PHILOX_ROUNDS), one call per group of four weights
+  {i, i+8} × {j, j+8} (bit 3 of i and j clear) of one head's Tq×Tk matrix: counter (i·Tk + j,
+  b·H + h), key the seed's low 32 bits. Its two words give four 16-bit halves, one per member; a
+  weight is kept iff its half is >= round(p·2^16) (p is drawn at 16-bit resolution, at most 1 -
+  2^-16; the kept weights are scaled by the exact 1/(1 - p)). Why groups: every kernel's MMA
+  accumulator holds such a group in one thread (rows r, r+8 and columns c, c+8 of a fragment, in
+  S and in Sᵀ), so the compiler computes a group's Philox once per thread for four weights, with
+  no data moved between threads. The counter is int32, hence Tq·Tk < 2^31, checked; the head is
+  the second word, so no offset wraps however large B·H·Tq·Tk gets. The mask depends on (seed,
+  head, i, j) only, not on tiles: the forward, the backward and the dropout-mask kernels compute
+  the same draws, and the backward regenerates the forward's mask instead of storing it.
 - Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); offsets inside one head
   (i·stride_t + d·stride_d) stay int32, which the ops check. The grid is one flat axis (axis 0
   allows 2^31 - 1 programs, axes 1 and 2 only 65535), so B·H > 65535 works.
@@ -217,12 +217,22 @@ def load_seed(seed_ptr, DROPOUT: tl.constexpr):
     return seed
 
 
+# Philox rounds per draw: 7. FlashAttention-2's dropout draws Philox-4x32 at 7 rounds; the
+# Random123 paper's TestU01 Crush runs were made on its 7-round Philox variants, 2x32 among them
+# (its tests/old_kat_vectors), its default 10 adding margin. A round costs two instructions per
+# group of four weights. Our checks (tests/test_attention.py,
+# test_dropout_draws_pass_the_statistical_checks): full avalanche from 5 rounds on; at 4, the
+# masks of neighbouring heads correlate.
+PHILOX_ROUNDS: tl.constexpr = 7
+
+
 @triton.jit
 def philox_2x32(c0, c1, key):
-    """Philox-2x32-10 (Salmon et al., SC'11) of the counter (c0, c1) under `key`, all uint32:
-    two uint32 words. Each round's 32x32-bit product is one 64-bit multiply, whose halves are
-    the round's mulhi and mullo (one IMAD.WIDE on the GPU instead of two multiplies)."""
-    for _ in tl.static_range(10):
+    """Philox-2x32 with PHILOX_ROUNDS rounds (Salmon et al., SC'11) of the counter (c0, c1)
+    under `key`, all uint32: two uint32 words. Each round's 32x32-bit product is one 64-bit
+    multiply, whose halves are the round's mulhi and mullo (one IMAD.WIDE on the GPU instead
+    of two multiplies)."""
+    for _ in tl.static_range(PHILOX_ROUNDS):
         product = c0.to(tl.uint64) * 0xD256D193
         c0, c1 = (product >> 32).to(tl.uint32) ^ key ^ c1, product.to(tl.uint32)
         key = key + 0x9E3779B9

@@ -14,6 +14,7 @@ import inspect
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from fastgpt.kernels.flash_attention import (
@@ -508,36 +509,100 @@ def test_dropout_kept_fraction(device, dropout_p):
     assert torch.equal(keep, attention_dropout_mask(3, 3, 5, 40, 50, dropout_p, device))
 
 
-def _philox_2x32_10(c0: int, c1: int, key: int) -> tuple[int, int]:
-    """Philox-2x32-10 (Salmon et al., SC'11) in plain Python integers, as written in the paper."""
-    for _ in range(10):
+PHILOX_ROUNDS = 7  # the documented draw's rounds (flash_core.PHILOX_ROUNDS says why)
+
+
+def _philox_2x32(c0, c1, key, rounds: int = PHILOX_ROUNDS):
+    """Philox-2x32 (Salmon et al., SC'11) as written in the paper, on Python ints or numpy
+    uint64 arrays holding uint32 values (a 32x32-bit product fits 64 bits)."""
+    for _ in range(rounds):
         product = c0 * 0xD256D193
         c0, c1 = ((product >> 32) ^ key ^ c1) & 0xFFFFFFFF, product & 0xFFFFFFFF
         key = (key + 0x9E3779B9) & 0xFFFFFFFF
     return c0, c1
 
 
+def _documented_keep(seed, bh, i, j, tk, dropout_p, rounds: int = PHILOX_ROUNDS):
+    """flash_core.dropout_keep's definition: group {i, i+8} x {j, j+8} (bit 3 of i and j
+    cleared) draws Philox-2x32 at counter (i·Tk + j, b·H + h) under the seed's low word; member
+    (bit 3 of i, bit 3 of j) = (a, b) keeps iff the high (b = 1) or low (b = 0) 16 bits of word
+    a are >= round(p·2^16). Python ints, or numpy arrays of i and j (uint64) broadcast."""
+    words = _philox_2x32((i - (i & 8)) * tk + j - (j & 8), bh, seed & 0xFFFFFFFF, rounds)
+    word = (words[1] - words[0]) * ((i >> 3) & 1) + words[0]  # word 1 where bit 3 of i is set
+    half = (word >> 16) * ((j >> 3) & 1) + (word & 0xFFFF) * (1 - ((j >> 3) & 1))
+    return half >= round(dropout_p * 65536)
+
+
 def test_dropout_mask_is_its_documented_philox_draw(device):
-    """The mask, recomputed weight by weight from flash_core.dropout_keep's definition: group
-    {i, i+8} x {j, j+8} (bit 3 of i and j cleared) draws Philox-2x32-10 at counter
-    (i·Tk + j, b·H + h) under the seed's low word; member (bit 3 of i, bit 3 of j) = (a, b)
-    keeps iff the high (b = 1) or low (b = 0) 16 bits of word a are >= round(p·2^16)."""
-    # The Python Philox first, against Random123's published known-answer vectors.
-    assert _philox_2x32_10(0, 0, 0) == (0xFF1DAE59, 0x6CD10DF2)
-    assert _philox_2x32_10(2**32 - 1, 2**32 - 1, 2**32 - 1) == (0x2C3F628B, 0xAB4FD7AD)
-    assert _philox_2x32_10(0x243F6A88, 0x85A308D3, 0x13198A2E) == (0xDD7CE038, 0xF62A4C12)
+    """The mask, recomputed weight by weight from flash_core.dropout_keep's definition
+    (`_documented_keep`)."""
+    # The Python Philox first, against Random123's published known-answer vectors
+    # (tests/kat_vectors: philox2x32 at 7 and at 10 rounds).
+    assert _philox_2x32(0, 0, 0, 7) == (0x257A3673, 0xCD26BE2A)
+    assert _philox_2x32(2**32 - 1, 2**32 - 1, 2**32 - 1, 7) == (0xAB302C4D, 0x3DC9D239)
+    assert _philox_2x32(0x243F6A88, 0x85A308D3, 0x13198A2E, 7) == (0xBEDBBE6B, 0xE4C770B3)
+    assert _philox_2x32(0, 0, 0, 10) == (0xFF1DAE59, 0x6CD10DF2)
+    assert _philox_2x32(2**32 - 1, 2**32 - 1, 2**32 - 1, 10) == (0x2C3F628B, 0xAB4FD7AD)
+    assert _philox_2x32(0x243F6A88, 0x85A308D3, 0x13198A2E, 10) == (0xDD7CE038, 0xF62A4C12)
     seed, batch, heads, tq, tk, p = 2**33 + 12345, 2, 3, 19, 27, 0.3
     keep = attention_dropout_mask(seed, batch, heads, tq, tk, p, device).cpu()
-    threshold = round(p * 65536)
     expected = torch.empty_like(keep)
     for bh in range(batch * heads):
         for i in range(tq):
             for j in range(tk):
-                words = _philox_2x32_10((i & ~8) * tk + (j & ~8), bh, seed & 0xFFFFFFFF)
-                word = words[(i >> 3) & 1]
-                half = word >> 16 if j & 8 else word & 0xFFFF
-                expected[bh // heads, bh % heads, i, j] = half >= threshold
+                expected[bh // heads, bh % heads, i, j] = _documented_keep(seed, bh, i, j, tk, p)
     assert torch.equal(keep, expected)
+
+
+def _dropout_draw_z_scores(rounds: int) -> dict[str, float]:
+    """Statistics of the documented draw at `rounds` Philox rounds, each as a z-score (about
+    N(0, 1) for an ideal generator): the avalanche of every input bit (counter, head, key) into
+    every output bit of Philox-2x32 (the largest deviation from 1/2 among 96 x 64 pairs), and,
+    over four heads' 1024 x 1024 masks at p = 1/2, the keep rate, the correlation of a weight
+    with its neighbours at row and column lags 1-32 (8: its group partner), with the next head's
+    weight, and the chi-square of the 16 patterns a group's four weights take."""
+    rng = np.random.default_rng(0)
+    n = 1 << 14
+    inputs = [rng.integers(0, 2**32, n, dtype=np.uint64) for _ in range(3)]
+    out = _philox_2x32(*inputs, rounds)
+    flips = []
+    for word in range(3):
+        for bit in range(32):
+            flipped = [x ^ np.uint64(1 << bit) if w == word else x for w, x in enumerate(inputs)]
+            changed = [a ^ b for a, b in zip(out, _philox_2x32(*flipped, rounds), strict=True)]
+            for c in changed:
+                flips.append(((c[:, None] >> np.arange(32, dtype=np.uint64)) & 1).mean(0))
+    z = {"avalanche": float(np.abs(np.concatenate(flips) - 0.5).max() / (0.5 / math.sqrt(n)))}
+
+    t = 1024
+    i, j = np.arange(t, dtype=np.uint64)[:, None], np.arange(t, dtype=np.uint64)[None, :]
+    masks = [_documented_keep(2024, bh, i, j, t, 0.5, rounds) - 0.5 for bh in range(4)]
+    for bh, x in enumerate(masks):
+        z[f"head {bh} keep rate"] = x.mean() / (0.5 / math.sqrt(x.size))
+        for lag in (1, 2, 7, 8, 9, 16, 32):
+            for name, pair in (("row", (x[:, :-lag], x[:, lag:])), ("column", (x[:-lag], x[lag:]))):
+                z[f"head {bh} {name} lag {lag}"] = (pair[0] * pair[1]).mean() / (
+                    0.25 / math.sqrt(pair[0].size)
+                )
+        if bh + 1 < len(masks):
+            z[f"heads {bh}, {bh + 1}"] = (x * masks[bh + 1]).mean() / (0.25 / math.sqrt(x.size))
+        first = np.arange(t)[np.arange(t) & 8 == 0]  # a group's first row (and column)
+        members = [x[np.ix_(first + a, first + b)] > 0 for a in (0, 8) for b in (0, 8)]
+        pattern = sum(m.astype(np.int64) << k for k, m in enumerate(members)).ravel()
+        counts, expected = np.bincount(pattern, minlength=16), pattern.size / 16
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        z[f"head {bh} group patterns"] = (chi2 - 15) / math.sqrt(2 * 15)
+    return z
+
+
+def test_dropout_draws_pass_the_statistical_checks():
+    """The kernels' draw (test above: the mask is exactly `_documented_keep`) at its rounds
+    shows no structure: every statistic within 5 standard deviations. The same checks catch
+    Philox cut to 4 rounds, so they can fail."""
+    z = _dropout_draw_z_scores(PHILOX_ROUNDS)
+    assert max(abs(v) for v in z.values()) < 5.0, z
+    too_few = _dropout_draw_z_scores(4)
+    assert too_few["avalanche"] > 10 and abs(too_few["heads 0, 1"]) > 10, too_few
 
 
 @pytest.mark.parametrize(("tq", "tk", "causal"), [(17, 17, True), (17, 33, True), (33, 17, False)])
