@@ -57,14 +57,17 @@ def _linear(
     return w, b
 
 
-def _set(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a CPU float32 draw into a parameter of any device/dtype, shape checked."""
-    if param.shape != value.shape:
+def _set(param: torch.Tensor, value: torch.Tensor, padded_rows: int = 0) -> None:
+    """Copy a CPU float32 draw into a parameter of any device/dtype, shape checked; a parameter
+    with `padded_rows` more rows (a padded vocabulary, vocab_multiple) gets zeros there."""
+    rows = param.shape[0] - padded_rows
+    if param[:rows].shape != value.shape:
         raise ValueError(
             f"shape mismatch: parameter {tuple(param.shape)}, draw {tuple(value.shape)}"
         )
     with torch.no_grad():
-        param.copy_(value)
+        param[:rows].copy_(value)
+        param[rows:].zero_()
 
 
 def _linear_module(module: nn.Module, name: str) -> nn.Linear:
@@ -134,7 +137,8 @@ def init_book_weights_(
     gen = torch.Generator().manual_seed(seed) if seed is not None else generator
     d = config.emb_dim
 
-    _set(model.tok_emb.weight, _embedding((config.vocab_size, d), gen))
+    padded_rows = config.padded_vocab_size - config.vocab_size
+    _set(model.tok_emb.weight, _embedding((config.vocab_size, d), gen), padded_rows)
     _set(model.pos_emb.weight, _embedding((config.context_length, d), gen))
     for i, block in enumerate(model.trf_blocks):
         _init_block_(block, i, d, gen)
@@ -143,7 +147,7 @@ def init_book_weights_(
         model.final_norm.bias.zero_()
     head = _linear_module(model.out_head, "out_head")
     w, b = _linear(config.vocab_size, d, head.bias is not None, gen)
-    _set(head.weight, w)
+    _set(head.weight, w, padded_rows)
     if b is not None:
-        _set(head.bias, b)
+        _set(head.bias, b, padded_rows)
     return model

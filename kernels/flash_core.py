@@ -223,7 +223,7 @@ def load_seed(seed_ptr, DROPOUT: tl.constexpr):
 # group of four weights. Our checks (tests/test_attention.py,
 # test_dropout_draws_pass_the_statistical_checks): full avalanche from 5 rounds on; at 4, the
 # masks of neighbouring heads correlate.
-PHILOX_ROUNDS: tl.constexpr = 7
+PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit

@@ -84,10 +84,19 @@ def usage_errors():
         raise UsageError(str(exc)) from exc
 
 
+# The training commands pad the token embedding and output head to a multiple of this many
+# rows (GPT-2's 50,257 -> 50,304): the output head's GEMMs in the loss, the largest of a step,
+# then run on tensor-core-aligned shapes. Logits, losses, generation and saved weights are the
+# unpadded model's (GPTConfig.vocab_multiple), and a fresh model's init draws only the real rows,
+# so the padding changes no number of a run, on any device.
+TRAINING_VOCAB_MULTIPLE = 128
+
+
 def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any):
     """The model to train: --init weights (`GPTModel.from_pretrained`) or a fresh --model (a
-    preset or config.json, default gpt2-small) built after seeding torch with `seed`. `overrides`
-    (e.g. context_length) shape a fresh model only; --dropout applies to both."""
+    preset or config.json, default gpt2-small) built after seeding torch with `seed`, its
+    vocabulary padded to TRAINING_VOCAB_MULTIPLE rows where its config does not pad it.
+    `overrides` (e.g. context_length) shape a fresh model only; --dropout applies to both."""
     import torch
 
     from fastgpt.model import GPTModel
@@ -101,8 +110,12 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
         if options.weight_init != "gpt2":
             raise ConfigError("weight_init", "applies to a fresh model, not to {init} weights")
         drop = {k: v for k, v in overrides.items() if k == "drop_rate"}
-        return GPTModel.from_pretrained(options.init, backend=options.backend, **drop).train()
+        return GPTModel.from_pretrained(
+            options.init, backend=options.backend, vocab_multiple=TRAINING_VOCAB_MULTIPLE, **drop
+        ).train()
     config = GPTConfig.from_spec(options.model or "gpt2-small", **overrides)
+    if config.vocab_multiple == 1:
+        config = dataclasses.replace(config, vocab_multiple=TRAINING_VOCAB_MULTIPLE)
     model = GPTModel(config, backend=options.backend)
     if options.weight_init == "book":
         from fastgpt.initialization import init_book_weights_
