@@ -192,14 +192,19 @@ class GPTModel(nn.Module):
         self.check_inputs = True
 
         rows = config.padded_vocab_size  # vocab_size, or more rows that never get probability
-        self.tok_emb = nn.Embedding(rows, config.emb_dim)
+        # The vocabulary's modules are built without drawing (their default init is replaced
+        # by _init_weights, which draws only the real rows), so that padding consumes no random
+        # numbers: a padded model's weights, and the generator state after, are the unpadded's.
+        with torch.random.fork_rng(devices=[]):
+            self.tok_emb = nn.Embedding(rows, config.emb_dim)
+            out_head = nn.Linear(config.emb_dim, rows, bias=False)
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
         self.drop_emb = nn.Dropout(config.drop_rate)
         self.trf_blocks = nn.ModuleList(
             TransformerBlock(config, ops) for _ in range(config.n_layers)
         )
         self.final_norm = LayerNorm(config.emb_dim, ops)
-        self.out_head = nn.Linear(config.emb_dim, rows, bias=False)
+        self.out_head = out_head
         if config.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
         self._init_weights()

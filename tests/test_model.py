@@ -472,6 +472,44 @@ def test_padded_vocabulary_is_the_unpadded_model(tmp_path):
         tiny_config(vocab_multiple=0)
 
 
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_a_padded_model_starts_from_the_unpadded_ones_weights(tie_embeddings):
+    """GPT-2's init and the book's draw only the real vocabulary rows and zero the padding, so
+    that padding (the training commands' TRAINING_VOCAB_MULTIPLE) changes no number of a run."""
+    from fastgpt.initialization import init_book_weights_
+
+    plain = tiny_model(seed=3, tie_embeddings=tie_embeddings)
+    after_plain = torch.randn(3)  # the generator state a run goes on from (data order, dropout)
+    padded = tiny_model(seed=3, tie_embeddings=tie_embeddings, vocab_multiple=128)
+    assert torch.equal(torch.randn(3), after_plain)
+    book = [tiny_model(tie_embeddings=False, vocab_multiple=m) for m in (1, 128)]
+    book = [init_book_weights_(m, seed=5) for m in book]
+    for a, b in ((plain, padded), book):
+        padded_state = b.state_dict()
+        for name, tensor in a.state_dict().items():
+            rows = padded_state[name]
+            if name in ("tok_emb.weight", "out_head.weight"):
+                assert rows.shape[0] == 128 and not rows[97:].any(), name
+                rows = rows[:97]
+            assert torch.equal(rows, tensor), name
+
+
+def test_training_commands_pad_the_vocabulary(tmp_path):
+    """build_model pads a fresh model's and an --init model's vocabulary to
+    TRAINING_VOCAB_MULTIPLE rows; a config that pads already keeps its own multiple."""
+    from fastgpt.train.runner import TRAINING_VOCAB_MULTIPLE, ModelOptions, build_model
+
+    fresh = build_model(ModelOptions(model="tiny"), seed=0)
+    assert fresh.config.vocab_multiple == TRAINING_VOCAB_MULTIPLE == 128
+    assert fresh.tok_emb.weight.shape[0] % 128 == 0
+    tiny_model().save_pretrained(tmp_path / "plain")
+    loaded = build_model(ModelOptions(init=str(tmp_path / "plain")))
+    assert loaded.config.vocab_multiple == 128 and loaded.tok_emb.weight.shape == (128, 32)
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({**tiny_config().to_dict(), "vocab_multiple": 64}))
+    assert build_model(ModelOptions(model=str(own))).config.vocab_multiple == 64
+
+
 def test_fused_loss_trains_like_the_logits_loss():
     """50 AdamW steps of a tiny model with the triton backend's fused head loss (our kernel,
     through the interpreter on CPU) give the losses of the logits loss, by the tolerance rule
