@@ -210,7 +210,7 @@ def save_pretrained_with_lora(
         (directory / stale).unlink(missing_ok=True)
     if not wrapped:
         return directory
-    classifier = model.out_head.out_features != model.config.vocab_size
+    classifier = model.out_head.out_features != model.config.padded_vocab_size
     hf_names = {name: hf_format.hf_module_name(name, classifier) for name in wrapped}
     tensors = {}
     for name, module in wrapped.items():

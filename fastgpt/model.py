@@ -180,6 +180,20 @@ _LAYERS_WITH_OPS = (LayerNorm, MultiHeadAttention, FeedForward)
 # --- The model ---------------------------------------------------------------------------
 
 
+def _zero_padded(module: nn.Embedding | nn.Linear, config: GPTConfig) -> nn.Module:
+    """`module` (an embedding or bias-free linear layer of vocab_size rows) with its weight
+    zero-padded to config.padded_vocab_size rows."""
+    weight, rows = module.weight.data, config.padded_vocab_size
+    if rows > weight.shape[0]:
+        padding = weight.new_zeros(rows - weight.shape[0], weight.shape[1])
+        module.weight = nn.Parameter(torch.cat([weight, padding]))
+        if isinstance(module, nn.Embedding):
+            module.num_embeddings = rows
+        else:
+            module.out_features = rows
+    return module
+
+
 class GPTModel(nn.Module):
     """GPT-2: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
@@ -191,20 +205,19 @@ class GPTModel(nn.Module):
         # a training loop that trusts its data may set this to False.
         self.check_inputs = True
 
-        rows = config.padded_vocab_size  # vocab_size, or more rows that never get probability
-        # The vocabulary's modules are built without drawing (their default init is replaced
-        # by _init_weights, which draws only the real rows), so that padding consumes no random
-        # numbers: a padded model's weights, and the generator state after, are the unpadded's.
-        with torch.random.fork_rng(devices=[]):
-            self.tok_emb = nn.Embedding(rows, config.emb_dim)
-            out_head = nn.Linear(config.emb_dim, rows, bias=False)
+        # The vocabulary's modules are built at vocab_size rows and zero-padded to
+        # padded_vocab_size (rows that never get probability), and _init_weights draws only the
+        # real rows: padding consumes no random number, so a padded model's weights and the
+        # generator state after it are the unpadded model's.
+        self.tok_emb = _zero_padded(nn.Embedding(config.vocab_size, config.emb_dim), config)
         self.pos_emb = nn.Embedding(config.context_length, config.emb_dim)
         self.drop_emb = nn.Dropout(config.drop_rate)
         self.trf_blocks = nn.ModuleList(
             TransformerBlock(config, ops) for _ in range(config.n_layers)
         )
         self.final_norm = LayerNorm(config.emb_dim, ops)
-        self.out_head = out_head
+        head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.out_head = _zero_padded(head, config)
         if config.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
         self._init_weights()

@@ -107,7 +107,7 @@ def test_finetune_classify_freezes_all_but_trainable(
     ones changed: --trainable head trains only the new head, last-1 also the last block and
     the final LayerNorm (the default, as the book)."""
     from fastgpt.model import GPTModel
-    from fastgpt.model_config import GPTConfig
+    from fastgpt.train.runner import ModelOptions, build_model
 
     out = tmp_path / trainable
     rc = run_cli(
@@ -116,8 +116,7 @@ def test_finetune_classify_freezes_all_but_trainable(
         "--trainable", trainable, "--seed", 5, "--no-checkpoint", "--no-progress",
     )  # fmt: skip
     assert rc == 0
-    torch.manual_seed(5)  # what the runner (build_model) does before building a fresh model
-    fresh = GPTModel(GPTConfig.from_name("tiny"), backend="torch").state_dict()
+    fresh = build_model(ModelOptions(model="tiny"), seed=5).state_dict()  # the runner's model
     trained = GPTModel.from_pretrained(out).state_dict()
     expected = {"final_norm.", "trf_blocks.1."} if trainable == "last-1" else set()
     for name, tensor in trained.items():

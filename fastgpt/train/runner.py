@@ -87,8 +87,8 @@ def usage_errors():
 # The training commands pad the token embedding and output head to a multiple of this many
 # rows (GPT-2's 50,257 -> 50,304): the output head's GEMMs in the loss, the largest of a step,
 # then run on tensor-core-aligned shapes. Logits, losses, generation and saved weights are the
-# unpadded model's (GPTConfig.vocab_multiple), and a fresh model's init draws only the real rows,
-# so the padding changes no number of a run, on any device.
+# unpadded model's (GPTConfig.vocab_multiple), and a fresh model's init draws only the real rows:
+# a padded run starts from the unpadded one's weights, on any device.
 TRAINING_VOCAB_MULTIPLE = 128
 
 
