@@ -48,7 +48,6 @@ dropout then comes from PyTorch's generator).
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 import triton
@@ -90,7 +89,7 @@ def attention_varlen_reference(
     seed then gives the same output here, though not the kernels' Philox mask).
     upcast: compute in at least fp32; False computes in the inputs' dtype (the tests' "PyTorch
     in the same dtype"). max_seqlen_* are accepted for the signature and not used."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    scale = fc.default_scale(sm_scale, q.shape[-1])
     generator = None
     if dropout_masks is None and dropout_p > 0.0 and seed is not None:
         generator = torch.Generator(device=q.device).manual_seed(seed)

@@ -69,7 +69,7 @@ def attention_reference(
     1 / (1 - dropout_p); without it dropout_p > 0 draws from PyTorch's generator.
     A query row that sees no key (Tq > Tk, causal) returns zeros and gets zero gradients."""
     tq, tk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    scale = default_scale(sm_scale, d)
     compute_dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
     qc, kc, vc = q.to(compute_dtype), k.to(compute_dtype), v.to(compute_dtype)
     scores = (qc @ kc.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
@@ -133,11 +133,16 @@ def check_qkv(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def default_scale(sm_scale: float | None, head_dim: int) -> float:
+    """sm_scale, or attention's default 1/sqrt(head_dim) when it is None."""
+    return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
 def softmax_scale(sm_scale: float | None, head_dim: int) -> float:
-    """The attention ops' score scale: sm_scale, default 1/sqrt(head_dim). ValueError unless it
-    is > 0: the kernels take each row's max over the unscaled q·kᵀ and scale it once (see the
-    conventions above), which a scale <= 0 would turn into the wrong extreme."""
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    """The attention ops' score scale: `default_scale`. ValueError unless it is > 0: the
+    kernels take each row's max over the unscaled q·kᵀ and scale it once (see the conventions
+    above), which a scale <= 0 would turn into the wrong extreme."""
+    scale = default_scale(sm_scale, head_dim)
     if not scale > 0.0:
         raise ValueError(f"sm_scale must be > 0, got {sm_scale}")
     return scale

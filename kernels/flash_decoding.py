@@ -23,15 +23,13 @@ Forward only (generation needs no gradient).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._dispatch import check_float, check_gpu, check_same_device, define_op, use_triton
 from ._dispatch import empty_output as _empty  # tests swap in a nan-filled allocator
-from .flash_core import LOG2E, load_tile, padded_head_dim
+from .flash_core import LOG2E, default_scale, load_tile, padded_head_dim
 
 MAX_SPLITS = 64
 
@@ -46,7 +44,7 @@ def decode_attention_reference(
     """Plain PyTorch: q (B, H, D) against keys 0 .. cache_seqlens[b] - 1 of k/v (B, H, C, D),
     softmax in fp32 (fp64 stays fp64) -> (B, H, D) in q's dtype; zeros for a zero-length row."""
     d, capacity = q.shape[-1], k_cache.shape[2]
-    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    scale = default_scale(sm_scale, d)
     compute = torch.promote_types(q.dtype, torch.float32)
     qc, kc, vc = q.to(compute), k_cache.to(compute), v_cache.to(compute)
     scores = torch.einsum("bhd,bhcd->bhc", qc, kc) * scale  # (B, H, C)
@@ -241,7 +239,7 @@ def decode_attention(
     for shapes that do not fit or mixed devices."""
     _validate(q, k_cache, v_cache, cache_seqlens)
     check_gpu("decode_attention", q, dots=True)
-    scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
+    scale = default_scale(sm_scale, q.shape[2])
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
     empty = q.numel() == 0 or k_cache.shape[2] == 0
