@@ -207,32 +207,37 @@ def _config_candidates(
 ) -> list[dict[str, int]]:
     """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
     first (the pinned one: the interpreter and CPU run only it). 16-bit only: fp32's exact dots
-    leave no register room. Without dropout (whose Philox leaves little): one more
-    pipeline stage (shared memory, not registers); the program's own tile halved over half
-    the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that its
-    dots still lower to wgmma); the forward's key tile widened to 64 where the pinned one is
-    narrower (head dim 128); and (sm_90 only) the pinned tile on as few warps as its rows need.
-    Triton lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows
-    only, 16 rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands
-    sit in registers, which 4 warps do not have): 8 warps on the 64 key rows of head dim 128's
-    dk/dv issue every Sᵀ and dPᵀ product twice, 4 issue each once. Last, on sm_90+ for
-    the forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`), with
-    or without dropout: the pinned tiles with q, k, v and out moved by TMA (config key "TMA":
-    1). Each is compiled by the compile check."""
+    leave no register room. Without dropout: one more pipeline stage (shared memory, not
+    registers); the program's own tile halved over half the warps (as many elements per
+    thread; sm_90 only, kept at 64 rows or more so that its dots still lower to wgmma); the
+    forward's key tile widened to 64 where the pinned one is narrower (head dim 128); and
+    (sm_90 only) the pinned tile on as few warps as its rows need, where it has more. Triton
+    lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows only, 16
+    rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands sit in
+    registers, which 4 warps do not have): more warps than rows / 16 issue every product of
+    the chain more than once (sm_90's pinned tiles have rows = 16 x warps). Last, on sm_90+
+    for the forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`):
+    the pinned tiles with q, k, v and out moved by TMA (config key "TMA": 1). With dropout
+    (whose Philox leaves few registers) only that TMA twin and, at head dim 128, the widened
+    key tile's TMA twin, since TMA leaves the addresses to the copy engine and its cp.async
+    twin spills (128 x 64, sm_90, fp16, causal: 158 registers with TMA, 32 B of spills with
+    cp.async, Triton 3.9). Each is compiled by the compile check."""
     pinned = _block_config(dtype, head_dim)[kernel]
     if triton_interpreter_enabled() or dtype == torch.float32:
         return [pinned]
     hopper = fc.arch_family(_target_arch()) == "sm_90"
     offer_tma = tma and hopper and kernel == "forward" and TensorDescriptor is not None
     with_tma = [{**pinned, "TMA": 1}] if offer_tma else []
+    widen = kernel == "forward" and pinned["BLOCK_N"] < 64  # the forward's key tile to 64
     if dropout:
-        return [pinned, *with_tma]
+        wider_tma = [{**pinned, "BLOCK_N": 64, "TMA": 1}] if offer_tma and widen else []
+        return [pinned, *with_tma, *wider_tma]
     candidates = [pinned, {**pinned, "num_stages": 3}]
     own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns
     # The halved tile on sm_90 only: on sm_80 mma.sync keeps the operands in registers.
     if hopper and pinned[own] // 2 >= 64 and pinned["num_warps"] >= 8:
         candidates.append({**pinned, own: pinned[own] // 2, "num_warps": pinned["num_warps"] // 2})
-    if kernel == "forward" and pinned["BLOCK_N"] < 64:
+    if widen:
         candidates.append({**pinned, "BLOCK_N": 64})
     warps_needed = max(4, pinned[own] // 16)
     if hopper and warps_needed < pinned["num_warps"]:

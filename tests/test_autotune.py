@@ -142,8 +142,9 @@ def test_the_compile_check_launches_every_candidate_but_runs_the_pinned_one(monk
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_the_tma_forward_is_a_candidate_only_where_legal(monkeypatch, head_dim, dropout):
-    """The TMA forward (pinned tiles plus "TMA": 1) comes last among the candidates on sm_90,
-    16-bit, forward only, and only when the launcher found its tensors legal (`tma`)."""
+    """The TMA forward (pinned tiles plus "TMA": 1) comes after the other candidates on sm_90,
+    16-bit, forward only, and only when the launcher found its tensors legal (`tma`); with
+    dropout the key tile widened to 64 (where narrower: head dim 128) follows it, as TMA only."""
     attention = importlib.import_module("fastgpt.kernels.flash_attention")
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
@@ -151,7 +152,8 @@ def test_the_tma_forward_is_a_candidate_only_where_legal(monkeypatch, head_dim, 
         pinned = attention._block_config(dtype, head_dim)["forward"]
         without = attention._config_candidates(dtype, head_dim, "forward", dropout)
         with_tma = attention._config_candidates(dtype, head_dim, "forward", dropout, tma=True)
-        assert with_tma == [*without, {**pinned, "TMA": 1}]
+        wider = [{**pinned, "BLOCK_N": 64, "TMA": 1}] if dropout and pinned["BLOCK_N"] < 64 else []
+        assert with_tma == [*without, {**pinned, "TMA": 1}, *wider]
         assert without[0] == pinned and all("TMA" not in c for c in without)
         for kernel in ("dkdv", "dq"):  # the backward has no TMA variant
             assert attention._config_candidates(
@@ -169,6 +171,25 @@ def test_the_tma_forward_is_a_candidate_only_where_legal(monkeypatch, head_dim, 
     assert attention._config_candidates(torch.float16, head_dim, "forward", dropout, True) == [
         attention._block_config(torch.float16, head_dim)["forward"]
     ]
+
+
+def test_dropout_widens_the_head_dim_128_forward_only_with_tma(monkeypatch):
+    """With dropout at head dim 128 (key tile 32) the forward's 64-key tile is a candidate only
+    moved by TMA: its cp.async twin spills; no such tile without TMA or before sm_90."""
+    attention = importlib.import_module("fastgpt.kernels.flash_attention")
+    monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention.fc, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention, "_target_arch", lambda: 90)
+    for dtype in (torch.float16, torch.bfloat16):
+        pinned = attention._block_config(dtype, 128)["forward"]
+        assert pinned["BLOCK_N"] < 64
+        with_tma = attention._config_candidates(dtype, 128, "forward", True, tma=True)
+        assert [c for c in with_tma if c["BLOCK_N"] >= 64] == [{**pinned, "BLOCK_N": 64, "TMA": 1}]
+        narrow = attention._config_candidates(dtype, 128, "forward", True, tma=False)
+        assert all(c["BLOCK_N"] < 64 for c in narrow)
+    monkeypatch.setattr(attention, "_target_arch", lambda: 80)
+    candidates = attention._config_candidates(torch.float16, 128, "forward", True, tma=True)
+    assert all(c["BLOCK_N"] < 64 for c in candidates)
 
 
 def test_nothing_is_timed_while_tracing_but_a_stored_choice_holds(tmp_path):
@@ -200,7 +221,8 @@ def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, 
     pipeline stage, then each of: (sm_90 only) the program's own tile halved over half the
     warps; the forward's key tile widened to 64 where the pinned one is narrower; (sm_90 only)
     the pinned tile on max(4, rows / 16) warps where it has more (no chained-dot product issued
-    twice). Head dim 128 gets the last two. Dropout, fp32 and the interpreter: pinned only. (The
+    twice; sm_90's pinned tiles have rows = 16 x warps, so none gets it). Head dim 128's forward
+    gets the widened tile. Dropout (without TMA), fp32 and the interpreter: pinned only. (The
     target arch is pinned here, and the GPU's tile tables read.)"""
     attention = importlib.import_module("fastgpt.kernels.flash_attention")
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
@@ -224,8 +246,8 @@ def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, 
         assert len({tuple(sorted(c.items())) for c in candidates}) == len(candidates)
         if head_dim == 128 and kernel == "forward":
             assert {**pinned, "BLOCK_N": 64} in candidates
-        if hopper and head_dim == 128 and kernel == "dkdv":  # 64 key rows: one warpgroup
-            assert pinned["BLOCK_N"] == 64 and {**pinned, "num_warps": 4} in candidates
+        if hopper:  # 16 rows a warp: no product of a chained dot issued twice
+            assert pinned[own] == 16 * pinned["num_warps"]
 
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
     pinned = attention._block_config(torch.bfloat16, head_dim)[kernel]
