@@ -368,7 +368,6 @@ def _varlen_dropout_mask_kernel(
 # where each entry's reasons are: "tile tables" in kernels/flash_core.py.
 VARLEN_TILES: fc.TileTable = {
     **fc.ATTENTION_TILES,
-    ("sm_90", "16-bit", 128): ((128, 32, 8, 2), (16, 64, 8, 2), (128, 32, 8, 2)),
     ("sm_90", "fp32", 16): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 32): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 64): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
