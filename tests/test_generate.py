@@ -12,7 +12,9 @@ from fastgpt.model import GPTModel
 from fastgpt.model_config import GPTConfig
 
 
-def tiny_model(backend="torch", seed=0, context_length=32, vocab_size=97) -> GPTModel:
+def tiny_model(
+    backend="torch", seed=0, context_length=32, vocab_size=97, vocab_multiple=1
+) -> GPTModel:
     torch.manual_seed(seed)
     config = GPTConfig(
         vocab_size=vocab_size,
@@ -21,6 +23,7 @@ def tiny_model(backend="torch", seed=0, context_length=32, vocab_size=97) -> GPT
         n_heads=4,
         n_layers=2,
         drop_rate=0.0,
+        vocab_multiple=vocab_multiple,
     )
     model = GPTModel(config, backend=backend).eval()
     with torch.no_grad():  # larger weights than GPT-2's init: less flat, more varied tokens
@@ -146,6 +149,17 @@ def test_sample_next_token_filters():
     hot = sample_next_token(logits, 100.0, generator=g)  # nearly uniform
     assert set(hot.flatten().tolist()) == {0, 1, 2, 3, 4}
     assert sample_next_token(logits[:1], 0.0).item() == 1
+
+
+@pytest.mark.parametrize("vocab_multiple", [1, 128])
+def test_generated_ids_skip_the_range_check(vocab_multiple):
+    """The model's per-call id check (a host sync per step on CUDA) is off while generating, a
+    padded vocabulary included (the training commands' models), and on again after."""
+    model = tiny_model(vocab_multiple=vocab_multiple)
+    checking = []
+    generate(model, torch.randint(0, 97, (2, 3)), 3, on_step=lambda _: checking.append(
+        model.check_inputs))  # fmt: skip
+    assert checking == [False] * 3 and model.check_inputs
 
 
 def test_on_step_sees_each_step_and_training_mode_is_restored():
