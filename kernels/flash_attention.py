@@ -215,15 +215,19 @@ def _config_candidates(
     Triton lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows
     only, 16 rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands
     sit in registers, which 4 warps do not have): 8 warps on the 64 key rows of head dim 128's
-    dk/dv issue every Sᵀ and dPᵀ product twice, 4 issue each once. Last, on sm_90+ for
-    the forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`), with
-    or without dropout: the pinned tiles with q, k, v and out moved by TMA (config key "TMA":
-    1). Each is compiled by the compile check."""
+    dk/dv issue every Sᵀ and dPᵀ product twice, 4 issue each once. sm_100's tcgen05 issues
+    each product once per block, from one thread, whatever the warps (its SASS), so neither
+    sm_90-only candidate has its reason there. Last, on sm_90 and sm_100 for the forward when
+    `tma` (the launcher found its tensors legal for TMA, `_tma_legal`), with or without
+    dropout: the pinned tiles with q, k, v and out moved by TMA (config key "TMA": 1). Each is
+    compiled by the compile check."""
     pinned = _block_config(dtype, head_dim)[kernel]
     if triton_interpreter_enabled() or dtype == torch.float32:
         return [pinned]
-    hopper = fc.arch_family(_target_arch()) == "sm_90"
-    offer_tma = tma and hopper and kernel == "forward" and TensorDescriptor is not None
+    family = fc.arch_family(_target_arch())
+    hopper = family == "sm_90"
+    offer_tma = tma and family in ("sm_90", "sm_100") and kernel == "forward"
+    offer_tma = offer_tma and TensorDescriptor is not None
     with_tma = [{**pinned, "TMA": 1}] if offer_tma else []
     if dropout:
         return [pinned, *with_tma]
