@@ -164,6 +164,8 @@ def _fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
     """Make torch.cuda report a GPU of `capability` (no CUDA needed: planning launches nothing)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # torch's own rule: native bf16 from compute capability 8.0 on
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: capability >= (8, 0))
 
 
 def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkeypatch):
@@ -178,12 +180,12 @@ def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkey
     assert ("layer_norm", "fp16") in kept and ("cross_entropy", "fp32") in kept
     assert {"model", "compile", "generate"} <= {c.group for c in checks}
     attention = [c for c in every if c.group in ("attention", "attention_varlen")]
-    bf16 = [c for c in every if c.dtype == "bf16" and c not in attention]
+    bf16 = [c for c in every if c.dtype == "bf16" and c not in attention and c.group != "train"]
     lines = gpu_check.left_out(gpu_check.GPU, "cuda")
     assert len(lines) == 2 and all("\n" not in line for line in lines)
     assert lines[0].startswith(f"left out: {len(attention)} checks of attention, attention_varlen:")
     assert "refuse sm_75" in lines[0]
-    groups = "layer_norm, gelu, bias_gelu, cross_entropy, model, train"
+    groups = "layer_norm, gelu, bias_gelu, cross_entropy, model"  # train runs in fp16
     assert lines[1] == f"left out: {len(bf16)} bf16 checks of {groups}: sm_75 has no bfloat16"
     assert len(checks) == len(every) - len(attention) - len(bf16)
     model = next(c for c in checks if c.group == "model")
@@ -202,6 +204,34 @@ def test_the_plan_keeps_every_check_from_sm80_on(monkeypatch, capability):
     every = [c.name for c in gpu_check.plan(gpu_check.GPU, "cuda")]
     assert [n.replace("auto (triton)", "auto") for n in names] == every
     assert "gpt2-small logits auto (triton) vs torch bf16" in " ".join(names)
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), "fp16"), ((8, 0), "bf16")])
+def test_the_train_check_runs_in_the_precision_training_picks(monkeypatch, capability, dtype):
+    # `--precision auto`: bf16 where the GPU has it, fp16 (with a loss scaler) on a T4.
+    _fake_gpu(monkeypatch, capability)
+    (train,) = gpu_check.plan(gpu_check.GPU, "cuda", groups=("train",))
+    assert train.dtype == dtype and f" {dtype} AdamW steps" in train.name
+    assert ("loss scaler" in train.name) == (dtype == "fp16")
+    seen = []
+    monkeypatch.setattr(op_checks, "train_check", lambda sizes, *a: seen.append(sizes) or "ok")
+    gpu_check.run_checks([train], print_fn=lambda line: None)
+    assert seen[0].train_dtype == dtype and seen[0].train_steps == gpu_check.GPU.train_steps
+
+
+def test_the_fp16_train_check_scales_the_loss(monkeypatch):
+    scalers = []
+    real = torch.amp.GradScaler
+
+    def recording(*args, **kwargs):
+        scalers.append(real(*args, **kwargs))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", recording)
+    for dtype in ("fp16", "fp32"):
+        op_checks.train_check(dataclasses.replace(TINY, train_dtype=dtype), "cpu", "torch")
+    assert [s.is_enabled() for s in scalers] == [True, False]
+    assert scalers[0].get_scale() > 1  # the loss really was scaled
 
 
 def test_the_model_checks_run_auto_on_a_gpu_and_triton_on_a_cpu(monkeypatch):
