@@ -134,9 +134,8 @@ def generate(
         raise ConfigError("compile", "needs use_cache=True (it compiles the cached step)")
     was_training, was_checking = model.training, model.check_inputs
     model.eval()
-    # Every id the head gives is in range (its logits stop at vocab_size, padded or not), so
-    # the per-call range check (a device-to-host sync on CUDA at every step) is off while
-    # generating.
+    # Every id the head gives is in range (its logits stop at vocab_size, padded or not): the
+    # per-call range check (a device-to-host sync on CUDA at every step) is off meanwhile.
     model.check_inputs = False
     device = next(model.parameters()).device
 

@@ -215,18 +215,23 @@ def _config_candidates(
     lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows only, 16
     rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands sit in
     registers, which 4 warps do not have): more warps than rows / 16 issue every product of
-    the chain more than once (sm_90's pinned tiles have rows = 16 x warps). Last, on sm_90+
-    for the forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`):
-    the pinned tiles with q, k, v and out moved by TMA (config key "TMA": 1). With dropout
-    (whose Philox leaves few registers) only that TMA twin and, at head dim 128, the widened
-    key tile's TMA twin, since TMA leaves the addresses to the copy engine and its cp.async
-    twin spills (128 x 64, sm_90, fp16, causal: 158 registers with TMA, 32 B of spills with
-    cp.async, Triton 3.9). Each is compiled by the compile check."""
+    the chain more than once (sm_90's pinned tiles have rows = 16 x warps). sm_100's tcgen05
+    issues each product once per block, from one thread, whatever the warps (its SASS), so
+    neither sm_90-only candidate has its reason there. Last, on sm_90 and sm_100 for the
+    forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`): the
+    pinned tiles with q, k, v and out moved by TMA (config key "TMA": 1). With dropout (whose
+    Philox leaves few registers) only that TMA twin and, where the key tile is narrower than
+    64 (sm_90's head dim 128), the widened key tile's TMA twin, since TMA leaves the addresses
+    to the copy engine and its cp.async twin spills (128 x 64, sm_90, fp16, causal: 158
+    registers with TMA, 32 B of spills with cp.async, Triton 3.9). Each is compiled by the
+    compile check."""
     pinned = _block_config(dtype, head_dim)[kernel]
     if triton_interpreter_enabled() or dtype == torch.float32:
         return [pinned]
-    hopper = fc.arch_family(_target_arch()) == "sm_90"
-    offer_tma = tma and hopper and kernel == "forward" and TensorDescriptor is not None
+    family = fc.arch_family(_target_arch())
+    hopper = family == "sm_90"
+    offer_tma = tma and family in ("sm_90", "sm_100") and kernel == "forward"
+    offer_tma = offer_tma and TensorDescriptor is not None
     with_tma = [{**pinned, "TMA": 1}] if offer_tma else []
     widen = kernel == "forward" and pinned["BLOCK_N"] < 64  # the forward's key tile to 64
     if dropout:

@@ -382,6 +382,7 @@ VARLEN_TILES |= {
     **fc.copy_family(VARLEN_TILES, "sm_80", "sm_86"),
     ("sm_86", "16-bit", 64): fc.ATTENTION_TILES[("sm_86", "16-bit", 64)],
 }
+VARLEN_TILES |= fc.copy_family(VARLEN_TILES, "sm_90", "sm_100")  # 0 spills on sm_100 too
 VARLEN_TILES |= {
     **fc.copy_family(VARLEN_TILES, "sm_86", "sm_120"),
     ("sm_120", "16-bit", 64): fc.ATTENTION_TILES[("sm_120", "16-bit", 64)],

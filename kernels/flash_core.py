@@ -722,22 +722,37 @@ ATTENTION_TILES |= {
     # 16 queries a tile.
     ("sm_120", "16-bit", 64): ((128, 32, 8, 2), (16, 128, 8, 2), (128, 32, 8, 2)),
 }
+ATTENTION_TILES |= {
+    **copy_family(ATTENTION_TILES, "sm_90", "sm_100"),
+    # sm_100's ptxas gave sm_90's 128 x 32 forward (its TMA candidate, Triton 3.9) and dq
+    # (Triton 3.6) 128 registers and 32 B of spills at head dim 128 (causal, dropout): 64 x 64
+    # on 4 warps (244-255 registers, 0 spills with both), whose loop the cycle model bounds at
+    # 0.30-0.36 issue cycles per score, against 0.44-0.49 for 64 x 32 on 8 warps (100-133
+    # registers) and 0.28-0.33 for sm_90's tiles where they do not spill.
+    ("sm_100", "16-bit", 128): ((64, 64, 4, 2), (32, 64, 8, 2), (64, 64, 4, 2)),
+}
 
 
 # Compute capabilities of the mma.sync GPUs with 99 KB of shared memory per block: sm_86/sm_87
 # (RTX 30xx, A10, Orin), sm_89 (RTX 40xx, L4); sm_120/sm_121 (RTX 50xx, DGX Spark) are the
 # same limits with a ptxas of their own (SM_120_FAMILY: sm_86's tiles but where it spills).
+# SM_100_FAMILY: the Blackwell datacenter GPUs (tcgen05, 227 KB per block), sm_100 (B200,
+# GB200) and sm_103 (B300, GB300), which Triton 3.6 and 3.9 both compile for (sm_101/sm_110,
+# Jetson Thor, renamed in CUDA 13: each Triton's ptxas refuses one of the two names).
 SM_86_FAMILY = (86, 87, 89)
+SM_100_FAMILY = (100, 103)
 SM_120_FAMILY = (120, 121)
 
 
 def arch_family(arch: object) -> str:
     """The tile tables' arch key for a compute capability (90 for sm_90): "sm_86" for
-    SM_86_FAMILY, "sm_120" for SM_120_FAMILY, else "sm_90" from 90 on (sm_100: 227 KB like
-    sm_90), "sm_75" below 80 (the row-wise kernels' tiles; the attention ops refuse such a GPU
+    SM_86_FAMILY, "sm_100" for SM_100_FAMILY, "sm_120" for SM_120_FAMILY, else "sm_90" from 90
+    on, "sm_75" below 80 (the row-wise kernels' tiles; the attention ops refuse such a GPU
     before asking), else "sm_80"."""
     if arch in SM_86_FAMILY:
         return "sm_86"
+    if arch in SM_100_FAMILY:
+        return "sm_100"
     if arch in SM_120_FAMILY:
         return "sm_120"
     if isinstance(arch, int) and arch < 80:

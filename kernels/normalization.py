@@ -325,6 +325,7 @@ _GPU_TILES = {
     "sm_86": _SM_80_TILES,
     "sm_120": _SM_80_TILES,
     "sm_90": _SM_80_TILES,
+    "sm_100": _SM_80_TILES,
 }
 _INTERPRETER_TILES = _Tiles(
     widest=None, chunk=None, elements=65536, rows=64, warps=((2048, 4), (8192, 8)),

@@ -398,7 +398,7 @@ def test_tile_tables_cover_every_arch_dtype_and_head_dim(monkeypatch, op, table)
     core = importlib.import_module("fastgpt.kernels.flash_core")
     tiles = getattr(importlib.import_module(f"fastgpt.kernels.{op}"), table)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for arch in (80, 86, 89, 90):
+    for arch in (80, 86, 89, 90, 100):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for head_dim in SUPPORTED_HEAD_DIMS:
                 configs = core.block_config(tiles, dtype, head_dim, lambda arch=arch: arch)

@@ -192,6 +192,33 @@ def test_dropout_widens_the_head_dim_128_forward_only_with_tma(monkeypatch):
     assert all(c["BLOCK_N"] < 64 for c in candidates)
 
 
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_sm_100_tunes_without_sm_90s_warpgroup_candidates(monkeypatch, kernel, head_dim):
+    """sm_100 (tcgen05) takes sm_90's TMA forward but not its halved tile or fewer warps
+    (argued from wgmma's 64 rows per 4 warps): without dropout the pinned config, one more
+    stage, the forward's key tile widened to 64 where narrower, then the TMA forward."""
+    attention = importlib.import_module("fastgpt.kernels.flash_attention")
+    monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention.fc, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(attention, "_target_arch", lambda: 100)
+    pinned = attention._block_config(torch.float16, head_dim)[kernel]
+    assert (
+        pinned
+        == attention.fc.block_config(
+            attention.ATTENTION_TILES, torch.float16, head_dim, lambda: 100
+        )[kernel]
+    )
+    want = [pinned, {**pinned, "num_stages": 3}]
+    if kernel == "forward" and pinned["BLOCK_N"] < 64:
+        want.append({**pinned, "BLOCK_N": 64})
+    tma = [{**pinned, "TMA": 1}] if kernel == "forward" else []
+    candidates = attention._config_candidates(torch.float16, head_dim, kernel, False, tma=True)
+    assert candidates == want + tma
+    with_dropout = attention._config_candidates(torch.float16, head_dim, kernel, True, tma=True)
+    assert with_dropout == [pinned, *tma]
+
+
 def test_nothing_is_timed_while_tracing_but_a_stored_choice_holds(tmp_path):
     """Under torch.compile tracing or CUDA-graph capture (`no_timing`): the stored choice if
     there is one, else the pinned config, untimed and not stored."""

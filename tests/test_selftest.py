@@ -164,6 +164,8 @@ def _fake_gpu(monkeypatch, capability: tuple[int, int]) -> None:
     """Make torch.cuda report a GPU of `capability` (no CUDA needed: planning launches nothing)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    # torch's own rule: native bf16 from compute capability 8.0 on
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: capability >= (8, 0))
 
 
 def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkeypatch):
@@ -178,12 +180,12 @@ def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkey
     assert ("layer_norm", "fp16") in kept and ("cross_entropy", "fp32") in kept
     assert {"model", "compile", "generate"} <= {c.group for c in checks}
     attention = [c for c in every if c.group in ("attention", "attention_varlen")]
-    bf16 = [c for c in every if c.dtype == "bf16" and c not in attention]
+    bf16 = [c for c in every if c.dtype == "bf16" and c not in attention and c.group != "train"]
     lines = gpu_check.left_out(gpu_check.GPU, "cuda")
     assert len(lines) == 2 and all("\n" not in line for line in lines)
     assert lines[0].startswith(f"left out: {len(attention)} checks of attention, attention_varlen:")
     assert "refuse sm_75" in lines[0]
-    groups = "layer_norm, gelu, bias_gelu, cross_entropy, model, train"
+    groups = "layer_norm, gelu, bias_gelu, cross_entropy, model"  # train runs in fp16
     assert lines[1] == f"left out: {len(bf16)} bf16 checks of {groups}: sm_75 has no bfloat16"
     assert len(checks) == len(every) - len(attention) - len(bf16)
     model = next(c for c in checks if c.group == "model")
@@ -202,6 +204,34 @@ def test_the_plan_keeps_every_check_from_sm80_on(monkeypatch, capability):
     every = [c.name for c in gpu_check.plan(gpu_check.GPU, "cuda")]
     assert [n.replace("auto (triton)", "auto") for n in names] == every
     assert "gpt2-small logits auto (triton) vs torch bf16" in " ".join(names)
+
+
+@pytest.mark.parametrize(("capability", "dtype"), [((7, 5), "fp16"), ((8, 0), "bf16")])
+def test_the_train_check_runs_in_the_precision_training_picks(monkeypatch, capability, dtype):
+    # `--precision auto`: bf16 where the GPU has it, fp16 (with a loss scaler) on a T4.
+    _fake_gpu(monkeypatch, capability)
+    (train,) = gpu_check.plan(gpu_check.GPU, "cuda", groups=("train",))
+    assert train.dtype == dtype and f" {dtype} AdamW steps" in train.name
+    assert ("loss scaler" in train.name) == (dtype == "fp16")
+    seen = []
+    monkeypatch.setattr(op_checks, "train_check", lambda sizes, *a: seen.append(sizes) or "ok")
+    gpu_check.run_checks([train], print_fn=lambda line: None)
+    assert seen[0].train_dtype == dtype and seen[0].train_steps == gpu_check.GPU.train_steps
+
+
+def test_the_fp16_train_check_scales_the_loss(monkeypatch):
+    scalers = []
+    real = torch.amp.GradScaler
+
+    def recording(*args, **kwargs):
+        scalers.append(real(*args, **kwargs))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", recording)
+    for dtype in ("fp16", "fp32"):
+        op_checks.train_check(dataclasses.replace(TINY, train_dtype=dtype), "cpu", "torch")
+    assert [s.is_enabled() for s in scalers] == [True, False]
+    assert scalers[0].get_scale() > 1  # the loss really was scaled
 
 
 def test_the_model_checks_run_auto_on_a_gpu_and_triton_on_a_cpu(monkeypatch):
@@ -377,7 +407,8 @@ def test_the_launchers_read_their_tiles_for_the_stub_drivers_arch(monkeypatch):
     varlen = importlib.import_module("fastgpt.kernels.flash_attention_varlen")
     tiles = attention.ATTENTION_TILES
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    families = {80: "sm_80", 86: "sm_86", 89: "sm_86", 90: "sm_90", 100: "sm_90", 120: "sm_120"}
+    families = {80: "sm_80", 86: "sm_86", 89: "sm_86", 90: "sm_90", 100: "sm_100", 120: "sm_120"}
+    families |= {103: "sm_100", 110: "sm_90"}  # B300; Jetson Thor: not in SM_100_FAMILY
     names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
     for arch, family in families.items():
         with compiling_for(arch, lambda *a: None):
@@ -388,6 +419,9 @@ def test_the_launchers_read_their_tiles_for_the_stub_drivers_arch(monkeypatch):
         assert [varlen_config[k] for k in ("forward", "dkdv")] == want[:2], arch
     assert tiles[("sm_86", "16-bit", 64)] != tiles[("sm_80", "16-bit", 64)]
     assert tiles[("sm_120", "16-bit", 64)][1] == (16, 128, 8, 2)  # sm_120's own dk/dv
+    # sm_100's own head-dim-128 forward and dq (sm_90's 128 x 32 spilled there)
+    assert tiles[("sm_100", "16-bit", 128)] != tiles[("sm_90", "16-bit", 128)]
+    assert tiles[("sm_100", "16-bit", 64)] == tiles[("sm_90", "16-bit", 64)]
 
 
 def test_layer_norms_tiles_follow_the_stub_drivers_arch(monkeypatch):
@@ -520,6 +554,40 @@ def test_loop_profile_counts_one_iteration_per_warp_and_its_bytes():
     assert not whole.found and whole.instructions == 5 and whole.bytes_loaded == 16 * 32 * 4
 
 
+# sm_100 (tcgen05) in cuobjdump's format: UTCHMMA names the uniform register of its
+# instruction descriptor, which a UMOV sets to an immediate holding the input type, M and N
+# (0x8080010: f16, M 128, N 32); a loop 0x30..0xa0 of five UTCHMMA.
+TCGEN05_SASS = """
+        /*0000*/  UMOV UR31, 0x8080010 ;
+        /*0010*/  UMOV UR5, 0x8200010 ;
+        /*0020*/  UMOV UR9, 0x4080910 ;
+        /*0030*/  UTCHMMA gdesc[UR4], gdesc[UR12], tmem[UR9], tmem[UR30], idesc[UR31], !UPT ;
+        /*0040*/  UTCHMMA gdesc[UR34], gdesc[UR14], tmem[UR9], tmem[UR30], idesc[UR31], UPT ;
+        /*0050*/  UTCHMMA gdesc[UR36], gdesc[UR16], tmem[UR9], tmem[UR30], idesc[UR5], UPT ;
+        /*0060*/  UTCHMMA gdesc[UR36], gdesc[UR16], tmem[UR7], tmem[UR30], idesc[UR9], UPT ;
+        /*0070*/  UIADD3 UR5, UPT, UPT, UR5, 0x10, URZ ;
+        /*0080*/  UTCHMMA gdesc[UR36], gdesc[UR16], tmem[UR7], tmem[UR30], idesc[UR5], UPT ;
+        /*0090*/  UTCBAR [UR10], URZ ;
+        /*00a0*/  @P0 BRA 0x30 ;
+        /*00b0*/  EXIT ;
+"""
+
+
+def test_loop_profile_reads_tcgen05_shapes_from_the_instruction_descriptor():
+    loop = loop_profile(TCGEN05_SASS, "", num_warps=8)
+    assert loop.found and loop.instructions == 8
+    # UR31: M 8 x 16 = 128, N 4 x 8 = 32; UR5: N 16 x 8 = 128; UR9: A type 2 (tf32), M 64,
+    # N 32, K 8; the last names a register computed in the loop, whose shape is not known.
+    assert loop.mma == {
+        "UTCHMMA.128x32x16": 2, "UTCHMMA.128x128x16": 1, "UTCHMMA.64x32x8": 1, "UTCHMMA.?": 1
+    }  # fmt: skip
+    assert loop.tf32
+    # One instruction per block, whatever the warps.
+    assert loop.mma_flops == 2 * (2 * 128 * 32 * 16 + 128 * 128 * 16 + 64 * 32 * 8)
+    loop_bound(loop, num_warps=8, peak=ARCHS[100].peak)
+    assert loop.cycles["tensor"] == loop.mma_flops / (8192 / 2)  # tf32: half the 16-bit rate
+
+
 def test_loop_bound_is_the_largest_of_four_throughput_limits():
     peak = ARCHS[90].peak  # H100 SXM5: 4096 FLOP, 4 instructions, 16 MUFU per clock per SM
     loop = LoopProfile(True, 1000, {}, 4096 * 300, False, 10, 10, 0)
@@ -560,6 +628,28 @@ def test_instruction_budget_fails_growth_over_ten_percent():
     other_triton = _looped(5000, triton="3.6.0")  # unlisted for its version: not judged on it
     judge(other_triton, budget)
     assert other_triton.ok
+
+
+def test_updating_the_budget_replaces_the_entries_of_the_cases_it_compiled():
+    # A tile changed since the budget was written: the run's entry replaces the old config's,
+    # while the cases it did not compile (another head dim), the other arch and the other
+    # Triton version keep theirs.
+    old = _looped(900)
+    old.config = "BLOCK_M=64 w8 s2"
+    other_case = _looped(700)
+    other_case.params = {"dtype": "fp16", "D": 128}
+    other_arch = _looped(800)
+    other_arch.arch = 80
+    budget = record_instructions(
+        [old, other_case, other_arch, _looped(600, triton="3.6.0")], {"spill_bytes": 0}
+    )
+    new = _looped(1000)
+    table = record_instructions([new], budget)["instructions_per_iteration"]
+    assert table["triton 3.9"]["sm_90"] == {budget_key(new): 1000, budget_key(other_case): 700}
+    assert table["triton 3.9"]["sm_80"] == {budget_key(other_arch): 800}
+    assert table["triton 3.6"]["sm_90"] == {budget_key(_looped(600, triton="3.6.0")): 600}
+    stale = budget["instructions_per_iteration"]["triton 3.9"]["sm_90"]
+    assert stale[budget_key(old)] == 900  # the input budget is left as it was
 
 
 def test_saved_records_keep_their_loop_profile():

@@ -157,7 +157,7 @@ class LoopProfile:
 
     found: bool  # a loop was found; else the whole kernel counts as one "iteration"
     instructions: int  # SASS instructions per warp, NOPs left out
-    mma: dict[str, int]  # tensor-core instructions per warp by SASS shape ("HGMMA.64x64x16")
+    mma: dict[str, int]  # tensor-core instructions by SASS shape ("HGMMA.64x64x16")
     mma_flops: int  # tensor-core FLOP per block (2 per multiply-add)
     tf32: bool  # the tensor-core instructions are tf32 (fp32 dots), at half the 16-bit rate
     mufu: int  # MUFU instructions per warp (exp2 and the other special functions)
@@ -226,10 +226,40 @@ def main_loop(code: list[tuple[int, str, str]]) -> tuple[int, int] | None:
     return max(innermost, key=size)
 
 
+# tcgen05's instruction descriptor (PTX ISA, "Instruction descriptor" of tcgen05.mma, kind::f16
+# and kind::tf32): bits 7-9 the A type (0 f16, 1 bf16, 2 tf32), 17-22 N / 8, 24-28 M / 16; K is
+# 32 bytes of A's type (16 for 16-bit, 8 for tf32). Set by an immediate UMOV into the uniform
+# register that UTCHMMA names: "UMOV UR31, 0x8080010" is M 128, N 32, f16.
+_UMOV_IMMEDIATE = re.compile(r"(UR\d+), 0x([0-9a-f]+)$")
+_IDESC = re.compile(r"idesc\[(UR\d+)\]")
+
+
+def _tcgen05_shape(code: list[tuple[int, str, str]], index: int) -> tuple[str, int, bool]:
+    """(shape name, FLOP, tf32) of the UTCHMMA at code[index] (sm_100: tcgen05.mma, issued by
+    one thread for the whole block), from the last immediate its idesc register was given
+    before it: "UTCHMMA.128x32x16"; "UTCHMMA.?" with 0 FLOP where that register was computed."""
+    register = _IDESC.search(code[index][2])
+    for _, opcode, operands in reversed(code[:index] if register else []):
+        if operands.split(",")[0] != register.group(1):
+            continue
+        immediate = _UMOV_IMMEDIATE.match(operands) if opcode == "UMOV" else None
+        if immediate is None:
+            break
+        descriptor = int(immediate.group(2), 16)
+        tf32 = (descriptor >> 7) & 7 == 2
+        m, n, k = (
+            ((descriptor >> 24) & 0x1F) * 16,
+            ((descriptor >> 17) & 0x3F) * 8,
+            8 if tf32 else 16,
+        )
+        return f"UTCHMMA.{m}x{n}x{k}", 2 * m * n * k, tf32
+    return "UTCHMMA.?", 0, False
+
+
 def _mma_flops(opcode: str) -> tuple[str, int, bool]:
     """(shape name, FLOP of one instruction, per warpgroup) of a tensor-core opcode:
     HGMMA.64xNxK (sm_90, one per warpgroup of 4 warps) or HMMA.MNK (m16n8k16 "16816",
-    m16n8k8 "1688", m16n8k4 "1684"; one per warp)."""
+    m16n8k8 "1688", m16n8k4 "1684"; one per warp). sm_100's UTCHMMA: `_tcgen05_shape`."""
     parts = opcode.split(".")
     if parts[0] == "HGMMA":
         m, n, k = (int(x) for x in parts[1].split("x"))
@@ -243,10 +273,11 @@ def loop_profile(sass: str, ttgir: str, num_warps: int) -> LoopProfile:
     """Count the main loop's instructions (`main_loop`), or the whole kernel's where it has no
     loop. A load's bytes: its width (LDG.E.128: 16 B per thread, no suffix: 4 B) x 32 lanes x
     the block's warps; a TMA load (UTMALDG, issued once per block) moves one tile, whose size is
-    read from the TTGIR's TMA copies (their mean, where they differ)."""
+    read from the TTGIR's TMA copies (their mean, where they differ). A tensor-core
+    instruction's FLOP: HMMA per warp, HGMMA per warpgroup, UTCHMMA (tcgen05) per block."""
     code = sass_instructions(sass)
     loop = main_loop(code)
-    body = [(op, args) for a, op, args in code if loop is None or loop[0] <= a <= loop[1]]
+    body = [i for i, (a, _, _) in enumerate(code) if loop is None or loop[0] <= a <= loop[1]]
     tiles = [
         math.prod(int(x) for x in shape.split("x")) * _DTYPE_BYTES[dtype]
         for shape, dtype in _TMA_TILE.findall(ttgir)
@@ -255,12 +286,18 @@ def loop_profile(sass: str, ttgir: str, num_warps: int) -> LoopProfile:
     mma: dict[str, int] = {}
     flops = mufu = ex2 = loaded = instructions = 0
     tf32 = False
-    for opcode, _ in body:
+    for index in body:
+        opcode = code[index][1]
         kind = opcode.split(".")[0]
         if kind == "NOP":
             continue
         instructions += 1
-        if kind in ("HGMMA", "HMMA"):
+        if kind == "UTCHMMA":  # one per block
+            shape, per_instruction, is_tf32 = _tcgen05_shape(code, index)
+            mma[shape] = mma.get(shape, 0) + 1
+            tf32 = tf32 or is_tf32
+            flops += per_instruction
+        elif kind in ("HGMMA", "HMMA"):
             shape, per_instruction, per_warpgroup = _mma_flops(opcode)
             mma[shape] = mma.get(shape, 0) + 1
             tf32 = tf32 or ".TF32" in opcode

@@ -117,11 +117,29 @@ def allowed_spills(record: Record, budget: dict[str, Any]) -> int:
 
 
 def budget_key(record: Record) -> str:
-    """How the instruction budget names one specialization: kernel, pass, parameters, config
-    and load staging (the TMA and cp.async forwards share a config)."""
-    params = " ".join(f"{k}={v}" for k, v in record.params.items())
+    """How the instruction budget names one specialization: kernel, pass, parameters (its
+    `budget_case`), config and load staging (the TMA and cp.async forwards share a config)."""
     loads = record.usage.pipelined if record.usage else "?"
-    return f"{record.kernel} {record.pass_name} {params} {record.config} {loads}"
+    return f"{budget_case(record)} {record.config} {loads}"
+
+
+def budget_case(record: Record) -> str:
+    """The start of the record's `budget_key` that names its case, whatever config compiled
+    it: kernel, pass and parameters."""
+    params = " ".join(f"{k}={v}" for k, v in record.params.items())
+    return f"{record.kernel} {record.pass_name} {params}"
+
+
+def _case_of_key(key: str) -> str:
+    """The case part of a `budget_key`: the words before the config's first (a CONFIG_KEYS
+    name=value, or the "w8" of the warps); the kernel and pass are the first two words."""
+    words = key.split(" ")
+    config_starts = (
+        i
+        for i, word in enumerate(words)
+        if i >= 2 and ("=" not in word or word.split("=")[0] in CONFIG_KEYS)
+    )
+    return " ".join(words[: next(config_starts, len(words))])
 
 
 def budget_section(triton_version: str) -> str:
@@ -136,11 +154,28 @@ def allowed_instructions(record: Record, budget: dict[str, Any]) -> int | None:
 
 
 def record_instructions(records: list[Record], budget: dict[str, Any]) -> dict[str, Any]:
-    """The budget with the instructions per iteration of `records` (fresh binaries) written in,
-    replacing the entries of their Triton version and archs."""
-    table = dict(budget.get("instructions_per_iteration", {}))
+    """The budget with the instructions per iteration of `records` (fresh binaries) written in.
+    The run replaces what it covered: in its Triton version's section and each of its archs,
+    every entry of a case (`budget_case`) it compiled goes, whatever its config (a tile or a
+    tuning candidate since changed), before the run's own are written. Other cases (ops,
+    dtypes, head dims the run left out), archs and Triton versions keep theirs."""
+    table = {
+        section: {arch: dict(entries) for arch, entries in archs.items()}
+        if isinstance(archs, dict)
+        else archs
+        for section, archs in budget.get("instructions_per_iteration", {}).items()
+    }
+    covered: dict[tuple[str, str], set[str]] = {}
     for record in records:
-        if record.usage is None or record.usage.loop is None or record.pass_name == "tutorial":
+        if record.pass_name != TUTORIAL_PASS:
+            where = (budget_section(record.triton), ARCHS[record.arch].name)
+            covered.setdefault(where, set()).add(budget_case(record))
+    for (section_name, arch_name), cases in covered.items():
+        arch = table.setdefault(section_name, {}).setdefault(arch_name, {})
+        for key in [key for key in arch if _case_of_key(key) in cases]:
+            del arch[key]
+    for record in records:
+        if record.usage is None or record.usage.loop is None or record.pass_name == TUTORIAL_PASS:
             continue
         section = table.setdefault(budget_section(record.triton), {})
         arch = section.setdefault(ARCHS[record.arch].name, {})

@@ -12,13 +12,14 @@ Checks, in order (`plan` lists them; `--dry-run` prints that list):
    (same rule, the torch backend in float64 as the reference), in fp32 and bf16.
 3. compile: `torch.compile(fullgraph=True)` of that model; logits and a backward pass against
    eager.
-4. train: 20 bf16 steps (AdamW, autocast, cross-entropy) on one fixed batch: every loss finite,
-   the last below the first.
+4. train: 20 steps (AdamW, autocast, cross-entropy) on one fixed batch, in the precision the
+   training commands pick on that GPU (bf16, or fp16 with a loss scaler below sm_80): every
+   loss finite, the last below the first.
 5. generate: greedy generation with the KV cache gives exactly the tokens without it.
 
 A GPU below sm_80 (a T4) gets only what it can run (`left_out` says what it does not, and why):
 no attention checks (the attention ops refuse it; "auto" takes PyTorch's attention there) and no
-bf16 check (it has no bf16).
+bf16 check (it has no bf16; its train check runs in fp16).
 
 `GPU` sizes fit about 8 minutes on an H100/H200 (most of it Triton compiling); `SMALL` sizes run
 the same code through Triton's interpreter on CPU in the tests. Model weights are random
@@ -27,6 +28,7 @@ the same code through Triton's interpreter on CPU in the tests. Model weights ar
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from fastgpt.devices import resolve_dtype
 from fastgpt.kernels._dispatch import TENSOR_CORE_CAPABILITY
 from fastgpt.selftest import op_checks
 from fastgpt.selftest.op_checks import DTYPES, CheckFailed, Sizes
@@ -291,10 +294,23 @@ def _backend_label(device: str | torch.device) -> str:
     return backend
 
 
+def train_dtype(sizes: Sizes, device: str | torch.device) -> str:
+    """The train check's dtype: on a CUDA GPU what the training commands' `--precision auto`
+    picks there (`devices.resolve_dtype`: bf16 from sm_80 on, fp16 below, which trains with a
+    loss scaler), else `sizes.train_dtype` (the interpreter's fp16 on CPU; bf16 listed by
+    `--dry-run` without a GPU)."""
+    if _capability(device) is None:
+        return sizes.train_dtype
+    picked = resolve_dtype("auto", torch.device(device))
+    return next(name for name, dtype in DTYPES.items() if dtype == picked)
+
+
 def _model_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
     checks: list[Check] = []
     batch = "x".join(map(str, sizes.model_batch))
     backend, label = model_backend(device), _backend_label(device)
+    train = dataclasses.replace(sizes, train_dtype=train_dtype(sizes, device))
+    scaled = " with a loss scaler" if train.train_dtype == "fp16" else ""
     for dname in sizes.model_dtypes:
         checks.append(
             Check(
@@ -313,10 +329,10 @@ def _model_checks(sizes: Sizes, device: str | torch.device) -> list[Check]:
         ),
         Check(
             "train",
-            f"{sizes.train_steps} {sizes.train_dtype} AdamW steps {sizes.model} on {label} "
-            f"(B x T {batch})",
-            lambda: op_checks.train_check(sizes, device, backend),
-            sizes.train_dtype,
+            f"{sizes.train_steps} {train.train_dtype} AdamW steps{scaled} {sizes.model} on "
+            f"{label} (B x T {batch})",
+            lambda: op_checks.train_check(train, device, backend),
+            train.train_dtype,
         ),
         Check(
             "generate",

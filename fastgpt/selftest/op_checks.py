@@ -277,7 +277,7 @@ def compile_check(sizes: Sizes, device, backend: str) -> str:
 
 def train_check(sizes: Sizes, device, backend: str) -> str:
     """`train_steps` AdamW steps of the model on `backend` under `train_dtype` autocast on one
-    fixed batch: finite, decreasing."""
+    fixed batch (fp16 with a loss scaler, as training runs it): finite, decreasing."""
     import torch.nn.functional as F
 
     model = _model(sizes, device, backend).train()
@@ -286,15 +286,19 @@ def train_check(sizes: Sizes, device, backend: str) -> str:
     inputs, targets = ids[:, :-1], ids[:, 1:]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     autocast_dtype = DTYPES[sizes.train_dtype]
+    device_type = torch.device(device).type
+    scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype == torch.float16)
     losses = []
     for _ in range(sizes.train_steps):
-        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype):
+        with torch.autocast(device_type=device_type, dtype=autocast_dtype):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.item())
     summary = f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
     if not all(math.isfinite(x) for x in losses):
