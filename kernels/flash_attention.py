@@ -208,8 +208,9 @@ def _config_candidates(
     """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
     first (the pinned one: the interpreter and CPU run only it). 16-bit only: fp32's exact dots
     leave no register room. Without dropout: one more pipeline stage (shared memory, not
-    registers); the program's own tile halved over half the warps (as many elements per
-    thread; sm_90 only, kept at 64 rows or more so that its dots still lower to wgmma); the
+    registers; not on sm_100, whose ptxas spilled them); the program's own tile halved over
+    half the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that
+    its dots still lower to wgmma); the
     forward's key tile widened to 64 where the pinned one is narrower (head dim 128); and
     (sm_90 only) the pinned tile on as few warps as its rows need, where it has more. Triton
     lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows only, 16
@@ -237,7 +238,9 @@ def _config_candidates(
     if dropout:
         wider_tma = [{**pinned, "BLOCK_N": 64, "TMA": 1}] if offer_tma and widen else []
         return [pinned, *with_tma, *wider_tma]
-    candidates = [pinned, {**pinned, "num_stages": 3}]
+    candidates = [pinned]
+    if family != "sm_100":  # there ptxas spilled every 3-stage tile it was given (8-32 B)
+        candidates.append({**pinned, "num_stages": 3})
     own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns
     # The halved tile on sm_90 only: on sm_80 mma.sync keeps the operands in registers.
     if hopper and pinned[own] // 2 >= 64 and pinned["num_warps"] >= 8:
