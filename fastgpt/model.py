@@ -226,15 +226,13 @@ class GPTModel(nn.Module):
         """GPT-2's init: N(0, 0.02) weights, zero biases, LayerNorm ones/zeros, and the two
         projections that write into the residual stream (out_proj, fc2) scaled by
         1/sqrt(2·n_layers) so the stream's variance does not grow with depth. Padded vocabulary
-        rows (vocab_multiple) are zero and drawn nothing: a padded model starts from the
-        unpadded one's weights, from the same generator state."""
+        rows (vocab_multiple, zero from `_zero_padded`) are drawn nothing: a padded model starts
+        from the unpadded one's weights, from the same generator state."""
         vocab = self.config.vocab_size
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                weight = module.weight
-                if module is self.tok_emb or module is self.out_head:
-                    nn.init.zeros_(weight[vocab:])
-                    weight = weight[:vocab]
+                vocabulary = module is self.tok_emb or module is self.out_head
+                weight = module.weight[:vocab] if vocabulary else module.weight
                 nn.init.normal_(weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)

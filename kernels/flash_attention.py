@@ -210,9 +210,9 @@ def _config_candidates(
     leave no register room. Without dropout: one more pipeline stage (shared memory, not
     registers; not on sm_100, whose ptxas spilled them); the program's own tile halved over
     half the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that
-    its dots still lower to wgmma); the
-    forward's key tile widened to 64 where the pinned one is narrower (head dim 128); and
-    (sm_90 only) the pinned tile on as few warps as its rows need, where it has more. Triton
+    its dots still lower to wgmma); the forward's key tile widened to 64 where the pinned one
+    is narrower (head dim 128); and (sm_90 only) the pinned tile on as few warps as its rows
+    need, where it has more. Triton
     lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows only, 16
     rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands sit in
     registers, which 4 warps do not have): more warps than rows / 16 issue every product of
