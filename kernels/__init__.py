@@ -50,6 +50,7 @@ else:
         attention_varlen_dropout_mask,
         attention_varlen_reference,
     )
+    from .flash_core import kernel_dropout_p
     from .flash_decoding import decode_attention, decode_attention_reference
     from .fused_add_layer_norm import add_layer_norm, add_layer_norm_reference
     from .normalization import LayerNorm, layer_norm, layer_norm_reference
@@ -72,6 +73,7 @@ else:
         "fused_linear_cross_entropy_reference",
         "gelu",
         "gelu_reference",
+        "kernel_dropout_p",
         "layer_norm",
         "layer_norm_reference",
     ]

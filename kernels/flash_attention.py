@@ -453,7 +453,7 @@ def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 def _check_dropout_offsets(tq: int, tk: int) -> None:
-    """Dropout's within-head Philox counter (i & ~8)·Tk + (j & ~8) is int32: Tq·Tk must stay
+    """Dropout's within-head Philox counter (i & ~8)·Tk + (j & ~24) is int32: Tq·Tk must stay
     below 2^31."""
     if tq * tk >= 2**31:
         raise ValueError(
@@ -477,7 +477,8 @@ def attention(
     SUPPORTED_HEAD_DIMS -> (B, H, Tq, D) in q's dtype.
     causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned; rows that see no key
     give 0). sm_scale: score scale (> 0), default 1/sqrt(D). dropout_p: probability of zeroing an
-    attention weight (the kept ones are scaled by 1/(1 - p)). seed: Philox seed of the dropout
+    attention weight, drawn as its nearest multiple of 1/256 (`kernel_dropout_p`; the kept
+    weights are scaled by 1/(1 - that)). seed: Philox seed of the dropout
     mask; None draws one from torch's generator. The same seed gives the same mask, which
     `attention_dropout_mask` reproduces.
 
@@ -485,10 +486,11 @@ def attention(
     TRITON_INTERPRET=1, else `attention_reference` (its dropout then comes from PyTorch's
     generator, not from `seed`). Empty inputs go to the reference too. Raises ValueError for
     shapes that do not fit (B, H, T, D), an unsupported head dim (naming the supported ones),
-    mixed devices, sm_scale <= 0, dropout_p outside [0, 1) or offsets past the kernels' int32
-    range, or a GPU below sm_80 (`check_gpu`: use PyTorch's attention there); TypeError for
-    non-float or mixed dtypes."""
+    mixed devices, sm_scale <= 0, dropout_p outside [0, 1) (or rounding to 0 or 1), offsets
+    past the kernels' int32 range, or a GPU below sm_80 (`check_gpu`: use PyTorch's attention
+    there); TypeError for non-float or mixed dtypes."""
     _validate(q, k, v, dropout_p)
+    dropout_p = fc.kernel_dropout_p(dropout_p)
     check_gpu("attention", q, dots=True)
     scale = fc.softmax_scale(sm_scale, q.shape[3])
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0
@@ -512,9 +514,9 @@ def attention_dropout_mask(
     device: torch.device | str,
 ) -> torch.Tensor:
     """The keep-mask (B, H, Tq, Tk) bool that `attention(..., dropout_p, seed=seed)` applies to
-    its attention weights (True = kept), for checking it against `attention_reference`."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    its attention weights (True = kept), for checking it against `attention_reference` (with
+    `kernel_dropout_p(dropout_p)`, the probability it was drawn with)."""
+    dropout_p = fc.kernel_dropout_p(dropout_p)
     device = torch.device(device)
     if not use_triton(device):
         raise RuntimeError(f"attention_dropout_mask needs the Triton kernel on {device}")

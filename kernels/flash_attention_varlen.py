@@ -526,7 +526,7 @@ def _check_varlen_offsets(q, k, v, max_seqlen_q: int, max_seqlen_k: int) -> None
 
 
 def _check_dropout_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> None:
-    """Dropout's Philox counter (r & ~8)·Tk_i + (c & ~8) is int32: Tq_i·Tk_i < 2^31 for every
+    """Dropout's Philox counter (r & ~8)·Tk_i + (c & ~24) is int32: Tq_i·Tk_i < 2^31 for every
     sequence."""
     lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
     lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
@@ -557,15 +557,17 @@ def attention_varlen(
     Raises ValueError/TypeError naming the problem: cu_seqlens not int32, not 1-D, not starting
     at 0, decreasing, not ending at the total rows, of different batch sizes; a max_seqlen below
     a real length; shapes, dtypes or devices that do not match; an unsupported head dim;
-    sm_scale <= 0; dropout_p outside [0, 1). The checks of cu_seqlens' values read it on the
-    host (one sync per call); under torch.compile, or with check_cu_seqlens=False (cu_seqlens
-    checked once where they were built, as `fastgpt.segments.packed_rows` builds them valid),
-    they are skipped and max_seqlen_q/k are trusted."""
+    sm_scale <= 0; dropout_p outside [0, 1) or rounding to 0 or 1. The checks of cu_seqlens'
+    values read it on the host (one sync per call); under torch.compile, or with
+    check_cu_seqlens=False (cu_seqlens checked once where they were built, as
+    `fastgpt.segments.packed_rows` builds them valid), they are skipped and max_seqlen_q/k are
+    trusted."""
     compiling = torch.compiler.is_compiling()
     check_values = check_cu_seqlens and not compiling
     _validate(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, check_values
     )
+    dropout_p = fc.kernel_dropout_p(dropout_p)
     _check_varlen_offsets(q, k, v, max_seqlen_q, max_seqlen_k)
     check_gpu("attention_varlen", q, dots=True)
     scale = fc.softmax_scale(sm_scale, q.shape[2])
@@ -592,9 +594,9 @@ def attention_varlen_dropout_mask(
 ) -> list[torch.Tensor]:
     """The keep-masks that `attention_varlen(..., dropout_p=dropout_p, seed=seed)` applies to
     its attention weights: one (H, Tq_i, Tk_i) bool tensor per sequence (True = kept), on
-    cu_seqlens' device, for `attention_varlen_reference(..., dropout_masks=...)`."""
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    cu_seqlens' device, for `attention_varlen_reference(..., dropout_masks=...)` with
+    `kernel_dropout_p(dropout_p)`, the probability they were drawn with."""
+    dropout_p = fc.kernel_dropout_p(dropout_p)
     device = cu_seqlens_q.device
     if not use_triton(device):
         raise RuntimeError(f"attention_varlen_dropout_mask needs the Triton kernel on {device}")

@@ -17,17 +17,20 @@ Conventions shared by every kernel built from these
 - Loop bounds skip every tile that lies wholly above the diagonal; only tiles crossing the
   diagonal (or the end of the keys) pay for a mask.
 - Dropout on the attention weights is Philox-2x32-7 (Salmon et al., SC'11; Random123's
-  constants; why 7 rounds: PHILOX_ROUNDS), one call per group of four weights
-  {i, i+8} × {j, j+8} (bit 3 of i and j clear) of one head's Tq×Tk matrix: counter (i·Tk + j,
-  b·H + h), key the seed's low 32 bits. Its two words give four 16-bit halves, one per member; a
-  weight is kept iff its half is >= round(p·2^16) (p is drawn at 16-bit resolution, at most 1 -
-  2^-16; the kept weights are scaled by the exact 1/(1 - p)). Why groups: every kernel's MMA
-  accumulator holds such a group in one thread (rows r, r+8 and columns c, c+8 of a fragment, in
-  S and in Sᵀ), so the compiler computes a group's Philox once per thread for four weights, with
-  no data moved between threads. The counter is int32, hence Tq·Tk < 2^31, checked; the head is
-  the second word, so no offset wraps however large B·H·Tq·Tk gets. The mask depends on (seed,
-  head, i, j) only, not on tiles: the forward, the backward and the dropout-mask kernels compute
-  the same draws, and the backward regenerates the forward's mask instead of storing it.
+  constants; why 7 rounds: PHILOX_ROUNDS), one call per group of eight weights
+  {i, i+8} × {j, j+8, j+16, j+24} (bit 3 of i, bits 3 and 4 of j clear) of one head's Tq×Tk
+  matrix: counter (i·Tk + j, b·H + h), key the seed's low 32 bits. Its two words give eight
+  bytes, one per member; a weight is kept iff its byte is >= round(p·256), FlashAttention-2's
+  byte threshold: p is drawn at 1/256 resolution (`kernel_dropout_p`), and the kept weights
+  are scaled by 1/(1 - that p), so the expectation is exact. Why groups: every kernel's MMA
+  accumulator holds four of them, {i, i+8} × {j, j+8}, in one thread (rows r, r+8 and columns
+  c, c+8 of a fragment, in S and in Sᵀ), and S's fragment holds columns c+16, c+24 too, so the
+  forward and dq compute one Philox per thread for eight weights and the dk/dv (Sᵀ: keys along
+  rows, bit 4 of j a warp's) one for four, with no data moved between threads. The counter is
+  int32, hence Tq·Tk < 2^31, checked; the head is the second word, so no offset wraps however
+  large B·H·Tq·Tk gets. The mask depends on (seed, head, i, j) only, not on tiles: the
+  forward, the backward and the dropout-mask kernels compute the same draws, and the backward
+  regenerates the forward's mask instead of storing it.
 - Offsets of a (batch, head) start are int64 (B·H·T·D can pass 2^31); offsets inside one head
   (i·stride_t + d·stride_d) stay int32, which the ops check. The grid is one flat axis (axis 0
   allows 2^31 - 1 programs, axes 1 and 2 only 65535), so B·H > 65535 works.
@@ -129,8 +132,26 @@ def check_qkv(
         raise ValueError(
             f"head dim {q.shape[-1]} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
         )
+    kernel_dropout_p(dropout_p)  # raises for a probability the kernels cannot draw
+
+
+# Dropout thresholds are bytes: the kernels drop with a multiple of 1/DROPOUT_LEVELS.
+DROPOUT_LEVELS = 256
+
+
+def kernel_dropout_p(dropout_p: float) -> float:
+    """The probability the attention kernels drop a weight with for `dropout_p`: its nearest
+    multiple of 1/256 (their byte threshold), by which the kept weights are scaled, 1/(1 - it).
+    Raises ValueError for dropout_p outside [0, 1) or a nonzero one that rounds to 0 or 1."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    level = math.floor(dropout_p * DROPOUT_LEVELS + 0.5)
+    if dropout_p > 0.0 and not 0 < level < DROPOUT_LEVELS:
+        raise ValueError(
+            f"dropout_p={dropout_p} rounds to {level}/{DROPOUT_LEVELS}, the attention kernels' "
+            f"dropout resolution (a byte threshold): use 0 or a value in [1/512, 511/512)"
+        )
+    return level / DROPOUT_LEVELS
 
 
 def default_scale(sm_scale: float | None, head_dim: int) -> float:
@@ -225,7 +246,7 @@ def load_seed(seed_ptr, DROPOUT: tl.constexpr):
 # Philox rounds per draw: 7. FlashAttention-2's dropout draws Philox-4x32 at 7 rounds; the
 # Random123 paper's TestU01 Crush runs were made on its 7-round Philox variants, 2x32 among them
 # (its tests/old_kat_vectors), its default 10 adding margin. A round costs two instructions per
-# group of four weights. Our checks (tests/test_attention.py,
+# group of eight weights. Our checks (tests/test_attention.py,
 # test_dropout_draws_pass_the_statistical_checks): full avalanche from 5 rounds on; at 4, the
 # masks of neighbouring heads correlate.
 PHILOX_ROUNDS = tl.constexpr(7)
@@ -245,26 +266,41 @@ def philox_2x32(c0, c1, key):
 
 
 @triton.jit
-def dropout_keep(seed, bh, row_start, row_offsets, col_start, col_offsets, Tk, dropout_p):
+def dropout_keep(
+    seed, bh, row_start, row_offsets, col_start, col_offsets, Tk, dropout_p,
+    COL_TILE: tl.constexpr,
+):  # fmt: skip
     """Keep-mask of head bh's attention weights at within-head query rows row_start +
     row_offsets and key columns col_start + col_offsets, the offsets a column and a row (either
-    way round; they broadcast to the tile), each start a multiple of 16 (or 0).
-    The weights come in groups of four, {i, i + 8} × {j, j + 8} with bit 3 of i and j clear:
-    one Philox-2x32 call per group, counter (i·Tk + j, b·H + h), key the seed's low word, gives
-    four 16-bit halves; the member with bits (bit 3 of its row, bit 3 of its column) = (a, b)
-    takes word a, its high half if b else its low half, and is kept iff that half is >=
-    round(p·2^16). Every kernel's accumulator layout holds a whole group in one thread (rows r
-    and r + 8, columns c and c + 8 of the MMA fragment, in either orientation), so the compiler
+    way round; they broadcast to the tile); row_start a multiple of 16, col_start one of
+    COL_TILE (a power of two, at least 16). dropout_p: a `kernel_dropout_p`.
+    The weights come in groups of eight, {i, i + 8} × {j, j + 8, j + 16, j + 24} with bit 3 of i
+    and bits 3 and 4 of j clear: one Philox-2x32 call per group, counter (i·Tk + j, b·H + h),
+    key the seed's low word, gives two words; the member at column bit 4 c, row bit 3 a and
+    column bit 3 b takes byte 2a + b of word c and is kept iff that byte is >= p·256. A thread
+    holds a group's {i, i + 8} × {j, j + 8} in every kernel's accumulator layout, and all eight
+    along S's columns (a register's constant bits: 3 and 4 of its column), so the compiler
     computes each group's Philox once per thread, not once per weight."""
+    if COL_TILE % 32 == 0:
+        cols = col_offsets  # col_start is a multiple of 32 too
+        col_base = col_start
+    else:  # col_start may be 16 past a multiple of 32
+        cols = col_offsets + (col_start & 16)
+        col_base = col_start - (col_start & 16)
     # The tile's first counter plus a loop-invariant offset tile, in which the compiler sees
-    # that the members of a group share their counter (their bit 3 is a register's constant).
-    group_offsets = (row_offsets & ~8) * Tk + (col_offsets & ~8)  # (R, C)
-    group = (row_start * Tk + col_start + group_offsets).to(tl.uint32, bitcast=True)
+    # that the members of a group share their counter (their bits 3 and 4 are a register's
+    # constants).
+    group_offsets = (row_offsets & ~8) * Tk + (cols & ~24)  # (R, C)
+    group = (row_start * Tk + col_base + group_offsets).to(tl.uint32, bitcast=True)
     word0, word1 = philox_2x32(group, group * 0 + bh.to(tl.uint32), seed.to(tl.uint32))
-    word = tl.where((row_offsets & 8) != 0, word1, word0)
-    half_on_top = tl.where((col_offsets & 8) != 0, word, word << 16)  # the half in bits 16-31
-    threshold = tl.minimum(tl.cast(dropout_p * 65536.0 + 0.5, tl.uint32), 65535) << 16
-    return half_on_top >= threshold
+    word = tl.where((cols & 16) != 0, word1, word0)
+    # the member's byte in bits 24-31: byte 2a + b shifted left by 24 - 8·(2a + b)
+    row_high, col_high = (row_offsets & 8) != 0, (cols & 8) != 0
+    byte_on_top = tl.where(
+        row_high, tl.where(col_high, word, word << 8), tl.where(col_high, word << 16, word << 24)
+    )
+    threshold = tl.minimum(tl.cast(dropout_p * 256.0 + 0.5, tl.uint32), 255) << 24
+    return byte_on_top >= threshold
 
 
 @triton.jit
@@ -287,7 +323,7 @@ def dropout_mask_tile(
     offsets = start + tl.arange(0, BLOCK)
     rows = offsets // Tk
     cols = offsets - rows * Tk
-    keep = dropout_keep(tl.load(seed_ptr), first_bh + h, 0, rows, 0, cols, Tk, dropout_p)
+    keep = dropout_keep(tl.load(seed_ptr), first_bh + h, 0, rows, 0, cols, Tk, dropout_p, 32)
     tl.store(keep_ptr + h * n_per_head + offsets, keep.to(tl.int8), mask=offsets < n_per_head)
 
 
@@ -386,7 +422,7 @@ def forward_inner(
         if DROPOUT:
             keep = dropout_keep(
                 seed, bh, m_start, tl.arange(0, offs_m.shape[0])[:, None],
-                n_start, tl.arange(0, BLOCK_N)[None, :], Tk, dropout_p,
+                n_start, tl.arange(0, BLOCK_N)[None, :], Tk, dropout_p, BLOCK_N,
             )  # fmt: skip
             p = tl.where(keep, p, dropout_weight_zero(dropout_p))
         if TMA:
@@ -493,7 +529,7 @@ def dkdv_inner(
         if DROPOUT:
             keep = dropout_keep(
                 seed, bh, m_start, tl.arange(0, BLOCK_M)[None, :],
-                n_start, tl.arange(0, offs_n.shape[0])[:, None], Tk, dropout_p,
+                n_start, tl.arange(0, offs_n.shape[0])[:, None], Tk, dropout_p, offs_n.shape[0],
             )  # fmt: skip
             # The kept weights; dv's 1 / (1 - p) is applied once, in dkdv_tile.
             pdt = tl.where(keep, pt, dropout_weight_zero(dropout_p))
@@ -583,7 +619,7 @@ def dq_inner(
         if DROPOUT:
             keep = dropout_keep(
                 seed, bh, m_start, tl.arange(0, offs_m.shape[0])[:, None],
-                n_start, tl.arange(0, BLOCK_N)[None, :], Tk, dropout_p,
+                n_start, tl.arange(0, BLOCK_N)[None, :], Tk, dropout_p, BLOCK_N,
             )  # fmt: skip
             # dp's factor, 1 / (1 - p) or 0: a float, not a predicate held until dp is ready
             dp_factor = tl.where(keep, 1.0 / (1.0 - dropout_p), dropout_weight_zero(dropout_p))

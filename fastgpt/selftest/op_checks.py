@@ -92,6 +92,7 @@ def _randn(shape, dtype, device, seed, scale=1.0, offset=0.0):
 def attention_check(device, dtype, shape, head_dim, causal=True, dropout_p=0.0) -> str:
     """Output and dq/dk/dv of `attention` against the reference (with the kernel's own
     dropout mask when dropout_p > 0). shape: (B, H, Tq, Tk)."""
+    from fastgpt.kernels import kernel_dropout_p
     from fastgpt.kernels.flash_attention import (
         attention,
         attention_dropout_mask,
@@ -107,11 +108,11 @@ def attention_check(device, dtype, shape, head_dim, causal=True, dropout_p=0.0) 
     mask = None
     if dropout_p > 0.0:
         mask = attention_dropout_mask(seed, b, h, tq, tk, dropout_p, device)
-    scale = 1.0 / math.sqrt(head_dim)
+    scale, drawn_p = 1.0 / math.sqrt(head_dim), kernel_dropout_p(dropout_p)  # the mask's p
     return _three_way(
         lambda q, k, v: attention(q, k, v, causal, dropout_p=dropout_p, seed=seed),
-        lambda q, k, v: attention_reference(q, k, v, causal, scale, dropout_p, mask, False),
-        lambda q, k, v: attention_reference(q, k, v, causal, scale, dropout_p, mask),
+        lambda q, k, v: attention_reference(q, k, v, causal, scale, drawn_p, mask, False),
+        lambda q, k, v: attention_reference(q, k, v, causal, scale, drawn_p, mask),
         [q, k, v],
         dy,
         dtype,
@@ -123,6 +124,7 @@ def varlen_check(device, dtype, lengths, causal=True, dropout_p=0.0) -> str:
     """Output and dq/dk/dv of `attention_varlen` over packed sequences of `lengths` (an empty one
     and one of a single token among them) against its reference, with the kernel's own dropout
     masks when dropout_p > 0. 4 heads of dim 64."""
+    from fastgpt.kernels import kernel_dropout_p
     from fastgpt.kernels.flash_attention_varlen import (
         attention_varlen,
         attention_varlen_dropout_mask,
@@ -138,7 +140,7 @@ def varlen_check(device, dtype, lengths, causal=True, dropout_p=0.0) -> str:
     if dropout_p > 0.0:
         masks = attention_varlen_dropout_mask(seed, cu, cu, heads, dropout_p)
     scale = 1.0 / math.sqrt(head_dim)
-    args = (cu, cu, longest, longest, causal, scale, dropout_p)
+    args = (cu, cu, longest, longest, causal, scale, kernel_dropout_p(dropout_p))  # the masks' p
     return _three_way(
         lambda q, k, v: attention_varlen(q, k, v, *args, seed=seed),
         lambda q, k, v: attention_varlen_reference(
