@@ -371,7 +371,14 @@ VARLEN_TILES: fc.TileTable = {
     ("sm_90", "fp32", 16): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 32): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 64): ((32, 32, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)),
+    # fp32 at head dim 128: the forward on 1 stage (2 spilled 8 B at 64 registers, dropout
+    # without the mask, Triton 3.9; 4 warps spilled over 1 KB), the dq on 4 warps (attention's
+    # 8 spilled 24 B at 80 registers, causal with dropout, Triton 3.6)
+    ("sm_90", "fp32", 128): ((16, 32, 8, 1), (16, 32, 8, 2), (32, 16, 4, 2)),
     ("sm_80", "16-bit", 16): ((64, 64, 8, 2), (32, 64, 8, 2), (128, 16, 8, 2)),
+    # dk/dv at head dim 64 on 16 queries a tile: attention's 32 spilled 32 B at 255 registers
+    # (causal, dropout, Triton 3.6; sm_86 8 B)
+    ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (16, 128, 8, 2), (128, 32, 8, 2)),
     ("sm_80", "16-bit", 128): ((64, 32, 4, 2), (16, 64, 8, 2), (64, 32, 8, 2)),
     ("sm_80", "fp32", 16): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_80", "fp32", 32): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
@@ -380,15 +387,18 @@ VARLEN_TILES: fc.TileTable = {
 }
 VARLEN_TILES |= {
     **fc.copy_family(VARLEN_TILES, "sm_80", "sm_86"),
-    ("sm_86", "16-bit", 64): fc.ATTENTION_TILES[("sm_86", "16-bit", 64)],
+    # sm_86's tiles with the 16 x 128 dk/dv (as sm_80's above), which are sm_120's
+    ("sm_86", "16-bit", 64): fc.ATTENTION_TILES[("sm_120", "16-bit", 64)],
 }
 VARLEN_TILES |= {
     **fc.copy_family(VARLEN_TILES, "sm_90", "sm_100"),
     # attention's own sm_100 tiles at head dim 64 (sm_90's spill there); at 128 the forward
     # 64 x 32 on 4 warps (sm_90's 128 x 32 spilled 8 B at 128 registers, causal without
-    # dropout, Triton 3.9; attention's 64 x 64 16 B with 3.6): 139-167 registers, 0 spills
+    # dropout, Triton 3.9; attention's 64 x 64 16 B with 3.6): 139-167 registers, 0 spills;
+    # the dq 128 x 16 (sm_90's 128 x 32 spilled 8 B at 128 registers, causal dropout, 3.9;
+    # attention's 64 x 64 leaves the delta kernel 64 rows, which spilled 8 B with 3.6)
     ("sm_100", "16-bit", 64): fc.ATTENTION_TILES[("sm_100", "16-bit", 64)],
-    ("sm_100", "16-bit", 128): ((64, 32, 4, 2), (16, 128, 8, 2), (128, 32, 8, 2)),
+    ("sm_100", "16-bit", 128): ((64, 32, 4, 2), (16, 128, 8, 2), (128, 16, 8, 2)),
 }
 VARLEN_TILES |= {
     **fc.copy_family(VARLEN_TILES, "sm_86", "sm_120"),

@@ -273,7 +273,8 @@ def dropout_keep(
     """Keep-mask of head bh's attention weights at within-head query rows row_start +
     row_offsets and key columns col_start + col_offsets, the offsets a column and a row (either
     way round; they broadcast to the tile); row_start a multiple of 16, col_start one of
-    COL_TILE (a power of two, at least 16). dropout_p: a `kernel_dropout_p`.
+    COL_TILE (a power of two, at least 16; where it is 16, col_offsets < 16). dropout_p: a
+    `kernel_dropout_p`.
     The weights come in groups of eight, {i, i + 8} × {j, j + 8, j + 16, j + 24} with bit 3 of i
     and bits 3 and 4 of j clear: one Philox-2x32 call per group, counter (i·Tk + j, b·H + h),
     key the seed's low word, gives two words; the member at column bit 4 c, row bit 3 a and
@@ -281,21 +282,21 @@ def dropout_keep(
     holds a group's {i, i + 8} × {j, j + 8} in every kernel's accumulator layout, and all eight
     along S's columns (a register's constant bits: 3 and 4 of its column), so the compiler
     computes each group's Philox once per thread, not once per weight."""
-    if COL_TILE % 32 == 0:
-        cols = col_offsets  # col_start is a multiple of 32 too
+    if COL_TILE % 32 == 0:  # col_start is a multiple of 32: bit 4 of a column is its offset's
         col_base = col_start
-    else:  # col_start may be 16 past a multiple of 32
-        cols = col_offsets + (col_start & 16)
+        high_word = (col_offsets & 16) != 0
+    else:  # a 16-column tile: bit 4 is the tile's
         col_base = col_start - (col_start & 16)
+        high_word = (col_start & 16) != 0
     # The tile's first counter plus a loop-invariant offset tile, in which the compiler sees
     # that the members of a group share their counter (their bits 3 and 4 are a register's
     # constants).
-    group_offsets = (row_offsets & ~8) * Tk + (cols & ~24)  # (R, C)
+    group_offsets = (row_offsets & ~8) * Tk + (col_offsets & ~24)  # (R, C)
     group = (row_start * Tk + col_base + group_offsets).to(tl.uint32, bitcast=True)
     word0, word1 = philox_2x32(group, group * 0 + bh.to(tl.uint32), seed.to(tl.uint32))
-    word = tl.where((cols & 16) != 0, word1, word0)
+    word = tl.where(high_word, word1, word0)
     # the member's byte in bits 24-31: byte 2a + b shifted left by 24 - 8·(2a + b)
-    row_high, col_high = (row_offsets & 8) != 0, (cols & 8) != 0
+    row_high, col_high = (row_offsets & 8) != 0, (col_offsets & 8) != 0
     byte_on_top = tl.where(
         row_high, tl.where(col_high, word, word << 8), tl.where(col_high, word << 16, word << 24)
     )
@@ -729,7 +730,9 @@ ATTENTION_TILES: TileTable = {
     ("sm_90", "fp32", 16): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 16, 4, 2)),
     ("sm_90", "fp32", 32): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
     ("sm_90", "fp32", 64): ((16, 32, 4, 2), (32, 16, 4, 2), (32, 32, 4, 2)),
-    ("sm_90", "fp32", 128): ((16, 32, 8, 2), (16, 32, 8, 2), (32, 16, 4, 2)),
+    # fp32 dq at head dim 128 on 8 warps: 4 spilled 8 B at 128 registers (causal, dropout,
+    # Triton 3.9); 78 registers on 8.
+    ("sm_90", "fp32", 128): ((16, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)),
     ("sm_80", "16-bit", 16): ((64, 64, 8, 2), (16, 128, 8, 2), (128, 16, 8, 2)),
     ("sm_80", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
     ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
@@ -765,7 +768,9 @@ ATTENTION_TILES |= {
     # on 4 warps (244-255 registers, 0 spills with both), whose loop the cycle model bounds at
     # 0.30-0.36 issue cycles per score, against 0.44-0.49 for 64 x 32 on 8 warps (100-133
     # registers) and 0.28-0.33 for sm_90's tiles where they do not spill.
-    ("sm_100", "16-bit", 128): ((64, 64, 4, 2), (32, 64, 8, 2), (64, 64, 4, 2)),
+    # The dk/dv is sm_90's 16 x 128: 32 x 64 spilled 24 B at 128 registers (causal, dropout at
+    # a byte threshold, Triton 3.6).
+    ("sm_100", "16-bit", 128): ((64, 64, 4, 2), (16, 128, 8, 2), (64, 64, 4, 2)),
     # At head dim 64 too, its ptxas spilled 8-48 B at 128 registers: the dq (causal, dropout,
     # 3.9), the forward without dropout (3.9, 3.6) and the dk/dv without the mask (dropout,
     # 3.6): the forward and dq 64 x 64 on 4 warps, the dk/dv 16 x 128 on 8 warps (sm_120's).

@@ -217,6 +217,7 @@ def test_a_malformed_checkpoint_is_a_one_line_error(tmp_path, change, message):
     [
         (["--dropout", "1"], "--dropout must be in [0, 1)"),
         (["--dropout", "nan"], "--dropout must be in [0, 1)"),
+        (["--dropout", "0.001"], "--dropout must be 0 or in [1/512, 511/512) with --backend auto"),
         (["--out", ""], "--out must be a folder name, got ''"),
         (["--data", ""], "--data is empty: give a file, folder or glob"),
         (["--seed", str(2**64)], "--seed must be in [0, 2**64)"),

@@ -705,6 +705,16 @@ def test_a_commands_defaults_reach_every_options_dataclass(command):
     assert options_from_args(ModelOptions, parse()).dropout is None  # pretrain: the model's
 
 
+def test_a_dropout_finer_than_the_kernels_draw_needs_the_torch_backend():
+    """The attention kernels drop at multiples of 1/256 (`kernel_dropout_p`): a rate that
+    rounds to 0 is refused before training, unless the torch backend (exact rates) runs."""
+    assert ModelOptions(dropout=0.001, backend="torch").dropout == 0.001
+    assert ModelOptions(dropout=0.1).dropout == 0.1
+    for backend in ("auto", "triton"):
+        with pytest.raises(UsageError, match="multiples of 1/256"):
+            ModelOptions(dropout=0.001, backend=backend)
+
+
 def test_a_default_that_matches_no_option_is_an_error_at_the_class_line():
     with pytest.raises(TypeError, match=r"defaults \['drop_out'\] match no option"):
         _task("pretrain", drop_out=0.0)
