@@ -439,9 +439,9 @@ torch.library.register_autograd(
 # --- public API --------------------------------------------------------------------------
 
 
-def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> None:
+def _validate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Raise ValueError/TypeError naming the problem with attention's inputs."""
-    fc.check_qkv(q, k, v, 4, dropout_p)
+    fc.check_qkv(q, k, v, 4)
     check_same_device(q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         within_head = t.shape[2] * abs(t.stride(2)) + t.shape[3] * abs(t.stride(3))
@@ -489,8 +489,8 @@ def attention(
     mixed devices, sm_scale <= 0, dropout_p outside [0, 1) (or rounding to 0 or 1), offsets
     past the kernels' int32 range, or a GPU below sm_80 (`check_gpu`: use PyTorch's attention
     there); TypeError for non-float or mixed dtypes."""
-    _validate(q, k, v, dropout_p)
-    dropout_p = fc.kernel_dropout_p(dropout_p)
+    _validate(q, k, v)
+    dropout_p = fc.kernel_dropout_p(dropout_p)  # raises for one the kernels cannot draw
     check_gpu("attention", q, dots=True)
     scale = fc.softmax_scale(sm_scale, q.shape[3])
     empty = q.shape[0] * q.shape[1] * q.shape[2] == 0 or k.shape[2] == 0

@@ -153,11 +153,10 @@ def _validate(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    dropout_p: float,
     check_values: bool = True,
 ) -> None:
     """Raise ValueError/TypeError naming the problem with attention_varlen's inputs."""
-    fc.check_qkv(q, k, v, 3, dropout_p)
+    fc.check_qkv(q, k, v, 3)
     cu_checks = (
         ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
         ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k),
@@ -574,10 +573,8 @@ def attention_varlen(
     trusted."""
     compiling = torch.compiler.is_compiling()
     check_values = check_cu_seqlens and not compiling
-    _validate(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, check_values
-    )
-    dropout_p = fc.kernel_dropout_p(dropout_p)
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, check_values)
+    dropout_p = fc.kernel_dropout_p(dropout_p)  # raises for one the kernels cannot draw
     _check_varlen_offsets(q, k, v, max_seqlen_q, max_seqlen_k)
     check_gpu("attention_varlen", q, dots=True)
     scale = fc.softmax_scale(sm_scale, q.shape[2])

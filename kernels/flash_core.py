@@ -104,12 +104,10 @@ QKV_LAYOUTS = {
 }
 
 
-def check_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int, dropout_p: float
-) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
     """Raise ValueError/TypeError naming the problem with an attention op's q, k and v in the
     layout QKV_LAYOUTS[rank]: their rank, k and v of one shape, q of theirs but for its length,
-    one float dtype, a supported head dim (the last axis); and dropout_p in [0, 1)."""
+    one float dtype, a supported head dim (the last axis). dropout_p: `kernel_dropout_p`."""
     layout, q_layout, kv_layout, shared, token_axis = QKV_LAYOUTS[rank]
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != rank:
@@ -132,7 +130,6 @@ def check_qkv(
         raise ValueError(
             f"head dim {q.shape[-1]} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
         )
-    kernel_dropout_p(dropout_p)  # raises for a probability the kernels cannot draw
 
 
 # Dropout thresholds are bytes: the kernels drop with a multiple of 1/DROPOUT_LEVELS.
