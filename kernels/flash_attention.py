@@ -207,25 +207,26 @@ def _config_candidates(
 ) -> list[dict[str, int]]:
     """The configs a GPU may tune `kernel` ("forward", "dkdv", "dq") among, `_block_config`'s
     first (the pinned one: the interpreter and CPU run only it). 16-bit only: fp32's exact dots
-    leave no register room. Without dropout: one more pipeline stage (shared memory, not
-    registers; not on sm_100, whose ptxas spilled them); the program's own tile halved over
-    half the warps (as many elements per thread; sm_90 only, kept at 64 rows or more so that
-    its dots still lower to wgmma); the forward's key tile widened to 64 where the pinned one
-    is narrower (head dim 128); and (sm_90 only) the pinned tile on as few warps as its rows
-    need, where it has more. Triton
-    lays a chained dot's warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along its rows only, 16
-    rows a warp (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands sit in
-    registers, which 4 warps do not have): more warps than rows / 16 issue every product of
-    the chain more than once (sm_90's pinned tiles have rows = 16 x warps). sm_100's tcgen05
-    issues each product once per block, from one thread, whatever the warps (its SASS), so
-    neither sm_90-only candidate has its reason there. Last, on sm_90 and sm_100 for the
-    forward when `tma` (the launcher found its tensors legal for TMA, `_tma_legal`): the
-    pinned tiles with q, k, v and out moved by TMA (config key "TMA": 1). With dropout (whose
-    Philox leaves few registers) only that TMA twin and, where the key tile is narrower than
-    64 (sm_90's head dim 128), the widened key tile's TMA twin, since TMA leaves the addresses
-    to the copy engine and its cp.async twin spills (128 x 64, sm_90, fp16, causal: 158
-    registers with TMA, 32 B of spills with cp.async, Triton 3.9). Each is compiled by the
-    compile check."""
+    leave no register room. Without dropout: 3 pipeline stages where the pinned tile has
+    fewer (shared memory, not registers; not on sm_100, whose ptxas spilled them); the
+    program's own tile halved over half the warps (as many elements per thread; sm_90 only,
+    kept at 64 rows or more so that its dots still lower to wgmma); the forward's key tile
+    widened to 64 where the pinned one is narrower (head dim 128); and (sm_90 only) the
+    pinned tile on as few warps as its rows need, where it has more. Triton lays a chain of
+    dots' warps (S = q·kᵀ feeds P·v, Sᵀ feeds Pᵀ·dout) along the rows, 16 rows a warp
+    (wgmma's m64 per 4 warps; mma.sync's m16 too, but there the operands sit in registers,
+    which 4 warps do not have), where the chain's last accumulator has at least as many rows
+    as columns (on mma.sync targets; else along the columns): more warps than rows / 16 issue
+    every product of the chain more than once (sm_90's pinned tiles have rows = 16 x warps).
+    sm_100's tcgen05 issues each product once per block, from one thread, whatever the warps
+    (its SASS), so neither sm_90-only candidate has its reason there. Last, on sm_90 and
+    sm_100 for the forward when `tma` (the launcher found its tensors legal for TMA,
+    `_tma_legal`): the pinned tiles with q, k, v and out moved by TMA (config key "TMA": 1).
+    With dropout (whose Philox leaves few registers) only that TMA twin and, where the key
+    tile is narrower than 64 (sm_90's head dim 128), the widened key tile's TMA twin, since
+    TMA leaves the addresses to the copy engine and its cp.async twin spills (128 x 64, sm_90,
+    fp16, causal: 158 registers with TMA, 32 B of spills with cp.async, Triton 3.9). Each is
+    compiled by the compile check."""
     pinned = _block_config(dtype, head_dim)[kernel]
     if triton_interpreter_enabled() or dtype == torch.float32:
         return [pinned]
@@ -239,7 +240,8 @@ def _config_candidates(
         wider_tma = [{**pinned, "BLOCK_N": 64, "TMA": 1}] if offer_tma and widen else []
         return [pinned, *with_tma, *wider_tma]
     candidates = [pinned]
-    if family != "sm_100":  # there ptxas spilled every 3-stage tile it was given (8-32 B)
+    # (not on sm_100: there ptxas spilled every 3-stage tile it was given, 8-32 B)
+    if family != "sm_100" and pinned["num_stages"] < 3:
         candidates.append({**pinned, "num_stages": 3})
     own = "BLOCK_N" if kernel == "dkdv" else "BLOCK_M"  # the tile a program owns
     # The halved tile on sm_90 only: on sm_80 mma.sync keeps the operands in registers.

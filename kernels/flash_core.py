@@ -733,7 +733,13 @@ ATTENTION_TILES: TileTable = {
     ("sm_80", "16-bit", 16): ((64, 64, 8, 2), (16, 128, 8, 2), (128, 16, 8, 2)),
     ("sm_80", "16-bit", 32): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
     ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
-    ("sm_80", "16-bit", 128): ((128, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
+    # dk/dv and dq at head dim 128: 128 rows of the accumulators (keys, queries) on 8 warps,
+    # so that Triton splits the warps along rows (it gives a chain of dots whose accumulator
+    # has fewer rows than BLOCK_D warps along columns: 32 x 64 and 64 x 32 made each warp own
+    # 8 columns of S, computed every S product twice and drew the dropout mask once per weight,
+    # 1.54-1.65x the loop without it). The dq on 3 stages: on 2 it spilled 8-16 B without the
+    # mask (Triton 3.9).
+    ("sm_80", "16-bit", 128): ((128, 32, 8, 2), (16, 128, 8, 2), (128, 16, 8, 3)),
     ("sm_80", "fp32", 16): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)),
     ("sm_80", "fp32", 32): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
     ("sm_80", "fp32", 64): ((16, 32, 4, 2), (16, 32, 4, 2), (32, 32, 4, 2)),
@@ -751,12 +757,18 @@ ATTENTION_TILES |= {
     # sm_80's 128 x 64 forward needs 255 registers and spills 8 B on sm_86/89 (causal,
     # dropout): half the key tile, as at head dim 128.
     ("sm_86", "16-bit", 64): ((128, 32, 8, 2), (32, 128, 8, 2), (128, 32, 8, 2)),
+    # sm_80's dk/dv on 2 stages spilled 16 B on sm_86 (dropout without the mask, Triton 3.9), on
+    # 3 and 4 stages 8-16 B with 3.6: 1 stage; its dq on 3 stages spilled 16 B (3.9): 4 stages.
+    ("sm_86", "16-bit", 128): ((128, 32, 8, 2), (16, 128, 8, 1), (128, 16, 8, 4)),
 }
 ATTENTION_TILES |= {
     **copy_family(ATTENTION_TILES, "sm_86", "sm_120"),
     # sm_120's ptxas spills the 32-query dk/dv at head dim 64 (causal, dropout; Triton 3.9):
     # 16 queries a tile.
     ("sm_120", "16-bit", 64): ((128, 32, 8, 2), (16, 128, 8, 2), (128, 32, 8, 2)),
+    # and sm_86's 128-row dk/dv and dq at head dim 128 (16-56 B with Triton 3.9, 8-16 B with
+    # 3.6): the 32 x 64 dk/dv and 64 x 32 dq, which issue S's products twice.
+    ("sm_120", "16-bit", 128): ((128, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)),
 }
 ATTENTION_TILES |= {
     **copy_family(ATTENTION_TILES, "sm_90", "sm_100"),

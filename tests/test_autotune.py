@@ -245,11 +245,12 @@ def test_fake_tensors_count_as_tracing():
 )
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, own, head_dim):
-    """Attention's GPU candidates (16-bit, no dropout): the pinned config first, one more
-    pipeline stage, then each of: (sm_90 only) the program's own tile halved over half the
-    warps; the forward's key tile widened to 64 where the pinned one is narrower; (sm_90 only)
-    the pinned tile on max(4, rows / 16) warps where it has more (no chained-dot product issued
-    twice; sm_90's pinned tiles have rows = 16 x warps, so none gets it). Head dim 128's forward
+    """Attention's GPU candidates (16-bit, no dropout): the pinned config first, 3 pipeline
+    stages where it has fewer, then each of: (sm_90 only) the program's own tile halved over
+    half the warps; the forward's key tile widened to 64 where the pinned one is narrower;
+    (sm_90 only) the pinned tile on max(4, rows / 16) warps where it has more (no chained-dot
+    product issued twice; sm_90's pinned tiles have rows = 16 x warps, so none gets it). On
+    sm_80/sm_86 the pinned tile's own rows are at least the head dim. Head dim 128's forward
     gets the widened tile. Dropout (without TMA), fp32 and the interpreter: pinned only. (The
     target arch is pinned here, and the GPU's tile tables read.)"""
     attention = importlib.import_module("fastgpt.kernels.flash_attention")
@@ -257,8 +258,10 @@ def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, 
     monkeypatch.setattr(attention.fc, "triton_interpreter_enabled", lambda: False)
 
     def check_extras(pinned, candidates, hopper):
-        assert candidates[0] == pinned and candidates[1] == {**pinned, "num_stages": 3}
-        for extra in candidates[2:]:
+        staged = pinned["num_stages"] < 3
+        assert candidates[0] == pinned
+        assert not staged or candidates[1] == {**pinned, "num_stages": 3}
+        for extra in candidates[1 + staged :]:
             halved = hopper and extra == {
                 **pinned,
                 own: pinned[own] // 2,
@@ -276,6 +279,8 @@ def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, 
             assert {**pinned, "BLOCK_N": 64} in candidates
         if hopper:  # 16 rows a warp: no product of a chained dot issued twice
             assert pinned[own] == 16 * pinned["num_warps"]
+        else:  # mma.sync: the chain's warps along its rows (an accumulator no wider than tall)
+            assert pinned[own] >= head_dim
 
     monkeypatch.setattr(attention, "_target_arch", lambda: 90)
     pinned = attention._block_config(torch.bfloat16, head_dim)[kernel]
@@ -285,9 +290,10 @@ def test_attention_candidates_keep_the_elements_per_thread(monkeypatch, kernel, 
     assert attention._config_candidates(torch.float32, head_dim, kernel, False) == [
         attention._block_config(torch.float32, head_dim)[kernel]
     ]
-    monkeypatch.setattr(attention, "_target_arch", lambda: 80)  # sm_80: no halved tile
-    ampere = attention._block_config(torch.bfloat16, head_dim)[kernel]
-    ampere_candidates = attention._config_candidates(torch.bfloat16, head_dim, kernel, False)
-    check_extras(ampere, ampere_candidates, hopper=False)
+    for arch in (80, 86):  # sm_80 and sm_86: no halved tile
+        monkeypatch.setattr(attention, "_target_arch", lambda arch=arch: arch)
+        ampere = attention._block_config(torch.bfloat16, head_dim)[kernel]
+        ampere_candidates = attention._config_candidates(torch.bfloat16, head_dim, kernel, False)
+        check_extras(ampere, ampere_candidates, hopper=False)
     monkeypatch.setattr(attention, "triton_interpreter_enabled", lambda: True)
     assert len(attention._config_candidates(torch.bfloat16, head_dim, kernel, False)) == 1
