@@ -50,12 +50,14 @@ else:
         attention_varlen_dropout_mask,
         attention_varlen_reference,
     )
-    from .flash_core import kernel_dropout_p
+    from .flash_core import DROPOUT_LEVELS, DROPOUT_RANGE, kernel_dropout_p
     from .flash_decoding import decode_attention, decode_attention_reference
     from .fused_add_layer_norm import add_layer_norm, add_layer_norm_reference
     from .normalization import LayerNorm, layer_norm, layer_norm_reference
 
     __all__ = [
+        "DROPOUT_LEVELS",
+        "DROPOUT_RANGE",
         "GELU",
         "LayerNorm",
         "add_layer_norm",

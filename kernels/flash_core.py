@@ -132,21 +132,24 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int) -> N
         )
 
 
-# Dropout thresholds are bytes: the kernels drop with a multiple of 1/DROPOUT_LEVELS.
+# Dropout thresholds are bytes: the kernels drop with a multiple of 1/DROPOUT_LEVELS, so the
+# nonzero rates they take are those that round to neither 0 nor 1: DROPOUT_RANGE.
 DROPOUT_LEVELS = 256
+DROPOUT_RANGE = f"[1/{2 * DROPOUT_LEVELS}, {2 * DROPOUT_LEVELS - 1}/{2 * DROPOUT_LEVELS})"
 
 
 def kernel_dropout_p(dropout_p: float) -> float:
     """The probability the attention kernels drop a weight with for `dropout_p`: its nearest
-    multiple of 1/256 (their byte threshold), by which the kept weights are scaled, 1/(1 - it).
-    Raises ValueError for dropout_p outside [0, 1) or a nonzero one that rounds to 0 or 1."""
+    multiple of 1/DROPOUT_LEVELS (their byte threshold), by which the kept weights are scaled,
+    1/(1 - it). Raises ValueError for dropout_p outside [0, 1) or a nonzero one outside
+    DROPOUT_RANGE (it would round to 0 or 1)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     level = math.floor(dropout_p * DROPOUT_LEVELS + 0.5)
     if dropout_p > 0.0 and not 0 < level < DROPOUT_LEVELS:
         raise ValueError(
             f"dropout_p={dropout_p} rounds to {level}/{DROPOUT_LEVELS}, the attention kernels' "
-            f"dropout resolution (a byte threshold): use 0 or a value in [1/512, 511/512)"
+            f"dropout resolution (a byte threshold): use 0 or a value in {DROPOUT_RANGE}"
         )
     return level / DROPOUT_LEVELS
 

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from fastgpt.errors import ConfigError, StopRequested, UsageError, require
 from fastgpt.files import reports_disk_full
-from fastgpt.kernels import kernel_dropout_p
+from fastgpt.kernels import DROPOUT_LEVELS, DROPOUT_RANGE, kernel_dropout_p
 from fastgpt.lora import LoRAOptions
 from fastgpt.options import add_options, explicit_options, options_from_args
 from fastgpt.train.config import TrainConfig, check_out_dir_is_free
@@ -71,14 +71,14 @@ class ModelOptions:
         ok = self.dropout is None or 0 <= self.dropout < 1
         require(self, "dropout", ok, "in [0, 1) (or unset: the model's own)")
         if self.dropout and self.backend != "torch":
-            try:  # the attention kernels drop at multiples of 1/256
+            try:  # the attention kernels drop at multiples of 1/DROPOUT_LEVELS
                 kernel_dropout_p(self.dropout)
             except ValueError:
                 raise ConfigError(
                     "dropout",
-                    f"must be 0 or in [1/512, 511/512) with --backend {self.backend}, got "
-                    f"{self.dropout!r}: the attention kernels drop at multiples of 1/256 "
-                    "(--backend torch takes any rate in [0, 1))",
+                    f"must be 0 or in {DROPOUT_RANGE} with --backend {self.backend}, got "
+                    f"{self.dropout!r}: the attention kernels drop at multiples of "
+                    f"1/{DROPOUT_LEVELS} (--backend torch takes any rate in [0, 1))",
                 ) from None
 
 
