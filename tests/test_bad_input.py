@@ -238,6 +238,28 @@ def test_training_options_that_would_silently_misbehave_are_refused(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_config_dropout_finer_than_the_kernels_draw_is_refused_before_training(tmp_path, capsys):
+    """A config.json's drop_rate the attention kernels would round to 0 is named with the
+    file (not a ValueError at the first forward); --dropout or --backend torch take it."""
+    import json
+
+    from fastgpt.cli import main
+    from fastgpt.model_config import GPTConfig
+    from fastgpt.train.runner import ModelOptions
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**OURS, "emb_dim": 32, "n_heads": 4, "drop_rate": 0.001}))
+    argv = ["pretrain", "--model", str(config), "--max-steps", "1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    message = f"--model {config}: its drop_rate must be 0 or in [1/512, 511/512) with --backend"
+    assert message in err and "\n" not in err, err
+    assert not (tmp_path / "r").exists()
+    gpt_config = GPTConfig.from_spec(config)
+    for accepted in (ModelOptions(model=str(config), dropout=0.1), ModelOptions(backend="torch")):
+        accepted.require_kernel_dropout_of(gpt_config)
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])
 def test_a_temperature_that_is_no_number_is_refused(temperature):
     import fastgpt

@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -40,6 +40,9 @@ from fastgpt.train.distributed import is_main_process
 from fastgpt.train.loop import Trainer
 from fastgpt.train.out_folder import Staging, remove_leftovers
 from fastgpt.train.stop_signals import StopSignals
+
+if TYPE_CHECKING:
+    from fastgpt.model_config import GPTConfig
 
 
 @dataclass
@@ -70,16 +73,31 @@ class ModelOptions:
     def __post_init__(self) -> None:
         ok = self.dropout is None or 0 <= self.dropout < 1
         require(self, "dropout", ok, "in [0, 1) (or unset: the model's own)")
-        if self.dropout and self.backend != "torch":
-            try:  # the attention kernels drop at multiples of 1/DROPOUT_LEVELS
-                kernel_dropout_p(self.dropout)
-            except ValueError:
-                raise ConfigError(
-                    "dropout",
-                    f"must be 0 or in {DROPOUT_RANGE} with --backend {self.backend}, got "
-                    f"{self.dropout!r}: the attention kernels drop at multiples of "
-                    f"1/{DROPOUT_LEVELS} (--backend torch takes any rate in [0, 1))",
-                ) from None
+        if self.dropout is not None:
+            require_kernel_dropout(self.dropout, self.backend, "dropout", "")
+
+    def require_kernel_dropout_of(self, config: GPTConfig) -> None:
+        """ConfigError naming --init or --model unless the attention kernels of --backend take
+        the dropout rate of `config`, the GPTConfig it gave (without --dropout)."""
+        if self.dropout is None:
+            source = ("init", self.init) if self.init else ("model", self.model)
+            what = f"{source[1]}: its drop_rate "
+            require_kernel_dropout(config.drop_rate, self.backend, source[0], what)
+
+
+def require_kernel_dropout(rate: float, backend: str, field: str, what: str) -> None:
+    """ConfigError naming `field` ("{what}must be ...") unless the attention kernels of
+    `backend` take dropout `rate`: they drop at multiples of 1/DROPOUT_LEVELS."""
+    if rate and backend != "torch":
+        try:
+            kernel_dropout_p(rate)
+        except ValueError:
+            raise ConfigError(
+                field,
+                f"{what}must be 0 or in {DROPOUT_RANGE} with --backend {backend}, got {rate!r}: "
+                f"the attention kernels drop at multiples of 1/{DROPOUT_LEVELS} (--backend "
+                "torch takes any rate in [0, 1))",
+            ) from None
 
 
 @contextlib.contextmanager
@@ -121,10 +139,13 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
         if options.weight_init != "gpt2":
             raise ConfigError("weight_init", "applies to a fresh model, not to {init} weights")
         drop = {k: v for k, v in overrides.items() if k == "drop_rate"}
-        return GPTModel.from_pretrained(
+        model = GPTModel.from_pretrained(
             options.init, backend=options.backend, vocab_multiple=TRAINING_VOCAB_MULTIPLE, **drop
         ).train()
+        options.require_kernel_dropout_of(model.config)
+        return model
     config = GPTConfig.from_spec(options.model or "gpt2-small", **overrides)
+    options.require_kernel_dropout_of(config)
     if config.vocab_multiple == 1:
         config = dataclasses.replace(config, vocab_multiple=TRAINING_VOCAB_MULTIPLE)
     model = GPTModel(config, backend=options.backend)
