@@ -181,7 +181,7 @@ def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkey
     assert {"model", "compile", "generate"} <= {c.group for c in checks}
     attention = [c for c in every if c.group in ("attention", "attention_varlen")]
     bf16 = [c for c in every if c.dtype == "bf16" and c not in attention and c.group != "train"]
-    lines = gpu_check.left_out(gpu_check.GPU, "cuda")
+    lines = gpu_check.plan_and_left_out(gpu_check.GPU, "cuda")[1]
     assert len(lines) == 2 and all("\n" not in line for line in lines)
     assert lines[0].startswith(f"left out: {len(attention)} checks of attention, attention_varlen:")
     assert "refuse sm_75" in lines[0]
@@ -191,7 +191,7 @@ def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkey
     model = next(c for c in checks if c.group == "model")
     assert "logits auto (triton+sdpa) vs torch fp32" in model.name
     # only what the picked checks lose is named
-    assert gpu_check.left_out(gpu_check.GPU, "cuda", groups=("gelu",), dtypes=("fp16",)) == []
+    assert gpu_check.plan_and_left_out(gpu_check.GPU, "cuda", ("gelu",), ("fp16",))[1] == []
     assert gpu_check.plan(gpu_check.GPU, "cuda", groups=("attention",)) == []
 
 
@@ -199,7 +199,7 @@ def test_the_plan_leaves_out_what_a_gpu_below_sm80_cannot_run_and_says_so(monkey
 def test_the_plan_keeps_every_check_from_sm80_on(monkeypatch, capability):
     _fake_gpu(monkeypatch, capability)
     names = [c.name for c in gpu_check.plan(gpu_check.GPU, "cuda")]
-    assert gpu_check.left_out(gpu_check.GPU, "cuda") == []
+    assert gpu_check.plan_and_left_out(gpu_check.GPU, "cuda")[1] == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --dry-run without a GPU
     every = [c.name for c in gpu_check.plan(gpu_check.GPU, "cuda")]
     assert [n.replace("auto (triton)", "auto") for n in names] == every

@@ -318,9 +318,8 @@ def _gpu(options: SelftestOptions) -> int:
 
     sizes = gpu_check.SMALL if options.small else gpu_check.GPU
     try:
-        checks = gpu_check.plan(sizes, options.device, options.only, options.dtypes)
-        left_out = gpu_check.left_out(
-            sizes, options.device, groups=options.only, dtypes=options.dtypes
+        checks, left_out = gpu_check.plan_and_left_out(
+            sizes, options.device, options.only, options.dtypes
         )
     except ValueError as exc:
         return command_error(COMMAND, f"{exc} (--only, --dtypes)")

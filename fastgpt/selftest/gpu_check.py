@@ -17,9 +17,9 @@ Checks, in order (`plan` lists them; `--dry-run` prints that list):
    loss finite, the last below the first.
 5. generate: greedy generation with the KV cache gives exactly the tokens without it.
 
-A GPU below sm_80 (a T4) gets only what it can run (`left_out` says what it does not, and why):
-no attention checks (the attention ops refuse it; "auto" takes PyTorch's attention there) and no
-bf16 check (it has no bf16; its train check runs in fp16).
+A GPU below sm_80 (a T4) gets only what it can run (`plan_and_left_out` says what it does not,
+and why): no attention checks (the attention ops refuse it; "auto" takes PyTorch's attention
+there) and no bf16 check (it has no bf16; its train check runs in fp16).
 
 `GPU` sizes fit about 8 minutes on an H100/H200 (most of it Triton compiling); `SMALL` sizes run
 the same code through Triton's interpreter on CPU in the tests. Model weights are random
@@ -127,15 +127,19 @@ def plan(
 ) -> list[Check]:
     """Every check of one run, in order: the kernels', then the model's; only those of
     `groups` and (for a check in one dtype) of `dtypes` when they are given, and of those only
-    what the device can run (`left_out` says what it cannot)."""
-    return _for_device(_picked(sizes, device, groups, dtypes), device)[0]
+    what the device can run (`plan_and_left_out` says what it cannot)."""
+    return plan_and_left_out(sizes, device, groups, dtypes)[0]
 
 
-def left_out(sizes: Sizes, device: str | torch.device, **picks: tuple[str, ...]) -> list[str]:
-    """What `plan(sizes, device, **picks)` leaves out of its picked checks because the device
-    cannot run them, and why: one line each (none on a GPU from sm_80 on, or without CUDA)."""
-    picked = _picked(sizes, device, **{"groups": (), "dtypes": (), **picks})
-    return _for_device(picked, device)[1]
+def plan_and_left_out(
+    sizes: Sizes,
+    device: str | torch.device,
+    groups: tuple[str, ...] = (),
+    dtypes: tuple[str, ...] = (),
+) -> tuple[list[Check], list[str]]:
+    """`plan`'s checks, and what it leaves out of the picked ones because the device cannot
+    run them, and why: one line each (none on a GPU from sm_80 on, or without CUDA)."""
+    return _for_device(_picked(sizes, device, groups, dtypes), device)
 
 
 def _for_device(checks: list[Check], device: str | torch.device) -> tuple[list[Check], list[str]]:
