@@ -406,6 +406,8 @@ VARLEN_TILES |= {
 VARLEN_TILES |= {
     **fc.copy_family(VARLEN_TILES, "sm_86", "sm_120"),
     ("sm_120", "16-bit", 64): fc.ATTENTION_TILES[("sm_120", "16-bit", 64)],
+    # at head dim 128 the tiles sm_80's had before its 128-row ones, as attention's sm_120 entry
+    # (its ptxas spilled attention's 128-row dk/dv and dq; varlen's were not compiled there)
     ("sm_120", "16-bit", 128): ((64, 32, 4, 2), (16, 64, 8, 2), (64, 32, 8, 2)),
 }
 

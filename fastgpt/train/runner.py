@@ -80,9 +80,9 @@ class ModelOptions:
         """ConfigError naming --init or --model unless the attention kernels of --backend take
         the dropout rate of `config`, the GPTConfig it gave (without --dropout)."""
         if self.dropout is None:
-            source = ("init", self.init) if self.init else ("model", self.model)
-            what = f"{source[1]}: its drop_rate "
-            require_kernel_dropout(config.drop_rate, self.backend, source[0], what)
+            option, source = ("init", self.init) if self.init else ("model", self.model)
+            what = f"{source or 'gpt2-small'}: its drop_rate "
+            require_kernel_dropout(config.drop_rate, self.backend, option, what)
 
 
 def require_kernel_dropout(rate: float, backend: str, field: str, what: str) -> None:
