@@ -496,7 +496,8 @@ def test_a_padded_model_starts_from_the_unpadded_ones_weights(tie_embeddings):
 
 def test_training_commands_pad_the_vocabulary(tmp_path):
     """build_model pads a fresh model's and an --init model's vocabulary to
-    TRAINING_VOCAB_MULTIPLE rows; a config that pads already keeps its own multiple."""
+    TRAINING_VOCAB_MULTIPLE rows; a config (a fresh model's or the --init folder's) that pads
+    already keeps its own multiple."""
     from fastgpt.train.runner import TRAINING_VOCAB_MULTIPLE, ModelOptions, build_model
 
     fresh = build_model(ModelOptions(model="tiny"), seed=0)
@@ -508,6 +509,9 @@ def test_training_commands_pad_the_vocabulary(tmp_path):
     own = tmp_path / "own.json"
     own.write_text(json.dumps({**tiny_config().to_dict(), "vocab_multiple": 64}))
     assert build_model(ModelOptions(model=str(own))).config.vocab_multiple == 64
+    tiny_model(vocab_multiple=8).save_pretrained(tmp_path / "padded")
+    loaded = build_model(ModelOptions(init=str(tmp_path / "padded")))
+    assert loaded.config.vocab_multiple == 8 and loaded.tok_emb.weight.shape == (104, 32)
 
 
 def test_fused_loss_trains_like_the_logits_loss():

@@ -128,6 +128,7 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
     `overrides` (e.g. context_length) shape a fresh model only; --dropout applies to both."""
     import torch
 
+    from fastgpt import weights
     from fastgpt.model import GPTModel
     from fastgpt.model_config import GPTConfig
 
@@ -138,10 +139,11 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
     if options.init:
         if options.weight_init != "gpt2":
             raise ConfigError("weight_init", "applies to a fresh model, not to {init} weights")
-        drop = {k: v for k, v in overrides.items() if k == "drop_rate"}
-        model = GPTModel.from_pretrained(
-            options.init, backend=options.backend, vocab_multiple=TRAINING_VOCAB_MULTIPLE, **drop
-        ).train()
+        directory = weights.resolve_checkpoint_dir(options.init)
+        kept = {k: v for k, v in overrides.items() if k == "drop_rate"}
+        if weights.read_config(directory)[0].vocab_multiple == 1:
+            kept["vocab_multiple"] = TRAINING_VOCAB_MULTIPLE
+        model = GPTModel.from_pretrained(directory, backend=options.backend, **kept).train()
         options.require_kernel_dropout_of(model.config)
         return model
     config = GPTConfig.from_spec(options.model or "gpt2-small", **overrides)
