@@ -378,11 +378,12 @@ VARLEN_TILES: fc.TileTable = {
     # dk/dv at head dim 64 on 16 queries a tile: attention's 32 spilled 32 B at 255 registers
     # (causal, dropout, Triton 3.6; sm_86 8 B)
     ("sm_80", "16-bit", 64): ((128, 64, 8, 2), (16, 128, 8, 2), (128, 32, 8, 2)),
-    # head dim 128: the forward and dq on 128 query rows (8 warps), the chain's warps then along
-    # its rows (see ATTENTION_TILES' sm_80 entry); attention's 16 x 128 dk/dv spilled 8-68 B
-    # (both Tritons, sm_80 and sm_86), its 128 x 32 forward 32 B (causal, Triton 3.9), its dq
-    # on 2 or 3 stages 8 B (sm_86; sm_80 with 3.9): 16 keys a forward tile, the dq on 1 stage.
-    ("sm_80", "16-bit", 128): ((128, 16, 8, 2), (16, 64, 8, 2), (128, 16, 8, 1)),
+    # head dim 128: 128 rows of each kernel's accumulator on 8 warps, the chain's warps then
+    # along its rows (see ATTENTION_TILES' sm_80 entry). The 16 x 128 dk/dv spills 8-68 B
+    # (budget.json), every spill outside its loops; 16 x 64 issued each Sᵀ product 4 times.
+    # Attention's 128 x 32 forward spilled 32 B (causal, Triton 3.9), its dq on 2 or 3 stages
+    # 8 B (sm_86; sm_80 with 3.9): 16 keys a forward tile, the dq on 1 stage.
+    ("sm_80", "16-bit", 128): ((128, 16, 8, 2), (16, 128, 8, 2), (128, 16, 8, 1)),
     ("sm_80", "fp32", 16): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_80", "fp32", 32): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
     ("sm_80", "fp32", 64): ((32, 32, 4, 2), (16, 32, 8, 2), (32, 32, 4, 2)),
