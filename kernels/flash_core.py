@@ -107,7 +107,8 @@ QKV_LAYOUTS = {
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rank: int) -> None:
     """Raise ValueError/TypeError naming the problem with an attention op's q, k and v in the
     layout QKV_LAYOUTS[rank]: their rank, k and v of one shape, q of theirs but for its length,
-    one float dtype, a supported head dim (the last axis). dropout_p: `kernel_dropout_p`."""
+    one float dtype, a supported head dim (the last axis). (`kernel_dropout_p` checks dropout_p
+    where the ops round it.)"""
     layout, q_layout, kv_layout, shared, token_axis = QKV_LAYOUTS[rank]
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != rank:

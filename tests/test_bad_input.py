@@ -258,6 +258,18 @@ def test_a_config_dropout_finer_than_the_kernels_draw_is_refused_before_training
     gpt_config = GPTConfig.from_spec(config)
     for accepted in (ModelOptions(model=str(config), dropout=0.1), ModelOptions(backend="torch")):
         accepted.require_kernel_dropout_of(gpt_config)
+    # an --init folder's config is checked before its weights load
+    from fastgpt.errors import ConfigError
+    from fastgpt.model import GPTModel
+    from fastgpt.train.runner import build_model
+
+    GPTModel(gpt_config, backend="torch").save_pretrained(tmp_path / "init")
+    with pytest.raises(ConfigError, match=r"init: its drop_rate must be 0 or in \[1/512") as error:
+        build_model(ModelOptions(init=str(tmp_path / "init")))
+    assert error.value.field == "init"
+    assert (
+        build_model(ModelOptions(init=str(tmp_path / "init"), dropout=0.1)).config.drop_rate == 0.1
+    )
 
 
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -0.5])

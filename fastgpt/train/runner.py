@@ -141,11 +141,11 @@ def build_model(options: ModelOptions, seed: int | None = None, **overrides: Any
             raise ConfigError("weight_init", "applies to a fresh model, not to {init} weights")
         directory = weights.resolve_checkpoint_dir(options.init)
         kept = {k: v for k, v in overrides.items() if k == "drop_rate"}
-        if weights.read_config(directory)[0].vocab_multiple == 1:
+        saved = weights.read_config(directory, **kept)[0]  # checked before the weights load
+        options.require_kernel_dropout_of(saved)
+        if saved.vocab_multiple == 1:
             kept["vocab_multiple"] = TRAINING_VOCAB_MULTIPLE
-        model = GPTModel.from_pretrained(directory, backend=options.backend, **kept).train()
-        options.require_kernel_dropout_of(model.config)
-        return model
+        return GPTModel.from_pretrained(directory, backend=options.backend, **kept).train()
     config = GPTConfig.from_spec(options.model or "gpt2-small", **overrides)
     options.require_kernel_dropout_of(config)
     if config.vocab_multiple == 1:
