@@ -76,6 +76,20 @@ class ModelOptions:
         if self.dropout is not None:
             require_kernel_dropout(self.dropout, self.backend, "dropout", "")
 
+    def check_before_data(self) -> None:
+        """Read and check the config of --model (a preset or config.json) or of an --init
+        folder before the data: tokenizing a large --data takes minutes, and a config the
+        run cannot take should fail first. A GPT-2 name's config comes with its download and
+        is checked by `build_model`, as every config is again there."""
+        from fastgpt import weights
+        from fastgpt.model_config import GPTConfig
+
+        if not self.init:
+            self.require_kernel_dropout_of(GPTConfig.from_spec(self.model or "gpt2-small"))
+        elif weights.hub_repo_id(self.init) is None:  # a local folder: nothing to download
+            directory = weights.resolve_checkpoint_dir(self.init)
+            self.require_kernel_dropout_of(weights.read_config(directory)[0])
+
     def require_kernel_dropout_of(self, config: GPTConfig) -> None:
         """ConfigError naming --init or --model unless the attention kernels of --backend take
         the dropout rate of `config`, the GPTConfig it gave (without --dropout)."""
@@ -337,6 +351,7 @@ def _prepare(
         if data_path is not None and not data_path.strip():  # "" would read the current folder
             raise ConfigError("data", "is empty: give a file, folder or glob")
         earlier = check_out_dir_is_free(task.config)  # before any work: another run's files stay
+        task.model_options.check_before_data()
         # A bad file fails before any weights are built, loaded or downloaded.
         data = task.load_data()
         overrides = task.model_overrides(data)
