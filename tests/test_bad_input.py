@@ -244,26 +244,32 @@ def test_a_config_dropout_finer_than_the_kernels_draw_is_refused_before_training
     import json
 
     from fastgpt.cli import main
+    from fastgpt.errors import ConfigError
+    from fastgpt.model import GPTModel
     from fastgpt.model_config import GPTConfig
-    from fastgpt.train.runner import ModelOptions
+    from fastgpt.train.runner import ModelOptions, build_model
 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**OURS, "emb_dim": 32, "n_heads": 4, "drop_rate": 0.001}))
-    argv = ["pretrain", "--model", str(config), "--max-steps", "1", "--out", str(tmp_path / "r")]
+    tokens = tmp_path / "tokens"  # a cold token cache: the data would be tokenized first
+    argv = ["pretrain", "--model", str(config), "--max-steps", "1", "--out", str(tmp_path / "r"),
+            "--token-cache", str(tokens)]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     message = f"--model {config}: its drop_rate must be 0 or in [1/512, 511/512) with --backend"
     assert message in err and "\n" not in err, err
-    assert not (tmp_path / "r").exists()
+    assert not (tmp_path / "r").exists() and not tokens.exists()  # refused before the data
+    init = tmp_path / "init"
+    GPTModel(GPTConfig.from_spec(config), backend="torch").save_pretrained(init)
+    argv[1:3] = ["--init", str(init)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--init {init}: its drop_rate must be 0 or in" in err and "\n" not in err, err
+    assert not tokens.exists()
     gpt_config = GPTConfig.from_spec(config)
     for accepted in (ModelOptions(model=str(config), dropout=0.1), ModelOptions(backend="torch")):
         accepted.require_kernel_dropout_of(gpt_config)
-    # an --init folder's config is checked before its weights load
-    from fastgpt.errors import ConfigError
-    from fastgpt.model import GPTModel
-    from fastgpt.train.runner import build_model
-
-    GPTModel(gpt_config, backend="torch").save_pretrained(tmp_path / "init")
+    # build_model checks an --init folder's config before its weights load
     with pytest.raises(ConfigError, match=r"init: its drop_rate must be 0 or in \[1/512") as error:
         build_model(ModelOptions(init=str(tmp_path / "init")))
     assert error.value.field == "init"
