@@ -33,6 +33,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path_factory, monkeypatch):
+    """Every test gets an empty FASTGPT_CACHE_DIR of its own: nothing is written to the user's
+    ~/.cache, and no test passes or fails on what another cached before it (the CLI's token
+    cache, above all, which tokenizes, with a progress bar, only when cold)."""
+    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fastgpt-cache")))
+
+
 @pytest.fixture
 def nan_outputs(monkeypatch):
     """Every kernel output starts as nan: the launchers allocate through their module's `_empty`

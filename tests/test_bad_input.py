@@ -427,7 +427,6 @@ def test_resume_takes_the_same_data_file_by_another_name(tmp_path, capsys, monke
     """Started with story.txt, resumed with /path/to/story.txt: the same data."""
     from fastgpt.cli import main
 
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "story.txt").write_text("Once upon a time there was a model. " * 40)
     args = ["pretrain", "--model", "tiny", "--context-length", "16", "--batch-size", "2",

@@ -48,8 +48,7 @@ def test_compiled_model_matches_eager_by_the_tolerance_rule():
 
 
 @pytest.mark.usefixtures("tiktoken_available")
-def test_pretrain_with_compile_runs_its_steps_evaluation_and_sample(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))  # not ~/.cache
+def test_pretrain_with_compile_runs_its_steps_evaluation_and_sample(tmp_path, capsys):
     data = tmp_path / "text.txt"
     data.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     out = tmp_path / "run"

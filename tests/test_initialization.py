@@ -220,14 +220,13 @@ def test_book_init_differs_from_gpt2_init_and_between_seeds():
     assert a.trf_blocks[0].att.out_proj.bias.abs().max() > 0  # biases are drawn, not zero
 
 
-def test_book_init_rejects_a_tied_head(tmp_path, tiktoken_available, monkeypatch, capsys):
+def test_book_init_rejects_a_tied_head(tmp_path, tiktoken_available, capsys):
     cfg = GPTConfig.from_name("tiny")  # tied
     with pytest.raises(ValueError, match=r"untied.*tie_embeddings=False"):
         init_book_weights_(GPTModel(cfg, backend="torch"), seed=1)
     # The command line names the flag that gives an untied model, not a Python argument.
     from fastgpt.cli import main
 
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
     data = tmp_path / "story.txt"
     data.write_text("Once upon a time there was a model. " * 40, encoding="utf-8")
     code = main(["pretrain", "--data", str(data), "--model", "tiny", "--weight-init", "book",

@@ -136,6 +136,7 @@ def test_wandb_offline_run_gets_every_record_and_the_run_json_config(tmp_path, m
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run stays on disk
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))  # its logs: not ~/.cache
     monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "wandb-dir").mkdir()
     records = train(tmp_path, ["wandb"], max_steps=4)

@@ -59,7 +59,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     assert run_cli(
         "pretrain", "--model", "tiny", "--data", data / "the-verdict.txt", "--context-length",
         CONTEXT, "--max-steps", 30, "--lr", 3e-3, "--sample-prompt", "", "--out",
-        root / "pretrain", *common,
+        root / "pretrain", "--token-cache", tmp_path_factory.mktemp("tokens"), *common,
     ) == 0  # fmt: skip
     records = json.loads((data / "instruction-data.json").read_text(encoding="utf-8"))[:40]
     (root / "records.json").write_text(json.dumps(records), encoding="utf-8")

@@ -258,10 +258,7 @@ def test_finetune_instruct_pack_trains(tmp_path, data_dir, tiktoken_available, l
     assert metrics["validation_loss"] > 0
 
 
-def test_pretrain_document_mask_on_files_and_prepared_shards(
-    tmp_path, tiktoken_available, monkeypatch, capsys
-):
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
+def test_pretrain_document_mask_on_files_and_prepared_shards(tmp_path, tiktoken_available, capsys):
     docs = tmp_path / "docs.jsonl"
     lines = [json.dumps({"text": f"Document {i} says hello {i} times."}) for i in range(120)]
     docs.write_text("\n".join(lines) + "\n", encoding="utf-8")

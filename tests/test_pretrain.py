@@ -20,12 +20,6 @@ def run_cli(*argv) -> int:
     return main([str(a) for a in argv])
 
 
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path, monkeypatch):
-    """Tokenized data goes to a fresh cache folder, not ~/.cache."""
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
-
-
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("pretrain", "--help")

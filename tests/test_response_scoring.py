@@ -451,7 +451,6 @@ def test_finetune_instruct_scores_its_responses_with_evaluates_options(
 ):
     """The judge options are evaluate's (--api, --judge-model, --api-key-env): an
     OpenAI-compatible judge with a key scores the 2 responses written after training."""
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-test")
     server.models = {"judge-8b"}
     server.replies = {f"Repeat the number {i}.": str(2 * i) for i in range(40)}

@@ -26,8 +26,7 @@ def run_cli(*argv) -> int:
 
 
 @pytest.fixture
-def story(tmp_path, tiktoken_available, monkeypatch):
-    monkeypatch.setenv("FASTGPT_CACHE_DIR", str(tmp_path / "cache"))
+def story(tmp_path, tiktoken_available):
     path = tmp_path / "story.txt"
     path.write_text("Once upon a time there was a small model that learned. " * 30, "utf-8")
     return path

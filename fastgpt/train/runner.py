@@ -77,18 +77,17 @@ class ModelOptions:
             require_kernel_dropout(self.dropout, self.backend, "dropout", "")
 
     def check_before_data(self) -> None:
-        """Read and check the config of --model (a preset or config.json) or of an --init
-        folder before the data: tokenizing a large --data takes minutes, and a config the
-        run cannot take should fail first. A GPT-2 name's config comes with its download and
-        is checked by `build_model`, as every config is again there."""
-        from fastgpt import weights
+        """Check the drop_rate of --model (a preset or config.json) or of an --init folder
+        holding a config.json before the data is read: tokenizing a large --data takes
+        minutes. A GPT-2 name's config comes with its download, and a missing folder is
+        reported, by `build_model` after the data (which checks every config again)."""
         from fastgpt.model_config import GPTConfig
+        from fastgpt.weights import CONFIG_NAME, read_config
 
         if not self.init:
             self.require_kernel_dropout_of(GPTConfig.from_spec(self.model or "gpt2-small"))
-        elif weights.hub_repo_id(self.init) is None:  # a local folder: nothing to download
-            directory = weights.resolve_checkpoint_dir(self.init)
-            self.require_kernel_dropout_of(weights.read_config(directory)[0])
+        elif (Path(self.init).expanduser() / CONFIG_NAME).is_file():
+            self.require_kernel_dropout_of(read_config(Path(self.init).expanduser())[0])
 
     def require_kernel_dropout_of(self, config: GPTConfig) -> None:
         """ConfigError naming --init or --model unless the attention kernels of --backend take
