@@ -84,10 +84,11 @@ class ModelOptions:
         from fastgpt.model_config import GPTConfig
         from fastgpt.weights import CONFIG_NAME, read_config
 
-        if not self.init:
+        folder = Path(self.init).expanduser() if self.init else None
+        if folder is None:
             self.require_kernel_dropout_of(GPTConfig.from_spec(self.model or "gpt2-small"))
-        elif (Path(self.init).expanduser() / CONFIG_NAME).is_file():
-            self.require_kernel_dropout_of(read_config(Path(self.init).expanduser())[0])
+        elif (folder / CONFIG_NAME).is_file():
+            self.require_kernel_dropout_of(read_config(folder)[0])
 
     def require_kernel_dropout_of(self, config: GPTConfig) -> None:
         """ConfigError naming --init or --model unless the attention kernels of --backend take
